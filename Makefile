@@ -1,0 +1,41 @@
+# The README's commands. Everything runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# Re-runs only when the package definition or the C++/CUDA sources change.
+$(STAMP): setup.py $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check setuptools wheel
+	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e '.[dev]'
+	# DeepSpeed JIT-compiles its CPU shared-memory collectives on first use (~1-2 min);
+	# do it once here rather than inside the first training run.
+	$(BIN)/python -m megatrain.warm_ops
+	touch $@
+
+demo: install
+	$(BIN)/python launch/train_tokenizer.py --input builtin:stdlib --vocab-size 8192 --out $(DEMO)/tokenizer
+	$(BIN)/python launch/prepare_data.py --tokenizer $(DEMO)/tokenizer --input builtin:stdlib --out $(DEMO)/data
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/pip install -q --disable-pip-version-check '.[bench]' --no-build-isolation --no-deps tokenizers
+	$(BIN)/python bench/tokenizer.py --json runs/bench/tokenizer.json
+	$(BIN)/python bench/data.py --json runs/bench/data.json
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs
