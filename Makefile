@@ -29,8 +29,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Benchmarks: run with nothing else on the machine; each prints a table and writes JSON.
 bench: install
-	$(BIN)/pip install -q --disable-pip-version-check '.[bench]' --no-build-isolation --no-deps tokenizers
+	$(BIN)/pip install -q --disable-pip-version-check tokenizers  # HF reference row only
 	$(BIN)/python bench/tokenizer.py --json runs/bench/tokenizer.json
 	$(BIN)/python bench/data.py --json runs/bench/data.json
 

@@ -24,6 +24,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ class Piece:
     text: str
     source: str
     end: bool = True  # last piece of its document
-    nbytes: int = 0  # UTF-8 size, set by iter_pieces
+    nbytes: int = 0  # UTF-8 size (iter_pieces fills it in where the reader did not)
 
 
 @dataclass(frozen=True)
@@ -154,10 +155,10 @@ def resolve_inputs(specs: list[str]) -> list[CorpusFile]:
                 raise CorpusError(f"{spec}: not a regular file or directory")
             else:
                 raise CorpusError(f"{spec}: no such file or directory")
-    seen: set[Path] = set()
+    seen: set[str] = set()
     unique = []
     for f in files:
-        key = f.path.resolve()
+        key = os.path.abspath(f.path)
         if key not in seen:
             seen.add(key)
             unique.append(f)
@@ -249,7 +250,7 @@ def _file_document(blocks, source, options, stats) -> Iterator[Piece]:
             continue
         if pending is not None:
             yield pending
-        pending = Piece(text, source, end=False)
+        pending = Piece(text, source, end=False, nbytes=len(raw))
     if pending is not None:
         pending.end = True
         yield pending
@@ -269,23 +270,16 @@ def _paragraphs(blocks, source, options, stats) -> Iterator[Piece]:
             yield Piece(carry, source, end=False)
             carry = ""
     if carry.strip():
-        yield Piece(carry, source)
+        yield Piece(carry.rstrip("\n"), source)
+
+
+_BLANK_LINES = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
 
 
 def _split_paragraphs(text: str) -> list[str]:
     """Split at blank lines; the last element is the (possibly unfinished) tail."""
-    out, start = [], 0
-    lines = text.splitlines(keepends=True)
-    pos = 0
-    for line in lines:
-        pos += len(line)
-        if not line.strip():
-            para = text[start:pos - len(line)]
-            if para.strip():
-                out.append(para.rstrip("\n"))
-            start = pos
-    out.append(text[start:])
-    return out
+    parts = _BLANK_LINES.split(text)
+    return [p for p in parts[:-1] if p.strip()] + [parts[-1]]
 
 
 def _read_jsonl(cf: CorpusFile, options: CorpusOptions, stats: CorpusStats) -> Iterator[Piece]:
@@ -376,7 +370,7 @@ def iter_pieces(files: list[CorpusFile], options: CorpusOptions, stats: CorpusSt
         stats.files += 1
         try:
             for piece in reader(cf, options, stats):
-                piece.nbytes = len(piece.text.encode("utf-8"))
+                piece.nbytes = piece.nbytes or len(piece.text.encode("utf-8"))
                 stats.documents += piece.end
                 stats.bytes += piece.nbytes
                 yield piece

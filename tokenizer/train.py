@@ -54,7 +54,7 @@ class TrainerOptions:
     """Seeds the document sample (the only randomness in training)."""
     sample_bytes: int = 200 << 20
     """Budget of text SentencePiece trains on (it needs ~10-15x this in memory)."""
-    heldout_bytes: int = 1 << 20
+    heldout_bytes: int = 256 << 10
     """Budget of held-out text for the bytes-per-token report."""
 
     def __post_init__(self):
@@ -148,21 +148,23 @@ def sample_corpus(pieces, sample_bytes: int, heldout_bytes: int, seed: int) -> S
 def split_for_sentencepiece(text: str, max_bytes: int) -> list[str]:
     """Cut `text` into pieces of at most `max_bytes` UTF-8 bytes: after the last newline
     that fits, else after the last space, else at a character boundary."""
-    data = text.encode("utf-8")
+    ascii_only = text.isascii()  # then str offsets are byte offsets: no encode/decode
+    data = text if ascii_only else text.encode("utf-8")
     if len(data) <= max_bytes:
         return [text]
+    newline, space = ("\n", " ") if ascii_only else (b"\n", b" ")
     out, start = [], 0
     while len(data) - start > max_bytes:
         end = start + max_bytes
-        cut = data.rfind(b"\n", start, end) + 1 or data.rfind(b" ", start, end) + 1
+        cut = data.rfind(newline, start, end) + 1 or data.rfind(space, start, end) + 1
         if cut <= start:
             cut = end
-            while data[cut] & 0xC0 == 0x80:  # do not cut inside a character
+            while not ascii_only and data[cut] & 0xC0 == 0x80:  # do not cut inside a character
                 cut -= 1
-        out.append(data[start:cut].decode("utf-8"))
+        out.append(data[start:cut])
         start = cut
-    out.append(data[start:].decode("utf-8"))
-    return out
+    out.append(data[start:])
+    return out if ascii_only else [part.decode("utf-8") for part in out]
 
 
 @dataclass

@@ -1,0 +1,245 @@
+"""Token shards, TokenDataset, ResumableSampler and BlendedDataset on real files."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import REPO, SMALL_CORPUS, run_script
+
+from megatrain.data import BlendedDataset, Permutation, ResumableSampler, TokenDataset, prepare_dataset
+from megatrain.data.shards import ShardWriter, file_sha256, read_manifest
+from megatrain.errors import UserError
+from tokenizer import CorpusOptions, CorpusStats, Tokenizer, iter_pieces, resolve_inputs
+
+
+def _expected_stream(tokenizer_dir, split_seed=0, valid_fraction=0.05):
+    """Encode the corpus directly, document by document, and split it the way prepare does."""
+    tok = Tokenizer.load(tokenizer_dir)
+    rng = np.random.default_rng(split_seed)
+    streams = {"train": [], "valid": []}
+    new_doc, split = True, "train"
+    for piece in iter_pieces(resolve_inputs(SMALL_CORPUS), CorpusOptions(), CorpusStats()):
+        if new_doc:
+            split = "valid" if rng.random() < valid_fraction else "train"
+        streams[split].extend(tok.encode(piece.text) + ([tok.eod_id] if piece.end else []))
+        new_doc = piece.end
+    return streams
+
+
+def test_shards_read_back_equal_to_encoded_stream(small_tokenizer, small_data):
+    expected = _expected_stream(small_tokenizer)
+    for split in ("train", "valid"):
+        ds = TokenDataset(small_data, seq_len=16, split=split)
+        assert ds.num_tokens == len(expected[split]) > 0
+        assert ds.tokens(0, ds.num_tokens).tolist() == expected[split]
+        assert ds.dtype == np.uint16
+        manifest = read_manifest(small_data / split)
+        assert manifest["num_documents"] == expected[split].count(4)
+        for entry in manifest["shards"]:
+            assert file_sha256(small_data / split / entry["file"]) == entry["sha256"]
+    assert len(read_manifest(small_data / "train")["shards"]) > 1  # 0.1 MB shards: several
+
+
+def test_same_shards_for_any_worker_count(tmp_path, small_tokenizer, small_data):
+    prepare_dataset(small_tokenizer, SMALL_CORPUS, tmp_path, valid_fraction=0.05, workers=1, shard_mb=0.1, progress=False)
+    a, b = read_manifest(small_data / "train"), read_manifest(tmp_path / "train")
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+
+
+def test_windows_cross_shards_and_batches(small_data):
+    ds = TokenDataset(small_data, seq_len=64)
+    stream = ds.tokens(0, ds.num_tokens)
+    assert len(ds) == (ds.num_tokens - 1) // 64
+    for i in [0, 1, len(ds) // 2, len(ds) - 1] + list(range(0, len(ds), 97)):
+        assert np.array_equal(ds[i], stream[i * 64:i * 64 + 65])
+    batch = ds.batch([3, 0, 5])
+    assert batch.dtype == np.int64 and batch.shape == (3, 65)
+    assert np.array_equal(batch[1], stream[:65])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_uint32_tokens_round_trip(tmp_path):
+    w = ShardWriter(tmp_path / "train", "train", {"tokenizer_sha256": "x" * 64, "eod_id": 4, "vocab_size": 100_000},
+                    np.uint32, shard_tokens=1000)
+    tokens = np.random.default_rng(0).integers(0, 100_000, 3500, dtype=np.uint32)
+    tokens[[10, 1999, 3499]] = 4
+    for part in np.array_split(tokens, 7):
+        w.write(part)
+    manifest = w.close()
+    assert [s["num_tokens"] for s in manifest["shards"]] == [1000, 1000, 1000, 500]
+    assert sum(s["num_documents"] for s in manifest["shards"]) == manifest["num_documents"] == 3
+    ds = TokenDataset(tmp_path, seq_len=10)
+    assert ds.dtype == np.uint32 and np.array_equal(ds.tokens(0, 3500), tokens)
+
+
+def test_refuses_directory_of_another_tokenizer(tmp_path, small_data):
+    other = tmp_path / "tok2"
+    run_script("train_tokenizer.py", "--input", SMALL_CORPUS[0], "--vocab-size", "500", "--out", other, "--quiet")
+    out = tmp_path / "data"
+    shutil.copytree(small_data, out)
+    before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
+    proc = run_script("prepare_data.py", "--tokenizer", other, "--input", SMALL_CORPUS[0], "--out", out, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "holds shards made with another tokenizer" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == before  # untouched
+
+
+def test_disk_full_removes_partial_shard_and_keeps_earlier(tmp_path, small_tokenizer):
+    """A real write failure: the file-size limit makes writes fail with EFBIG, as a full disk would."""
+    header = {"tokenizer_sha256": Tokenizer.load(small_tokenizer).sha256, "eod_id": 4, "vocab_size": 1024}
+    w = ShardWriter(tmp_path / "train", "train", header, np.uint16, shard_tokens=20_000)
+    w.write(np.arange(50_000) % 1000)  # shards 0 and 1 complete, shard 2 half written
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old[1]))
+        with pytest.raises(UserError, match=r"shard-00002.arrow: disk full .*removed the partial shard, the 2 earlier"):
+            w.write(np.arange(30_000) % 1000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["manifest.json", "shard-00000.arrow", "shard-00001.arrow"]
+    manifest = read_manifest(tmp_path / "train")
+    assert not manifest["complete"] and len(manifest["shards"]) == 2
+    for entry in manifest["shards"]:
+        assert file_sha256(tmp_path / "train" / entry["file"]) == entry["sha256"]
+    with pytest.raises(UserError, match="incomplete"):
+        TokenDataset(tmp_path, seq_len=8)
+
+
+def test_disk_full_through_the_cli(tmp_path, small_tokenizer):
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))"
+    script = REPO / "launch" / "prepare_data.py"
+    code = f"{limit}; import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '{script.parent}'); " \
+           f"runpy.run_path('{script}', run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code, str(script), "--tokenizer", str(small_tokenizer),
+                           "--input", *SMALL_CORPUS, "--out", str(tmp_path), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "disk full" in err[0] and "removed the partial shard" in err[0]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_damaged_or_missing_shard_detected(tmp_path, small_data):
+    shutil.copytree(small_data, tmp_path / "d")
+    shard = tmp_path / "d" / "train" / "shard-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(UserError, match="shard-00001.arrow: .* bytes, the manifest says"):
+        TokenDataset(tmp_path / "d", seq_len=8)
+    shard.unlink()
+    with pytest.raises(UserError, match="listed in the manifest but missing"):
+        TokenDataset(tmp_path / "d", seq_len=8)
+    with pytest.raises(UserError, match="no such data directory"):
+        TokenDataset(tmp_path / "nope", seq_len=8)
+
+
+def test_empty_corpus_changes_nothing(tmp_path, small_tokenizer, small_data):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    out = tmp_path / "data"
+    shutil.copytree(small_data, out)
+    proc = run_script("prepare_data.py", "--tokenizer", small_tokenizer, "--input", tmp_path / "empty", "--out", out,
+                      check=False)
+    assert proc.returncode == 2 and "holds no documents" in proc.stderr
+    assert read_manifest(out / "train") == read_manifest(small_data / "train")
+
+
+# --- sampling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_permutation_is_a_bijection(n):
+    for seed in (0, 1, (5, 3)):
+        perm = Permutation(n, seed)(np.arange(n))
+        assert sorted(perm.tolist()) == list(range(n))
+    if n >= 64:
+        assert not np.array_equal(Permutation(n, 0)(np.arange(n)), Permutation(n, 1)(np.arange(n)))
+        assert not np.array_equal(Permutation(n, 0)(np.arange(n)), np.arange(n))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sampler_ranks_disjoint_and_covering(world):
+    n = 103
+    samplers = [ResumableSampler(n, seed=7, rank=r, world_size=world) for r in range(world)]
+    taken = [[] for _ in range(world)]
+    for per_rank in [1, 3, 2, 5, 4] * 30:
+        for r, s in enumerate(samplers):
+            taken[r].extend(s.next(per_rank).tolist())
+    total = sum(len(t) for t in taken)
+    assert samplers[0].consumed == total
+    flat = [i for step in zip(*taken, strict=True) for i in step]  # round-robin back into global order
+    single = ResumableSampler(n, seed=7).next(total).tolist()
+    assert flat == single  # the global order does not depend on the world size
+    first_epoch = single[:n]
+    assert sorted(first_epoch) == list(range(n))  # an epoch covers every sample once
+    assert sorted(single[n:2 * n]) == list(range(n)) and single[n:2 * n] != first_epoch  # new order next epoch
+    for a in range(world):
+        for b in range(a + 1, world):
+            first = set(taken[a][: n // world]) & set(taken[b][: n // world])
+            assert not first  # within an epoch, ranks never share a sample
+
+
+def test_sampler_skip_and_state():
+    s = ResumableSampler(50, seed=1, rank=1, world_size=2)
+    s.next(4)
+    state = s.state_dict()
+    expected = s.next(6).tolist()
+    t = ResumableSampler(50, seed=1, rank=1, world_size=2)
+    t.load_state_dict(state)
+    assert t.next(6).tolist() == expected
+    u = ResumableSampler(50, seed=1, rank=1, world_size=2)
+    u.skip(state["consumed"])
+    assert u.next(6).tolist() == expected
+    with pytest.raises(UserError, match="data, seq_len or seed changed"):
+        ResumableSampler(51, seed=1).load_state_dict(state)
+
+
+def test_resume_exact_in_fresh_process(small_data):
+    """Consume k batches, save the state, load it in a new process: the next batches are identical."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        from megatrain.data import ResumableSampler, TokenDataset
+        ds = TokenDataset({str(small_data)!r}, seq_len=32)
+        s = ResumableSampler(len(ds), seed=3, rank=1, world_size=2)
+        if sys.argv[1] == "save":
+            for _ in range(5):
+                ds.batch(s.next(4))
+            print(json.dumps(s.state_dict()))
+        else:
+            s.load_state_dict(json.loads(sys.argv[2]))
+        print(json.dumps([ds.batch(s.next(4)).tolist() for _ in range(3)]))
+    """)
+    first = subprocess.run([sys.executable, "-c", code, "save"], capture_output=True, text=True, check=True)
+    state, batches = first.stdout.splitlines()
+    second = subprocess.run([sys.executable, "-c", code, "load", state], capture_output=True, text=True, check=True)
+    assert json.loads(second.stdout) == json.loads(batches)
+
+
+def test_blend_proportions_and_determinism(small_data):
+    train = TokenDataset(small_data, seq_len=32, split="train")
+    valid = TokenDataset(small_data, seq_len=32, split="valid")
+    blend = BlendedDataset([(train, 0.3), (valid, 0.7)], seed=0)
+    assert len(blend) == len(train) + len(valid)
+    which, samples = blend.locate(np.arange(len(blend)))
+    share = np.bincount(which, minlength=2) / len(which)
+    assert abs(share[1] - 0.7) < 0.01
+    for window in (100, 1000):  # mixed evenly, not in long runs
+        assert abs(np.mean(which[:window] == 1) - 0.7) < 0.02
+    # the small, heavily weighted dataset repeats; each pass over it covers every sample
+    valid_draws = samples[which == 1]
+    assert sorted(valid_draws[: len(valid)].tolist()) == list(range(len(valid)))
+    again = BlendedDataset([(train, 0.3), (valid, 0.7)], seed=0)
+    assert np.array_equal(again.batch(range(50)), blend.batch(range(50)))
+    assert np.array_equal(blend[5], [train, valid][which[5]][samples[5]])
+    with pytest.raises(UserError, match="positive"):
+        BlendedDataset([(train, 0)])
