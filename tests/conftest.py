@@ -41,3 +41,36 @@ def small_data(tmp_path_factory, small_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("data") / "data"
     prepare_dataset(small_tokenizer, SMALL_CORPUS, out, valid_fraction=0.05, workers=2, shard_mb=0.1, progress=False)
     return out
+
+
+TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain(run_dir, data, *sets: str, nproc: int = 2, check: bool = True, env: dict | None = None,
+             config=TINY_CONFIG, resume: str = "auto", timeout: float = 600):
+    """launch/pretrain.py through the real deepspeed launcher (nproc ranks), or plain python (nproc=0)."""
+    script = [str(REPO / "launch" / "pretrain.py"), "--config", str(config), "--set", f"run.dir={run_dir}",
+              "--set", f"data.path={data}", "--resume", resume, *[a for s in sets for a in ("--set", s)]]
+    if nproc:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+               "--master_port", str(free_port()), *script]
+    else:
+        cmd = [sys.executable, *script]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_losses(run_dir) -> list[float]:
+    from megatrain.train.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]

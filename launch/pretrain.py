@@ -1,0 +1,34 @@
+"""Pretrain a GPT model with DeepSpeed.
+
+    deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny-cpu.yaml --set train.max_steps=100
+    python launch/pretrain.py --config configs/tiny-cpu.yaml            # one process
+    deepspeed --hostfile hosts launch/pretrain.py --config configs/gpt3-1.3b.yaml --resume auto
+"""
+
+import argparse
+
+from _cli import run
+
+from megatrain.config import load_config
+from megatrain.train import Trainer
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: the newest intact checkpoint in run.dir if any (default); none; or a checkpoint directory")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    cfg = load_config(args.config, args.set)
+    Trainer(cfg, resume=args.resume).fit()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,165 @@
+"""GPT-3 (Brown et al. 2020), as a plain PyTorch module.
+
+Pre-LayerNorm transformer decoder with learned positions, a 4x GELU MLP, input and
+output embeddings tied, GPT-2 initialisation (normal 0.02, residual projections
+scaled by 1/sqrt(2 n_layer)) and causal attention through
+torch.nn.functional.scaled_dot_product_attention. GPT-3's alternating sparse
+attention is left out, as in every open reproduction.
+
+The pieces (`Embedding`, `Block`, `Head`) are separate modules so the pipeline
+version (megatrain/model/pipeline.py) can lay the same model out over stages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    seq_len: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    dropout: float = 0.0
+    bias: bool = True
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+
+
+class Embedding(nn.Module):
+    """Token plus learned position embeddings; `unembed` reuses the token table (tied)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.wte.weight)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.is_residual = True
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.is_residual = True
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Head(nn.Module):
+    """Final LayerNorm; the projection to the vocabulary is the tied embedding."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, embedding: Embedding) -> torch.Tensor:
+        return embedding.unembed(self.ln_f(x))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the training precision."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def init_weights(module: nn.Module, cfg: GPTConfig) -> None:
+    """GPT-2 initialisation: N(0, 0.02), zero biases, residual projections N(0, 0.02/sqrt(2 n_layer))."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if getattr(m, "is_residual", False) else cfg.init_std
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, cfg.init_std)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.d_model % cfg.n_head:
+            raise ValueError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = Head(cfg)
+        init_weights(self, cfg)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab], or the mean loss when targets are given."""
+        x = self.embed(idx)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.head(x, self.embed)
+        return logits if targets is None else lm_loss(logits, targets)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters (tied embeddings counted once); without embeddings if asked."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.wte.weight.numel() - self.embed.wpe.weight.numel() if non_embedding else n
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    """Parameters that take part in matmuls for every token: the blocks, the final norm,
+    and the output projection (the tied token table, used as a matmul by the head).
+    The embedding lookups are not matmuls."""
+    per_block = 12 * cfg.d_model**2 + (13 if cfg.bias else 2) * cfg.d_model
+    final_norm = (2 if cfg.bias else 1) * cfg.d_model
+    return cfg.n_layer * per_block + final_norm + cfg.vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: GPTConfig) -> float:
+    """Training FLOPs per token as in PaLM's appendix B: 6N + 12 * L * H * Q * T, with
+    N = matmul_params and H * Q = d_model (the attention score and value matmuls)."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len

@@ -1,0 +1,198 @@
+"""Checkpoints: DeepSpeed engine state plus megatrain's own, published atomically.
+
+Layout of a run directory:
+
+    checkpoints/step-00000100/   DeepSpeed's files (model, optimizer, per-rank shards)
+        megatrain.json           trainer state (step, tokens, sampler, schedule, config identity)
+        megatrain-rank00000.pt   per-rank RNG states (python, numpy, torch)
+        manifest.json            every file's size and sha256; written last
+    latest                       text file naming the newest complete checkpoint
+
+Writing: every rank writes into checkpoints/.tmp-step-N/; the ranks hash the files
+between them; rank 0 writes manifest.json, renames the directory to step-N and then
+replaces `latest` with os.replace (atomic). A crash at any point leaves `latest` on the
+previous complete checkpoint; stale .tmp-* directories are removed by the next save.
+Reading: a checkpoint is used only if its manifest lists every file with the right
+size and sha256; otherwise the next older one is tried, with a warning naming the bad
+file. The run directory must be on a filesystem every rank sees (as for DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatrain.errors import UserError
+from megatrain.train import distributed as dist
+from megatrain.train.faults import maybe_crash
+
+FORMAT = "megatrain-checkpoint/1"
+MANIFEST = "manifest.json"
+STATE = "megatrain.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep: int):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.latest_file = self.run_dir / LATEST
+        self.keep = keep
+
+    # --- writing ----------------------------------------------------------------------
+
+    def save(self, engine, step: int, state: dict) -> Path:
+        """Collective: every rank calls it. `state` is megatrain's (identical on all ranks)."""
+        tag = step_tag(step)
+        tmp_tag = f".tmp-{tag}"
+        tmp = self.root / tmp_tag
+        if dist.is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+        torch.save(rng_state(), tmp / f"megatrain-rank{dist.rank():05d}.pt")
+        if dist.is_main():
+            _fsync_write(tmp / STATE, json.dumps(state, indent=1))
+        maybe_crash("checkpoint_write", step)
+        dist.barrier()
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                for i, f in enumerate(files) if i % dist.world_size() == dist.rank()}
+        entries = {}
+        for part in dist.all_gather_object(mine):
+            entries.update(part)
+        final = self.root / tag
+        if dist.is_main():
+            manifest = {"format": FORMAT, "step": step, "files": dict(sorted(entries.items()))}
+            _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            maybe_crash("checkpoint_publish", step)
+            latest_tmp = self.latest_file.with_name(LATEST + ".tmp")
+            _fsync_write(latest_tmp, f"checkpoints/{tag}\n")
+            os.replace(latest_tmp, self.latest_file)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        for old in complete[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Published checkpoint directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        if not self.latest_file.is_file():
+            return None
+        return self.run_dir / self.latest_file.read_text().strip()
+
+    @staticmethod
+    def verify(path: Path) -> str | None:
+        """None if the checkpoint is complete and intact, else what is wrong (naming the file)."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return f"{manifest_path}: missing (the checkpoint was not finished)"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{manifest_path}: damaged"
+        for name, entry in manifest["files"].items():
+            f = path / name
+            if not f.is_file():
+                return f"{f}: missing"
+            if f.stat().st_size != entry["bytes"]:
+                return f"{f}: {f.stat().st_size} bytes, expected {entry['bytes']} (truncated or altered)"
+            if _sha256(f) != entry["sha256"]:
+                return f"{f}: sha256 does not match the manifest (altered)"
+        return None
+
+    def find(self, resume: str) -> tuple[Path | None, list[str]]:
+        """The checkpoint to resume from, and warnings about damaged ones that were passed over.
+        resume: "none", "auto" (the newest intact one, starting at `latest`) or a path."""
+        if resume == "none":
+            return None, []
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_dir():
+                raise UserError(f"{path}: no such checkpoint directory")
+            problem = self.verify(path)
+            if problem:
+                raise UserError(f"{path}: cannot resume from this checkpoint: {problem}")
+            return path, []
+        candidates = list(reversed(self.complete_checkpoints()))
+        latest = self.latest()
+        if latest is not None and latest in candidates:  # `latest` first, then older ones
+            candidates.remove(latest)
+            candidates.insert(0, latest)
+        warnings = []
+        for path in candidates:
+            problem = self.verify(path)
+            if problem is None:
+                return path, warnings
+            warnings.append(f"warning: skipping damaged checkpoint {path.name}: {problem}")
+        return None, warnings
+
+    @staticmethod
+    def read_state(path: Path) -> dict:
+        """megatrain's state in a checkpoint (read before loading, to check compatibility)."""
+        return json.loads((path / STATE).read_text())
+
+    def load(self, engine, path: Path) -> None:
+        """Collective: load DeepSpeed's state and this rank's RNG."""
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"{path}: DeepSpeed could not load this checkpoint")
+        rng_file = path / f"megatrain-rank{dist.rank():05d}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=False))

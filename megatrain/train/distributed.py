@@ -1,0 +1,81 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+Under the `deepspeed` launcher RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the
+environment; a plain `python launch/pretrain.py` is a world of one, for which we fill
+them in before DeepSpeed looks (it would otherwise try MPI discovery).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain python: a world of one
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_init_required=True, verbose=False)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(values: list[float], group=None) -> list[float]:
+    """Mean over ranks of a few floats (one collective)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return (t / dist.get_world_size(group)).tolist()
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (one collective)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

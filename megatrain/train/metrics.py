@@ -1,0 +1,115 @@
+"""Run logs, written by rank 0: metrics.jsonl, events.jsonl, wandb, a progress bar.
+
+metrics.jsonl holds one JSON object per optimizer step ({"kind": "train", ...}) and
+one per validation pass ({"kind": "valid", ...}). On resume, rows past the restored
+step are dropped (they belong to a timeline that was rolled back), so the file always
+reads as one run; events.jsonl keeps what happened (resumes, rollbacks, stops).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+METRICS = "metrics.jsonl"
+EVENTS = "events.jsonl"
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of an n x n matmul on this process's device, the MFU denominator when the
+    peak is not configured."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or runs < 3:
+        a @ b
+        runs += 1
+    return 2.0 * n**3 * runs / (time.perf_counter() - t0)
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int | None, progress: bool,
+                 wandb_config: dict | None = None, wandb_project: str = "megatrain", run_name: str = ""):
+        self.enabled = enabled
+        self.metrics_path, self.events_path = run_dir / METRICS, run_dir / EVENTS
+        self._bar = None
+        self._wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if progress:
+            self._bar = tqdm(total=total_steps, desc=run_name or "train", unit="step", dynamic_ncols=True)
+        if wandb_config is not None:
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(project=wandb_project, name=run_name or run_dir.name, dir=str(run_dir),
+                                     config=wandb_config, resume="allow", id=_wandb_id(run_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows of steps after `step` (resume from a checkpoint at `step`)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        tmp = self.metrics_path.with_name(METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.metrics_path)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._wandb is not None:
+            prefix = "valid/" if row.get("kind") == "valid" else "train/"
+            self._wandb.log({prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+                            step=row["step"])
+
+    def event(self, name: str, **fields) -> None:
+        if not self.enabled:
+            return
+        row = {"event": name, "time": time.time(), **fields}
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def progress(self, step: int, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(postfix, refresh=False)
+            self._bar.refresh()
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
+    path = run_dir / ".wandb_id"
+    if not path.exists():
+        import wandb
+
+        path.write_text(wandb.util.generate_id())
+    return path.read_text().strip()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,310 @@
+"""The training loop: a DeepSpeed engine fed from the token shards.
+
+    Trainer(load_config("configs/tiny-cpu.yaml"), resume="auto").fit()
+
+One optimizer step = micro_batches_per_step forward/backward passes per rank, each on
+the rank's next `micro_batch` samples from the ResumableSampler; the loss logged is
+the mean over every sample of the global batch. Everything a resume needs (step,
+tokens, sampler position, RNG) is saved in checkpoints and restored exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatrain.config import Config, data_sources, deepspeed_config
+from megatrain.data import BlendedDataset, ResumableSampler, TokenDataset
+from megatrain.errors import UserError
+from megatrain.model import GPT, GPTConfig, flops_per_token
+from megatrain.optim import build_optimizer, param_groups
+from megatrain.schedule import micro_batches_per_step
+from megatrain.train import distributed as dist
+from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.faults import maybe_crash
+from megatrain.train.metrics import RunLog, measure_matmul_flops
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+
+
+def build_data(cfg: Config):
+    """Training samples (one dataset or a blend), validation samples (or None), vocab size."""
+    seq_len = cfg.train.seq_len
+    sources = data_sources(cfg)
+    datasets = [(TokenDataset(path, seq_len, split="train"), weight) for path, weight in sources]
+    train = datasets[0][0] if len(datasets) == 1 else BlendedDataset(datasets, seed=data_seed(cfg))
+    vocab = max(d.manifest["vocab_size"] for d, _ in datasets)
+    try:
+        valid = TokenDataset(cfg.data.valid_path or sources[0][0], seq_len, split="valid")
+    except UserError as e:
+        valid = None
+        if dist.is_main():
+            print(f"warning: no validation data ({e})", flush=True)
+    if valid is not None and valid.tokenizer_sha256 != datasets[0][0].tokenizer_sha256:
+        raise UserError(f"{valid.dir}: validation data was made with another tokenizer than {datasets[0][0].dir}")
+    return train, valid, vocab
+
+
+def data_seed(cfg: Config) -> int:
+    return cfg.run.seed if cfg.data.seed is None else cfg.data.seed
+
+
+def model_shape(cfg: Config, vocab_size: int) -> dict:
+    m = cfg.model
+    return {"vocab_size": vocab_size, "seq_len": cfg.train.seq_len, "n_layer": m.n_layer, "n_head": m.n_head,
+            "d_model": m.d_model, "bias": m.bias}
+
+
+def _seed_rank(seed: int, rank: int) -> None:
+    """Per-rank RNG for dropout and anything else random during training."""
+    s = seed * 1000 + rank + 1
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "auto"):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg = cfg
+        t = cfg.train
+        if t.precision == "fp16" and get_accelerator().device_name() == "cpu":
+            raise UserError("train.precision=fp16: DeepSpeed does not support fp16 on its CPU accelerator; "
+                            "use train.precision=bf16 (or fp32)")
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        dist.init_distributed()
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.dp_rank, self.dp_size = self.rank, self.world
+        self.run_dir = Path(cfg.run.dir)
+
+        self.train_data, self.valid_data, data_vocab = build_data(cfg)
+        vocab = cfg.model.vocab_size or data_vocab
+        if vocab < data_vocab:
+            raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}")
+        self.shape = model_shape(cfg, vocab)
+        m = cfg.model
+        self.model_cfg = GPTConfig(vocab_size=vocab, seq_len=t.seq_len, n_layer=m.n_layer, n_head=m.n_head,
+                                   d_model=m.d_model, dropout=m.dropout, bias=m.bias, init_std=m.init_std,
+                                   activation_checkpointing=m.activation_checkpointing)
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        model = GPT(self.model_cfg)
+        self.grad_accum = micro_batches_per_step(t.batch_tokens, t.micro_batch, t.seq_len, self.dp_size)
+        self.ds_config = deepspeed_config(cfg, self.dp_size, self.grad_accum)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        o = cfg.optim
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=build_optimizer(o.name, groups, o.lr, o.betas, o.eps),
+            config=self.ds_config)
+        # DeepSpeed reports the global gradient norm except for plain fp32 data parallel.
+        self._measure_grad_norm = cfg.parallel.zero_stage == 0 and t.precision == "fp32"
+        self.device = self.engine.device
+        self.sampler = ResumableSampler(len(self.train_data), seed=data_seed(cfg), rank=self.dp_rank,
+                                        world_size=self.dp_size)
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
+        self.flops_per_token = flops_per_token(self.model_cfg)
+
+        main = dist.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.log = RunLog(self.run_dir, enabled=main, total_steps=t.max_steps, progress=cfg.logging.progress,
+                          wandb_config=cfg.to_dict() if cfg.logging.wandb else None,
+                          wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name or self.run_dir.name)
+        _seed_rank(cfg.run.seed, self.rank)
+        self._resume(resume)
+        self.peak_flops, self.peak_source = self._peak_flops()
+        self.log.event("start", step=self.state.step, world_size=self.world, params=model.num_params(),
+                       peak_flops=self.peak_flops, peak_flops_source=self.peak_source)
+        self.log.print(f"model: {model.num_params() / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+                       f"{self.world} rank(s), ZeRO-{cfg.parallel.zero_stage}, {t.precision}; "
+                       f"global batch {self.batch_tokens} tokens ({self.grad_accum} x {t.micro_batch} x {t.seq_len} "
+                       f"x {self.dp_size}); MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank ({self.peak_source})")
+
+    # --- state -----------------------------------------------------------------------
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.grad_accum * self.cfg.train.micro_batch * self.cfg.train.seq_len * self.dp_size
+
+    def state_dict(self) -> dict:
+        return {"step": self.state.step, "tokens": self.state.tokens, "sampler": self.sampler.state_dict(),
+                "model_shape": self.shape, "dp_size": self.dp_size, "world_size": self.world,
+                "zero_stage": self.cfg.parallel.zero_stage, "precision": self.cfg.train.precision,
+                "config": self.cfg.to_dict()}
+
+    def _check_compatible(self, path: Path, saved: dict) -> None:
+        if saved["model_shape"] != self.shape:
+            diff = {k: (saved["model_shape"].get(k), v) for k, v in self.shape.items() if saved["model_shape"].get(k) != v}
+            raise UserError(f"{path}: the checkpoint is for another model shape "
+                            + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items()))
+        if saved["dp_size"] != self.dp_size or saved["zero_stage"] != self.cfg.parallel.zero_stage:
+            raise UserError(f"{path}: written by {saved['dp_size']} data-parallel rank(s) with ZeRO-{saved['zero_stage']}, "
+                            f"this run has {self.dp_size} with ZeRO-{self.cfg.parallel.zero_stage}; resume with the "
+                            "same layout (DeepSpeed's per-rank optimizer shards depend on it)")
+
+    def _resume(self, resume: str) -> None:
+        found = dist.broadcast_object(self.checkpointer.find(resume) if dist.is_main() else None)
+        path, warnings = found
+        for w in warnings:
+            self.log.print(w)
+            self.log.event("checkpoint_skipped", reason=w)
+        if path is None:
+            if resume not in ("auto", "none"):
+                raise UserError(f"{resume}: no usable checkpoint")
+            return
+        saved = self.checkpointer.read_state(path)
+        self._check_compatible(path, saved)
+        self.checkpointer.load(self.engine, path)
+        self.state = TrainState(step=saved["step"], tokens=saved["tokens"])
+        self.sampler.load_state_dict(saved["sampler"])
+        self.log.truncate_after(self.state.step)
+        self.log.event("resume", checkpoint=str(path), step=self.state.step, tokens=self.state.tokens)
+        self.log.print(f"resumed from {path} at step {self.state.step} ({self.state.tokens} tokens)")
+
+    def _peak_flops(self) -> tuple[float, str]:
+        if self.cfg.train.peak_flops:
+            return float(self.cfg.train.peak_flops), "train.peak_flops"
+        measured = measure_matmul_flops(DTYPES[self.cfg.train.precision])  # all ranks at once, as they train
+        return dist.all_reduce_mean([measured])[0], "matmul probe"
+
+    # --- the loop --------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        t = self.cfg.train
+        return (t.max_steps is not None and self.state.step >= t.max_steps) or (
+            t.max_tokens is not None and self.state.tokens >= t.max_tokens)
+
+    def _micro_batch(self, dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = torch.from_numpy(dataset.batch(indices)).to(self.device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns its metrics row."""
+        t0 = time.perf_counter()
+        lr = self.cfg.optim.lr
+        self._set_lr(lr)
+        loss_sum = 0.0
+        for i in range(self.grad_accum):
+            inputs, targets = self._micro_batch(self.train_data, self.sampler.next(self.cfg.train.micro_batch))
+            # Mark the boundary ourselves: DeepSpeed's own count assumes a fixed accumulation.
+            boundary = i == self.grad_accum - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            loss = self.engine(inputs, targets)
+            self.engine.backward(loss)
+            if boundary and self._measure_grad_norm:  # gradients are all-reduced now, not yet clipped
+                grad_norm = self._total_grad_norm()
+            self.engine.step()
+            loss_sum += loss.item()
+        if not self._measure_grad_norm:
+            grad_norm = self._grad_norm()
+        loss = dist.all_reduce_mean([loss_sum / self.grad_accum])[0]
+        self.state.step += 1
+        self.state.tokens += self.batch_tokens
+        dt = time.perf_counter() - t0
+        tokens_per_s = self.batch_tokens / dt
+        row = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens, "loss": loss, "lr": lr,
+               "batch_tokens": self.batch_tokens, "grad_accum": self.grad_accum, "grad_norm": grad_norm,
+               "tokens_per_s": tokens_per_s, "step_time": dt,
+               "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world)}
+        if self.cfg.train.precision == "fp16":
+            row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+        return row
+
+    def _total_grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+    def _grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        """Mean loss over the same `eval_samples` validation samples every time. Every rank
+        runs the same number of forward passes (ZeRO-3 gathers parameters collectively)."""
+        if self.valid_data is None:
+            return None
+        mb = self.cfg.train.micro_batch
+        per_pass = mb * self.dp_size
+        n = min(self.cfg.train.eval_samples, len(self.valid_data)) // per_pass * per_pass
+        if n == 0:
+            return None
+        self.engine.eval()
+        positions = np.arange(self.dp_rank, n, self.dp_size)
+        total = 0.0
+        for start in range(0, len(positions), mb):
+            inputs, targets = self._micro_batch(self.valid_data, positions[start:start + mb])
+            total += self.engine(inputs, targets).item()
+        self.engine.train()
+        loss = dist.all_reduce_mean([total / (len(positions) // mb)])[0]
+        return {"kind": "valid", "step": self.state.step, "tokens": self.state.tokens, "val_loss": loss,
+                "val_ppl": math.exp(min(loss, 50.0)), "val_samples": n}
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.engine, self.state.step, self.state_dict())
+        self.log.event("checkpoint", step=self.state.step, path=str(path))
+        return path
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        t0, start_tokens = time.perf_counter(), self.state.tokens
+        first_loss = last = val = None
+        saved_at = self.state.step if self.state.step else None
+        while not self._done():
+            row = self.train_step()
+            self.log.log(row)
+            maybe_crash("step", self.state.step)
+            first_loss = row["loss"] if first_loss is None else first_loss
+            last = row
+            if self.state.step % cfg.train.log_every == 0:
+                self.log.progress(self.state.step, loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                  tok_s=f"{row['tokens_per_s']:.0f}")
+            if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
+                val = self.evaluate()
+                if val:
+                    self.log.log(val)
+            if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+                saved_at = self.state.step
+        if val is None or val["step"] != self.state.step:
+            val = self.evaluate()
+            if val:
+                self.log.log(val)
+        if saved_at != self.state.step:
+            self.save_checkpoint()
+        elapsed = time.perf_counter() - t0
+        summary = {"steps": self.state.step, "tokens": self.state.tokens, "seconds": elapsed,
+                   "first_loss": first_loss, "final_loss": last["loss"] if last else None,
+                   "val_loss": val["val_loss"] if val else None,
+                   "tokens_per_s": (self.state.tokens - start_tokens) / elapsed}
+        self.log.event("end", **{k: v for k, v in summary.items() if v is not None})
+        if last:
+            val_text = f", val loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})" if val else ""
+            self.log.print(f"done: {self.state.step} steps, {self.state.tokens:,} tokens in {elapsed:.0f}s; "
+                           f"loss {first_loss:.4f} -> {last['loss']:.4f}{val_text}; "
+                           f"{last['tokens_per_s']:,.0f} tokens/s, MFU {100 * last['mfu']:.2f}%; run dir {self.run_dir}")
+        self.log.close()
+        return summary
+

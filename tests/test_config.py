@@ -1,0 +1,112 @@
+"""Config loading and validation, and the DeepSpeed JSON generated from it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_CONFIG, run_script
+
+from megatrain.config import Config, deepspeed_config, load_config
+from megatrain.errors import UserError
+
+BASE = ["data.path=somewhere", "train.max_steps=10"]
+
+
+def test_yaml_plus_overrides():
+    cfg = load_config(TINY_CONFIG, BASE + ["parallel.zero_stage=3", "optim.lr=6e-4", "train.max_tokens=3.2e6",
+                                           "data.path=[{path: a, weight: 0.3}, {path: b, weight: 0.7}]"])
+    assert cfg.parallel.zero_stage == 3 and cfg.model.d_model == 32
+    assert cfg.optim.lr == 6e-4  # YAML reads 6e-4 as a string; numeric fields accept it
+    assert cfg.train.max_tokens == 3_200_000 and isinstance(cfg.train.max_tokens, int)
+    assert cfg.data.path == [{"path": "a", "weight": 0.3}, {"path": "b", "weight": 0.7}]
+    assert load_config(None, BASE).to_dict() == Config(**{}).to_dict() | {
+        "data": {"path": "somewhere", "valid_path": None, "seed": None},
+        "train": {**Config().to_dict()["train"], "max_steps": 10}}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=1", "--set train.lr: unknown key 'train.lr' (did you mean 'optim.lr'?)"),
+    ("train.micro_bach=2", "unknown key 'train.micro_bach' (did you mean 'train.micro_batch'?)"),
+    ("trian.seq_len=4", "unknown key 'trian' (did you mean 'train'?)"),
+    ("train.max_steps=ten", "train.max_steps must be int | null, got str 'ten'"),
+    ("train.micro_batch=2.5", "train.micro_batch must be int, got float 2.5"),
+    ("train.precision=fp8", "train.precision must be 'bf16' | 'fp16' | 'fp32', got str 'fp8'"),
+    ("logging.wandb=yes please", "logging.wandb must be bool"),
+    ("model.n_head=5", "model.d_model (32) must be divisible by model.n_head (5)"),
+    ("parallel.zero_stage=4", "parallel.zero_stage must be 0, 1, 2 or 3"),
+    ("train=3", "train must be a mapping"),
+])
+def test_bad_overrides(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(TINY_CONFIG, BASE + [override])
+    assert message in str(e.value)
+
+
+def test_bad_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  seq_len: 64\n  bacth_tokens: 1024\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'train.bacth_tokens' \(did you mean 'train.batch_tokens'\?\)"):
+        load_config(bad, BASE)
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="bad.yaml: invalid YAML"):
+        load_config(bad, BASE)
+    with pytest.raises(UserError, match="no such config file"):
+        load_config(tmp_path / "none.yaml")
+    with pytest.raises(UserError, match="train.max_steps or train.max_tokens must be set"):
+        load_config(None, ["data.path=x"])
+
+
+def test_cli_reports_one_line(tmp_path):
+    proc = run_script("pretrain.py", "--config", TINY_CONFIG, "--set", "train.lr=1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --set train.lr: unknown key 'train.lr' (did you mean 'optim.lr'?)"]
+
+
+def test_every_config_file_loads():
+    from conftest import REPO
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.train.seq_len > 0, path
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_json(precision, stage):
+    cfg = load_config(TINY_CONFIG, BASE + [f"train.precision={precision}", f"parallel.zero_stage={stage}",
+                                           "optim.name=adamw", "optim.grad_clip=0.5"])
+    ds = json.loads(json.dumps(deepspeed_config(cfg, dp_size=4, grad_accum=3)))  # JSON-serialisable
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 4 * 3 * 4
+    assert ds["zero_optimization"]["stage"] == stage and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+    if precision == "fp16":  # dynamic loss scaling
+        assert ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 16
+        assert ds["fp16"]["loss_scale_window"] == 1000 and ds["fp16"]["hysteresis"] == 2
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = DeepSpeedConfig(deepspeed_config(cfg, dp_size=1, grad_accum=3))  # DeepSpeed's own parser (world of 1)
+    assert parsed.zero_optimization_stage == stage
+    assert parsed.float16_config.enabled == (precision == "fp16") and parsed.bfloat16_config.enabled == (precision == "bf16")
+    if precision == "fp16":
+        assert parsed.float16_config.loss_scale == 0  # 0 means dynamic in DeepSpeed
+
+
+def test_raw_deepspeed_section_merges_on_top():
+    cfg = load_config(TINY_CONFIG, BASE + ["deepspeed={zero_optimization: {reduce_bucket_size: 1000}, "
+                                           "wall_clock_breakdown: true}", "parallel.zero_stage=2"])
+    ds = deepspeed_config(cfg, dp_size=1, grad_accum=1)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert ds["wall_clock_breakdown"] is True
+
+
+def test_fp16_refused_on_cpu_with_pointer_to_bf16(tmp_path, small_data):
+    from conftest import pretrain
+
+    proc = pretrain(tmp_path / "run", small_data, "train.precision=fp16", nproc=0, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: train.precision=fp16: DeepSpeed does not support fp16 on "
+                                                    "its CPU accelerator; use train.precision=bf16 (or fp32)")

@@ -1,0 +1,99 @@
+"""The GPT model: shapes, parameter counts, FLOPs, initialisation, causality, tying."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import REPO
+
+from megatrain.config import load_config
+from megatrain.model import GPT, GPTConfig, flops_per_token, matmul_params
+
+
+def tiny(**kw) -> GPTConfig:
+    return GPTConfig(**{"vocab_size": 97, "seq_len": 16, "n_layer": 3, "n_head": 2, "d_model": 24, **kw})
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_matmul_params_counts_the_module(bias):
+    cfg = tiny(bias=bias)
+    model = GPT(cfg)
+    counted = model.num_params() - model.embed.wpe.weight.numel()  # the tied table is the head's matmul
+    assert matmul_params(cfg) == counted
+
+
+def test_gpt3_configs_have_the_papers_sizes():
+    """Table 2.1 sizes with GPT-2's 50257-token vocabulary, within 3%."""
+    expected = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
+                "13b": 13e9, "175b": 175e9}
+    for name, n in expected.items():
+        c = load_config(REPO / "configs" / f"gpt3-{name}.yaml")
+        g = GPTConfig(vocab_size=50257, seq_len=c.train.seq_len, n_layer=c.model.n_layer, n_head=c.model.n_head,
+                      d_model=c.model.d_model)
+        total = matmul_params(g) + g.seq_len * g.d_model  # + learned positions
+        assert abs(total / n - 1) < 0.03, (name, total)
+        assert c.optim.betas == [0.9, 0.95] and c.optim.weight_decay == 0.1 and c.train.max_tokens == 300e9
+
+
+def test_flops_per_token_palm_formula():
+    g = GPTConfig(vocab_size=50257, seq_len=2048, n_layer=96, n_head=96, d_model=12288)
+    n = matmul_params(g)
+    assert flops_per_token(g) == 6 * n + 12 * 96 * 12288 * 2048
+    # the attention term 12*L*d*T is about 2.8% of 6N for GPT-3 175B at 2048 tokens
+    assert 0.025 < (flops_per_token(g) - 6 * n) / (6 * n) < 0.03
+
+
+def test_initialisation_follows_gpt2():
+    torch.manual_seed(0)
+    cfg = tiny(n_layer=8, d_model=256, n_head=4)
+    model = GPT(cfg)
+    resid = model.blocks[0].attn.proj.weight.std().item()
+    assert abs(resid - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.blocks[0].mlp.fc.weight.std().item() - 0.02) < 0.001
+    assert model.blocks[0].mlp.fc.bias.abs().max() == 0
+    assert model.embed.wte.weight is not None and abs(model.embed.wte.weight.std().item() - 0.02) < 0.002
+
+
+def test_loss_at_init_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=1000, d_model=64, n_head=4))
+    x = torch.randint(0, 1000, (4, 17))
+    loss = model(x[:, :-1], x[:, 1:]).item()
+    assert abs(loss - math.log(1000)) < 0.2
+
+
+def test_causal():
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    x = torch.randint(0, 97, (2, 16))
+    y = x.clone()
+    y[:, 10] = (y[:, 10] + 1) % 97
+    a, b = model(x), model(y)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+def test_embeddings_tied():
+    model = GPT(tiny())
+    x = torch.randint(0, 97, (2, 9))
+    model(x[:, :-1], x[:, 1:]).backward()
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("head" in n and "weight" in n and "ln" not in n for n in names)  # no separate output matrix
+    # the token table gets gradient from the output projection for every vocabulary row
+    assert (model.embed.wte.weight.grad.abs().sum(dim=1) > 0).all()
+
+
+def test_activation_checkpointing_changes_nothing():
+    torch.manual_seed(0)
+    a = GPT(tiny())
+    b = GPT(tiny(activation_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 97, (2, 17))
+    la, lb = a(x[:, :-1], x[:, 1:]), b(x[:, :-1], x[:, 1:])
+    la.backward()
+    lb.backward()
+    assert la.item() == lb.item()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)
