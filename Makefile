@@ -22,9 +22,12 @@ $(STAMP): setup.py $(wildcard csrc/*)
 	$(BIN)/python -m megatrain.warm_ops
 	touch $@
 
+# The main job on the built-in corpus: tokenizer -> shards -> 2-rank pretraining -> curves.png.
 demo: install
 	$(BIN)/python launch/train_tokenizer.py --input builtin:stdlib --vocab-size 8192 --out $(DEMO)/tokenizer
 	$(BIN)/python launch/prepare_data.py --tokenizer $(DEMO)/tokenizer --input builtin:stdlib --out $(DEMO)/data
+	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny-cpu.yaml --resume none
+	$(BIN)/python launch/plot.py $(DEMO)/run
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -6,10 +6,10 @@
 
 import argparse
 
-from _cli import run
-
 from megatrain.errors import UserError
 from megatrain.plots import plot_run
+
+from _cli import run
 
 
 def parse_args():

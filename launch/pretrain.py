@@ -7,10 +7,10 @@
 
 import argparse
 
-from _cli import run
-
 from megatrain.config import load_config
 from megatrain.train import Trainer
+
+from _cli import run
 
 
 def parse_args():

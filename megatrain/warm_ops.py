@@ -9,7 +9,6 @@ keeps the first training run and the first test fast.
 import deepspeed  # noqa: F401  (sets up the accelerator)
 from deepspeed.accelerator import get_accelerator
 
-
 OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
 
 

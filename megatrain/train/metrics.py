@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -104,9 +105,7 @@ def _wandb_id(run_dir: Path) -> str:
     """A stable wandb run id per run directory, so a resumed run continues the same wandb run."""
     path = run_dir / ".wandb_id"
     if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+        path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()
 
 

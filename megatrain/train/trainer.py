@@ -167,6 +167,7 @@ class Trainer:
         if path is None:
             if resume not in ("auto", "none"):
                 raise UserError(f"{resume}: no usable checkpoint")
+            self.log.truncate_after(0)  # a fresh start: rows of an earlier run in this directory go
             return
         saved = self.checkpointer.read_state(path)
         self._check_compatible(path, saved)

@@ -1,0 +1,143 @@
+"""Training throughput: megatrain against a bare PyTorch loop on the same model and data.
+
+Rows per model (tiny-cpu, ~20M parameters) and precision (fp32, bf16): a bare loop
+(torch AdamW fused=True, clip_grad_norm_, gradient accumulation, no DeepSpeed; bf16
+through torch.autocast) and megatrain's Trainer with ZeRO-0 and ZeRO-1, one rank,
+timed round-robin in one process. tokens/s is the median over the measured steps;
+MFU is against this machine's matmul peak in that precision, measured in the same run.
+Goal: megatrain >= 0.95x the bare loop.
+
+bf16 matmuls are ~100x slower than fp32 on CPUs without AVX-512 BF16, so bf16 rows use
+a smaller batch (the same for every row of a model) to keep the run short.
+
+    python bench/train.py [--json FILE] [--steps 4] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+from _bench import arg_parser, machine, print_table, write_json
+
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from megatrain.config import load_config
+from megatrain.data import ResumableSampler, TokenDataset, prepare_dataset
+from megatrain.model import GPT, GPTConfig, flops_per_token
+from megatrain.optim import param_groups
+from megatrain.schedule import micro_batches_per_step
+from megatrain.train import Trainer
+from megatrain.train.metrics import measure_matmul_flops, read_metrics
+from tokenizer import TrainerOptions, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {
+    # name: (overrides, bf16 overrides that shrink the batch)
+    "tiny-cpu": ([], ["train.batch_tokens=1024", "train.micro_batch=8"]),
+    "gpt-20m": (["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.seq_len=256",
+                 "train.micro_batch=4", "train.batch_tokens=2048"],
+                ["train.micro_batch=1", "train.batch_tokens=256"]),
+}
+
+
+def build_data(work: Path) -> Path:
+    """The stdlib corpus with an 8K tokenizer, as in make demo."""
+    tok = work / "tok"
+    train_tokenizer(["builtin:stdlib"], tok, TrainerOptions(vocab_size=8192, sample_bytes=int(5e6)), progress=False)
+    prepare_dataset(tok, ["builtin:stdlib"], work / "data", valid_fraction=0.0, progress=False)
+    return work / "data"
+
+
+def megatrain_run(cfg_overrides: list[str], zero: int, steps: int, peak: float, work: Path) -> list[float]:
+    run_dir = work / f"run-{time.monotonic_ns()}"
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", cfg_overrides + [
+        f"parallel.zero_stage={zero}", f"train.max_steps={steps}", f"run.dir={run_dir}", "train.eval_samples=0",
+        "checkpoint.every_steps=0", "logging.progress=false", f"train.peak_flops={peak}"])
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        Trainer(cfg, resume="none").fit()
+    times = [r["step_time"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return times
+
+
+def bare_run(cfg_overrides: list[str], steps: int, data_dir: Path) -> list[float]:
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", cfg_overrides)
+    t, m = cfg.train, cfg.model
+    data = TokenDataset(data_dir, t.seq_len)
+    torch.manual_seed(cfg.run.seed)
+    model = GPT(GPTConfig(vocab_size=data.manifest["vocab_size"], seq_len=t.seq_len, n_layer=m.n_layer,
+                          n_head=m.n_head, d_model=m.d_model))
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
+    sampler = ResumableSampler(len(data), seed=cfg.run.seed)
+    gas = micro_batches_per_step(t.batch_tokens, t.micro_batch, t.seq_len, 1)
+    bf16 = t.precision == "bf16"
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        for _ in range(gas):
+            batch = torch.from_numpy(data.batch(sampler.next(t.micro_batch)))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(batch[:, :-1], batch[:, 1:]) / gas
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main():
+    p = arg_parser(__doc__)
+    p.add_argument("--steps", type=int, default=4, help="measured steps per row and repeat (plus 1 warm-up)")
+    p.add_argument("--repeat", type=int, default=2, help="round-robin passes over the rows")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    data_dir = build_data(work)
+    peaks = {prec: measure_matmul_flops(dt, seconds=2.0) for prec, dt in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16)) if prec in args.precisions}
+
+    results, rows = [], []
+    for model_name in args.models:
+        base, bf16_batch = MODELS[model_name]
+        for prec in args.precisions:
+            overrides = base + [f"train.precision={prec}", f"data.path={data_dir}"] + (bf16_batch if prec == "bf16" else [])
+            cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
+            vocab = TokenDataset(data_dir, cfg.train.seq_len).manifest["vocab_size"]
+            fpt = flops_per_token(GPTConfig(vocab_size=vocab, seq_len=cfg.train.seq_len, n_layer=cfg.model.n_layer,
+                                            n_head=cfg.model.n_head, d_model=cfg.model.d_model))
+            batch_tokens = micro_batches_per_step(cfg.train.batch_tokens, cfg.train.micro_batch, cfg.train.seq_len, 1) \
+                * cfg.train.micro_batch * cfg.train.seq_len
+            variants = {
+                "bare PyTorch loop": lambda o=overrides: bare_run(o, args.steps + 1, data_dir)[1:],
+                "megatrain ZeRO-0": lambda o=overrides, p=prec: megatrain_run(o, 0, args.steps + 1, peaks[p], work)[1:],
+                "megatrain ZeRO-1": lambda o=overrides, p=prec: megatrain_run(o, 1, args.steps + 1, peaks[p], work)[1:],
+            }
+            step_times = {name: [] for name in variants}
+            for _ in range(args.repeat):
+                for name, fn in variants.items():
+                    step_times[name].extend(fn())
+            bare_tps = batch_tokens / statistics.median(step_times["bare PyTorch loop"])
+            for name, times in step_times.items():
+                tps = batch_tokens / statistics.median(times)
+                mfu = fpt * tps / peaks[prec]
+                results.append({"model": model_name, "precision": prec, "row": name, "tokens_per_s": tps,
+                                "mfu": mfu, "vs_bare": tps / bare_tps, "batch_tokens": batch_tokens})
+                rows.append([model_name, prec, name, batch_tokens, tps, f"{100 * mfu:.1f}%", f"{tps / bare_tps:.3f}x"])
+    print_table("training throughput, 1 rank (goal: megatrain >= 0.95x the bare loop)",
+                ["model", "precision", "row", "batch tokens", "tokens/s", "MFU", "vs bare"], rows)
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    shutil.rmtree(work, ignore_errors=True)
+    write_json(args.json, {"machine": machine(), "peak_flops": peaks, "rows": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Pretraining through the real deepspeed launcher: 2 ranks on CPU, a tiny model, real shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+from conftest import pretrain, run_script, train_losses
+
+from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.metrics import read_metrics
+
+pytestmark = pytest.mark.launcher
+STAGES = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_data):
+    """One 6-step, 2-rank run per ZeRO stage and precision (checkpoints at steps 3 and 6), made on first use."""
+    made = {}
+
+    def get(stage: int, precision: str):
+        if (stage, precision) not in made:
+            d = tmp_path_factory.mktemp(f"zero{stage}-{precision}")
+            pretrain(d, small_data, f"parallel.zero_stage={stage}", f"train.precision={precision}")
+            made[stage, precision] = d
+        return made[stage, precision]
+
+    return get
+
+
+def copy_until(run_dir, dest, step: int):
+    """A copy of a run directory as it was when checkpoint `step` was the newest."""
+    shutil.copytree(run_dir, dest)
+    for ckpt in Checkpointer(dest, keep=99).complete_checkpoints():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    (dest / "latest").write_text(f"checkpoints/step-{step:08d}\n")
+    return dest
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_zero_stage_trains(runs, stage, precision):
+    losses = train_losses(runs(stage, precision))
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.05, losses  # the loss falls on real text
+    valid = [r for r in read_metrics(runs(stage, precision)) if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [3, 6] and valid[1]["val_loss"] < valid[0]["val_loss"]
+
+
+def test_fp32_zero_stages_agree(runs):
+    reference = train_losses(runs(0, "fp32"))
+    for stage in STAGES[1:]:
+        assert train_losses(runs(stage, "fp32")) == pytest.approx(reference, rel=1e-5), stage
+
+
+def test_metrics_fields(runs):
+    for stage in (0, 2):
+        rows = read_metrics(runs(stage, "fp32"))
+        train = [r for r in rows if r["kind"] == "train"]
+        assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+        assert [r["tokens"] for r in train] == [512 * s for s in range(1, 7)]
+        for r in train:
+            assert r["batch_tokens"] == 512 and r["grad_accum"] == 2 and r["lr"] == 3e-3
+            assert r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+            assert "loss_scale" not in r  # fp16 only
+        valid = [r for r in rows if r["kind"] == "valid"]
+        assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in valid)
+    events = [json.loads(line)["event"] for line in (runs(0, "fp32") / "events.jsonl").read_text().splitlines()]
+    assert events == ["start", "checkpoint", "checkpoint", "end"]
+    assert "zero_stage: 0" in (runs(0, "fp32") / "config.yaml").read_text()
+
+
+def test_checkpoints_are_published_atomically(runs):
+    run = runs(1, "fp32")
+    assert (run / "latest").read_text().strip() == "checkpoints/step-00000006"
+    ckpts = Checkpointer(run, keep=3).complete_checkpoints()
+    assert [c.name for c in ckpts] == ["step-00000003", "step-00000006"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    for c in ckpts:
+        assert Checkpointer.verify(c) is None
+        manifest = json.loads((c / "manifest.json").read_text())
+        assert {"megatrain.json", "megatrain-rank00000.pt", "megatrain-rank00001.pt"} <= set(manifest["files"])
+
+
+def test_resume_is_exact_in_fp32(runs, tmp_path, small_data):
+    straight = runs(1, "fp32")
+    resumed = copy_until(straight, tmp_path / "resumed", step=3)
+    proc = pretrain(resumed, small_data, "parallel.zero_stage=1", "train.precision=fp32")
+    assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
+    assert train_losses(resumed) == train_losses(straight)  # bitwise
+    events = [json.loads(line) for line in (resumed / "events.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "resume" and e["step"] == 3 for e in events)
+
+
+def test_resume_in_bf16_within_tolerance(runs, tmp_path, small_data):
+    """bf16 resumes to the same trajectory within 1e-3 relative (DeepSpeed's bf16 optimizer
+    keeps fp32 master weights in its checkpoint; on this CPU it even comes out bitwise)."""
+    straight = runs(1, "bf16")
+    resumed = copy_until(straight, tmp_path / "resumed", step=3)
+    pretrain(resumed, small_data, "parallel.zero_stage=1", "train.precision=bf16")
+    assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-3)
+
+
+def test_kill_during_checkpoint_write_keeps_latest(runs, tmp_path, small_data):
+    """SIGKILL of rank 1 while it writes checkpoint 6: `latest` stays on 3, and --resume auto
+    finishes the run with the losses of a run that was never killed."""
+    run = tmp_path / "run"
+    proc = pretrain(run, small_data, "parallel.zero_stage=1", check=False,
+                    env={"MEGATRAIN_FAULTS": "checkpoint_write@6:1"})
+    assert proc.returncode != 0
+    assert (run / "latest").read_text().strip() == "checkpoints/step-00000003"
+    assert list((run / "checkpoints").glob(".tmp-step-00000006"))  # the unfinished write is left, unpublished
+    pretrain(run, small_data, "parallel.zero_stage=1")
+    assert train_losses(run) == train_losses(runs(1, "fp32"))
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_damaged_checkpoint_falls_back_to_previous(runs, tmp_path, small_data):
+    run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
+    target = run / "checkpoints" / "step-00000006" / "mp_rank_00_model_states.pt"
+    target.write_bytes(target.read_bytes()[:-1000])  # truncated
+    proc = pretrain(run, small_data, "parallel.zero_stage=1")
+    assert "warning: skipping damaged checkpoint step-00000006" in proc.stdout + proc.stderr
+    assert "mp_rank_00_model_states.pt" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
+    assert train_losses(run) == train_losses(runs(1, "fp32"))
+
+
+def test_changed_model_shape_or_world_size_is_refused(runs, tmp_path, small_data):
+    run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
+    proc = pretrain(run, small_data, "parallel.zero_stage=1", "model.n_layer=3", "train.max_steps=8", nproc=0,
+                    check=False)
+    assert proc.returncode == 2
+    assert "the checkpoint is for another model shape n_layer: 2 in the checkpoint, 3 now" in proc.stderr
+    proc = pretrain(run, small_data, "parallel.zero_stage=1", "train.max_steps=8", nproc=0, check=False)
+    assert proc.returncode == 2
+    assert "written by 2 data-parallel rank(s) with ZeRO-1, this run has 1 with ZeRO-1" in proc.stderr
+
+
+def test_single_process_with_wandb_offline_and_plot(tmp_path, small_data):
+    run = tmp_path / "run"
+    pretrain(run, small_data, "logging.wandb=true", "train.max_steps=3", nproc=0, env={"WANDB_MODE": "offline"})
+    assert len(train_losses(run)) == 3
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline and list(offline[0].glob("*.wandb"))
+    proc = run_script("plot.py", run)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "curves.png" in proc.stdout
