@@ -100,8 +100,9 @@ def test_resume_in_bf16_within_tolerance(runs, tmp_path, small_data):
     """bf16 resumes to the same trajectory within 1e-3 relative (DeepSpeed's bf16 optimizer
     keeps fp32 master weights in its checkpoint; on this CPU it even comes out bitwise)."""
     straight = runs(1, "bf16")
-    resumed = copy_until(straight, tmp_path / "resumed", step=3)
-    pretrain(resumed, small_data, "parallel.zero_stage=1", "train.precision=bf16")
+    resumed = copy_until(straight, tmp_path / "resumed", step=6)  # `latest` says 6; resume from 3 by path
+    pretrain(resumed, small_data, "parallel.zero_stage=1", "train.precision=bf16",
+             resume=str(resumed / "checkpoints" / "step-00000003"))
     assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-3)
 
 
@@ -142,9 +143,13 @@ def test_changed_model_shape_or_world_size_is_refused(runs, tmp_path, small_data
 
 
 def test_single_process_with_wandb_offline_and_plot(tmp_path, small_data):
+    """A world of one without the launcher, stopping at max_tokens; --resume none starts over."""
     run = tmp_path / "run"
-    pretrain(run, small_data, "logging.wandb=true", "train.max_steps=3", nproc=0, env={"WANDB_MODE": "offline"})
+    limit = ["train.max_steps=null", "train.max_tokens=1536"]  # 3 steps of 512 tokens
+    pretrain(run, small_data, "logging.wandb=true", *limit, nproc=0, env={"WANDB_MODE": "offline"})
     assert len(train_losses(run)) == 3
+    pretrain(run, small_data, *limit, nproc=0, resume="none")
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2, 3]  # not appended
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("*.wandb"))
     proc = run_script("plot.py", run)
