@@ -31,7 +31,7 @@ from megatrain.config import load_config
 from megatrain.data import ResumableSampler, TokenDataset, prepare_dataset
 from megatrain.model import GPT, GPTConfig, flops_per_token
 from megatrain.optim import param_groups
-from megatrain.schedule import micro_batches_per_step
+from megatrain.schedule import BatchSchedule
 from megatrain.train import Trainer
 from megatrain.train.metrics import measure_matmul_flops, read_metrics
 from tokenizer import TrainerOptions, train_tokenizer
@@ -39,10 +39,10 @@ from tokenizer import TrainerOptions, train_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     # name: (overrides, bf16 overrides that shrink the batch)
-    "tiny-cpu": ([], ["train.batch_tokens=1024", "train.micro_batch=8"]),
+    "tiny-cpu": (["schedule.batch_ramp_tokens=0"], ["schedule.batch_final_tokens=1024", "train.micro_batch=8"]),
     "gpt-20m": (["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.seq_len=256",
-                 "train.micro_batch=4", "train.batch_tokens=2048"],
-                ["train.micro_batch=1", "train.batch_tokens=256"]),
+                 "train.micro_batch=4", "schedule.batch_final_tokens=2048", "schedule.batch_ramp_tokens=0"],
+                ["train.micro_batch=1", "schedule.batch_final_tokens=256"]),
 }
 
 
@@ -76,7 +76,7 @@ def bare_run(cfg_overrides: list[str], steps: int, data_dir: Path) -> list[float
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
     sampler = ResumableSampler(len(data), seed=cfg.run.seed)
-    gas = micro_batches_per_step(t.batch_tokens, t.micro_batch, t.seq_len, 1)
+    gas = BatchSchedule.from_config(cfg, dp_size=1).micro_batches(0)
     bf16 = t.precision == "bf16"
     times = []
     for _ in range(steps):
@@ -114,8 +114,7 @@ def main():
             vocab = TokenDataset(data_dir, cfg.train.seq_len).manifest["vocab_size"]
             fpt = flops_per_token(GPTConfig(vocab_size=vocab, seq_len=cfg.train.seq_len, n_layer=cfg.model.n_layer,
                                             n_head=cfg.model.n_head, d_model=cfg.model.d_model))
-            batch_tokens = micro_batches_per_step(cfg.train.batch_tokens, cfg.train.micro_batch, cfg.train.seq_len, 1) \
-                * cfg.train.micro_batch * cfg.train.seq_len
+            batch_tokens = BatchSchedule.from_config(cfg, dp_size=1)(0)
             variants = {
                 "bare PyTorch loop": lambda o=overrides: bare_run(o, args.steps + 1, data_dir)[1:],
                 "megatrain ZeRO-0": lambda o=overrides, p=prec: megatrain_run(o, 0, args.steps + 1, peaks[p], work)[1:],

@@ -71,9 +71,6 @@ class TrainConfig:
     """Tokens per sample (the model's context length)."""
     micro_batch: int = 1
     """Samples per rank per forward/backward."""
-    batch_tokens: int = 524288
-    """Global batch in tokens (GPT-3 Table 2.1); rounded down to a whole number of
-    micro_batch x seq_len x data-parallel ranks, never below one micro batch per rank."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: no limit). At least one of max_steps/max_tokens is needed."""
     max_tokens: int | None = None
@@ -109,6 +106,31 @@ class OptimConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Learning rate and global batch as functions of tokens consumed (GPT-3 appendix B)."""
+
+    warmup_tokens: int = 375_000_000
+    """Linear warmup from 0 to optim.lr over this many tokens (GPT-3: 375M)."""
+    decay_tokens: int = 260_000_000_000
+    """The learning rate reaches min_lr_ratio x optim.lr here and stays there (GPT-3: 260B)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay, as a fraction of the peak (GPT-3: 10%)."""
+    lr_shape: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay shape between warmup and decay_tokens; constant keeps the peak after warmup."""
+    batch_final_tokens: int = 524288
+    """The global batch in tokens (GPT-3 Table 2.1), rounded down to a whole number of
+    micro_batch x seq_len x data-parallel ranks, never below one micro batch per rank."""
+    batch_start_tokens: int = 32768
+    """Global batch at the start of the ramp (GPT-3: 32K tokens)."""
+    batch_ramp_tokens: int = 0
+    """The batch grows linearly from batch_start_tokens to batch_final_tokens over this many
+    tokens (GPT-3: 4-12B by model size); 0: no ramp."""
+    batch_steps: list | None = None
+    """Instead of the ramp, [[tokens, batch_tokens], ...] starting at 0 tokens: from each token
+    count on, that global batch (Megatron's step schedule)."""
+
+
+@dataclass
 class ParallelConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded),
@@ -140,6 +162,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -322,7 +345,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     m, t = cfg.model, cfg.train
     for key, value in (("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.d_model", m.d_model),
                        ("train.seq_len", t.seq_len), ("train.micro_batch", t.micro_batch),
-                       ("train.batch_tokens", t.batch_tokens)):
+                       ("schedule.batch_final_tokens", cfg.schedule.batch_final_tokens),
+                       ("schedule.batch_start_tokens", cfg.schedule.batch_start_tokens)):
         need(value > 0, key, f"must be positive, got {value}")
     need(m.d_model % m.n_head == 0, "model.d_model", f"({m.d_model}) must be divisible by model.n_head ({m.n_head})")
     need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
@@ -334,6 +358,19 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
          f"must be two numbers in [0, 1), got {cfg.optim.betas}")
     need(cfg.optim.lr >= 0 and cfg.optim.grad_clip >= 0, "optim.lr", "and optim.grad_clip must be >= 0")
+    sc = cfg.schedule
+    need(sc.batch_ramp_tokens >= 0, "schedule.batch_ramp_tokens", "must be >= 0")
+    need(sc.batch_ramp_tokens == 0 or sc.batch_start_tokens <= sc.batch_final_tokens, "schedule.batch_start_tokens",
+         f"({sc.batch_start_tokens}) must not exceed schedule.batch_final_tokens ({sc.batch_final_tokens})")
+    need(0.0 <= sc.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", f"must be in [0, 1], got {sc.min_lr_ratio}")
+    from megatrain.schedule import BatchSchedule, LRSchedule  # the schedules check their own parameters
+
+    for key, build in (("schedule.warmup_tokens", lambda: LRSchedule.from_config(cfg)),
+                       ("schedule.batch_steps", lambda: BatchSchedule.from_config(cfg, dp_size=1))):
+        try:
+            build()
+        except ValueError as e:
+            raise UserError(f"{source}: {key}: {e}") from None
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     need(bool(cfg.data.path), "data.path", "must name a prepared data directory (launch/prepare_data.py)")

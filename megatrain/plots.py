@@ -54,3 +54,52 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def schedule_points(cfg, dp_size: int = 1, samples: int = 400) -> dict:
+    """LR and global batch against tokens for a config, without training: evenly spaced
+    samples plus the exact values at 0, the end of warmup, of the ramp, of the decay,
+    each batch step, and beyond the last of them."""
+    from megatrain.schedule import BatchSchedule, LRSchedule
+
+    lr, batch = LRSchedule.from_config(cfg), BatchSchedule.from_config(cfg, dp_size)
+    s = cfg.schedule
+    marks = {"start": 0, "warmup_end": s.warmup_tokens}
+    if s.lr_shape != "constant":
+        marks["decay_end"] = s.decay_tokens
+    if s.batch_steps:
+        marks.update({f"batch_step_{i}": t for i, (t, _) in enumerate(s.batch_steps)})
+    elif s.batch_ramp_tokens:
+        marks["ramp_end"] = s.batch_ramp_tokens
+    if cfg.train.max_tokens:
+        marks["max_tokens"] = cfg.train.max_tokens
+    end = int(1.25 * max(marks.values())) or 1
+    marks["beyond"] = end
+    tokens = sorted({*(round(end * i / samples) for i in range(samples + 1)), *marks.values()})
+    return {"dp_size": dp_size, "marks": marks,
+            "points": [{"tokens": t, "lr": lr(t), "batch_tokens": batch(t)} for t in tokens]}
+
+
+def plot_schedule(cfg, dp_size: int, out: str | Path) -> Path:
+    data = schedule_points(cfg, dp_size)
+    tokens = [p["tokens"] for p in data["points"]]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    axes[0].plot(tokens, [p["lr"] for p in data["points"]])
+    axes[0].set_ylabel("learning rate")
+    axes[1].plot(tokens, [p["batch_tokens"] for p in data["points"]], drawstyle="steps-post")
+    axes[1].set_ylabel("global batch (tokens)")
+    axes[1].set_xlabel("tokens")
+    warmup = data["marks"]["warmup_end"]
+    if 0 < warmup < 0.01 * tokens[-1]:  # GPT-3's 375M-token warmup is invisible on a linear 300B axis
+        for ax in axes:
+            ax.set_xscale("symlog", linthresh=warmup)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        for name, t in data["marks"].items():
+            if name not in ("start", "beyond"):
+                ax.axvline(t, color="gray", ls=":", lw=0.8)
+    fig.suptitle(f"{cfg.run.name or Path(cfg.run.dir).name}: schedules by tokens ({dp_size} data-parallel rank(s))")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

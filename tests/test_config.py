@@ -45,8 +45,8 @@ def test_bad_overrides(override, message):
 
 def test_bad_file(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  seq_len: 64\n  bacth_tokens: 1024\n")
-    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'train.bacth_tokens' \(did you mean 'train.batch_tokens'\?\)"):
+    bad.write_text("train:\n  seq_len: 64\n  micro_bacth: 1024\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'train.micro_bacth' \(did you mean 'train.micro_batch'\?\)"):
         load_config(bad, BASE)
     bad.write_text("train: [1, 2\n")
     with pytest.raises(UserError, match="bad.yaml: invalid YAML"):

@@ -1,5 +1,6 @@
 """Learning-rate and batch-size schedules, as pure functions of tokens consumed."""
 
-from megatrain.schedule.batch import micro_batches_per_step
+from megatrain.schedule.batch import BatchSchedule
+from megatrain.schedule.lr import LRSchedule
 
-__all__ = ["micro_batches_per_step"]
+__all__ = ["BatchSchedule", "LRSchedule"]

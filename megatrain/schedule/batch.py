@@ -1,9 +1,59 @@
-"""Global batch size: from tokens to micro-batches per optimizer step."""
+"""Global batch size as a pure function of tokens consumed.
+
+GPT-3 (appendix B) grows the batch linearly from 32K tokens to the model's full batch
+over the first 4-12B tokens. The batch is always a whole number of micro_batch x
+seq_len x data-parallel ranks (DeepSpeed's gradient accumulation absorbs the rest),
+rounded down and never below one micro batch per rank, so it never decreases as
+tokens grow. Instead of a ramp, `steps` gives Megatron-style steps: [[tokens, batch
+tokens], ...], each batch size holding from its token count on.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def micro_batches_per_step(batch_tokens: int, micro_batch: int, seq_len: int, dp_size: int) -> int:
-    """Gradient-accumulation steps for a global batch of `batch_tokens`: rounded down to a
-    whole number of micro_batch x seq_len x dp_size, never below one micro batch per rank."""
-    return max(1, int(batch_tokens) // (micro_batch * seq_len * dp_size))
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    final_tokens: int
+    unit_tokens: int  # micro_batch x seq_len x data-parallel ranks
+    start_tokens: int | None = None
+    ramp_tokens: int = 0
+    steps: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self):
+        if self.steps is not None:
+            if not self.steps or self.steps[0][0] != 0:
+                raise ValueError(f"batch steps must start at 0 tokens, got {list(self.steps)}")
+            pairs = zip(self.steps, self.steps[1:], strict=False)
+            if any(b[0] <= a[0] or b[1] < a[1] for a, b in pairs) or any(size <= 0 for _, size in self.steps):
+                raise ValueError(f"batch steps need increasing token counts and non-decreasing positive sizes, "
+                                 f"got {list(self.steps)}")
+
+    @classmethod
+    def from_config(cls, cfg, dp_size: int) -> BatchSchedule:
+        s, t = cfg.schedule, cfg.train
+        steps = None
+        if s.batch_steps is not None:
+            try:  # YAML reads 4e9 as a string; accept numbers in any spelling
+                steps = tuple((int(float(a)), int(float(b))) for a, b in s.batch_steps)
+            except (TypeError, ValueError):
+                raise ValueError(f"batch steps must be [[tokens, batch_tokens], ...], got {s.batch_steps!r}") from None
+        return cls(final_tokens=s.batch_final_tokens, unit_tokens=t.micro_batch * t.seq_len * dp_size,
+                   start_tokens=s.batch_start_tokens, ramp_tokens=s.batch_ramp_tokens, steps=steps)
+
+    def target_tokens(self, tokens: int) -> float:
+        """The schedule before rounding."""
+        if self.steps is not None:
+            return next(size for start, size in reversed(self.steps) if tokens >= start)
+        if not self.ramp_tokens or self.start_tokens is None or tokens >= self.ramp_tokens:
+            return self.final_tokens
+        return self.start_tokens + (self.final_tokens - self.start_tokens) * tokens / self.ramp_tokens
+
+    def micro_batches(self, tokens: int) -> int:
+        """Micro-batches per rank per optimizer step at this point of training."""
+        return max(1, int(self.target_tokens(tokens)) // self.unit_tokens)
+
+    def __call__(self, tokens: int) -> int:
+        """Global batch in tokens at this point of training."""
+        return self.micro_batches(tokens) * self.unit_tokens

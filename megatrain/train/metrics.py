@@ -36,7 +36,7 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int | None, progress: bool,
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int | None, max_tokens: int | None, progress: bool,
                  wandb_config: dict | None = None, wandb_project: str = "megatrain", run_name: str = ""):
         self.enabled = enabled
         self.metrics_path, self.events_path = run_dir / METRICS, run_dir / EVENTS
@@ -45,8 +45,10 @@ class RunLog:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if progress:
-            self._bar = tqdm(total=total_steps, desc=run_name or "train", unit="step", dynamic_ncols=True)
+        if progress:  # counts tokens when the run ends by tokens (the batch may grow), else steps
+            self._by_tokens = max_steps is None
+            self._bar = tqdm(total=max_tokens if self._by_tokens else max_steps, desc=run_name or "train",
+                             unit="tok" if self._by_tokens else "step", unit_scale=self._by_tokens, dynamic_ncols=True)
         if wandb_config is not None:
             import wandb
 
@@ -82,9 +84,9 @@ class RunLog:
         with open(self.events_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def progress(self, step: int, **postfix) -> None:
+    def progress(self, step: int, tokens: int, **postfix) -> None:
         if self._bar is not None:
-            self._bar.n = step
+            self._bar.n = tokens if self._by_tokens else step
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.refresh()
 

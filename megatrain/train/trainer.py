@@ -2,10 +2,13 @@
 
     Trainer(load_config("configs/tiny-cpu.yaml"), resume="auto").fit()
 
-One optimizer step = micro_batches_per_step forward/backward passes per rank, each on
-the rank's next `micro_batch` samples from the ResumableSampler; the loss logged is
-the mean over every sample of the global batch. Everything a resume needs (step,
-tokens, sampler position, RNG) is saved in checkpoints and restored exactly.
+Before each optimizer step the learning rate and the global batch are set from the
+tokens consumed so far (megatrain/schedule: GPT-3's warmup, cosine decay and batch
+ramp); the batch becomes DeepSpeed's gradient accumulation. A step is that many
+forward/backward passes per rank, each on the rank's next `micro_batch` samples from
+the ResumableSampler; the loss logged is the mean over every sample of the global
+batch. Everything a resume needs (step, tokens, sampler position, RNG) is saved in
+checkpoints and restored exactly; the schedules follow from the tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from megatrain.data import BlendedDataset, ResumableSampler, TokenDataset
 from megatrain.errors import UserError
 from megatrain.model import GPT, GPTConfig, flops_per_token
 from megatrain.optim import build_optimizer, param_groups
-from megatrain.schedule import micro_batches_per_step
+from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.faults import maybe_crash
@@ -103,7 +106,9 @@ class Trainer:
                                    activation_checkpointing=m.activation_checkpointing)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         model = GPT(self.model_cfg)
-        self.grad_accum = micro_batches_per_step(t.batch_tokens, t.micro_batch, t.seq_len, self.dp_size)
+        self.lr_schedule = LRSchedule.from_config(cfg)
+        self.batch_schedule = BatchSchedule.from_config(cfg, self.dp_size)
+        self.grad_accum = self.batch_schedule.micro_batches(0)
         self.ds_config = deepspeed_config(cfg, self.dp_size, self.grad_accum)
         groups = param_groups(model, cfg.optim.weight_decay)
         o = cfg.optim
@@ -123,7 +128,8 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.log = RunLog(self.run_dir, enabled=main, total_steps=t.max_steps, progress=cfg.logging.progress,
+        self.log = RunLog(self.run_dir, enabled=main, max_steps=t.max_steps, max_tokens=t.max_tokens,
+                          progress=cfg.logging.progress,
                           wandb_config=cfg.to_dict() if cfg.logging.wandb else None,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name or self.run_dir.name)
         _seed_rank(cfg.run.seed, self.rank)
@@ -199,11 +205,22 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
+    def _apply_schedules(self) -> float:
+        """Set the learning rate and the number of micro-batches for the next step from the
+        tokens consumed so far. Called between steps, so a new batch size always starts at
+        an accumulation boundary."""
+        lr = self.lr_schedule(self.state.tokens)
+        self._set_lr(lr)
+        micro_batches = self.batch_schedule.micro_batches(self.state.tokens)
+        if micro_batches != self.grad_accum:
+            self.engine.set_train_batch_size(micro_batches * self.cfg.train.micro_batch * self.dp_size)
+            self.grad_accum = micro_batches
+        return lr
+
     def train_step(self) -> dict:
         """One optimizer step over the global batch; returns its metrics row."""
         t0 = time.perf_counter()
-        lr = self.cfg.optim.lr
-        self._set_lr(lr)
+        lr = self._apply_schedules()
         loss_sum = 0.0
         for i in range(self.grad_accum):
             inputs, targets = self._micro_batch(self.train_data, self.sampler.next(self.cfg.train.micro_batch))
@@ -280,8 +297,8 @@ class Trainer:
             first_loss = row["loss"] if first_loss is None else first_loss
             last = row
             if self.state.step % cfg.train.log_every == 0:
-                self.log.progress(self.state.step, loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                  tok_s=f"{row['tokens_per_s']:.0f}")
+                self.log.progress(self.state.step, self.state.tokens, loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                  batch=row['batch_tokens'], tok_s=f"{row['tokens_per_s']:.0f}")
             if cfg.train.eval_every and self.state.step % cfg.train.eval_every == 0:
                 val = self.evaluate()
                 if val:

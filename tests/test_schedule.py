@@ -1,0 +1,157 @@
+"""GPT-3's token-based schedules: closed forms, batch rounding, and the live loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import REPO, pretrain, run_script
+from hypothesis import given
+from hypothesis import strategies as st
+from test_pretrain import copy_until
+
+from megatrain.config import load_config
+from megatrain.schedule import BatchSchedule, LRSchedule
+from megatrain.train.metrics import read_metrics
+
+GPT3 = LRSchedule(peak=6e-4, warmup_tokens=375_000_000, decay_tokens=260_000_000_000, min_lr_ratio=0.1)
+
+
+def test_lr_closed_form_gpt3():
+    s = GPT3
+    assert s(0) == 0.0
+    assert s(375_000_000 // 2) == pytest.approx(3e-4, rel=1e-12)  # mid-warmup: half the peak
+    assert s(375_000_000) == pytest.approx(6e-4, rel=1e-12)  # warmup end: the peak
+    mid = (375_000_000 + 260_000_000_000) // 2
+    assert s(mid) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-9)  # mid-decay: cos(pi/2) = 0
+    quarter = 375_000_000 + (260_000_000_000 - 375_000_000) // 4
+    assert s(quarter) == pytest.approx(6e-5 + 5.4e-4 * 0.5 * (1 + math.cos(math.pi / 4)), rel=1e-9)
+    assert s(260_000_000_000) == pytest.approx(6e-5, rel=1e-12)  # decay end: 10%
+    assert s(300_000_000_000) == s(10**15) == pytest.approx(6e-5, rel=1e-12)  # and after it
+    tokens = range(0, 300_000_000_000, 7_000_000_000)
+    after = [s(t) for t in tokens if t >= 375_000_000]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))  # monotone decay
+
+
+def test_lr_linear_and_constant_shapes():
+    linear = LRSchedule(peak=1.0, warmup_tokens=100, decay_tokens=1100, min_lr_ratio=0.1, shape="linear")
+    assert linear(50) == 0.5 and linear(100) == 1.0
+    assert linear(350) == pytest.approx(1.0 - 0.9 * 0.25) and linear(1100) == pytest.approx(0.1)
+    constant = LRSchedule(peak=2.0, warmup_tokens=10, decay_tokens=0, shape="constant")
+    assert constant(5) == 1.0 and constant(10) == constant(10**12) == 2.0
+    no_warmup = LRSchedule(peak=1.0, warmup_tokens=0, decay_tokens=100, min_lr_ratio=0.0)
+    assert no_warmup(0) == 1.0 and no_warmup(100) == 0.0
+
+
+def test_batch_ramp_gpt3_175b():
+    unit = 1 * 2048 * 16  # micro batch 1, seq 2048, 16 data-parallel ranks
+    b = BatchSchedule(final_tokens=3_145_728, unit_tokens=unit, start_tokens=32_768, ramp_tokens=12_000_000_000)
+    assert b(0) == 32_768  # 16 sequences: one per rank
+    assert b(6_000_000_000) == (32_768 + (3_145_728 - 32_768) // 2) // unit * unit  # halfway, rounded down
+    assert b(12_000_000_000) == b(10**13) == 3_145_728
+
+
+def test_batch_never_below_one_micro_batch_per_rank():
+    b = BatchSchedule(final_tokens=3_145_728, unit_tokens=2048 * 64, start_tokens=32_768, ramp_tokens=10**10)
+    assert b(0) == 2048 * 64  # 32K tokens is less than one micro batch on 64 ranks
+    assert b.micro_batches(0) == 1
+
+
+def test_batch_steps():
+    b = BatchSchedule(final_tokens=0, unit_tokens=100, steps=((0, 250), (1000, 1000), (5000, 4000)))
+    assert [b(t) for t in (0, 999, 1000, 4999, 5000, 10**9)] == [200, 200, 1000, 1000, 4000, 4000]
+    with pytest.raises(ValueError, match="start at 0"):
+        BatchSchedule(final_tokens=0, unit_tokens=1, steps=((5, 10),))
+
+
+@given(start=st.integers(1, 10**6), extra=st.integers(0, 10**7), ramp=st.integers(0, 10**9),
+       unit=st.integers(1, 10**5), points=st.lists(st.integers(0, 2 * 10**9), min_size=2, max_size=50))
+def test_batch_always_valid_and_non_decreasing(start, extra, ramp, unit, points):
+    b = BatchSchedule(final_tokens=start + extra, unit_tokens=unit, start_tokens=start, ramp_tokens=ramp)
+    sizes = [b(t) for t in sorted(points)]
+    assert all(s % unit == 0 and s >= unit for s in sizes)
+    assert all(x <= y for x, y in zip(sizes, sizes[1:], strict=False))
+    assert all(s <= max(unit, start + extra) for s in sizes)
+
+
+def test_gpt3_configs_carry_the_papers_schedule():
+    for path in sorted((REPO / "configs").glob("gpt3-*.yaml")):
+        s = load_config(path).schedule
+        assert (s.warmup_tokens, s.decay_tokens, s.min_lr_ratio, s.lr_shape) == (375e6, 260e9, 0.1, "cosine"), path
+        assert s.batch_start_tokens == 32768 and 4e9 <= s.batch_ramp_tokens <= 12e9, path
+    assert load_config(REPO / "configs" / "gpt3-175b.yaml").schedule.batch_final_tokens == 3_145_728
+
+
+def test_schedule_plot_and_json(tmp_path):
+    out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
+    run_script("plot.py", "--schedule", REPO / "configs" / "gpt3-125m.yaml", "--json", out_json, "--out", out_png,
+               "--dp", "1")  # 125m: micro batch 16 x 2048 = 32K tokens per rank
+    data = json.loads(out_json.read_text())
+    by_tokens = {p["tokens"]: p for p in data["points"]}
+    assert by_tokens[0]["lr"] == 0.0
+    assert by_tokens[375_000_000]["lr"] == pytest.approx(6e-4)
+    assert by_tokens[260_000_000_000]["lr"] == pytest.approx(6e-5)
+    beyond = data["marks"]["beyond"]
+    assert beyond > 300e9 and by_tokens[beyond]["lr"] == pytest.approx(6e-5)
+    assert by_tokens[0]["batch_tokens"] == 32_768 and by_tokens[int(4e9)]["batch_tokens"] == 524_288
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- in the live loop (2 ranks through the deepspeed launcher) ------------------------
+
+RAMP = ["train.micro_batch=2", "schedule.lr_shape=cosine", "schedule.warmup_tokens=1024",
+        "schedule.decay_tokens=6144", "schedule.min_lr_ratio=0.1", "schedule.batch_start_tokens=128",
+        "schedule.batch_final_tokens=1024", "schedule.batch_ramp_tokens=4096", "train.max_steps=null",
+        "train.max_tokens=6144", "checkpoint.every_steps=4", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def ramp_run(tmp_path_factory, small_data):
+    run = tmp_path_factory.mktemp("ramp") / "run"
+    pretrain(run, small_data, *RAMP)
+    return run
+
+
+@pytest.mark.launcher
+def test_live_loop_follows_the_schedules_by_tokens(ramp_run):
+    cfg = load_config(REPO / "tests" / "configs" / "tiny.yaml", [f"data.path={ramp_run}", *RAMP])
+    lr, batch = LRSchedule.from_config(cfg), BatchSchedule.from_config(cfg, dp_size=2)
+    rows = [r for r in read_metrics(ramp_run) if r["kind"] == "train"]
+    consumed = 0
+    for r in rows:
+        assert r["lr"] == lr(consumed)  # exactly: a function of the tokens consumed before the step
+        assert r["batch_tokens"] == batch(consumed) and r["grad_accum"] == batch(consumed) // 128
+        consumed += r["batch_tokens"]
+        assert r["tokens"] == consumed
+    sizes = [r["batch_tokens"] for r in rows]
+    assert sizes[0] == 128 and sizes[-1] == 1024 and len(set(sizes)) >= 4  # the batch grows
+    assert rows[0]["lr"] == 0.0 and max(r["lr"] for r in rows) > 0.9 * 3e-3 > rows[-1]["lr"]  # warmup, then decay
+    assert consumed >= 6144
+
+
+@pytest.mark.launcher
+def test_resume_mid_ramp_lands_on_the_same_lr_and_batch(ramp_run, tmp_path, small_data):
+    resumed = copy_until(ramp_run, tmp_path / "resumed", step=4)
+    pretrain(resumed, small_data, *RAMP)
+    keys = ("step", "tokens", "lr", "batch_tokens", "grad_accum", "loss", "grad_norm")
+    straight = [tuple(r[k] for k in keys) for r in read_metrics(ramp_run) if r["kind"] == "train"]
+    after = [tuple(r[k] for k in keys) for r in read_metrics(resumed) if r["kind"] == "train"]
+    assert after == straight
+    assert straight[3][3] < straight[-1][3]  # step 4 was in the middle of the ramp
+
+
+@pytest.mark.launcher
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, small_data):
+    """fp32: 4 micro-batches of 1 per rank give the step that one micro-batch of 4 per rank gives."""
+    common = ["schedule.batch_final_tokens=256", "train.max_steps=2", "train.eval_every=0", "train.eval_samples=0",
+              "checkpoint.every_steps=0", "optim.grad_clip=0"]
+    pretrain(tmp_path / "acc", small_data, *common, "train.micro_batch=1")
+    pretrain(tmp_path / "big", small_data, *common, "train.micro_batch=4")
+    acc = [r for r in read_metrics(tmp_path / "acc") if r["kind"] == "train"]
+    big = [r for r in read_metrics(tmp_path / "big") if r["kind"] == "train"]
+    assert [r["grad_accum"] for r in acc] == [4, 4] and [r["grad_accum"] for r in big] == [1, 1]
+    for a, b in zip(acc, big, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert acc[1]["loss"] != acc[0]["loss"]  # step 2's loss reflects step 1's update
