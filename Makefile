@@ -16,7 +16,7 @@ $(STAMP): setup.py $(wildcard csrc/*)
 	$(BIN)/pip install -q --disable-pip-version-check setuptools wheel
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation --use-pep517 -e '.[dev]'
 	# DeepSpeed JIT-compiles its CPU shared-memory collectives on first use (~1-2 min);
 	# do it once here rather than inside the first training run.
 	$(BIN)/python -m megatrain.warm_ops

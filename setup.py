@@ -2,9 +2,35 @@
 
 Install with `make install` (torch first, then this package with
 --no-build-isolation, so pip never builds against a CUDA torch it downloads).
+
+Builds megatrain._fused_adamw, the fused AdamW + global-norm clipping op (csrc/): the
+CPU kernel always, the CUDA kernel too when the installed torch has CUDA and nvcc is
+found (MEGATRAIN_CPU_ONLY=1 skips it).
 """
 
+import os
+
+import torch
 from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def fused_adamw_extension():
+    # -fno-math-errno: without it sqrtf keeps a branch to libm (for errno) and the update loop
+    # does not vectorise. Nothing here reads errno.
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp", "-std=c++17"]
+    cpu_sources = ["csrc/fused_adamw_cpu.cpp"]
+    if torch.version.cuda and CUDA_HOME and not os.environ.get("MEGATRAIN_CPU_ONLY"):
+        arches = os.environ.get("MEGATRAIN_CUDA_ARCHES", "80;90").split(";")
+        nvcc = ["-O3", "-std=c++17"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
+        return CUDAExtension(
+            "megatrain._fused_adamw",
+            cpu_sources + ["csrc/fused_adamw_cuda_binding.cpp", "csrc/fused_adamw_cuda.cu"],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension("megatrain._fused_adamw", cpu_sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+
 
 install_requires = [
     # The CPU build of 2.13.0 lies on this machine's disk; an unpinned torch pulls
@@ -38,4 +64,6 @@ setup(
     python_requires=">=3.10",
     install_requires=install_requires,
     extras_require=extras_require,
+    ext_modules=[fused_adamw_extension()],
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -89,10 +89,11 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["torch_adamw", "adamw"] = "torch_adamw"
-    """torch_adamw: torch.optim.AdamW under DeepSpeed (exact resume); adamw: DeepSpeed's
-    stock FusedAdam (its CPU kernel recomputes beta^t differently after a resume, so
-    resumed losses can differ in the last bits). Both clip through DeepSpeed."""
+    name: Literal["fused_adamw", "torch_adamw", "adamw"] = "fused_adamw"
+    """fused_adamw: megatrain's fused AdamW + global-norm clip kernel (csrc/); torch_adamw:
+    torch.optim.AdamW; adamw: DeepSpeed's stock FusedAdam (its CPU kernel recomputes beta^t
+    differently after a resume, so resumed losses can differ in the last bits). The last
+    two clip through DeepSpeed."""
     lr: float = 6.0e-4
     """Peak learning rate."""
     betas: list = field(default_factory=lambda: [0.9, 0.95])
@@ -396,6 +397,12 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def optimizer_clips(cfg: Config) -> bool:
+    """Whether the optimizer (FusedAdamWClip) does the clipping. Not under ZeRO-3, where
+    DeepSpeed steps parameter sub-groups separately and no single call sees every gradient."""
+    return cfg.optim.name == "fused_adamw" and cfg.parallel.zero_stage != 3
+
+
 def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
     """DeepSpeed's JSON config for this run. The learning rate is set by the trainer every
     step (no DeepSpeed scheduler)."""
@@ -404,7 +411,6 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": t.micro_batch * grad_accum * dp_size,
-        "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
@@ -412,6 +418,11 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    # FusedAdamWClip computes the global norm and clips inside its kernel, so DeepSpeed's
+    # clipping is off and, under ZeRO-1/2, so is DeepSpeed's own norm pass.
+    ds["gradient_clipping"] = 0.0 if optimizer_clips(cfg) else o.grad_clip
+    if optimizer_clips(cfg) and cfg.parallel.zero_stage in (1, 2):
+        ds["zero_optimization"]["compute_grad_norm"] = False
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                        "weight_decay": o.weight_decay}}

@@ -99,7 +99,7 @@ def test_raw_deepspeed_section_merges_on_top():
     cfg = load_config(TINY_CONFIG, BASE + ["deepspeed={zero_optimization: {reduce_bucket_size: 1000}, "
                                            "wall_clock_breakdown: true}", "parallel.zero_stage=2"])
     ds = deepspeed_config(cfg, dp_size=1, grad_accum=1)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "compute_grad_norm": False}
     assert ds["wall_clock_breakdown"] is True
 
 
@@ -110,3 +110,14 @@ def test_fp16_refused_on_cpu_with_pointer_to_bf16(tmp_path, small_data):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: train.precision=fp16: DeepSpeed does not support fp16 on "
                                                     "its CPU accelerator; use train.precision=bf16 (or fp32)")
+
+
+def test_fused_deepspeed_config_turns_deepspeed_clipping_off():
+    base = [f"data.path={TINY_CONFIG}", "train.max_steps=1"]
+    for stage, clip, norm in [(0, 0.0, None), (1, 0.0, False), (2, 0.0, False), (3, 1.0, None)]:
+        ds = deepspeed_config(load_config(TINY_CONFIG, base + [f"parallel.zero_stage={stage}"]), 2, 1)
+        assert ds["gradient_clipping"] == clip, stage  # ZeRO-3: DeepSpeed clips
+        assert ds["zero_optimization"].get("compute_grad_norm") is norm, stage
+        assert "optimizer" not in ds  # a client optimizer
+    ds = deepspeed_config(load_config(TINY_CONFIG, base + ["optim.name=adamw"]), 2, 1)
+    assert ds["gradient_clipping"] == 1.0 and ds["optimizer"]["type"] == "AdamW"

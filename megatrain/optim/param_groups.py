@@ -7,15 +7,7 @@ scales) and the weights of nn.Embedding modules.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
-
-
-def build_optimizer(name: str, groups: list[dict], lr: float, betas, eps: float):
-    """The client optimizer handed to DeepSpeed, or None when DeepSpeed builds its own."""
-    if name == "torch_adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=True)
-    return None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

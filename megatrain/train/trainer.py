@@ -23,16 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatrain.config import Config, data_sources, deepspeed_config
+from megatrain.config import Config, data_sources, deepspeed_config, optimizer_clips
 from megatrain.data import BlendedDataset, ResumableSampler, TokenDataset
 from megatrain.errors import UserError
 from megatrain.model import GPT, GPTConfig, flops_per_token
-from megatrain.optim import build_optimizer, param_groups
+from megatrain.optim import FusedAdamWClip
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.faults import maybe_crash
 from megatrain.train.metrics import RunLog, measure_matmul_flops
+from megatrain.train.optimizer import attach, build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -110,13 +111,15 @@ class Trainer:
         self.batch_schedule = BatchSchedule.from_config(cfg, self.dp_size)
         self.grad_accum = self.batch_schedule.micro_batches(0)
         self.ds_config = deepspeed_config(cfg, self.dp_size, self.grad_accum)
-        groups = param_groups(model, cfg.optim.weight_decay)
-        o = cfg.optim
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, optimizer=build_optimizer(o.name, groups, o.lr, o.betas, o.eps),
-            config=self.ds_config)
-        # DeepSpeed reports the global gradient norm except for plain fp32 data parallel.
-        self._measure_grad_norm = cfg.parallel.zero_stage == 0 and t.precision == "fp32"
+        groups, self.client_optimizer = build_optimizer(cfg, model)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                    optimizer=self.client_optimizer, config=self.ds_config)
+        attach(self.client_optimizer, model, cfg, self.engine.data_parallel_group if self.dp_size > 1 else None)
+        # Where the pre-clip global norm comes from: our kernel when it clips; otherwise
+        # DeepSpeed, which reports it except for plain fp32 data parallel (measured here).
+        self._norm_from_optimizer = isinstance(self.client_optimizer, FusedAdamWClip) and optimizer_clips(cfg)
+        self._measure_grad_norm = (not self._norm_from_optimizer and cfg.parallel.zero_stage == 0
+                                   and t.precision == "fp32")
         self.device = self.engine.device
         self.sampler = ResumableSampler(len(self.train_data), seed=data_seed(cfg), rank=self.dp_rank,
                                         world_size=self.dp_size)
@@ -244,6 +247,8 @@ class Trainer:
                "batch_tokens": self.batch_tokens, "grad_accum": self.grad_accum, "grad_norm": grad_norm,
                "tokens_per_s": tokens_per_s, "step_time": dt,
                "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world)}
+        if isinstance(self.client_optimizer, FusedAdamWClip):
+            row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
         if self.cfg.train.precision == "fp16":
             row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
         return row
@@ -253,6 +258,8 @@ class Trainer:
         return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
 
     def _grad_norm(self) -> float | None:
+        if self._norm_from_optimizer:
+            return float(self.client_optimizer.last_grad_norm)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return None
