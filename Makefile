@@ -37,6 +37,8 @@ bench: install
 	$(BIN)/pip install -q --disable-pip-version-check tokenizers  # HF reference row only
 	$(BIN)/python bench/tokenizer.py --json runs/bench/tokenizer.json
 	$(BIN)/python bench/data.py --json runs/bench/data.json
+	$(BIN)/python bench/train.py --json runs/bench/train.json
+	$(BIN)/python bench/optimizer.py --json runs/bench/optimizer.json
 
 lint: install
 	$(BIN)/ruff check .

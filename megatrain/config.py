@@ -135,7 +135,15 @@ class ScheduleConfig:
 class ParallelConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded),
-    2 (+ gradients), 3 (+ parameters)."""
+    2 (+ gradients), 3 (+ parameters). With a pipeline, 0 or 1."""
+    pipeline_stages: int = 1
+    """Pipeline stages P (1: no pipeline). The world is P stages x world/P data-parallel ranks."""
+    partition_method: Literal["parameters", "uniform", "blocks"] = "parameters"
+    """How layers are cut into stages: balanced by parameter count, by layer count, or by
+    transformer blocks only."""
+    activation_checkpoint_interval: int = 0
+    """With a pipeline: recompute activations every this many layers in the backward pass
+    (0: none; model.activation_checkpointing sets 1)."""
 
 
 @dataclass
@@ -355,7 +363,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(t.max_steps is not None or t.max_tokens is not None, "train.max_steps",
          "or train.max_tokens must be set (otherwise the run never ends)")
     need(t.eval_every >= 0 and t.eval_samples >= 0, "train.eval_every", "and train.eval_samples must be >= 0")
-    need(cfg.parallel.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    par = cfg.parallel
+    need(par.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {par.zero_stage}")
+    need(par.pipeline_stages >= 1, "parallel.pipeline_stages", f"must be >= 1, got {par.pipeline_stages}")
+    need(par.pipeline_stages == 1 or par.zero_stage <= 1, f"parallel.zero_stage={par.zero_stage}",
+         f"cannot be combined with parallel.pipeline_stages={par.pipeline_stages}: DeepSpeed's "
+         "pipeline engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule still needs); "
+         "use parallel.zero_stage=1")
+    need(par.activation_checkpoint_interval >= 0, "parallel.activation_checkpoint_interval", "must be >= 0")
     need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
          f"must be two numbers in [0, 1), got {cfg.optim.betas}")
     need(cfg.optim.lr >= 0 and cfg.optim.grad_clip >= 0, "optim.lr", "and optim.grad_clip must be >= 0")

@@ -4,6 +4,7 @@ tokenizer and shards trained/prepared on them once per session."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatrain.data import prepare_dataset
+from megatrain.train.checkpoint import Checkpointer
 from tokenizer import TrainerOptions, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +76,29 @@ def train_losses(run_dir) -> list[float]:
     from megatrain.train.metrics import read_metrics
 
     return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, small_data):
+    """One 6-step, 2-rank run of tests/configs/tiny.yaml per ZeRO stage and precision (checkpoints
+    at steps 3 and 6), made on first use and shared by the test modules."""
+    made = {}
+
+    def get(stage: int, precision: str):
+        if (stage, precision) not in made:
+            d = tmp_path_factory.mktemp(f"zero{stage}-{precision}")
+            pretrain(d, small_data, f"parallel.zero_stage={stage}", f"train.precision={precision}")
+            made[stage, precision] = d
+        return made[stage, precision]
+
+    return get
+
+
+def copy_until(run_dir, dest, step: int):
+    """A copy of a run directory as it was when checkpoint `step` was the newest."""
+    shutil.copytree(run_dir, dest)
+    for ckpt in Checkpointer(dest, keep=99).complete_checkpoints():
+        if int(ckpt.name.split("-")[1]) > step:
+            shutil.rmtree(ckpt)
+    (dest / "latest").write_text(f"checkpoints/step-{step:08d}\n")
+    return dest

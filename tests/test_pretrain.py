@@ -4,41 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
-from conftest import pretrain, run_script, train_losses
+from conftest import copy_until, pretrain, run_script, train_losses
 
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_metrics
 
 pytestmark = pytest.mark.launcher
 STAGES = [0, 1, 2, 3]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, small_data):
-    """One 6-step, 2-rank run per ZeRO stage and precision (checkpoints at steps 3 and 6), made on first use."""
-    made = {}
-
-    def get(stage: int, precision: str):
-        if (stage, precision) not in made:
-            d = tmp_path_factory.mktemp(f"zero{stage}-{precision}")
-            pretrain(d, small_data, f"parallel.zero_stage={stage}", f"train.precision={precision}")
-            made[stage, precision] = d
-        return made[stage, precision]
-
-    return get
-
-
-def copy_until(run_dir, dest, step: int):
-    """A copy of a run directory as it was when checkpoint `step` was the newest."""
-    shutil.copytree(run_dir, dest)
-    for ckpt in Checkpointer(dest, keep=99).complete_checkpoints():
-        if int(ckpt.name.split("-")[1]) > step:
-            shutil.rmtree(ckpt)
-    (dest / "latest").write_text(f"checkpoints/step-{step:08d}\n")
-    return dest
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -6,10 +6,9 @@ import json
 import math
 
 import pytest
-from conftest import REPO, pretrain, run_script
+from conftest import REPO, copy_until, pretrain, run_script
 from hypothesis import given
 from hypothesis import strategies as st
-from test_pretrain import copy_until
 
 from megatrain.config import load_config
 from megatrain.schedule import BatchSchedule, LRSchedule

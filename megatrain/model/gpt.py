@@ -13,6 +13,7 @@ version (megatrain/model/pipeline.py) can lay the same model out over stages.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,19 @@ class GPTConfig:
     bias: bool = True
     init_std: float = 0.02
     activation_checkpointing: bool = False
+    init_seed: int = 0
+
+
+class Positions(nn.Module):
+    """Learned position embeddings added to the token embeddings, then dropout."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
 
 
 class Embedding(nn.Module):
@@ -40,12 +54,10 @@ class Embedding(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.positions = Positions(cfg)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        return self.drop(self.wte(idx) + self.wpe(pos))
+        return self.positions(self.wte(idx))
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.wte.weight)
@@ -57,7 +69,6 @@ class CausalSelfAttention(nn.Module):
         self.n_head = cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.proj.is_residual = True
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -74,7 +85,6 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.proj.is_residual = True
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,16 +120,22 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def init_weights(module: nn.Module, cfg: GPTConfig) -> None:
-    """GPT-2 initialisation: N(0, 0.02), zero biases, residual projections N(0, 0.02/sqrt(2 n_layer))."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if getattr(m, "is_residual", False) else cfg.init_std
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, cfg.init_std)
+def init_parameter(name: str, param: torch.Tensor, cfg: GPTConfig) -> None:
+    """GPT-2 initialisation of one parameter, by its name in GPT: biases 0, LayerNorm
+    scales 1, residual projections (attn.proj, mlp.proj) N(0, 0.02/sqrt(2 n_layer)),
+    every other weight N(0, 0.02). Each parameter draws from its own generator, seeded
+    by init_seed and its name, so any layout of the same model (one process, a pipeline
+    cut anywhere) starts from the same numbers."""
+    with torch.no_grad():
+        if name.endswith(".bias"):
+            param.zero_()
+        elif ".ln" in name or name.startswith("ln"):
+            param.fill_(1.0)
+        else:
+            residual = name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std
+            gen = torch.Generator().manual_seed(cfg.init_seed * 1_000_003 + zlib.crc32(name.encode()))
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
 
 
 class GPT(nn.Module):
@@ -131,7 +147,8 @@ class GPT(nn.Module):
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = Head(cfg)
-        init_weights(self, cfg)
+        for name, param in self.named_parameters():
+            init_parameter(name, param, cfg)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab], or the mean loss when targets are given."""
@@ -147,7 +164,8 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters (tied embeddings counted once); without embeddings if asked."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.wte.weight.numel() - self.embed.wpe.weight.numel() if non_embedding else n
+        embeddings = self.embed.wte.weight.numel() + self.embed.positions.wpe.weight.numel()
+        return n - embeddings if non_embedding else n
 
 
 def matmul_params(cfg: GPTConfig) -> int:
@@ -157,6 +175,11 @@ def matmul_params(cfg: GPTConfig) -> int:
     per_block = 12 * cfg.d_model**2 + (13 if cfg.bias else 2) * cfg.d_model
     final_norm = (2 if cfg.bias else 1) * cfg.d_model
     return cfg.n_layer * per_block + final_norm + cfg.vocab_size * cfg.d_model
+
+
+def param_count(cfg: GPTConfig) -> int:
+    """Parameters of the model (the tied table counted once): GPT(cfg).num_params()."""
+    return matmul_params(cfg) + cfg.seq_len * cfg.d_model
 
 
 def flops_per_token(cfg: GPTConfig) -> float:

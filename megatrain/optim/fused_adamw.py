@@ -62,6 +62,7 @@ class FusedAdamWClip(torch.optim.Optimizer):
         if not self.use_fused_op:
             _warn_fallback()
         self._segments: dict[int, list[tuple[int, int, float, bool]]] = {}
+        self._not_in_norm: set[int] = set()
         self.skipped_steps = torch.zeros((), dtype=torch.int64)
         self.last_grad_norm: torch.Tensor | None = None
 
@@ -69,6 +70,11 @@ class FusedAdamWClip(torch.optim.Optimizer):
         """Treat `flat` as the concatenation of `segments`: (start, numel, weight_decay, in_norm).
         Elements outside every segment (alignment padding) are left alone."""
         self._segments[id(flat)] = [(int(s), int(n), float(wd), bool(inc)) for s, n, wd, inc in segments]
+
+    def exclude_from_norm(self, params) -> None:
+        """Leave these parameters' gradients out of the norm (a copy another rank also
+        holds, like the later stage's copy of tied pipeline embeddings); they still update."""
+        self._not_in_norm |= {id(p) for p in params}
 
     def _step_count(self, params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The step count of the parameters stepped together in this call, one tensor shared
@@ -108,7 +114,7 @@ class FusedAdamWClip(torch.optim.Optimizer):
                 raise RuntimeError("FusedAdamWClip needs contiguous parameters, gradients and states")
             segments = self._segments.get(id(p))
             if segments is None:
-                parts = [(flat, group["weight_decay"], True)]
+                parts = [(flat, group["weight_decay"], id(p) not in self._not_in_norm)]
             else:
                 views = [t.view(-1) for t in flat]
                 parts = [(tuple(v.narrow(0, s, n) for v in views), wd, inc) for s, n, wd, inc in segments if n]

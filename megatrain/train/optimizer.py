@@ -9,13 +9,17 @@ optim.name:
 What DeepSpeed does with a client optimizer decides the wiring of fused_adamw:
   ZeRO-0       fp32: DeepSpeed calls our step() on the model's parameters, whose gradients
                every rank holds whole; bf16: its FP16_UnfusedOptimizer hands us fp32 master
-               copies with whole gradients. The norm needs no collective.
+               copies with whole gradients. The norm needs no collective, except across the
+               stages of a pipeline.
   ZeRO-1/2     DeepSpeedZeroOptimizer flattens each parameter group into one fp32 partition
                per rank and steps the groups one at a time, each gradient made just before
                its step. So DeepSpeed gets a single group, and set_segments() maps the
                partition back to parameters (weight decay by role) through each parameter's
-               `_hp_mapping`; the squared norm is all-reduced over the data-parallel ranks
-               (one scalar); DeepSpeed's own norm is off (zero_optimization.compute_grad_norm).
+               `_hp_mapping`; the squared norm is all-reduced over every rank (one scalar:
+               data-parallel shards, and pipeline stages); DeepSpeed's own norm is off
+               (zero_optimization.compute_grad_norm).
+  pipelines    the later stage's copy of the tied embeddings (ds_pipe_replicated) is left
+               out of the norm, as DeepSpeed's own clipping does.
   ZeRO-3       DeepSpeed steps parameter sub-groups separately, so no call sees every
                gradient: DeepSpeed computes the norm and clips, and FusedAdamWClip only updates.
 """
@@ -50,20 +54,27 @@ def build_optimizer(cfg: Config, model: nn.Module):
                                   max_grad_norm=max_norm)
 
 
-def attach(optimizer, model: nn.Module, cfg: Config, dp_group) -> None:
-    """After deepspeed.initialize: tell FusedAdamWClip how its tensors relate to the model."""
-    if not isinstance(optimizer, FusedAdamWClip) or not uses_single_group(cfg):
+def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:
+    """After deepspeed.initialize: tell FusedAdamWClip how its tensors relate to the model,
+    and which ranks to all-reduce the squared norm over."""
+    if not isinstance(optimizer, FusedAdamWClip) or not optimizer_clips(cfg):
         return
-    flat = optimizer.param_groups[0]["params"][0]
-    decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
-    segments = []
-    for p in model.parameters():
-        fragment = getattr(p, "_hp_mapping", None)
-        if fragment is None:  # no part of this parameter lives in this rank's partition
-            continue
-        address = fragment.get_hp_fragment_address()
-        segments.append((address.start, address.numel, cfg.optim.weight_decay if id(p) in decayed else 0.0, True))
-    if not segments and flat.numel():
-        raise RuntimeError("DeepSpeed did not map any parameter to this rank's partition (_hp_mapping missing)")
-    optimizer.set_segments(flat, segments)
-    optimizer.norm_group = dp_group
+    replicated = {id(p) for p in model.parameters() if getattr(p, "ds_pipe_replicated", False)}
+    mapped = [p for p in model.parameters() if getattr(p, "_hp_mapping", None) is not None]
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if mapped:  # DeepSpeed hands us flat fp32 partitions: every rank holds a distinct shard
+        decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
+        by_group: dict[int, list] = {}
+        for p in mapped:
+            fragment = p._hp_mapping
+            address = fragment.get_hp_fragment_address()
+            wd = cfg.optim.weight_decay if id(p) in decayed else 0.0
+            by_group.setdefault(fragment.param_group_index, []).append(
+                (address.start, address.numel, wd, id(p) not in replicated))
+        for index, segments in by_group.items():
+            optimizer.set_segments(optimizer.param_groups[index]["params"][0], segments)
+        optimizer.norm_group = torch.distributed.group.WORLD if world > 1 else None
+    else:  # the model's own parameters with whole gradients: ranks of one pipeline hold distinct ones
+        optimizer.exclude_from_norm(p for p in model.parameters() if id(p) in replicated)
+        grid = getattr(engine, "grid", None)
+        optimizer.norm_group = grid.get_pipe_parallel_group() if grid is not None and grid.pipe_parallel_size > 1 else None

@@ -26,7 +26,7 @@ import torch
 from megatrain.config import Config, data_sources, deepspeed_config, optimizer_clips
 from megatrain.data import BlendedDataset, ResumableSampler, TokenDataset
 from megatrain.errors import UserError
-from megatrain.model import GPT, GPTConfig, flops_per_token
+from megatrain.model import GPT, GPTConfig, build_pipeline, flops_per_token, param_count
 from megatrain.optim import FusedAdamWClip
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
@@ -93,7 +93,11 @@ class Trainer:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         dist.init_distributed()
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.dp_rank, self.dp_size = self.rank, self.world
+        stages = cfg.parallel.pipeline_stages
+        if self.world % stages:
+            raise UserError(f"parallel.pipeline_stages={stages} does not divide the {self.world} ranks")
+        self.pipeline = stages > 1
+        self.dp_size = self.world // stages  # the data-parallel rank comes from the engine's grid
         self.run_dir = Path(cfg.run.dir)
 
         self.train_data, self.valid_data, data_vocab = build_data(cfg)
@@ -104,9 +108,13 @@ class Trainer:
         m = cfg.model
         self.model_cfg = GPTConfig(vocab_size=vocab, seq_len=t.seq_len, n_layer=m.n_layer, n_head=m.n_head,
                                    d_model=m.d_model, dropout=m.dropout, bias=m.bias, init_std=m.init_std,
-                                   activation_checkpointing=m.activation_checkpointing)
-        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        model = GPT(self.model_cfg)
+                                   activation_checkpointing=m.activation_checkpointing, init_seed=cfg.run.seed)
+        # Initialised from the seed and parameter names: the same weights on every rank and in any layout.
+        if self.pipeline:
+            interval = cfg.parallel.activation_checkpoint_interval or int(m.activation_checkpointing)
+            model = build_pipeline(self.model_cfg, stages, cfg.parallel.partition_method, interval)
+        else:
+            model = GPT(self.model_cfg)
         self.lr_schedule = LRSchedule.from_config(cfg)
         self.batch_schedule = BatchSchedule.from_config(cfg, self.dp_size)
         self.grad_accum = self.batch_schedule.micro_batches(0)
@@ -114,7 +122,8 @@ class Trainer:
         groups, self.client_optimizer = build_optimizer(cfg, model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                     optimizer=self.client_optimizer, config=self.ds_config)
-        attach(self.client_optimizer, model, cfg, self.engine.data_parallel_group if self.dp_size > 1 else None)
+        attach(self.client_optimizer, model, cfg, self.engine)
+        self.dp_rank = self.engine.grid.data_parallel_id if self.pipeline else self.rank
         # Where the pre-clip global norm comes from: our kernel when it clips; otherwise
         # DeepSpeed, which reports it except for plain fp32 data parallel (measured here).
         self._norm_from_optimizer = isinstance(self.client_optimizer, FusedAdamWClip) and optimizer_clips(cfg)
@@ -138,10 +147,12 @@ class Trainer:
         _seed_rank(cfg.run.seed, self.rank)
         self._resume(resume)
         self.peak_flops, self.peak_source = self._peak_flops()
-        self.log.event("start", step=self.state.step, world_size=self.world, params=model.num_params(),
+        params = param_count(self.model_cfg)
+        self.log.event("start", step=self.state.step, world_size=self.world, params=params,
                        peak_flops=self.peak_flops, peak_flops_source=self.peak_source)
-        self.log.print(f"model: {model.num_params() / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
-                       f"{self.world} rank(s), ZeRO-{cfg.parallel.zero_stage}, {t.precision}; "
+        layout = f"{stages} pipeline stages x {self.dp_size} data-parallel" if self.pipeline else f"{self.world} rank(s)"
+        self.log.print(f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+                       f"{layout}, ZeRO-{cfg.parallel.zero_stage}, {t.precision}; "
                        f"global batch {self.batch_tokens} tokens ({self.grad_accum} x {t.micro_batch} x {t.seq_len} "
                        f"x {self.dp_size}); MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank ({self.peak_source})")
 
@@ -154,6 +165,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"step": self.state.step, "tokens": self.state.tokens, "sampler": self.sampler.state_dict(),
                 "model_shape": self.shape, "dp_size": self.dp_size, "world_size": self.world,
+                "pipeline_stages": self.cfg.parallel.pipeline_stages,
                 "zero_stage": self.cfg.parallel.zero_stage, "precision": self.cfg.train.precision,
                 "config": self.cfg.to_dict()}
 
@@ -162,10 +174,13 @@ class Trainer:
             diff = {k: (saved["model_shape"].get(k), v) for k, v in self.shape.items() if saved["model_shape"].get(k) != v}
             raise UserError(f"{path}: the checkpoint is for another model shape "
                             + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items()))
-        if saved["dp_size"] != self.dp_size or saved["zero_stage"] != self.cfg.parallel.zero_stage:
-            raise UserError(f"{path}: written by {saved['dp_size']} data-parallel rank(s) with ZeRO-{saved['zero_stage']}, "
-                            f"this run has {self.dp_size} with ZeRO-{self.cfg.parallel.zero_stage}; resume with the "
-                            "same layout (DeepSpeed's per-rank optimizer shards depend on it)")
+        layout = (saved["dp_size"], saved["zero_stage"], saved.get("pipeline_stages", 1))
+        ours = (self.dp_size, self.cfg.parallel.zero_stage, self.cfg.parallel.pipeline_stages)
+        if layout != ours:
+            raise UserError(f"{path}: written by {layout[0]} data-parallel rank(s) with ZeRO-{layout[1]} and "
+                            f"{layout[2]} pipeline stage(s), this run has {ours[0]} with ZeRO-{ours[1]} and {ours[2]}; "
+                            "resume with the same layout (DeepSpeed's per-rank shards depend on it), or convert the "
+                            "checkpoint (launch/convert_checkpoint.py) and start a new run from its weights")
 
     def _resume(self, resume: str) -> None:
         found = dist.broadcast_object(self.checkpointer.find(resume) if dist.is_main() else None)
@@ -224,7 +239,29 @@ class Trainer:
         """One optimizer step over the global batch; returns its metrics row."""
         t0 = time.perf_counter()
         lr = self._apply_schedules()
-        loss_sum = 0.0
+        if self.pipeline:
+            loss = self._pipeline_step()
+            grad_norm = self._grad_norm()
+        else:
+            loss, grad_norm = self._data_parallel_step()
+        self.state.step += 1
+        self.state.tokens += self.batch_tokens
+        dt = time.perf_counter() - t0
+        tokens_per_s = self.batch_tokens / dt
+        row = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens, "loss": loss, "lr": lr,
+               "batch_tokens": self.batch_tokens, "grad_accum": self.grad_accum, "grad_norm": grad_norm,
+               "tokens_per_s": tokens_per_s, "step_time": dt,
+               "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world)}
+        if self.pipeline:  # what the pipeline engine really ran, not what we asked for
+            row["micro_batches"] = self.engine.micro_batches
+        if isinstance(self.client_optimizer, FusedAdamWClip):
+            row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
+        if self.cfg.train.precision == "fp16":
+            row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+        return row
+
+    def _data_parallel_step(self) -> tuple[float, float | None]:
+        loss_sum, grad_norm = 0.0, None
         for i in range(self.grad_accum):
             inputs, targets = self._micro_batch(self.train_data, self.sampler.next(self.cfg.train.micro_batch))
             # Mark the boundary ourselves: DeepSpeed's own count assumes a fixed accumulation.
@@ -239,19 +276,14 @@ class Trainer:
         if not self._measure_grad_norm:
             grad_norm = self._grad_norm()
         loss = dist.all_reduce_mean([loss_sum / self.grad_accum])[0]
-        self.state.step += 1
-        self.state.tokens += self.batch_tokens
-        dt = time.perf_counter() - t0
-        tokens_per_s = self.batch_tokens / dt
-        row = {"kind": "train", "step": self.state.step, "tokens": self.state.tokens, "loss": loss, "lr": lr,
-               "batch_tokens": self.batch_tokens, "grad_accum": self.grad_accum, "grad_norm": grad_norm,
-               "tokens_per_s": tokens_per_s, "step_time": dt,
-               "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.world)}
-        if isinstance(self.client_optimizer, FusedAdamWClip):
-            row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
-        if self.cfg.train.precision == "fp16":
-            row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
-        return row
+        return loss, grad_norm
+
+    def _pipeline_step(self) -> float:
+        """DeepSpeed's pipeline schedule runs the micro-batches; every rank draws them from
+        the sampler (the first stage uses the inputs, the last the targets)."""
+        mb = self.cfg.train.micro_batch
+        batches = [self._micro_batch(self.train_data, self.sampler.next(mb)) for _ in range(self.grad_accum)]
+        return float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
 
     def _total_grad_norm(self) -> float:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -276,14 +308,15 @@ class Trainer:
         n = min(self.cfg.train.eval_samples, len(self.valid_data)) // per_pass * per_pass
         if n == 0:
             return None
-        self.engine.eval()
         positions = np.arange(self.dp_rank, n, self.dp_size)
-        total = 0.0
-        for start in range(0, len(positions), mb):
-            inputs, targets = self._micro_batch(self.valid_data, positions[start:start + mb])
-            total += self.engine(inputs, targets).item()
-        self.engine.train()
-        loss = dist.all_reduce_mean([total / (len(positions) // mb)])[0]
+        batches = [self._micro_batch(self.valid_data, positions[s:s + mb]) for s in range(0, len(positions), mb)]
+        if self.pipeline:  # averaged over micro-batches and data-parallel ranks by DeepSpeed
+            loss = float(self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
+        else:
+            self.engine.eval()
+            total = sum(self.engine(inputs, targets).item() for inputs, targets in batches)
+            self.engine.train()
+            loss = dist.all_reduce_mean([total / len(batches)])[0]
         return {"kind": "valid", "step": self.state.step, "tokens": self.state.tokens, "val_loss": loss,
                 "val_ppl": math.exp(min(loss, 50.0)), "val_samples": n}
 

@@ -1,0 +1,79 @@
+"""The GPT of gpt.py laid out as a DeepSpeed PipelineModule.
+
+Layers, in order (the index is the layer number in checkpoints: layer_NN-model_states.pt):
+
+    0          token embedding       TiedLayerSpec "wte" (nn.Embedding)
+    1          positions + dropout   gpt.Positions
+    2..L+1     transformer blocks    gpt.Block
+    L+2        final LayerNorm       nn.LayerNorm
+    L+3        output projection     the same "wte" table, used as x @ wte.T (tied)
+
+The input and output embeddings are one TiedLayerSpec: the first and last stages each
+hold a copy and DeepSpeed all-reduces its gradient between them (the copy on the
+later stage is marked ds_pipe_replicated, so norms count it once). Parameters are
+initialised through `canonical_name`, their name in the plain GPT, so a pipeline of
+any partition starts from exactly the weights the one-process model starts from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatrain.model.gpt import Block, GPTConfig, Positions, init_parameter, lm_loss
+
+PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform", "blocks": "type:Block"}
+
+
+def _unembed(table: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, table.weight)
+
+
+def pipeline_layers(cfg: GPTConfig) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    return [
+        TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, tied_weight_attr="weight"),
+        LayerSpec(Positions, cfg),
+        *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)],
+        LayerSpec(nn.LayerNorm, cfg.d_model, bias=cfg.bias),
+        TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=_unembed, tied_weight_attr="weight"),
+    ]
+
+
+def canonical_name(name: str, n_layer: int) -> str:
+    """A pipeline parameter's name in the plain GPT (gpt.py). `name` is as in
+    PipelineModule.named_parameters() ("tied_modules.wte.weight", "5.attn.qkv.weight"),
+    or "LAYER.param" for a layer_NN checkpoint file."""
+    head, _, rest = name.partition(".")
+    if head == "tied_modules":
+        key, _, param = rest.partition(".")
+        assert key == "wte", name
+        return f"embed.wte.{param}"
+    layer = int(head)
+    if layer == 0:
+        return f"embed.wte.{rest}"
+    if layer == 1:
+        return f"embed.positions.{rest}"
+    if 2 <= layer < 2 + n_layer:
+        return f"blocks.{layer - 2}.{rest}"
+    if layer == 2 + n_layer:
+        return f"head.ln_f.{rest}"
+    raise ValueError(f"no GPT parameter for pipeline layer {layer} ({name})")
+
+
+def build_pipeline(cfg: GPTConfig, num_stages: int, partition_method: str = "parameters",
+                   activation_checkpoint_interval: int = 0):
+    """The pipeline module (needs torch.distributed initialised: DeepSpeed builds only this
+    rank's stage)."""
+    from deepspeed.pipe import PipelineModule
+
+    if partition_method not in PARTITION_METHODS:
+        raise ValueError(f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}")
+    module = PipelineModule(layers=pipeline_layers(cfg), num_stages=num_stages, loss_fn=lm_loss,
+                            partition_method=PARTITION_METHODS[partition_method],
+                            activation_checkpoint_interval=activation_checkpoint_interval)
+    for name, param in module.named_parameters():
+        init_parameter(canonical_name(name, cfg.n_layer), param, cfg)
+    return module

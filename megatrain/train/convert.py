@@ -1,0 +1,113 @@
+"""One consolidated fp32 state dict from any megatrain checkpoint, for the plain GPT.
+
+    sd, cfg = consolidate("runs/x/checkpoints/step-00001000")
+    model = GPT(cfg); model.load_state_dict(sd)
+
+Where the fp32 weights come from:
+  ZeRO 1-3            the fp32 master partitions in the optimizer files, merged by
+                      DeepSpeed's zero_to_fp32;
+  pipeline + ZeRO-1   the same, stage by stage (each stage's mp_rank_NN files), with the
+                      pipeline's layer names mapped back to GPT's;
+  ZeRO-0              the module weights (mp_rank_00_model_states.pt, or the pipeline's
+                      layer_NN files), in the training precision, cast to fp32: for fp32
+                      runs these are the master weights; for bf16 runs they are the weights
+                      the run evaluated with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from megatrain.errors import UserError
+from megatrain.model import GPT, GPTConfig, canonical_name
+from megatrain.train.checkpoint import STATE, Checkpointer
+
+FORMAT = "megatrain-consolidated/1"
+
+
+def _gpt_config(state: dict) -> GPTConfig:
+    s = state["model_shape"]
+    return GPTConfig(vocab_size=s["vocab_size"], seq_len=s["seq_len"], n_layer=s["n_layer"], n_head=s["n_head"],
+                     d_model=s["d_model"], bias=s["bias"])
+
+
+def _zero_partitions(ckpt: Path, stage: int | None) -> dict[str, torch.Tensor]:
+    """fp32 weights from ZeRO optimizer partitions (all of them, or one pipeline stage's)."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    quiet = contextlib.redirect_stdout(io.StringIO())  # zero_to_fp32 narrates its progress
+    with quiet:
+        if stage is None:
+            return dict(z.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+        # A pipeline stage's model file carries no module weights (they are in layer_NN files),
+        # which zero_to_fp32.parse_model_states reads for buffers; GPT has none, so the
+        # record is built from the file's parameter shapes directly.
+        meta = torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu", weights_only=False)
+        model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
+                                           shared_params=list(meta["shared_params"].items()),
+                                           ds_version=meta.get("ds_version"),
+                                           frozen_param_shapes=meta.get("frozen_param_shapes"),
+                                           frozen_param_fragments=meta.get("frozen_param_fragments"))]
+        optims = sorted(str(p) for p in ckpt.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
+        zero_stage, world, flat_groups, paddings = z.parse_optim_states(optims, str(ckpt))
+        return dict(z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings))
+
+
+def _module_weights(ckpt: Path, pipeline: bool) -> dict[str, torch.Tensor]:
+    if not pipeline:
+        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    weights = {}
+    for f in sorted(ckpt.glob("layer_*-model_states.pt")):
+        layer = int(re.match(r"layer_(\d+)", f.name).group(1))
+        for name, t in torch.load(f, map_location="cpu", weights_only=False).items():
+            weights[f"{layer}.{name}"] = t
+    return weights
+
+
+def consolidate(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    ckpt = Path(ckpt)
+    problem = Checkpointer.verify(ckpt)
+    if problem:
+        raise UserError(f"{ckpt}: not a complete checkpoint: {problem}")
+    state = json.loads((ckpt / STATE).read_text())
+    cfg = _gpt_config(state)
+    stages = state.get("pipeline_stages", 1)
+    pipeline = stages > 1
+    has_partitions = any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
+    if has_partitions and pipeline:
+        raw = {k: v for s in range(stages) for k, v in _zero_partitions(ckpt, s).items()}
+    elif has_partitions:
+        raw = _zero_partitions(ckpt, None)
+    else:
+        raw = _module_weights(ckpt, pipeline)
+    if pipeline:
+        raw = {canonical_name(k, cfg.n_layer): v for k, v in raw.items()}  # the tied table appears twice: equal
+    sd = {k.removeprefix("module."): v.detach().to(torch.float32).clone() for k, v in raw.items()}
+    GPT(cfg).load_state_dict(sd, strict=True)  # every parameter present, every shape right
+    return sd, cfg
+
+
+def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
+    sd, cfg = consolidate(ckpt)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"format": FORMAT, "model": sd, "config": cfg.__dict__, "source": str(Path(ckpt).resolve())}, tmp)
+    tmp.replace(out)
+    return out
+
+
+def load_consolidated(path: str | Path) -> GPT:
+    """The plain GPT with a consolidated checkpoint's weights."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if blob.get("format") != FORMAT:
+        raise UserError(f"{path}: not a consolidated megatrain checkpoint")
+    model = GPT(GPTConfig(**blob["config"]))
+    model.load_state_dict(blob["model"])
+    return model

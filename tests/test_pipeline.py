@@ -1,0 +1,148 @@
+"""Pipeline parallelism, checkpoint conversion and multi-node runs, through the real launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY_CONFIG, copy_until, free_port, pretrain, train_losses
+
+from megatrain.data import TokenDataset
+from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name
+from megatrain.train.convert import consolidate, load_consolidated
+from megatrain.train.metrics import read_metrics
+
+pytestmark = pytest.mark.launcher
+PIPE = ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]
+
+
+@pytest.fixture(scope="module")
+def p2_run(tmp_path_factory, small_data):
+    """tests/configs/tiny.yaml with 2 pipeline stages on 2 ranks (so 1 data-parallel rank)."""
+    run = tmp_path_factory.mktemp("p2") / "run"
+    pretrain(run, small_data, *PIPE)
+    return run
+
+
+def test_pipeline_equals_data_parallel(p2_run, runs):
+    """P=2 and P=1 (ZeRO-1, 2 data-parallel ranks) on the same global batch: same trajectory in fp32."""
+    assert train_losses(p2_run) == pytest.approx(train_losses(runs(1, "fp32")), rel=1e-5)
+    p2 = [r for r in read_metrics(p2_run) if r["kind"] == "train"]
+    p1 = [r for r in read_metrics(runs(1, "fp32")) if r["kind"] == "train"]
+    assert [r["grad_norm"] for r in p2] == pytest.approx([r["grad_norm"] for r in p1], rel=1e-5)
+    assert any(r["grad_norm"] > 0.6 for r in p2) and any(r["grad_norm"] < 0.6 for r in p2)  # clipped steps: the norm spans both stages, tied table once
+    assert all(r["micro_batches"] == r["grad_accum"] == 4 for r in p2)  # 512 tokens / (4 x 32 x 1 rank)
+
+
+def test_pipeline_bf16_trains(tmp_path, small_data):
+    pretrain(tmp_path / "run", small_data, *PIPE, "train.precision=bf16", "checkpoint.every_steps=0")
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05
+
+
+def test_pipeline_times_data_parallel_four_processes(tmp_path, small_data, runs):
+    """P=2 x DP=2 on 4 processes (oversubscribed on 2 cores): trains, and on the same global
+    batch follows the same trajectory."""
+    pretrain(tmp_path / "run", small_data, *PIPE, "checkpoint.every_steps=0", nproc=4)
+    rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert all(r["micro_batches"] == 2 for r in rows)  # 512 tokens / (4 x 32 x 2 data-parallel ranks)
+    assert [r["loss"] for r in rows] == pytest.approx(train_losses(runs(1, "fp32")), rel=1e-5)
+
+
+def test_zero2_with_pipeline_is_refused(tmp_path, small_data):
+    proc = pretrain(tmp_path / "run", small_data, "parallel.pipeline_stages=2", "parallel.zero_stage=2", nproc=0,
+                    check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {TINY_CONFIG}: parallel.zero_stage=2 cannot be combined with parallel.pipeline_stages=2: DeepSpeed's "
+        "pipeline engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule still needs); "
+        "use parallel.zero_stage=1"]
+
+
+def test_pipeline_resume_is_exact(p2_run, tmp_path, small_data):
+    resumed = copy_until(p2_run, tmp_path / "resumed", step=3)
+    proc = pretrain(resumed, small_data, *PIPE)
+    assert "resumed from" in proc.stdout
+    assert train_losses(resumed) == train_losses(p2_run)  # bitwise
+
+
+def test_batch_ramp_changes_pipeline_micro_batches(tmp_path, small_data):
+    ramp = ["schedule.batch_start_tokens=128", "schedule.batch_final_tokens=1024", "schedule.batch_ramp_tokens=3000",
+            "train.micro_batch=2", "train.max_steps=null", "train.max_tokens=4096", "checkpoint.every_steps=0",
+            "train.eval_every=0"]
+    pretrain(tmp_path / "run", small_data, *PIPE, *ramp)
+    rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    micro = [r["micro_batches"] for r in rows]
+    assert micro == [r["grad_accum"] for r in rows] == [r["batch_tokens"] // 64 for r in rows]
+    assert micro[0] == 2 and micro[-1] == 16 and len(set(micro)) >= 4  # the engine's count really moved
+    assert all(a <= b for a, b in zip(micro, micro[1:], strict=False))
+
+
+# --- one consolidated state dict from any layout ----------------------------------------
+
+def _validation_loss(model: GPT, data, n_samples: int, micro_batch: int) -> float:
+    """The trainer's validation: the first n samples of valid/, mean over equal micro-batches."""
+    valid = TokenDataset(data, model.cfg.seq_len, split="valid")
+    model.eval()
+    with torch.no_grad():
+        losses = []
+        for start in range(0, n_samples, micro_batch):
+            batch = torch.from_numpy(valid.batch(np.arange(start, start + micro_batch)))
+            losses.append(model(batch[:, :-1], batch[:, 1:]).item())
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("layout", ["zero0", "zero1", "zero3", "pipeline"])
+def test_converted_checkpoint_gives_the_reported_validation_loss(layout, runs, p2_run, small_data, tmp_path):
+    run = {"zero0": lambda: runs(0, "fp32"), "zero1": lambda: runs(1, "fp32"), "zero3": lambda: runs(3, "fp32"),
+           "pipeline": lambda: p2_run}[layout]()
+    out = tmp_path / "gpt.pt"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "convert_checkpoint.py"),
+                           str(run / "checkpoints" / "step-00000006"), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    model = load_consolidated(out)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reported = [r for r in read_metrics(run) if r["kind"] == "valid"][-1]
+    assert reported["step"] == 6
+    loss = _validation_loss(model, small_data, reported["val_samples"], micro_batch=4)
+    assert loss == pytest.approx(reported["val_loss"], rel=1e-5)
+
+
+def test_pipeline_names_map_onto_gpt(tmp_path):
+    """Every GPT parameter has exactly one pipeline layer behind it (the tied table twice)."""
+    cfg = GPTConfig(vocab_size=50, seq_len=8, n_layer=3, n_head=2, d_model=8)
+    gpt_names = set(dict(GPT(cfg).named_parameters()))
+    layer_names = ["0.weight", "1.wpe.weight", "5.weight", "5.bias", "tied_modules.wte.weight"] + [
+        f"{2 + i}.{rest}" for i in range(3) for rest in
+        ["ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+         "ln2.weight", "ln2.bias", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight", "mlp.proj.bias"]]
+    assert {canonical_name(n, 3) for n in layer_names} == gpt_names
+    with pytest.raises(ValueError):
+        canonical_name("6.weight", 3)
+    assert callable(build_pipeline) and callable(consolidate)
+
+
+# --- two "nodes" on one machine ------------------------------------------------------
+
+def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs):
+    """Two deepspeed launchers as two nodes (--no_ssh, node_rank 0 and 1, one rank each) give
+    the loss trajectory of one launcher with 2 ranks."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    run = tmp_path / "run"
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    script = [str(REPO / "launch" / "pretrain.py"), "--config", str(TINY_CONFIG), "--set", f"run.dir={run}",
+              "--set", f"data.path={small_data}", "--set", "parallel.zero_stage=1"]
+    nodes = [subprocess.Popen([launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                               "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
+                               "--master_port", str(port), *script],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "done:" in outputs[0]
+    assert train_losses(run) == train_losses(runs(1, "fp32"))
