@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python bench/data.py --json runs/bench/data.json
 	$(BIN)/python bench/train.py --json runs/bench/train.json
 	$(BIN)/python bench/optimizer.py --json runs/bench/optimizer.json
+	$(BIN)/python bench/pipeline.py --json runs/bench/pipeline.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -113,7 +113,8 @@ def test_changed_model_shape_or_world_size_is_refused(runs, tmp_path, small_data
     assert "the checkpoint is for another model shape n_layer: 2 in the checkpoint, 3 now" in proc.stderr
     proc = pretrain(run, small_data, "parallel.zero_stage=1", "train.max_steps=8", nproc=0, check=False)
     assert proc.returncode == 2
-    assert "written by 2 data-parallel rank(s) with ZeRO-1, this run has 1 with ZeRO-1" in proc.stderr
+    assert ("written by 2 data-parallel rank(s) with ZeRO-1 and 1 pipeline stage(s), this run has 1 with ZeRO-1 "
+            "and 1; resume with the same layout") in proc.stderr
 
 
 def test_single_process_with_wandb_offline_and_plot(tmp_path, small_data):
