@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 PYTEST_ARGS ?=
+# A stalled download fails after 60 s and is retried, instead of hanging the install.
+PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off --timeout 60 --retries 3
 
 .PHONY: install demo test bench lint clean
 
@@ -13,10 +15,11 @@ install: $(STAMP)
 # Re-runs only when the package definition or the C++/CUDA sources change.
 $(STAMP): setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check setuptools wheel
+	$(PIP_INSTALL) -q setuptools wheel
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation --use-pep517 -e '.[dev]'
+	$(PIP_INSTALL) -q torch==2.13.0
+	# Not quiet: the log shows what is being fetched or built if this ever stalls.
+	$(PIP_INSTALL) --no-build-isolation --use-pep517 -e '.[dev]'
 	# DeepSpeed JIT-compiles its CPU shared-memory collectives on first use (~1-2 min);
 	# do it once here rather than inside the first training run.
 	$(BIN)/python -m megatrain.warm_ops
@@ -34,7 +37,7 @@ test: install
 
 # Benchmarks: run with nothing else on the machine; each prints a table and writes JSON.
 bench: install
-	$(BIN)/pip install -q --disable-pip-version-check tokenizers  # HF reference row only
+	$(PIP_INSTALL) -q tokenizers  # HF reference row only
 	$(BIN)/python bench/tokenizer.py --json runs/bench/tokenizer.json
 	$(BIN)/python bench/data.py --json runs/bench/data.json
 	$(BIN)/python bench/train.py --json runs/bench/train.json

@@ -44,11 +44,15 @@ install_requires = [
     "pyyaml",  # run configs
     "tqdm",  # progress bars for long work
     "matplotlib",  # launch/plot.py draws curves.png
+    "psutil",  # megatrain.testing finds rank processes to kill in tests and bench/soak.py (DeepSpeed needs it too)
 ]
 
 extras_require = {
     "dev": [
         "pytest",
+        # A hung collective in a multi-rank test fails that test (pytest.ini: timeout)
+        # instead of using up CI's time.
+        "pytest-timeout",
         "ruff",
         "hypothesis",  # property tests for the tokenizer's round trip
     ],
