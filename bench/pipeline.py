@@ -16,37 +16,28 @@ from _bench import arg_parser, machine, print_table, write_json
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from megatrain.data import prepare_dataset
+from megatrain.testing import REPO, pretrain_command
 from megatrain.train.metrics import read_metrics
 from tokenizer import TrainerOptions, train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.n_layer=4", "model.d_model=128", "model.n_head=4", "train.seq_len=64", "train.micro_batch=4",
          "train.eval_samples=0", "checkpoint.every_steps=0", "logging.progress=false", "schedule.warmup_tokens=0",
          "schedule.lr_shape=constant", "schedule.batch_ramp_tokens=0", "train.peak_flops=1e11", "train.precision=fp32"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def step_time(work: Path, data: Path, stages: int, micro_batches: int, steps: int) -> float:
     run = work / f"p{stages}-m{micro_batches}"
     tokens = micro_batches * 4 * 64  # one data-parallel rank in both layouts
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(stages), "--master_port", str(free_port()),
-           str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"), "--resume", "none",
-           *[a for s in MODEL + [f"run.dir={run}", f"data.path={data}", f"parallel.pipeline_stages={stages}",
-                                 "parallel.zero_stage=1", f"schedule.batch_final_tokens={tokens}",
-                                 f"train.max_steps={steps}", "train.max_tokens=null"] for a in ("--set", s)]]
+    cmd = pretrain_command(REPO / "configs" / "tiny-cpu.yaml",
+                           [*MODEL, f"run.dir={run}", f"data.path={data}", f"parallel.pipeline_stages={stages}",
+                            "parallel.zero_stage=1", f"schedule.batch_final_tokens={tokens}",
+                            f"train.max_steps={steps}", "train.max_tokens=null"], nproc=stages, resume="none")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one core per process: P=1 gets 1 core, P=2 gets 2
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:

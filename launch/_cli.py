@@ -1,25 +1,46 @@
-"""What every entry script shares: bad input ends in one line, not a traceback."""
+"""What every entry script shares: bad input ends in one line, not a traceback, and a
+distributed process leaves without interpreter finalization."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
 
-from megatrain.errors import UserError
+from megatrain.errors import RunError, UserError
 from tokenizer import InputError
+
+EXIT_BAD_INPUT = 2  # UserError, InputError: fix the input; a restart would fail the same way
+EXIT_RUN_ERROR = 1  # RunError: a restart may succeed
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run `main`; a user error prints `error: <one line>` and exits 2 (set
-    MEGATRAIN_DEBUG=1 for the traceback)."""
+    """Run `main`; a user error prints `error: <one line>` and exits 2, a run error (a
+    failed checkpoint write) the same line with exit 1 (MEGATRAIN_DEBUG=1: the traceback)."""
     try:
-        sys.exit(main() or 0)
-    except (UserError, InputError) as e:
+        code = main() or 0
+    except (UserError, InputError, RunError) as e:
         if os.environ.get("MEGATRAIN_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = EXIT_RUN_ERROR if isinstance(e, RunError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """A process with a live torch.distributed process group leaves with os._exit: Gloo's
+    C++ threads can still hold work when the interpreter finalizes, and it then aborts
+    ("terminate called without an active exception", SIGABRT; seen here in about 1 of 40
+    runs), which turns a finished or refused run into a crash. Everything is flushed first;
+    files are closed as they are written."""
+    torch_dist = sys.modules.get("torch.distributed")
+    if torch_dist is None or not torch_dist.is_available() or not torch_dist.is_initialized():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -3,12 +3,17 @@
     deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny-cpu.yaml --set train.max_steps=100
     python launch/pretrain.py --config configs/tiny-cpu.yaml            # one process
     deepspeed --hostfile hosts launch/pretrain.py --config configs/gpt3-1.3b.yaml --resume auto
+
+Exit status: 0 done, or stopped by SIGTERM/SIGINT with a checkpoint; 1 a crash or a
+checkpoint that could not be written (restartable); 2 bad input; 3 the loss kept spiking
+(more than spike.max_rollbacks rollbacks), checkpoint written.
 """
 
 import argparse
 
 from megatrain.config import load_config
 from megatrain.train import Trainer
+from megatrain.train import distributed as dist
 
 from _cli import run
 
@@ -24,10 +29,15 @@ def parse_args():
     return p.parse_args()
 
 
+EXIT_GAVE_UP = 3  # too many loss spikes: launch/supervise.py does not restart this
+
+
 def main():
     args = parse_args()
     cfg = load_config(args.config, args.set)
-    Trainer(cfg, resume=args.resume).fit()
+    summary = Trainer(cfg, resume=args.resume).fit()
+    dist.shutdown()
+    return EXIT_GAVE_UP if summary["outcome"] == "gave_up" else 0
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ class DataConfig:
     """Where validation samples come from; None: the valid/ split of the first data path."""
     seed: int | None = None
     """Seeds the sample order and the blend; None uses run.seed."""
+    skip: list = field(default_factory=list)
+    """[[position, samples], ...]: when the global sample position reaches `position` (at a
+    step boundary), jump `samples` ahead: batches to leave out, e.g. those around a loss
+    spike (the spike guard does this by itself; this is the manual form)."""
 
 
 @dataclass
@@ -155,6 +159,40 @@ class CheckpointConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """The spike guard: rolls the run back and skips data when the loss spikes (PaLM 5.1)."""
+
+    enabled: bool = True
+    """Watch for spikes and recover from them."""
+    watch: list = field(default_factory=lambda: ["loss"])
+    """Signals compared with their recent history: "loss" and/or "grad_norm". The gradient norm
+    jumps early in training while the loss falls smoothly, so it is not watched by default. A
+    non-finite loss or norm is always a spike, watched or not."""
+    stats: Literal["median_mad", "mean_std"] = "median_mad"
+    """Baseline and spread: median and MAD (robust to the spikes themselves), or mean and std."""
+    window: int = 100
+    """Steps of history the baseline is taken over."""
+    min_history: int = 20
+    """Steps of history needed before a value is judged (non-finite values always are)."""
+    threshold: float = 6.0
+    """A value is above the baseline when it exceeds it by this many spreads (MADs are scaled
+    by 1.4826 to compare with standard deviations)."""
+    patience: int = 1
+    """Consecutive steps above the threshold that make a spike; the spike began at the first."""
+    skip: int = 200
+    """Data skipped after a rollback, counted from the rollback point, in `skip_unit`s; always
+    at least up to the end of the spike (PaLM skipped 200-500 batches)."""
+    skip_unit: Literal["batches", "tokens"] = "batches"
+    """batches: global batches at the batch size of the spike; tokens: tokens."""
+    max_rollbacks: int = 5
+    """Rollbacks allowed in a run; one more spike stops it (with a checkpoint, exit code 3)."""
+    snapshot_every: int = 50
+    """Optimizer steps between in-memory rollback points (model, optimizer, schedule, sampler)."""
+    snapshots: int = 3
+    """Rollback points kept in host memory (0: roll back to disk checkpoints only)."""
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = False
     """Log to Weights & Biases (rank 0 only), offline unless WANDB_MODE says otherwise."""
@@ -174,6 +212,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: dict = field(default_factory=dict)
     """Raw DeepSpeed JSON merged on top of the generated config, for experts."""
@@ -387,6 +426,17 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             build()
         except ValueError as e:
             raise UserError(f"{source}: {key}: {e}") from None
+    sp = cfg.spike
+    need(set(sp.watch) <= {"loss", "grad_norm"} and bool(sp.watch), "spike.watch",
+         f"must list 'loss' and/or 'grad_norm', got {sp.watch}")
+    need(sp.window >= 2 and 1 <= sp.min_history <= sp.window, "spike.min_history",
+         f"must be between 1 and spike.window ({sp.window}), and the window at least 2")
+    need(sp.threshold > 0 and sp.patience >= 1, "spike.threshold", "must be > 0, and spike.patience >= 1")
+    need(sp.skip >= 0 and sp.max_rollbacks >= 0, "spike.skip", "and spike.max_rollbacks must be >= 0")
+    need(sp.snapshot_every >= 1 and sp.snapshots >= 0, "spike.snapshot_every", "must be >= 1, and spike.snapshots >= 0")
+    ok = all(isinstance(x, list) and len(x) == 2 and all(isinstance(v, (int, float)) and v >= 0 for v in x)
+             for x in cfg.data.skip)
+    need(ok, "data.skip", f"must be [[position, samples], ...] with non-negative numbers, got {cfg.data.skip!r}")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
     need(bool(cfg.data.path), "data.path", "must name a prepared data directory (launch/prepare_data.py)")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from megatrain.data import prepare_dataset
+from megatrain.testing import REPO, pretrain_command
 from megatrain.train.checkpoint import Checkpointer
 from tokenizer import TrainerOptions, train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # A few stdlib packages: about 1 MB of real Python, different on every Python version.
 SMALL_CORPUS = [str(STDLIB / name) for name in ("json", "email", "html", "http")]
@@ -48,28 +48,22 @@ def small_data(tmp_path_factory, small_tokenizer) -> Path:
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pretrain(run_dir, data, *sets: str, nproc: int = 2, check: bool = True, env: dict | None = None,
              config=TINY_CONFIG, resume: str = "auto", timeout: float = 600):
     """launch/pretrain.py through the real deepspeed launcher (nproc ranks), or plain python (nproc=0)."""
-    script = [str(REPO / "launch" / "pretrain.py"), "--config", str(config), "--set", f"run.dir={run_dir}",
-              "--set", f"data.path={data}", "--resume", resume, *[a for s in sets for a in ("--set", s)]]
-    if nproc:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
-               "--master_port", str(free_port()), *script]
-    else:
-        cmd = [sys.executable, *script]
+    cmd = pretrain_command(config, [f"run.dir={run_dir}", f"data.path={data}", *sets], nproc=nproc, resume=resume)
+    before = shm_buffers()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    assert shm_buffers() <= before, "the run left DeepSpeed's shared-memory buffers in /dev/shm"
     return proc
+
+
+def shm_buffers() -> set[str]:
+    """DeepSpeed's shared-memory collective buffers on this machine (megatrain/train/distributed.py
+    unlinks them; left behind they hold 69 MB per rank until the machine runs out of memory)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 
 def train_losses(run_dir) -> list[float]:

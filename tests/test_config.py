@@ -21,7 +21,7 @@ def test_yaml_plus_overrides():
     assert cfg.train.max_tokens == 3_200_000 and isinstance(cfg.train.max_tokens, int)
     assert cfg.data.path == [{"path": "a", "weight": 0.3}, {"path": "b", "weight": 0.7}]
     assert load_config(None, BASE).to_dict() == Config(**{}).to_dict() | {
-        "data": {"path": "somewhere", "valid_path": None, "seed": None},
+        "data": {"path": "somewhere", "valid_path": None, "seed": None, "skip": []},
         "train": {**Config().to_dict()["train"], "max_steps": 10}}
 
 

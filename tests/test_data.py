@@ -200,6 +200,14 @@ def test_sampler_skip_and_state():
     u = ResumableSampler(50, seed=1, rank=1, world_size=2)
     u.skip(state["consumed"])
     assert u.next(6).tolist() == expected
+    u.skip(0)
+    u.skip(7)  # recorded with where it happened, and restored with the state
+    assert u.skipped == [[0, 8], [20, 7]] and u.consumed == 27
+    v = ResumableSampler(50, seed=1, rank=1, world_size=2)
+    v.load_state_dict(u.state_dict())
+    assert v.skipped == u.skipped and v.next(2).tolist() == u.next(2).tolist()
+    v.load_state_dict(state)  # an older state: the later skips are not part of it
+    assert v.skipped == [] and v.consumed == 8
     with pytest.raises(UserError, match="data, seq_len or seed changed"):
         ResumableSampler(51, seed=1).load_state_dict(state)
 

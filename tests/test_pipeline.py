@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG, copy_until, free_port, pretrain, train_losses
+from conftest import REPO, TINY_CONFIG, copy_until, pretrain, train_losses
 
 from megatrain.data import TokenDataset
 from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name
+from megatrain.testing import free_port
 from megatrain.train.convert import consolidate, load_consolidated
 from megatrain.train.metrics import read_metrics
 

@@ -1,8 +1,11 @@
 """`ResumableSampler`: which samples each data-parallel rank trains on, in what order.
 
 The global order is a sequence of epochs, each a seeded permutation of the dataset.
-The sampler's whole state is `consumed`, the number of samples all ranks together
-have taken, so saving, resuming and skipping N samples are arithmetic. The next
+The sampler's position is `consumed`, the number of samples all ranks together have
+taken or skipped, so saving, resuming and skipping N samples are arithmetic. It also
+keeps a record of what it skipped (`skipped`: [[position, samples], ...]), saved with
+it: a checkpoint says which data its timeline left out (loss-spike rollbacks, data.skip),
+and `data.skip` set to that record reproduces the same sample order from scratch. The next
 k * world_size samples are dealt round-robin: rank r gets global positions
 consumed + r, consumed + r + world_size, ... The global batch is therefore the same set
 of samples whatever the world size or micro-batch size, which is what lets a run
@@ -26,6 +29,8 @@ class ResumableSampler:
         self.num_samples, self.seed = num_samples, seed
         self.rank, self.world_size = rank, world_size
         self.consumed = 0
+        self.skipped: list[list[int]] = []  # [[position, samples], ...] in the order skipped
+        self.last_positions = np.empty(0, dtype=np.int64)  # global positions of the last next()
         self._perms: dict[int, Permutation] = {}
 
     @property
@@ -54,6 +59,7 @@ class ResumableSampler:
         """This rank's next `per_rank` dataset indices; every rank advances together."""
         positions = self.consumed + self.rank + self.world_size * np.arange(per_rank, dtype=np.int64)
         self.consumed += per_rank * self.world_size
+        self.last_positions = positions
         return self.at(positions)
 
     def __iter__(self):
@@ -64,10 +70,13 @@ class ResumableSampler:
         """Move past `num_samples` global samples without reading them."""
         if num_samples < 0:
             raise ValueError("cannot skip backwards")
+        if num_samples:
+            self.skipped.append([self.consumed, num_samples])
         self.consumed += num_samples
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples}
+        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples,
+                "skipped": [list(s) for s in self.skipped]}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
@@ -75,3 +84,4 @@ class ResumableSampler:
                 f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, this run has "
                 f"{self.num_samples} with seed {self.seed}: the data, seq_len or seed changed since the checkpoint")
         self.consumed = int(state["consumed"])
+        self.skipped = [list(s) for s in state.get("skipped", [])]

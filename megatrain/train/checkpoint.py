@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatrain.errors import UserError
+from megatrain.errors import RunError, UserError
 from megatrain.train import distributed as dist
 from megatrain.train.faults import maybe_crash
 
@@ -83,10 +83,24 @@ class Checkpointer:
     # --- writing ----------------------------------------------------------------------
 
     def save(self, engine, step: int, state: dict) -> Path:
-        """Collective: every rank calls it. `state` is megatrain's (identical on all ranks)."""
+        """Collective: every rank calls it. `state` is megatrain's (identical on all ranks).
+        A write that fails (disk full, or a peer rank died mid-write) removes the partial
+        directory, leaves `latest` as it was and raises a RunError naming the problem; the
+        other ranks are stopped by the launcher when this one exits."""
         tag = step_tag(step)
-        tmp_tag = f".tmp-{tag}"
-        tmp = self.root / tmp_tag
+        tmp = self.root / f".tmp-{tag}"
+        try:
+            return self._save(engine, step, state, tag, tmp)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            if dist.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = self.latest()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise RunError(f"{tmp}: checkpoint of step {step} could not be written ({reason}); removed it, "
+                           f"`latest` still names {latest.name if latest else 'no checkpoint'}") from e
+
+    def _save(self, engine, step: int, state: dict, tag: str, tmp: Path) -> Path:
+        tmp_tag = tmp.name
         if dist.is_main():
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):
@@ -118,6 +132,14 @@ class Checkpointer:
             self._prune()
         dist.barrier()
         return final
+
+    def discard_after(self, step: int) -> None:
+        """Collective: delete checkpoints newer than `step` (a rollback abandoned their timeline)."""
+        if dist.is_main():
+            for path in self.complete_checkpoints():
+                if int(_STEP_DIR.match(path.name).group(1)) > step:
+                    shutil.rmtree(path, ignore_errors=True)
+        dist.barrier()
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,31 @@ def init_distributed() -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        _unlink_shm_buffer()
+
+
+def _unlink_shm_buffer() -> None:
+    """When all ranks share a machine, DeepSpeed's CPU backend gives each one a buffer in
+    /dev/shm (69 MB here) and never unlinks it: every run leaked them, a killed run too,
+    until the machine ran out of memory. init_distributed returns only once this rank has
+    mapped every rank's buffer; after a barrier all have, so each rank unlinks its own and
+    the memory goes when the last rank exits, however it exits. (DeepSpeed's condition for
+    the buffers, the same on every rank: LOCAL_SIZE == world size; csrc/cpu/comm/shm.cpp.)"""
+    if os.environ.get("LOCAL_SIZE") != str(world_size()) or world_size() == 1:
+        return
+    barrier()
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank()}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def shutdown() -> None:
+    """After the last collective: wait for every rank, then tear the process groups down,
+    so that no rank leaves while another still talks to it (launch/_cli.py then exits
+    without interpreter finalization)."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
 
 
 def rank() -> int:
@@ -56,13 +82,13 @@ def all_reduce_mean(values: list[float], group=None) -> list[float]:
     return (t / dist.get_world_size(group)).tolist()
 
 
-def all_agree(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank (one collective)."""
+def any_rank(flags: list[bool]) -> list[bool]:
+    """For each flag: True on every rank if it is True on any rank (one collective)."""
     if not dist.is_initialized() or world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(x > 0) for x in t.tolist()]
 
 
 def broadcast_object(obj, src: int = 0):

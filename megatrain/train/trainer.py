@@ -30,10 +30,13 @@ from megatrain.model import GPT, GPTConfig, build_pipeline, flops_per_token, par
 from megatrain.optim import FusedAdamWClip
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
+from megatrain.train import faults
 from megatrain.train.checkpoint import Checkpointer
-from megatrain.train.faults import maybe_crash
 from megatrain.train.metrics import RunLog, measure_matmul_flops
 from megatrain.train.optimizer import attach, build_optimizer
+from megatrain.train.preemption import StopRequest
+from megatrain.train.recovery import SpikeRecovery
+from megatrain.train.rollback import base_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -132,9 +135,15 @@ class Trainer:
         self.device = self.engine.device
         self.sampler = ResumableSampler(len(self.train_data), seed=data_seed(cfg), rank=self.dp_rank,
                                         world_size=self.dp_size)
+        self.base_optimizer = base_optimizer(self.engine, self.client_optimizer)
+        self.vocab_size = vocab
         self.state = TrainState()
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
         self.flops_per_token = flops_per_token(self.model_cfg)
+        self.recovery = SpikeRecovery(cfg.spike, in_memory=cfg.parallel.zero_stage != 3)
+        self.data_skips = sorted((int(float(p)), int(float(n))) for p, n in cfg.data.skip)
+        self.skip_index = 0  # data.skip entries applied so far
+        self.stop_request = StopRequest()
 
         main = dist.is_main()
         if main:
@@ -162,8 +171,19 @@ class Trainer:
     def batch_tokens(self) -> int:
         return self.grad_accum * self.cfg.train.micro_batch * self.cfg.train.seq_len * self.dp_size
 
-    def state_dict(self) -> dict:
+    def loop_state(self) -> dict:
+        """Where the loop is: what a rollback or a resume puts back (with the tensors)."""
         return {"step": self.state.step, "tokens": self.state.tokens, "sampler": self.sampler.state_dict(),
+                "skip_index": self.skip_index}
+
+    def load_loop_state(self, state: dict) -> None:
+        self.state = TrainState(step=state["step"], tokens=state["tokens"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.skip_index = state.get("skip_index", 0)
+
+    def state_dict(self) -> dict:
+        """megatrain's part of a checkpoint."""
+        return {**self.loop_state(), "recovery": self.recovery.state_dict(),
                 "model_shape": self.shape, "dp_size": self.dp_size, "world_size": self.world,
                 "pipeline_stages": self.cfg.parallel.pipeline_stages,
                 "zero_stage": self.cfg.parallel.zero_stage, "precision": self.cfg.train.precision,
@@ -193,14 +213,30 @@ class Trainer:
                 raise UserError(f"{resume}: no usable checkpoint")
             self.log.truncate_after(0)  # a fresh start: rows of an earlier run in this directory go
             return
-        saved = self.checkpointer.read_state(path)
-        self._check_compatible(path, saved)
-        self.checkpointer.load(self.engine, path)
-        self.state = TrainState(step=saved["step"], tokens=saved["tokens"])
-        self.sampler.load_state_dict(saved["sampler"])
+        self.load_checkpoint(path)
         self.log.truncate_after(self.state.step)
         self.log.event("resume", checkpoint=str(path), step=self.state.step, tokens=self.state.tokens)
         self.log.print(f"resumed from {path} at step {self.state.step} ({self.state.tokens} tokens)")
+
+    def load_checkpoint(self, path: Path, keep_recovery_count: bool = False) -> None:
+        """Collective: DeepSpeed's state, this rank's RNG, and the loop's state from `path`."""
+        saved = self.checkpointer.read_state(path)
+        self._check_compatible(path, saved)
+        self.checkpointer.load(self.engine, path)
+        self.load_loop_state(saved)
+        rollbacks = self.recovery.rollbacks
+        self.recovery.load_state_dict(saved.get("recovery", {}))
+        if keep_recovery_count:  # a rollback to disk: the count goes on
+            self.recovery.rollbacks = rollbacks
+
+    def checkpoint_before(self, step: int) -> Path | None:
+        """The newest intact disk checkpoint of a step before `step` (rank 0 decides)."""
+        def find():
+            for path in reversed(self.checkpointer.complete_checkpoints()):
+                if self.checkpointer.read_state(path)["step"] < step and self.checkpointer.verify(path) is None:
+                    return path
+            return None
+        return dist.broadcast_object(find() if dist.is_main() else None)
 
     def _peak_flops(self) -> tuple[float, str]:
         if self.cfg.train.peak_flops:
@@ -215,9 +251,22 @@ class Trainer:
         return (t.max_steps is not None and self.state.step >= t.max_steps) or (
             t.max_tokens is not None and self.state.tokens >= t.max_tokens)
 
-    def _micro_batch(self, dataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = torch.from_numpy(dataset.batch(indices)).to(self.device)
+    def _micro_batch(self, dataset, indices, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = dataset.batch(indices)
+        if positions is not None:  # training samples: the test-only poison hook may replace some
+            batch = faults.poison(batch, positions, self.vocab_size)
+        batch = torch.from_numpy(batch).to(self.device)
         return batch[:, :-1], batch[:, 1:]
+
+    def _next_train_micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.sampler.next(self.cfg.train.micro_batch)
+        return self._micro_batch(self.train_data, indices, self.sampler.last_positions)
+
+    def _apply_data_skips(self) -> None:
+        """data.skip: jump past configured positions when the sampler reaches them."""
+        while self.skip_index < len(self.data_skips) and self.sampler.consumed >= self.data_skips[self.skip_index][0]:
+            self.sampler.skip(self.data_skips[self.skip_index][1])
+            self.skip_index += 1
 
     def _set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -262,12 +311,15 @@ class Trainer:
 
     def _data_parallel_step(self) -> tuple[float, float | None]:
         loss_sum, grad_norm = 0.0, None
+        break_loss = faults.fires("nan_loss", self.state.step + 1)  # test hook: a real NaN loss and gradients
         for i in range(self.grad_accum):
-            inputs, targets = self._micro_batch(self.train_data, self.sampler.next(self.cfg.train.micro_batch))
+            inputs, targets = self._next_train_micro_batch()
             # Mark the boundary ourselves: DeepSpeed's own count assumes a fixed accumulation.
             boundary = i == self.grad_accum - 1
             self.engine.set_gradient_accumulation_boundary(boundary)
             loss = self.engine(inputs, targets)
+            if break_loss:
+                loss = loss * float("nan")
             self.engine.backward(loss)
             if boundary and self._measure_grad_norm:  # gradients are all-reduced now, not yet clipped
                 grad_norm = self._total_grad_norm()
@@ -281,8 +333,7 @@ class Trainer:
     def _pipeline_step(self) -> float:
         """DeepSpeed's pipeline schedule runs the micro-batches; every rank draws them from
         the sampler (the first stage uses the inputs, the last the targets)."""
-        mb = self.cfg.train.micro_batch
-        batches = [self._micro_batch(self.train_data, self.sampler.next(mb)) for _ in range(self.grad_accum)]
+        batches = [self._next_train_micro_batch() for _ in range(self.grad_accum)]
         return float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
 
     def _total_grad_norm(self) -> float:
@@ -326,14 +377,38 @@ class Trainer:
         return path
 
     def fit(self) -> dict:
+        """Train to max_steps/max_tokens. Returns a summary whose "outcome" is "done",
+        "stopped" (SIGTERM/SIGINT: checkpoint written) or "gave_up" (more loss spikes than
+        spike.max_rollbacks: rolled back once more and checkpointed)."""
         cfg = self.cfg
         t0, start_tokens = time.perf_counter(), self.state.tokens
         first_loss = last = val = None
         saved_at = self.state.step if self.state.step else None
+        outcome = "done"
+        self.recovery.maybe_capture(self)  # where the run starts is a rollback point too
         while not self._done():
+            self._apply_data_skips()
             row = self.train_step()
+            overflow = cfg.train.precision == "fp16" and bool(getattr(self.engine.optimizer, "overflow", False))
+            spike = self.recovery.observe(self.state.step, row, overflow)
+            spike, stop = dist.any_rank([spike, self.stop_request.requested])  # one collective: all ranks agree
+            if spike:
+                rollback = self.recovery.roll_back(self, row)
+                self.log.print(f"loss spike at step {row['step']} (loss {row['loss']:.4f}): rolled back to step "
+                               f"{rollback.restored_step} ({rollback.source}), skipped {rollback.skipped_samples} samples "
+                               f"[rollback {self.recovery.rollbacks}/{cfg.spike.max_rollbacks}]")
+                # Checkpoints of the abandoned timeline go first: pruning keeps the newest steps,
+                # and `--resume auto` must never find one of them.
+                self.checkpointer.discard_after(self.state.step)
+                if rollback.gave_up:
+                    outcome = "gave_up"
+                    saved_at = None  # the final checkpoint records the rollback count
+                    break
+                self.save_checkpoint()  # makes the skip durable
+                saved_at = self.state.step
+                continue
             self.log.log(row)
-            maybe_crash("step", self.state.step)
+            faults.maybe_crash("step", self.state.step)
             first_loss = row["loss"] if first_loss is None else first_loss
             last = row
             if self.state.step % cfg.train.log_every == 0:
@@ -346,23 +421,32 @@ class Trainer:
             if cfg.checkpoint.every_steps and self.state.step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
                 saved_at = self.state.step
-        if val is None or val["step"] != self.state.step:
+            self.recovery.maybe_capture(self)
+            if stop:
+                outcome = "stopped"
+                break
+        if outcome == "done" and (val is None or val["step"] != self.state.step):
             val = self.evaluate()
             if val:
                 self.log.log(val)
-        if saved_at != self.state.step:
-            self.save_checkpoint()
+        checkpoint = self.save_checkpoint() if saved_at != self.state.step else self.checkpointer.latest()
         elapsed = time.perf_counter() - t0
-        summary = {"steps": self.state.step, "tokens": self.state.tokens, "seconds": elapsed,
+        summary = {"outcome": outcome, "steps": self.state.step, "tokens": self.state.tokens, "seconds": elapsed,
                    "first_loss": first_loss, "final_loss": last["loss"] if last else None,
-                   "val_loss": val["val_loss"] if val else None,
+                   "val_loss": val["val_loss"] if val else None, "rollbacks": self.recovery.rollbacks,
                    "tokens_per_s": (self.state.tokens - start_tokens) / elapsed}
         self.log.event("end", **{k: v for k, v in summary.items() if v is not None})
-        if last:
+        if outcome == "stopped":
+            self.log.print(f"stopped by {self.stop_request.signal_name or 'a request on another rank'} after step "
+                           f"{self.state.step}; checkpoint {checkpoint}; continue with --resume auto")
+        elif outcome == "gave_up":
+            self.log.print(f"stopping: the loss spiked again after {cfg.spike.max_rollbacks} rollbacks "
+                           f"(spike.max_rollbacks); rolled back to step {self.state.step}, checkpoint {checkpoint}. "
+                           "Look at events.jsonl; lower the learning rate or raise spike.skip before resuming")
+        elif last:
             val_text = f", val loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})" if val else ""
             self.log.print(f"done: {self.state.step} steps, {self.state.tokens:,} tokens in {elapsed:.0f}s; "
                            f"loss {first_loss:.4f} -> {last['loss']:.4f}{val_text}; "
                            f"{last['tokens_per_s']:,.0f} tokens/s, MFU {100 * last['mfu']:.2f}%; run dir {self.run_dir}")
         self.log.close()
         return summary
-

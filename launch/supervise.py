@@ -1,0 +1,37 @@
+"""Run a training command and relaunch it after crashes.
+
+    python launch/supervise.py --max-restarts 10 -- \\
+        deepspeed --num_gpus 8 launch/pretrain.py --config configs/gpt3-1.3b.yaml --resume auto
+
+Exit 0, 2 (bad input) and 3 (too many loss spikes) end supervision; any other exit is
+retried after --delay seconds. SIGTERM/SIGINT are passed to the run (it checkpoints and
+exits 0) and end supervision.
+"""
+
+import argparse
+
+from megatrain.supervisor import supervise
+
+from _cli import run
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-restarts", type=int, default=10)
+    p.add_argument("--delay", type=float, default=5.0, help="seconds between a crash and the relaunch")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    args = p.parse_args()
+    if args.cmd and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
+    if not args.cmd:
+        p.error("give the command to run after --")
+    return args
+
+
+def main():
+    args = parse_args()
+    return supervise(args.cmd, args.max_restarts, args.delay, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    run(main)

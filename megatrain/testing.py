@@ -1,0 +1,58 @@
+"""Driving real runs from tests and benchmarks: launcher commands, ports, rank processes.
+
+    cmd = pretrain_command("tests/configs/tiny.yaml", ["run.dir=runs/x", "data.path=data"], nproc=2)
+    subprocess.run(supervise_command(cmd, max_restarts=3))
+    for p in rank_processes(launcher.pid): ...
+
+Needs a source checkout: the entry scripts in launch/ beside this package.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_command(config, sets: list[str], nproc: int = 2, resume: str = "auto") -> list[str]:
+    """launch/pretrain.py through the real deepspeed launcher with `nproc` ranks on a free
+    port, or in plain python (nproc=0); `sets` are KEY=VALUE overrides."""
+    script = [str(LAUNCH / "pretrain.py"), "--config", str(config), "--resume", resume,
+              *[a for s in sets for a in ("--set", s)]]
+    if not nproc:
+        return [sys.executable, *script]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), *script]
+
+
+def supervise_command(cmd: list[str], max_restarts: int, delay: float = 0) -> list[str]:
+    return [sys.executable, str(LAUNCH / "supervise.py"), "--max-restarts", str(max_restarts),
+            "--delay", str(delay), "--", *cmd]
+
+
+def rank_processes(root_pid: int) -> list[psutil.Process]:
+    """The training ranks below a launcher (or a supervisor): the processes that DeepSpeed's
+    launcher started with --local_rank."""
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in procs if any(a.startswith("--local_rank=") for a in _cmdline(p))]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []

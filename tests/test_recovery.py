@@ -1,0 +1,298 @@
+"""Runs that heal themselves: spike rollback and data skip, crashes, damaged checkpoints,
+preemption. Real launcher, 2 ranks on CPU, the tiny model, real faults."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_CONFIG, copy_until, pretrain, shm_buffers, train_losses
+
+from megatrain.config import load_config
+from megatrain.testing import pretrain_command, rank_processes, supervise_command
+from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.metrics import read_metrics
+from megatrain.train.spike_guard import SpikeGuard
+
+pytestmark = pytest.mark.launcher
+# 16 samples (512 tokens) per step with 2 ranks; the guard judges from step 8 on.
+GUARD = ["train.max_steps=40", "train.eval_every=0", "checkpoint.every_steps=10", "spike.min_history=8",
+         "spike.window=16", "spike.snapshot_every=5", "spike.skip=4", "spike.threshold=5"]
+POISON_AT = 30 * 16  # the samples of steps 31 and 32
+
+
+def events(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+def rollbacks(run) -> list[dict]:
+    return [e for e in events(run) if e["event"] == "rollback"]
+
+
+def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout):
+    [rb] = rollbacks(run)
+    restored = rb["restored_step"]
+    assert rb["position"] == restored * 16  # the sampler position at the rollback point
+    clean = tmp_path / "skipped-from-the-start"
+    pretrain(clean, small_data, *GUARD, *layout, f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]")
+    assert not rollbacks(clean)  # the run that never saw the poison has no spike
+    assert train_losses(run) == train_losses(clean)  # step for step: the rollback restored everything
+    # and both end at the same sample position, having skipped the same stretch
+    final = [Checkpointer.read_state(Checkpointer(r, keep=9).latest())["sampler"] for r in (run, clean)]
+    assert final[0] == final[1] and final[0]["skipped"] == [[rb["position"], rb["skipped_samples"]]]
+    rows = read_metrics(run)
+    marker = [r for r in rows if r["kind"] == "rollback"]
+    assert marker == [{"kind": "rollback", "step": restored, "tokens": restored * 512, "spike_step": rb["step"],
+                       "position": rb["position"], "skipped_samples": rb["skipped_samples"]}]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 41))
+    return rb
+
+
+@pytest.mark.parametrize("layout,source", [
+    (["parallel.zero_stage=0", "train.precision=fp32"], "memory"),
+    # the in-memory point holds DeepSpeed's flat fp32 partitions and the bf16 module weights
+    (["parallel.zero_stage=2", "train.precision=bf16"], "memory"),
+    # ZeRO-3 keeps parameters in DeepSpeed-private partitions: back to the disk checkpoint
+    (["parallel.zero_stage=3", "train.precision=fp32"], "checkpoints/step-00000030"),
+], ids=["zero0-fp32", "zero2-bf16", "zero3-fp32-disk"])
+def test_poisoned_data_is_rolled_back_and_skipped(tmp_path, small_data, layout, source):
+    run = tmp_path / "run"
+    pretrain(run, small_data, *GUARD, *layout, env={"MEGATRAIN_POISON": f"{POISON_AT}:32"})
+    rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout)
+    assert rb["began"] == 31 and rb["signal"] == "loss" and rb["loss"] > rb["limit"] > rb["baseline"]
+    assert rb["restored_step"] == 30 and rb["source"].endswith(source)
+    assert rb["skipped_samples"] >= 32  # past every poisoned sample
+    assert rb["skipped_samples"] == max(4 * 16, (rb["step"] - 30) * 16)
+
+
+def test_non_finite_loss_takes_the_same_path(tmp_path, small_data):
+    run = tmp_path / "run"
+    pretrain(run, small_data, *GUARD, env={"MEGATRAIN_FAULTS": "nan_loss@23"})
+    rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path)
+    assert rb["step"] == 23 and rb["began"] == 23 and math.isnan(rb["loss"]) and rb["restored_step"] == 20
+
+
+def test_rollback_cap_stops_a_run_that_keeps_spiking(tmp_path, small_data):
+    """Poison far longer than the skip: the run spikes after every rollback, gives up after
+    spike.max_rollbacks with exit code 3, a clear message, and a clean checkpoint. With
+    patience 2 and a checkpoint every step, each spike leaves a checkpoint of its first step
+    above the threshold: the abandoned timeline's, which must not survive (keep=1)."""
+    run = tmp_path / "run"
+    proc = pretrain(run, small_data, *GUARD, "spike.skip=1", "spike.max_rollbacks=2", "spike.patience=2",
+                    "checkpoint.every_steps=1", "checkpoint.keep=1", check=False,
+                    env={"MEGATRAIN_POISON": f"{POISON_AT}:2000"})
+    assert proc.returncode == 3, proc.stdout[-3000:]
+    assert "stopping: the loss spiked again after 2 rollbacks (spike.max_rollbacks)" in proc.stdout
+    assert len(rollbacks(run)) == 3 and events(run)[-1]["outcome"] == "gave_up"
+    assert {rb["began"] for rb in rollbacks(run)} == {31} and rollbacks(run)[-1]["restored_step"] == 30
+    ckpt = Checkpointer(run, keep=1)
+    latest = ckpt.latest()
+    assert ckpt.complete_checkpoints() == [latest] and ckpt.find("auto") == (latest, [])
+    state = Checkpointer.read_state(latest)
+    assert state["step"] == 30 and state["recovery"]["rollbacks"] == 3
+    assert all(math.isfinite(x) for x in train_losses(run))
+
+
+# --- crashes and preemption ------------------------------------------------------------
+
+LONG = ["train.max_steps=16", "train.eval_every=0", "checkpoint.every_steps=4", "checkpoint.keep=4"]
+
+
+@pytest.fixture(scope="module")
+def baseline16(tmp_path_factory, small_data):
+    run = tmp_path_factory.mktemp("baseline16") / "run"
+    pretrain(run, small_data, *LONG)
+    return run
+
+
+def _last_row(run: Path) -> dict:
+    try:
+        return ([r for r in read_metrics(run) if r["kind"] == "train"] or [{"step": 0}])[-1]
+    except (OSError, json.JSONDecodeError):  # read while rank 0 appends
+        return {"step": 0}
+
+
+def _last_step(run: Path) -> int:
+    return _last_row(run)["step"]
+
+
+def _launches(run: Path) -> int:
+    """Launches that got going: each writes a "start" event after it has resumed (and dropped
+    the metrics rows of the timeline it abandoned), so later rows are its own."""
+    try:
+        return sum(e["event"] == "start" for e in events(run))
+    except (OSError, json.JSONDecodeError):
+        return 0
+
+
+def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, baseline16):
+    """SIGKILL of a random rank at random moments, and inside two checkpoint writes; the
+    supervisor relaunches with --resume auto every time; the final losses are those of a run
+    never killed. Five launches, each ended by one crash except the last:
+      1. killed at random after step 2-5 (checkpoint 4 is written at step 4)
+      2. resumes; rank 1 killed inside the write of checkpoint 8 (nothing published)
+      3. resumes from 4; killed at random after step 9-10
+      4. resumes from 8; rank 0 killed after publishing step-12, before `latest` moved
+      5. resumes from `latest` (8) and finishes."""
+    import random
+
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    kills = [(1, rng.randint(2, 5)), (3, rng.randint(9, 10))]  # (launch, after step; step 1 includes warm-up)
+    run = tmp_path / "run"
+    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG]),
+                            max_restarts=6)
+    env = {**os.environ, "MEGATRAIN_FAULTS": "checkpoint_write@8:1,checkpoint_publish@12",
+           "MEGATRAIN_FAULT_STATE": str(tmp_path / "faults")}
+    log_path = tmp_path / "supervise.log"  # a file, not a pipe: nobody reads a pipe while we poll
+    shm_before = shm_buffers()
+    with open(log_path, "w") as log:
+        sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        killed = []
+        deadline = time.time() + 900
+        while sup.poll() is None and time.time() < deadline:
+            if kills and _launches(run) == kills[0][0] and _last_step(run) >= kills[0][1]:
+                time.sleep(rng.uniform(0, min(_last_row(run).get("step_time", 0.1), 0.5)))  # inside the next step
+                ranks = rank_processes(sup.pid)
+                if ranks:
+                    victim = rng.choice(ranks)
+                    victim.send_signal(signal.SIGKILL)
+                    killed.append((*kills.pop(0), victim.pid))
+            time.sleep(0.02)
+        if sup.poll() is None:
+            sup.kill()
+        sup.wait()
+    output = log_path.read_text()
+    assert sup.returncode == 0, f"seed {seed}\n{output[-5000:]}"
+    assert not kills, f"seed {seed}: kills made {killed}, not made {kills}"
+    assert output.count("supervise: restart") == 4, f"seed {seed}\n{output[-3000:]}"
+    assert _launches(run) == 5
+    assert train_losses(run) == train_losses(baseline16), f"seed {seed}"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert shm_buffers() <= shm_before  # killed ranks leave no shared memory behind either
+
+
+def test_supervisor_restarts_crashes_and_stops_on_final_exits(tmp_path):
+    """Exit 0, 2 (bad input) and 3 (gave up) end supervision; anything else is retried."""
+    from megatrain.supervisor import supervise
+
+    def child(*codes: int) -> list[str]:
+        """A command that exits with codes[n] on its n-th run (negative: killed by that signal)."""
+        count = tmp_path / f"runs-{'_'.join(map(str, codes))}"
+        code = (f"import os, pathlib, signal; p = pathlib.Path({str(count)!r}); n = int(p.read_text()) if p.exists() "
+                f"else 0; p.write_text(str(n + 1)); c = {list(codes)!r}[min(n, {len(codes) - 1})]; "
+                "os.kill(os.getpid(), -c) if c < 0 else os._exit(c)")
+        return [sys.executable, "-c", code]
+
+    log = []
+    assert supervise(child(1, -9, 0), max_restarts=5, delay=0, log=log.append) == 0
+    assert [m for m in log if "restart" in m] == ["supervise: restart 1/5 in 0s", "supervise: restart 2/5 in 0s"]
+    assert "supervise: the run exited -9 (killed by SIGKILL)" in log
+    for final in (2, 3):
+        log = []
+        assert supervise(child(final, 0), max_restarts=5, delay=0, log=log.append) == final
+        assert not any("restart" in m for m in log)
+    log = []
+    assert supervise(child(1), max_restarts=2, delay=0, log=log.append) == 1
+    assert log[-1] == "supervise: giving up after 2 restarts"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, small_data, baseline16):
+    run = tmp_path / "run"
+    cmd = pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=100000"])
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while _last_step(run) < 3 and launcher.poll() is None:
+        time.sleep(0.05)
+    rank_processes(launcher.pid)[-1].send_signal(signal.SIGTERM)  # a scheduler's preemption, reaching one rank
+    output = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 0, output[-3000:]
+    assert "received SIGTERM: stopping after this step with a checkpoint" in output
+    assert "continue with --resume auto" in output
+    stopped_at = _last_step(run)
+    latest = Checkpointer(run, keep=9).latest()
+    assert latest.name == f"step-{stopped_at:08d}" and Checkpointer.verify(latest) is None
+    assert events(run)[-1]["event"] == "end" and events(run)[-1]["outcome"] == "stopped"
+    pretrain(run, small_data, *LONG)  # resume: the run carries on exactly
+    assert train_losses(run) == train_losses(baseline16)
+
+
+def test_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path, small_data, baseline16):
+    run = copy_until(baseline16, tmp_path / "run", step=16)
+    shard = run / "checkpoints" / "step-00000016" / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size, one bit different
+    shard.write_bytes(bytes(data))
+    proc = pretrain(run, small_data, *LONG)
+    out = proc.stdout + proc.stderr
+    assert "warning: skipping damaged checkpoint step-00000016" in out and "sha256 does not match" in out
+    assert shard.name in out and "resumed from" in out and "step-00000012" in out
+    assert train_losses(run) == train_losses(baseline16)
+
+
+def test_disk_full_during_a_checkpoint_keeps_latest(tmp_path, small_data, baseline16):
+    """A file-size limit makes the checkpoint write fail as a full disk would: one clear error,
+    the partial directory removed, `latest` still on the previous checkpoint."""
+    run = copy_until(baseline16, tmp_path / "run", step=8)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))"
+    script = REPO / "launch" / "pretrain.py"
+    code = (f"{limit}; import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, {str(script.parent)!r}); "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    args = [str(script), "--config", str(TINY_CONFIG),
+            *[a for s in [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=12"] for a in ("--set", s)]]
+    # one process (a world of one): the checkpoint of step 8 was written by 2 ranks, so start over at 0
+    proc = subprocess.run([sys.executable, "-c", code, *args, "--resume", "none"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a run error, not bad input: a supervisor may retry
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "checkpoint of step 4 could not be written" in err
+    assert "`latest` still names step-00000008" in err
+    assert (run / "latest").read_text().strip() == "checkpoints/step-00000008"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert Checkpointer.verify(run / "checkpoints" / "step-00000008") is None
+
+
+# --- the guard's rule, without a run ----------------------------------------------------
+
+def _guard(**overrides):
+    cfg = load_config(TINY_CONFIG, ["data.path=x", "train.max_steps=1", "spike.window=10", "spike.min_history=5",
+                                    "spike.threshold=4", *[f"spike.{k}={v}" for k, v in overrides.items()]])
+    return SpikeGuard(cfg.spike)
+
+
+@pytest.mark.parametrize("stats", ["median_mad", "mean_std"])
+def test_guard_flags_a_jump_and_not_noise(stats):
+    g = _guard(stats=stats)
+    noise = [3.0, 3.1, 2.9, 3.05, 2.95, 3.0, 3.1, 2.9, 3.0, 3.02]
+    assert not any(g.observe(i, {"loss": x}).spike for i, x in enumerate(noise))
+    assert not g.observe(10, {"loss": 3.2}).spike  # within the noise
+    v = g.observe(11, {"loss": 5.0})
+    assert v.spike and v.began == 11 and v.signal == "loss" and v.baseline == pytest.approx(3.0, abs=0.05)
+
+
+def test_guard_waits_for_history_and_counts_patience():
+    g = _guard(patience=2)
+    assert not g.observe(0, {"loss": 100.0}).spike  # too little history to judge
+    for i in range(1, 8):
+        g.observe(i, {"loss": 3.0 + 0.01 * (i % 3)})
+    assert not g.observe(8, {"loss": 9.0}).spike  # one step above: not yet
+    v = g.observe(9, {"loss": 9.5})
+    assert v.spike and v.began == 8  # the spike began at the first step above
+    assert 9.0 not in g.history["loss"]  # values above were not taken into the baseline
+    assert not g.observe(10, {"loss": 9.0}).spike  # pending count restarted
+
+
+def test_guard_non_finite_and_fp16_overflow():
+    g = _guard()
+    assert g.observe(0, {"loss": float("nan")}).spike  # at once, whatever the history
+    assert g.observe(1, {"loss": 3.0, "grad_norm": float("inf")}).spike  # not watched, but not finite
+    assert not g.observe(2, {"loss": 3.0, "grad_norm": float("inf")}, overflow=True).spike  # the loss scaler's job
+    state = g.state_dict()
+    h = _guard()
+    h.load_state_dict(state)
+    assert h.state_dict() == state
