@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # A stalled download fails after 60 s and is retried, instead of hanging the install.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off --timeout 60 --retries 3
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench soak lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ bench: install
 	$(BIN)/python bench/train.py --json runs/bench/train.json
 	$(BIN)/python bench/optimizer.py --json runs/bench/optimizer.json
 	$(BIN)/python bench/pipeline.py --json runs/bench/pipeline.json
+
+# Random kills and loss spikes on a tiny 2-rank run, 20 trials (~20 minutes); not in CI.
+soak: install
+	$(BIN)/python bench/soak.py --json runs/bench/soak.json
 
 lint: install
 	$(BIN)/ruff check .

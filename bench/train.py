@@ -54,12 +54,16 @@ def build_data(work: Path) -> Path:
     return work / "data"
 
 
+# Open for the whole run: DeepSpeed's logger keeps the stdout it first saw, which is this.
+QUIET = open(os.devnull, "w")  # noqa: SIM115
+
+
 def megatrain_run(cfg_overrides: list[str], zero: int, steps: int, peak: float, work: Path) -> list[float]:
     run_dir = work / f"run-{time.monotonic_ns()}"
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", cfg_overrides + [
         f"parallel.zero_stage={zero}", f"train.max_steps={steps}", f"run.dir={run_dir}", "train.eval_samples=0",
         "checkpoint.every_steps=0", "logging.progress=false", f"train.peak_flops={peak}"])
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+    with contextlib.redirect_stdout(QUIET):
         Trainer(cfg, resume="none").fit()
     times = [r["step_time"] for r in read_metrics(run_dir) if r["kind"] == "train"]
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -429,11 +429,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     sp = cfg.spike
     need(set(sp.watch) <= {"loss", "grad_norm"} and bool(sp.watch), "spike.watch",
          f"must list 'loss' and/or 'grad_norm', got {sp.watch}")
-    need(sp.window >= 2 and 1 <= sp.min_history <= sp.window, "spike.min_history",
-         f"must be between 1 and spike.window ({sp.window}), and the window at least 2")
-    need(sp.threshold > 0 and sp.patience >= 1, "spike.threshold", "must be > 0, and spike.patience >= 1")
-    need(sp.skip >= 0 and sp.max_rollbacks >= 0, "spike.skip", "and spike.max_rollbacks must be >= 0")
-    need(sp.snapshot_every >= 1 and sp.snapshots >= 0, "spike.snapshot_every", "must be >= 1, and spike.snapshots >= 0")
+    need(sp.window >= 2, "spike.window", f"must be >= 2, got {sp.window}")
+    need(1 <= sp.min_history <= sp.window, "spike.min_history",
+         f"must be between 1 and spike.window ({sp.window}), got {sp.min_history}")
+    need(sp.threshold > 0, "spike.threshold", f"must be > 0, got {sp.threshold}")
+    for key, value, least in (("patience", sp.patience, 1), ("skip", sp.skip, 0), ("max_rollbacks", sp.max_rollbacks, 0),
+                              ("snapshot_every", sp.snapshot_every, 1), ("snapshots", sp.snapshots, 0)):
+        need(value >= least, f"spike.{key}", f"must be >= {least}, got {value}")
     ok = all(isinstance(x, list) and len(x) == 2 and all(isinstance(v, (int, float)) and v >= 0 for v in x)
              for x in cfg.data.skip)
     need(ok, "data.skip", f"must be [[position, samples], ...] with non-negative numbers, got {cfg.data.skip!r}")

@@ -121,3 +121,16 @@ def test_fused_deepspeed_config_turns_deepspeed_clipping_off():
         assert "optimizer" not in ds  # a client optimizer
     ds = deepspeed_config(load_config(TINY_CONFIG, base + ["optim.name=adamw"]), 2, 1)
     assert ds["gradient_clipping"] == 0.6 and ds["optimizer"]["type"] == "AdamW"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("spike.max_rollbacks=-1", "spike.max_rollbacks must be >= 0, got -1"),
+    ("spike.patience=0", "spike.patience must be >= 1, got 0"),
+    ("spike.min_history=500", "spike.min_history must be between 1 and spike.window (100), got 500"),
+    ("spike.watch=[foo]", "spike.watch must list 'loss' and/or 'grad_norm', got ['foo']"),
+    ("data.skip=[[1]]", "data.skip must be [[position, samples], ...] with non-negative numbers, got [[1]]"),
+])
+def test_spike_and_skip_settings_are_checked_one_key_at_a_time(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, [*BASE, override])
+    assert message in str(e.value)

@@ -60,20 +60,21 @@ def maybe_crash(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def poisoned_positions() -> range | None:
-    spec = os.environ.get("MEGATRAIN_POISON")
+def _parse_poison(spec: str) -> range | None:
     if not spec:
         return None
     start, count = (int(x) for x in spec.split(":"))
     return range(start, start + count)
 
 
+_POISON = _parse_poison(os.environ.get("MEGATRAIN_POISON", ""))
+
+
 def poison(batch: np.ndarray, positions: np.ndarray, vocab_size: int) -> np.ndarray:
     """Rows whose global sample position is poisoned become random tokens (seeded by position)."""
-    window = poisoned_positions()
-    if window is None:
+    if _POISON is None:
         return batch
     for row, pos in enumerate(positions):
-        if pos in window:
+        if pos in _POISON:
             batch[row] = np.random.default_rng(int(pos)).integers(0, vocab_size, batch.shape[1])
     return batch

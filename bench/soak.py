@@ -1,0 +1,204 @@
+"""Soak: random kills and injected loss spikes on a tiny 2-rank run, trial after trial.
+
+Each trial runs a 40-step tiny run under launch/supervise.py (--resume auto) and draws:
+  - 0 to 2 SIGKILLs of a random rank, each at a random moment inside a random step of a
+    launch (never two in one launch: a kill ends it), checkpoint writes included;
+  - a loss spike, one of: a poisoned stretch of data (random tokens, 2 steps' worth) at a
+    random step from 24 on, a NaN loss at a random step from 12 on, or none.
+A trial passes when the run finishes, every step 1..40 is in metrics.jsonl, no data is
+lost, and its losses equal, step for step, those of a reference run that never crashed
+and skipped from the start what the trial skipped (the sampler's record in the final
+checkpoint, replayed through data.skip). The poison is part of the data, so the
+reference sees it too; a NaN loss is an event, so it does not. "Data lost" counts samples
+the reference trained on and the trial did not: it must be 0. "Poison trained" counts
+poisoned samples the trial trained on anyway: the guard skips to the end of the step
+that spiked, and a remainder that moves the loss less than the threshold goes by.
+
+    python bench/soak.py [--trials 20] [--seed S] [--json FILE]
+
+Not a CI test: 20 trials take ~20 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+from _bench import SHARED_DATA, arg_parser, machine, print_table, write_json
+
+import json
+import os
+import random
+import subprocess
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+from megatrain.data import prepare_dataset
+from megatrain.testing import REPO, pretrain_command, rank_processes, supervise_command
+from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.metrics import read_metrics
+from tokenizer import TrainerOptions, train_tokenizer
+
+STEPS = 40
+SAMPLES_PER_STEP = 16  # micro_batch 4 x 2 micro-batches x 2 ranks
+# The tests' tiny model on configs/tiny-cpu.yaml; a rollback point every 5 steps, the
+# guard judging from step 8 on.
+RUN = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "train.seq_len=32", "train.micro_batch=4",
+       f"train.max_steps={STEPS}", "train.max_tokens=null", "train.eval_every=0", "train.peak_flops=5e10",
+       "optim.lr=3e-3", "optim.grad_clip=0.6", "schedule.lr_shape=constant", "schedule.warmup_tokens=0",
+       "schedule.batch_final_tokens=512", "schedule.batch_ramp_tokens=0", "parallel.zero_stage=1",
+       "checkpoint.every_steps=5", "checkpoint.keep=3", "logging.progress=false", "spike.min_history=8",
+       "spike.window=16", "spike.snapshot_every=5", "spike.skip=4", "spike.threshold=5"]
+
+
+def corpus() -> list[str]:
+    shakespeare = SHARED_DATA / "tinyshakespeare.txt"
+    if shakespeare.exists():
+        return [str(shakespeare)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [str(stdlib / name) for name in ("json", "email", "html", "http")]
+
+
+def plan(rng: random.Random) -> dict:
+    spike = rng.choice(["poison", "nan", "none"])
+    return {"kills": sorted(rng.sample(range(2, STEPS - 3), rng.randint(0, 2))),  # after these steps
+            "spike": spike,
+            "poison_step": rng.randint(24, STEPS - 6) if spike == "poison" else None,
+            "nan_step": rng.randint(12, STEPS - 2) if spike == "nan" else None}
+
+
+def _read(fn, default):
+    try:
+        return fn()
+    except (OSError, json.JSONDecodeError):  # read while rank 0 writes
+        return default
+
+
+def _launches(run: Path) -> int:
+    path = run / "events.jsonl"
+    return _read(lambda: sum(json.loads(line)["event"] == "start" for line in path.read_text().splitlines()), 0)
+
+
+def _last_train_row(run: Path) -> dict:
+    return _read(lambda: ([r for r in read_metrics(run) if r["kind"] == "train"] or [{"step": 0}])[-1], {"step": 0})
+
+
+def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
+    run = work / "run"
+    work.mkdir(parents=True)
+    env = {**os.environ, "MEGATRAIN_FAULT_STATE": str(work / "faults"), **poison_env(p)}
+    if p["nan_step"] is not None:
+        env["MEGATRAIN_FAULTS"] = f"nan_loss@{p['nan_step']}"
+    cmd = supervise_command(pretrain_command(REPO / "configs" / "tiny-cpu.yaml",
+                                             [*RUN, f"run.dir={run}", f"data.path={data}"]), max_restarts=8)
+    kills, killed_in = list(p["kills"]), set()
+    with open(work / "supervise.log", "w") as log:
+        sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 600
+        while sup.poll() is None and time.time() < deadline:
+            launch, row = _launches(run), _last_train_row(run)
+            if kills and launch not in killed_in and launch > 0 and row["step"] >= kills[0]:
+                time.sleep(rng.uniform(0, min(row.get("step_time", 0.1), 0.5)))  # inside the next step
+                ranks = rank_processes(sup.pid)
+                if ranks:
+                    rng.choice(ranks).kill()
+                    killed_in.add(launch)
+                    kills.pop(0)
+            time.sleep(0.02)
+        if sup.poll() is None:
+            sup.kill()
+        code = sup.wait()
+    output = (work / "supervise.log").read_text()
+    latest = Checkpointer(run, keep=99).latest() if code == 0 else None
+    rollbacks = [r for r in read_metrics(run) if r["kind"] == "rollback"]
+    return {"exit": code, "kills": len(p["kills"]) - len(kills), "restarts": output.count("supervise: restart"),
+            "rollbacks": len(rollbacks), "steps": [r["step"] for r in read_metrics(run) if r["kind"] == "train"],
+            "losses": [r["loss"] for r in read_metrics(run) if r["kind"] == "train"],
+            "final": Checkpointer.read_state(latest) if latest else None}
+
+
+def poison_env(p: dict) -> dict:
+    if p["poison_step"] is None:
+        return {}
+    return {"MEGATRAIN_POISON": f"{(p['poison_step'] - 1) * SAMPLES_PER_STEP}:{2 * SAMPLES_PER_STEP}"}
+
+
+def reference(work: Path, data: Path, skipped: list, poison: dict, cache: dict) -> dict:
+    """A run on the same data (poison included) that never crashed and skipped `skipped` from the start."""
+    skip = json.dumps(skipped)
+    key = (skip, json.dumps(poison))
+    if key not in cache:
+        run = work / f"reference-{len(cache)}"
+        cmd = pretrain_command(REPO / "configs" / "tiny-cpu.yaml",
+                               [*RUN, f"run.dir={run}", f"data.path={data}", f"data.skip={skip}"], resume="none")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **poison})
+        if proc.returncode != 0:
+            raise RuntimeError(f"reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        cache[key] = {"losses": [r["loss"] for r in read_metrics(run) if r["kind"] == "train"],
+                      "final": Checkpointer.read_state(Checkpointer(run, keep=99).latest())}
+    return cache[key]
+
+
+def trained(sampler: dict) -> set[int]:
+    """Global sample positions a run trained on: all it went past, less what it skipped."""
+    taken = set(range(sampler["consumed"]))
+    for position, count in sampler["skipped"]:
+        taken -= set(range(position, position + count))
+    return taken
+
+
+def main():
+    ap = arg_parser(__doc__)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=None, help="default: a random one (printed)")
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(10**6)
+    rng = random.Random(seed)
+    work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    print(f"soak: {args.trials} trials, seed {seed}, work dir {work}", flush=True)
+    tok, data = work / "tokenizer", work / "data"
+    train_tokenizer(corpus(), tok, TrainerOptions(vocab_size=1024), progress=False)
+    prepare_dataset(tok, corpus(), data, valid_fraction=0.0, workers=2, progress=False)
+
+    cache, rows = {}, []
+    for i in range(args.trials):
+        p = plan(rng)
+        t0 = time.perf_counter()
+        trial = run_trial(work / f"trial-{i:02d}", data, p, rng)
+        ok_run = trial["exit"] == 0 and trial["steps"] == list(range(1, STEPS + 1)) and trial["final"] is not None
+        lost = poison_trained = None
+        matched = False
+        if ok_run:
+            ref = reference(work, data, trial["final"]["sampler"]["skipped"], poison_env(p), cache)
+            lost = len(trained(ref["final"]["sampler"]) - trained(trial["final"]["sampler"]))
+            matched = trial["losses"] == ref["losses"]
+            if p["poison_step"] is not None:
+                start = (p["poison_step"] - 1) * SAMPLES_PER_STEP
+                poison_trained = len(trained(trial["final"]["sampler"]) & set(range(start, start + 2 * SAMPLES_PER_STEP)))
+        row = {"trial": i, "kills": trial["kills"], "spike": p["spike"],
+               "at_step": p["poison_step"] or p["nan_step"], "restarts": trial["restarts"],
+               "rollbacks": trial["rollbacks"], "finished": ok_run, "data_lost": lost,
+               "poison_trained": poison_trained, "matched": matched,
+               "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        print(f"trial {i}: {row}", flush=True)
+
+    print_table(f"Soak: {args.trials} trials of a {STEPS}-step tiny run, 2 ranks (seed {seed})",
+                ["trial", "kills", "spike", "at step", "restarts", "rollbacks", "finished", "data lost",
+                 "poison trained", "matched"],
+                [[r["trial"], r["kills"], r["spike"], r["at_step"] or "-", r["restarts"], r["rollbacks"],
+                  r["finished"], r["data_lost"], "-" if r["poison_trained"] is None else r["poison_trained"],
+                  r["matched"]] for r in rows])
+    summary = {"trials": len(rows), "recoveries": sum(r["restarts"] + r["rollbacks"] for r in rows),
+               "kills": sum(r["kills"] for r in rows), "spikes": sum(r["spike"] != "none" for r in rows),
+               "finished": sum(r["finished"] for r in rows),
+               "data_lost": sum(r["data_lost"] or 0 for r in rows),
+               "all_matched": all(r["matched"] for r in rows)}
+    print(f"\ntrials {summary['trials']}, recoveries {summary['recoveries']} "
+          f"({summary['kills']} kills, {summary['spikes']} injected spikes), finished {summary['finished']}, "
+          f"data lost {summary['data_lost']} samples, every final trajectory matched: {summary['all_matched']}")
+    write_json(args.json, {"seed": seed, "machine": machine(), "summary": summary, "trials": rows})
+    return 0 if summary["all_matched"] and summary["finished"] == summary["trials"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
