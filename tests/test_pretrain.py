@@ -119,12 +119,14 @@ def test_changed_model_shape_or_world_size_is_refused(runs, tmp_path, small_data
 
 
 def test_single_process_with_wandb_offline_and_plot(tmp_path, small_data):
-    """A world of one without the launcher, stopping at max_tokens; --resume none starts over."""
+    """A world of one, without the launcher and then with it (one rank, the one-GPU command;
+    pretrain() checks that it leaves no shared memory behind), stopping at max_tokens;
+    --resume none starts over."""
     run = tmp_path / "run"
     limit = ["train.max_steps=null", "train.max_tokens=1536"]  # 3 steps of 512 tokens
     pretrain(run, small_data, "logging.wandb=true", *limit, nproc=0, env={"WANDB_MODE": "offline"})
     assert len(train_losses(run)) == 3
-    pretrain(run, small_data, *limit, nproc=0, resume="none")
+    pretrain(run, small_data, *limit, nproc=1, resume="none")
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == [1, 2, 3]  # not appended
     offline = list((run / "wandb").glob("offline-run-*"))
     assert offline and list(offline[0].glob("*.wandb"))

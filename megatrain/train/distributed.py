@@ -39,7 +39,7 @@ def _unlink_shm_buffer() -> None:
     mapped every rank's buffer; after a barrier all have, so each rank unlinks its own and
     the memory goes when the last rank exits, however it exits. (DeepSpeed's condition for
     the buffers, the same on every rank: LOCAL_SIZE == world size; csrc/cpu/comm/shm.cpp.)"""
-    if os.environ.get("LOCAL_SIZE") != str(world_size()) or world_size() == 1:
+    if os.environ.get("LOCAL_SIZE") != str(world_size()):  # a world of one included
         return
     barrier()
     env = os.environ
