@@ -2,8 +2,8 @@
 
 Rows per model (tiny-cpu, ~20M parameters) and precision (fp32, bf16): a bare loop
 (torch AdamW fused=True, clip_grad_norm_, gradient accumulation, no DeepSpeed; bf16
-through torch.autocast) and megatrain's Trainer with ZeRO-0 and ZeRO-1, one rank,
-timed round-robin in one process. tokens/s is the median over the measured steps;
+through torch.autocast) and megatrain's Trainer with ZeRO-0 and ZeRO-1, one rank, in
+train.precision fp32, or bf16 and bf16-autocast, timed round-robin in one process. tokens/s is the median over the measured steps;
 MFU is against this machine's matmul peak in that precision, measured in the same run.
 Goal: megatrain >= 0.95x the bare loop.
 
@@ -119,11 +119,14 @@ def main():
             fpt = flops_per_token(GPTConfig(vocab_size=vocab, seq_len=cfg.train.seq_len, n_layer=cfg.model.n_layer,
                                             n_head=cfg.model.n_head, d_model=cfg.model.d_model))
             batch_tokens = BatchSchedule.from_config(cfg, dp_size=1)(0)
-            variants = {
-                "bare PyTorch loop": lambda o=overrides: bare_run(o, args.steps + 1, data_dir)[1:],
-                "megatrain ZeRO-0": lambda o=overrides, p=prec: megatrain_run(o, 0, args.steps + 1, peaks[p], work)[1:],
-                "megatrain ZeRO-1": lambda o=overrides, p=prec: megatrain_run(o, 1, args.steps + 1, peaks[p], work)[1:],
-            }
+            variants = {"bare PyTorch loop": lambda o=overrides: bare_run(o, args.steps + 1, data_dir)[1:]}
+            # bf16 rows: DeepSpeed's bf16 mode and bf16-autocast (the bare loop's own strategy)
+            for mode in [prec] + (["bf16-autocast"] if prec == "bf16" else []):
+                label = "" if mode == prec else f" {mode}"
+                for zero in (0, 1):
+                    variants[f"megatrain ZeRO-{zero}{label}"] = (
+                        lambda o=overrides + [f"train.precision={mode}"], z=zero, p=prec:
+                        megatrain_run(o, z, args.steps + 1, peaks[p], work)[1:])
             step_times = {name: [] for name in variants}
             for _ in range(args.repeat):
                 for name, fn in variants.items():

@@ -79,8 +79,10 @@ class TrainConfig:
     """Stop after this many optimizer steps (None: no limit). At least one of max_steps/max_tokens is needed."""
     max_tokens: int | None = None
     """Stop once this many tokens were consumed (None: no limit)."""
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """bf16 (fp32 master weights), fp16 (with dynamic loss scaling; GPU only) or fp32."""
+    precision: Literal["bf16", "bf16-autocast", "fp16", "fp32"] = "bf16"
+    """bf16: the model in bf16, fp32 master weights in the optimizer (DeepSpeed's bf16 mode,
+    as Megatron-LM); bf16-autocast: fp32 weights, matmuls in bf16 through torch.autocast
+    (DeepSpeed's torch_autocast); fp16: with dynamic loss scaling, GPU only; fp32."""
     eval_every: int = 100
     """Optimizer steps between validation passes (0: only at the end)."""
     eval_samples: int = 64
@@ -493,6 +495,8 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                        "weight_decay": o.weight_decay}}
+    if t.precision == "bf16-autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if t.precision == "fp16":
         # Dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
         ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import TINY_CONFIG, run_script
 
 from megatrain.config import Config, deepspeed_config, load_config
@@ -31,7 +32,7 @@ def test_yaml_plus_overrides():
     ("trian.seq_len=4", "unknown key 'trian' (did you mean 'train'?)"),
     ("train.max_steps=ten", "train.max_steps must be int | null, got str 'ten'"),
     ("train.micro_batch=2.5", "train.micro_batch must be int, got float 2.5"),
-    ("train.precision=fp8", "train.precision must be 'bf16' | 'fp16' | 'fp32', got str 'fp8'"),
+    ("train.precision=fp8", "train.precision must be 'bf16' | 'bf16-autocast' | 'fp16' | 'fp32', got str 'fp8'"),
     ("logging.wandb=yes please", "logging.wandb must be bool"),
     ("model.n_head=5", "model.d_model (32) must be divisible by model.n_head (5)"),
     ("parallel.zero_stage=4", "parallel.zero_stage must be 0, 1, 2 or 3"),
@@ -72,7 +73,7 @@ def test_every_config_file_loads():
         assert cfg.train.seq_len > 0, path
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "bf16-autocast", "fp32"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_json(precision, stage):
     cfg = load_config(TINY_CONFIG, BASE + [f"train.precision={precision}", f"parallel.zero_stage={stage}",
@@ -93,6 +94,9 @@ def test_deepspeed_json(precision, stage):
     assert parsed.float16_config.enabled == (precision == "fp16") and parsed.bfloat16_config.enabled == (precision == "bf16")
     if precision == "fp16":
         assert parsed.float16_config.loss_scale == 0  # 0 means dynamic in DeepSpeed
+    assert parsed.torch_autocast_enabled == (precision == "bf16-autocast")
+    if precision == "bf16-autocast":
+        assert parsed.torch_autocast_dtype == torch.bfloat16
 
 
 def test_raw_deepspeed_section_merges_on_top():

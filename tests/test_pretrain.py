@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import copy_until, pretrain, run_script, train_losses
 
 from megatrain.train.checkpoint import Checkpointer
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.launcher
 STAGES = [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-autocast"])
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_zero_stage_trains(runs, stage, precision):
     losses = train_losses(runs(stage, precision))
@@ -29,6 +30,23 @@ def test_fp32_zero_stages_agree(runs):
     reference = train_losses(runs(0, "fp32"))
     for stage in STAGES[1:]:
         assert train_losses(runs(stage, "fp32")) == pytest.approx(reference, rel=1e-5), stage
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_casts_matmuls(runs):
+    """bf16-autocast starts from the same fp32 weights as fp32 and stays within bf16 rounding
+    of it, but is not fp32: the matmuls really ran in bf16."""
+    reference = train_losses(runs(0, "fp32"))
+    for stage in STAGES:
+        losses = train_losses(runs(stage, "bf16-autocast"))
+        assert losses == pytest.approx(reference, rel=1e-3), stage
+        assert losses != reference, stage
+
+    def weight_dtypes(run):  # ZeRO-0 saves the module as the engine holds it
+        ckpt = run / (run / "latest").read_text().strip() / "mp_rank_00_model_states.pt"
+        return {t.dtype for t in torch.load(ckpt, map_location="cpu", weights_only=False)["module"].values()}
+
+    assert weight_dtypes(runs(0, "bf16-autocast")) == {torch.float32}
+    assert weight_dtypes(runs(0, "bf16")) == {torch.bfloat16}
 
 
 def test_metrics_fields(runs):

@@ -138,14 +138,17 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     never killed. Five launches, each ended by one crash except the last:
       1. killed at random after step 2-5 (checkpoint 4 is written at step 4)
       2. resumes; rank 1 killed inside the write of checkpoint 8 (nothing published)
-      3. resumes from 4; killed at random after step 9-10
-      4. resumes from 8; rank 0 killed after publishing step-12, before `latest` moved
-      5. resumes from `latest` (8) and finishes."""
+      3. resumes from 4; killed at random after step 5-9 (checkpoint 8 may be written)
+      4. resumes from 4 or 8; rank 0 killed after publishing step-12, before `latest` moved
+      5. resumes from `latest` (8) and finishes.
+    A random kill must land before the launch reaches the next injected fault (steps 8 and
+    12): a kill still pending then would hit the next launch while it starts."""
     import random
 
     seed = random.randrange(10**6)
     rng = random.Random(seed)
-    kills = [(1, rng.randint(2, 5)), (3, rng.randint(9, 10))]  # (launch, after step; step 1 includes warm-up)
+    # (launch, kill after this step, and before this one); step 1 includes warm-up
+    kills = [(1, rng.randint(2, 5), 8), (3, rng.randint(5, 9), 12)]
     run = tmp_path / "run"
     cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG]),
                             max_restarts=6)
@@ -158,7 +161,7 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
         killed = []
         deadline = time.time() + 900
         while sup.poll() is None and time.time() < deadline:
-            if kills and _launches(run) == kills[0][0] and _last_step(run) >= kills[0][1]:
+            if kills and _launches(run) == kills[0][0] and kills[0][1] <= _last_step(run) < kills[0][2]:
                 time.sleep(rng.uniform(0, min(_last_row(run).get("step_time", 0.1), 0.5)))  # inside the next step
                 ranks = rank_processes(sup.pid)
                 if ranks:

@@ -38,7 +38,9 @@ from megatrain.train.preemption import StopRequest
 from megatrain.train.recovery import SpikeRecovery
 from megatrain.train.rollback import base_optimizer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The dtype the matmuls run in, for the peak-FLOPs probe.
+MATMUL_DTYPES = {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16,
+                 "fp32": torch.float32}
 
 
 @dataclass
@@ -128,10 +130,10 @@ class Trainer:
         attach(self.client_optimizer, model, cfg, self.engine)
         self.dp_rank = self.engine.grid.data_parallel_id if self.pipeline else self.rank
         # Where the pre-clip global norm comes from: our kernel when it clips; otherwise
-        # DeepSpeed, which reports it except for plain fp32 data parallel (measured here).
+        # DeepSpeed, which reports it except for data parallel with fp32 weights (measured here).
         self._norm_from_optimizer = isinstance(self.client_optimizer, FusedAdamWClip) and optimizer_clips(cfg)
         self._measure_grad_norm = (not self._norm_from_optimizer and cfg.parallel.zero_stage == 0
-                                   and t.precision == "fp32")
+                                   and t.precision in ("fp32", "bf16-autocast"))
         self.device = self.engine.device
         self.sampler = ResumableSampler(len(self.train_data), seed=data_seed(cfg), rank=self.dp_rank,
                                         world_size=self.dp_size)
@@ -241,7 +243,7 @@ class Trainer:
     def _peak_flops(self) -> tuple[float, str]:
         if self.cfg.train.peak_flops:
             return float(self.cfg.train.peak_flops), "train.peak_flops"
-        measured = measure_matmul_flops(DTYPES[self.cfg.train.precision])  # all ranks at once, as they train
+        measured = measure_matmul_flops(MATMUL_DTYPES[self.cfg.train.precision])  # all ranks at once, as they train
         return dist.all_reduce_mean([measured])[0], "matmul probe"
 
     # --- the loop --------------------------------------------------------------------
