@@ -39,8 +39,9 @@ def test_pipeline_equals_data_parallel(p2_run, runs):
     assert all(r["micro_batches"] == r["grad_accum"] == 4 for r in p2)  # 512 tokens / (4 x 32 x 1 rank)
 
 
-def test_pipeline_bf16_trains(tmp_path, small_data):
-    pretrain(tmp_path / "run", small_data, *PIPE, "train.precision=bf16", "checkpoint.every_steps=0")
+@pytest.mark.parametrize("precision", ["bf16", "bf16-autocast"])
+def test_pipeline_bf16_trains(tmp_path, small_data, precision):
+    pretrain(tmp_path / "run", small_data, *PIPE, f"train.precision={precision}", "checkpoint.every_steps=0")
     losses = train_losses(tmp_path / "run")
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05
 
