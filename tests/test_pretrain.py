@@ -136,6 +136,17 @@ def test_changed_model_shape_or_world_size_is_refused(runs, tmp_path, small_data
             "and 1; resume with the same layout") in proc.stderr
 
 
+def test_world_of_one_zero0_skips_the_allreduce_without_changing_numerics(tmp_path, small_data):
+    """In a world of one, ZeRO-0 leaves out DeepSpeed's gradient all-reduce (an identity);
+    ZeRO-1, which reduces into its own partition, follows the same trajectory."""
+    losses = {}
+    for stage in (0, 1):
+        pretrain(tmp_path / f"zero{stage}", small_data, f"parallel.zero_stage={stage}", "checkpoint.every_steps=0",
+                 nproc=0)
+        losses[stage] = train_losses(tmp_path / f"zero{stage}")
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_single_process_with_wandb_offline_and_plot(tmp_path, small_data):
     """A world of one, without the launcher and then with it (one rank, the one-GPU command;
     pretrain() checks that it leaves no shared memory behind), stopping at max_tokens;
