@@ -3,8 +3,9 @@
 Rows per model (tiny-cpu, ~20M parameters) and precision (fp32, bf16): a bare loop
 (torch AdamW fused=True, clip_grad_norm_, gradient accumulation, no DeepSpeed; bf16
 through torch.autocast) and megatrain's Trainer with ZeRO-0 and ZeRO-1, one rank, in
-train.precision fp32, or bf16 and bf16-autocast, timed round-robin in one process. tokens/s is the median over the measured steps;
-MFU is against this machine's matmul peak in that precision, measured in the same run.
+train.precision fp32, or bf16 and bf16-autocast, timed round-robin in one process.
+tokens/s is the median over the measured steps; MFU is against this machine's matmul
+peak in that precision, measured in the same run.
 Goal: megatrain >= 0.95x the bare loop.
 
 bf16 matmuls are ~100x slower than fp32 on CPUs without AVX-512 BF16, so bf16 rows use
