@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from megatrain.data import prepare_dataset
-from megatrain.testing import REPO, pretrain_command, rank_processes, supervise_command
+from megatrain.testing import REPO, kill_a_rank, last_train_row, launches, pretrain_command, supervise_command
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_metrics
 from tokenizer import TrainerOptions, train_tokenizer
@@ -66,22 +66,6 @@ def plan(rng: random.Random) -> dict:
             "nan_step": rng.randint(12, STEPS - 2) if spike == "nan" else None}
 
 
-def _read(fn, default):
-    try:
-        return fn()
-    except (OSError, json.JSONDecodeError):  # read while rank 0 writes
-        return default
-
-
-def _launches(run: Path) -> int:
-    path = run / "events.jsonl"
-    return _read(lambda: sum(json.loads(line)["event"] == "start" for line in path.read_text().splitlines()), 0)
-
-
-def _last_train_row(run: Path) -> dict:
-    return _read(lambda: ([r for r in read_metrics(run) if r["kind"] == "train"] or [{"step": 0}])[-1], {"step": 0})
-
-
 def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
     run = work / "run"
     work.mkdir(parents=True)
@@ -95,12 +79,9 @@ def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
         sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 600
         while sup.poll() is None and time.time() < deadline:
-            launch, row = _launches(run), _last_train_row(run)
+            launch, row = launches(run), last_train_row(run)
             if kills and launch not in killed_in and launch > 0 and row["step"] >= kills[0]:
-                time.sleep(rng.uniform(0, min(row.get("step_time", 0.1), 0.5)))  # inside the next step
-                ranks = rank_processes(sup.pid)
-                if ranks:
-                    rng.choice(ranks).kill()
+                if kill_a_rank(sup.pid, rng, row.get("step_time", 0.1)):
                     killed_in.add(launch)
                     kills.pop(0)
             time.sleep(0.02)

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, TINY_CONFIG, copy_until, pretrain, shm_buffers, train_losses
 
 from megatrain.config import load_config
-from megatrain.testing import pretrain_command, rank_processes, supervise_command
+from megatrain.testing import kill_a_rank, last_train_row, launches, pretrain_command, rank_processes, supervise_command
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_metrics
 from megatrain.train.spike_guard import SpikeGuard
@@ -112,24 +112,8 @@ def baseline16(tmp_path_factory, small_data):
     return run
 
 
-def _last_row(run: Path) -> dict:
-    try:
-        return ([r for r in read_metrics(run) if r["kind"] == "train"] or [{"step": 0}])[-1]
-    except (OSError, json.JSONDecodeError):  # read while rank 0 appends
-        return {"step": 0}
-
-
 def _last_step(run: Path) -> int:
-    return _last_row(run)["step"]
-
-
-def _launches(run: Path) -> int:
-    """Launches that got going: each writes a "start" event after it has resumed (and dropped
-    the metrics rows of the timeline it abandoned), so later rows are its own."""
-    try:
-        return sum(e["event"] == "start" for e in events(run))
-    except (OSError, json.JSONDecodeError):
-        return 0
+    return last_train_row(run)["step"]
 
 
 def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, baseline16):
@@ -161,12 +145,10 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
         killed = []
         deadline = time.time() + 900
         while sup.poll() is None and time.time() < deadline:
-            if kills and _launches(run) == kills[0][0] and kills[0][1] <= _last_step(run) < kills[0][2]:
-                time.sleep(rng.uniform(0, min(_last_row(run).get("step_time", 0.1), 0.5)))  # inside the next step
-                ranks = rank_processes(sup.pid)
-                if ranks:
-                    victim = rng.choice(ranks)
-                    victim.send_signal(signal.SIGKILL)
+            row = last_train_row(run)
+            if kills and launches(run) == kills[0][0] and kills[0][1] <= row["step"] < kills[0][2]:
+                victim = kill_a_rank(sup.pid, rng, row.get("step_time", 0.1))
+                if victim:
                     killed.append((*kills.pop(0), victim.pid))
             time.sleep(0.02)
         if sup.poll() is None:
@@ -176,7 +158,7 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     assert sup.returncode == 0, f"seed {seed}\n{output[-5000:]}"
     assert not kills, f"seed {seed}: kills made {killed}, not made {kills}"
     assert output.count("supervise: restart") == 4, f"seed {seed}\n{output[-3000:]}"
-    assert _launches(run) == 5
+    assert launches(run) == 5
     assert train_losses(run) == train_losses(baseline16), f"seed {seed}"
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert shm_buffers() <= shm_before  # killed ranks leave no shared memory behind either

@@ -45,6 +45,11 @@ def step_tag(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a published checkpoint directory (step_tag's inverse)."""
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -137,7 +142,7 @@ class Checkpointer:
         """Collective: delete checkpoints newer than `step` (a rollback abandoned their timeline)."""
         if dist.is_main():
             for path in self.complete_checkpoints():
-                if int(_STEP_DIR.match(path.name).group(1)) > step:
+                if checkpoint_step(path) > step:
                     shutil.rmtree(path, ignore_errors=True)
         dist.barrier()
 

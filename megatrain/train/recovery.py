@@ -52,7 +52,7 @@ class SpikeRecovery:
 
     def maybe_capture(self, trainer) -> None:
         if self.points.due(trainer.state.step):
-            self.points.add(capture(trainer.engine, trainer.base_optimizer, trainer.state.step, trainer.state.tokens,
+            self.points.add(capture(trainer.engine, trainer.base_optimizer, trainer.state.step,
                                     self._trainer_state(trainer), rng_state()))
 
     def _trainer_state(self, trainer) -> dict:

@@ -54,7 +54,6 @@ _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 @dataclass
 class RollbackPoint:
     step: int
-    tokens: int
     trainer_state: dict  # sampler, spike guard, data skips: whatever the trainer needs back
     rng: dict
     tensors: dict[str, torch.Tensor] = field(repr=False)
@@ -62,10 +61,10 @@ class RollbackPoint:
     loss_scaler: dict | None = None
 
 
-def capture(engine, optimizer, step: int, tokens: int, trainer_state: dict, rng: dict) -> RollbackPoint:
+def capture(engine, optimizer, step: int, trainer_state: dict, rng: dict) -> RollbackPoint:
     tensors = {k: t.detach().to("cpu", copy=True) for k, t in state_tensors(engine, optimizer).items()}
     scaler = getattr(engine.optimizer, "loss_scaler", None)
-    return RollbackPoint(step=step, tokens=tokens, trainer_state=copy.deepcopy(trainer_state), rng=copy.deepcopy(rng),
+    return RollbackPoint(step=step, trainer_state=copy.deepcopy(trainer_state), rng=copy.deepcopy(rng),
                          tensors=tensors, engine_counters={k: getattr(engine, k) for k in _ENGINE_COUNTERS},
                          loss_scaler=copy.deepcopy(vars(scaler)) if scaler is not None else None)
 

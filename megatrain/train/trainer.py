@@ -31,7 +31,7 @@ from megatrain.optim import FusedAdamWClip
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train import faults
-from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.checkpoint import Checkpointer, checkpoint_step
 from megatrain.train.metrics import RunLog, measure_matmul_flops
 from megatrain.train.optimizer import attach, build_optimizer
 from megatrain.train.preemption import StopRequest
@@ -239,7 +239,7 @@ class Trainer:
         """The newest intact disk checkpoint of a step before `step` (rank 0 decides)."""
         def find():
             for path in reversed(self.checkpointer.complete_checkpoints()):
-                if self.checkpointer.read_state(path)["step"] < step and self.checkpointer.verify(path) is None:
+                if checkpoint_step(path) < step and self.checkpointer.verify(path) is None:
                     return path
             return None
         return dist.broadcast_object(find() if dist.is_main() else None)
