@@ -22,7 +22,7 @@ $(STAMP): setup.py $(wildcard csrc/*)
 	$(PIP_INSTALL) --no-build-isolation --use-pep517 -e '.[dev]'
 	# DeepSpeed JIT-compiles its CPU shared-memory collectives on first use (~1-2 min);
 	# do it once here rather than inside the first training run.
-	$(BIN)/python -m megatrain.warm_ops
+	$(BIN)/python launch/warm_ops.py
 	touch $@
 
 # The main job on the built-in corpus: tokenizer -> shards -> 2-rank pretraining -> curves.png.

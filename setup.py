@@ -44,7 +44,6 @@ install_requires = [
     "pyyaml",  # run configs
     "tqdm",  # progress bars for long work
     "matplotlib",  # launch/plot.py draws curves.png
-    "psutil",  # megatrain.testing finds rank processes to kill in tests and bench/soak.py (DeepSpeed needs it too)
 ]
 
 extras_require = {
@@ -55,6 +54,7 @@ extras_require = {
         "pytest-timeout",
         "ruff",
         "hypothesis",  # property tests for the tokenizer's round trip
+        "psutil",  # tests/helpers.py finds rank processes to kill (tests, bench/soak.py)
     ],
     # HF tokenizers is a reference row in bench/tokenizer.py, nothing more.
     "bench": ["tokenizers"],

@@ -22,7 +22,9 @@ from pathlib import Path
 _here = str(Path(__file__).resolve().parent)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+sys.path.append(str(REPO / "tests"))  # tests/helpers.py: launcher commands, run watchers, faults
 
 
 def arg_parser(doc: str) -> argparse.ArgumentParser:

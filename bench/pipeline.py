@@ -21,8 +21,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from helpers import REPO, pretrain_command
+
 from megatrain.data import prepare_dataset
-from megatrain.testing import REPO, pretrain_command
 from megatrain.train.metrics import read_metrics
 from tokenizer import TrainerOptions, train_tokenizer
 

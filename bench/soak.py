@@ -24,7 +24,6 @@ from __future__ import annotations
 from _bench import SHARED_DATA, arg_parser, machine, print_table, write_json
 
 import json
-import os
 import random
 import subprocess
 import sysconfig
@@ -32,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers import REPO, kill_a_rank, last_train_row, launches, pretrain_command, supervise_command
+
 from megatrain.data import prepare_dataset
-from megatrain.testing import REPO, kill_a_rank, last_train_row, launches, pretrain_command, supervise_command
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_metrics
 from tokenizer import TrainerOptions, train_tokenizer
@@ -69,14 +69,13 @@ def plan(rng: random.Random) -> dict:
 def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
     run = work / "run"
     work.mkdir(parents=True)
-    env = {**os.environ, "MEGATRAIN_FAULT_STATE": str(work / "faults"), **poison_env(p)}
-    if p["nan_step"] is not None:
-        env["MEGATRAIN_FAULTS"] = f"nan_loss@{p['nan_step']}"
-    cmd = supervise_command(pretrain_command(REPO / "configs" / "tiny-cpu.yaml",
-                                             [*RUN, f"run.dir={run}", f"data.path={data}"]), max_restarts=8)
+    faults = [f"nan_loss@{p['nan_step']}"] if p["nan_step"] is not None else []
+    cmd = supervise_command(pretrain_command(REPO / "configs" / "tiny-cpu.yaml", [*RUN, f"run.dir={run}",
+                                             f"data.path={data}"], faults=faults, poison=poison(p),
+                                             fault_state=work / "faults"), max_restarts=8)
     kills, killed_in = list(p["kills"]), set()
     with open(work / "supervise.log", "w") as log:
-        sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
         while sup.poll() is None and time.time() < deadline:
             launch, row = launches(run), last_train_row(run)
@@ -97,21 +96,23 @@ def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
             "final": Checkpointer.read_state(latest) if latest else None}
 
 
-def poison_env(p: dict) -> dict:
+def poison(p: dict) -> str | None:
+    """--poison START:COUNT for tests/faulty_pretrain.py: two steps' worth of samples."""
     if p["poison_step"] is None:
-        return {}
-    return {"MEGATRAIN_POISON": f"{(p['poison_step'] - 1) * SAMPLES_PER_STEP}:{2 * SAMPLES_PER_STEP}"}
+        return None
+    return f"{(p['poison_step'] - 1) * SAMPLES_PER_STEP}:{2 * SAMPLES_PER_STEP}"
 
 
-def reference(work: Path, data: Path, skipped: list, poison: dict, cache: dict) -> dict:
+def reference(work: Path, data: Path, skipped: list, poisoned: str | None, cache: dict) -> dict:
     """A run on the same data (poison included) that never crashed and skipped `skipped` from the start."""
     skip = json.dumps(skipped)
-    key = (skip, json.dumps(poison))
+    key = (skip, poisoned)
     if key not in cache:
         run = work / f"reference-{len(cache)}"
         cmd = pretrain_command(REPO / "configs" / "tiny-cpu.yaml",
-                               [*RUN, f"run.dir={run}", f"data.path={data}", f"data.skip={skip}"], resume="none")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **poison})
+                               [*RUN, f"run.dir={run}", f"data.path={data}", f"data.skip={skip}"], resume="none",
+                               poison=poisoned)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         cache[key] = {"losses": [r["loss"] for r in read_metrics(run) if r["kind"] == "train"],
@@ -119,10 +120,15 @@ def reference(work: Path, data: Path, skipped: list, poison: dict, cache: dict) 
     return cache[key]
 
 
-def trained(sampler: dict) -> set[int]:
+def sampler(run: dict) -> dict:
+    """The sampler's state in a run's final checkpoint."""
+    return run["final"]["state"]["data"]["sampler"]
+
+
+def trained(state: dict) -> set[int]:
     """Global sample positions a run trained on: all it went past, less what it skipped."""
-    taken = set(range(sampler["consumed"]))
-    for position, count in sampler["skipped"]:
+    taken = set(range(state["consumed"]))
+    for position, count in state["skipped"]:
         taken -= set(range(position, position + count))
     return taken
 
@@ -149,12 +155,12 @@ def main():
         lost = poison_trained = None
         matched = False
         if ok_run:
-            ref = reference(work, data, trial["final"]["sampler"]["skipped"], poison_env(p), cache)
-            lost = len(trained(ref["final"]["sampler"]) - trained(trial["final"]["sampler"]))
+            ref = reference(work, data, sampler(trial)["skipped"], poison(p), cache)
+            lost = len(trained(sampler(ref)) - trained(sampler(trial)))
             matched = trial["losses"] == ref["losses"]
             if p["poison_step"] is not None:
                 start = (p["poison_step"] - 1) * SAMPLES_PER_STEP
-                poison_trained = len(trained(trial["final"]["sampler"]) & set(range(start, start + 2 * SAMPLES_PER_STEP)))
+                poison_trained = len(trained(sampler(trial)) & set(range(start, start + 2 * SAMPLES_PER_STEP)))
         row = {"trial": i, "kills": trial["kills"], "spike": p["spike"],
                "at_step": p["poison_step"] or p["nan_step"], "restarts": trial["restarts"],
                "rollbacks": trial["rollbacks"], "finished": ok_run, "data_lost": lost,

@@ -8,27 +8,25 @@ import os
 import sys
 from collections.abc import Callable
 
-from megatrain.errors import RunError, UserError
+from megatrain.errors import ExitCode, RunError, UserError
 from tokenizer import InputError
-
-EXIT_BAD_INPUT = 2  # UserError, InputError: fix the input; a restart would fail the same way
-EXIT_RUN_ERROR = 1  # RunError: a restart may succeed
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run `main`; a user error prints `error: <one line>` and exits 2, a run error (a
-    failed checkpoint write) the same line with exit 1 (MEGATRAIN_DEBUG=1: the traceback)."""
+    """Run `main`; a user error prints `error: <one line>` and exits ExitCode.BAD_INPUT, a run
+    error (a failed checkpoint write) the same line with ExitCode.RUN_ERROR (MEGATRAIN_DEBUG=1:
+    the traceback)."""
     try:
         code = main() or 0
     except (UserError, InputError, RunError) as e:
         if os.environ.get("MEGATRAIN_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_RUN_ERROR if isinstance(e, RunError) else EXIT_BAD_INPUT
+        code = ExitCode.RUN_ERROR if isinstance(e, RunError) else ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130
-    _exit(code)
+    _exit(int(code))
 
 
 def _exit(code: int) -> None:

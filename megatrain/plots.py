@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,12 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from megatrain.train.metrics import EVENTS, read_metrics  # noqa: E402
-
-
-def _events(run_dir: Path) -> list[dict]:
-    path = run_dir / EVENTS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+from megatrain.train.metrics import read_events, read_metrics  # noqa: E402
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -43,7 +37,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_ylabel(label)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-        for e in _events(run_dir):
+        for e in read_events(run_dir):
             if e["event"] in ("rollback", "resume") and "tokens" in e:
                 ax.axvline(e["tokens"], color="red" if e["event"] == "rollback" else "gray", ls="--", lw=0.8)
     for ax in axes[1]:

@@ -3,8 +3,8 @@
     supervise(["deepspeed", "launch/pretrain.py", "--config", "c.yaml", "--resume", "auto"], max_restarts=10)
 
 The command runs in its own process group. Exit 0 ends supervision; so do the exits a
-restart cannot fix: 2 (bad input) and 3 (the loss kept spiking: the run gave up on
-purpose). Any other exit (a crash, a rank killed by the kernel, a node lost) is
+restart cannot fix (megatrain.errors.ExitCode): 2 (bad input) and 3 (the loss kept
+spiking: the run gave up on purpose). Any other exit (a crash, a rank killed by the kernel, a node lost) is
 retried after `delay` seconds, up to `max_restarts` times; with `--resume auto` the
 run continues from its newest intact checkpoint. SIGTERM/SIGINT to the supervisor go
 to the whole process group (the ranks checkpoint and exit) and end supervision.
@@ -17,7 +17,10 @@ import signal
 import subprocess
 import time
 
-FINAL_EXITS = {0: "finished", 2: "bad input", 3: "the loss kept spiking (spike.max_rollbacks)"}
+from megatrain.errors import ExitCode
+
+FINAL_EXITS = {ExitCode.OK: "finished", ExitCode.BAD_INPUT: "bad input",
+               ExitCode.GAVE_UP: "the loss kept spiking (spike.max_rollbacks)"}
 
 
 def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print) -> int:

@@ -18,7 +18,6 @@ dies, or a full disk, never leaves a listed shard damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -28,32 +27,11 @@ import numpy as np
 import pyarrow as pa
 
 from megatrain.errors import UserError
+from megatrain.files import file_sha256, write_json_atomically
 
 FORMAT = "megatrain-shards/1"
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
-
-
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            h.update(data)
-    return h.hexdigest()
-
-
-def write_json_atomically(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(split_dir: Path) -> dict:

@@ -21,9 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+SHAPE = ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "bias")  # what the weights' shapes follow
+
 
 @dataclass
 class GPTConfig:
+    """The model: its shape (SHAPE, stored in checkpoints) and how it trains and starts."""
+
     vocab_size: int
     seq_len: int
     n_layer: int
@@ -34,6 +38,21 @@ class GPTConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     init_seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, vocab_size: int) -> GPTConfig:
+        """From a run config (megatrain.config.Config) and the vocabulary it trains with."""
+        m = cfg.model
+        return cls(vocab_size=vocab_size, seq_len=cfg.train.seq_len, n_layer=m.n_layer, n_head=m.n_head,
+                   d_model=m.d_model, dropout=m.dropout, bias=m.bias, init_std=m.init_std,
+                   activation_checkpointing=m.activation_checkpointing, init_seed=cfg.run.seed)
+
+    @classmethod
+    def from_shape(cls, shape: dict) -> GPTConfig:
+        return cls(**{k: shape[k] for k in SHAPE})
+
+    def shape(self) -> dict:
+        return {k: getattr(self, k) for k in SHAPE}
 
 
 class Positions(nn.Module):

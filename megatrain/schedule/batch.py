@@ -33,12 +33,7 @@ class BatchSchedule:
     @classmethod
     def from_config(cls, cfg, dp_size: int) -> BatchSchedule:
         s, t = cfg.schedule, cfg.train
-        steps = None
-        if s.batch_steps is not None:
-            try:  # YAML reads 4e9 as a string; accept numbers in any spelling
-                steps = tuple((int(float(a)), int(float(b))) for a, b in s.batch_steps)
-            except (TypeError, ValueError):
-                raise ValueError(f"batch steps must be [[tokens, batch_tokens], ...], got {s.batch_steps!r}") from None
+        steps = tuple((a, b) for a, b in s.batch_steps) if s.batch_steps is not None else None
         return cls(final_tokens=s.batch_final_tokens, unit_tokens=t.micro_batch * t.seq_len * dp_size,
                    start_tokens=s.batch_start_tokens, ramp_tokens=s.batch_ramp_tokens, steps=steps)
 

@@ -1,5 +1,5 @@
-"""The trainer: DeepSpeed engine, step loop, checkpoints, logs."""
+"""The trainer: a plain loop around a train module (DeepSpeed engine), callbacks, checkpoints, logs."""
 
-from megatrain.train.trainer import Trainer, TrainState
+from megatrain.train.trainer import Trainer
 
-__all__ = ["TrainState", "Trainer"]
+__all__ = ["Trainer"]

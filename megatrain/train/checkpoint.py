@@ -3,8 +3,8 @@
 Layout of a run directory:
 
     checkpoints/step-00000100/   DeepSpeed's files (model, optimizer, per-rank shards)
-        megatrain.json           trainer state (step, tokens, sampler, schedule, config identity)
-        megatrain-rank00000.pt   per-rank RNG states (python, numpy, torch)
+        megatrain.json           the run's shared resumable state, model shape, layout and config
+        megatrain-rank00000.pt   each rank's own resumable state (its RNG)
         manifest.json            every file's size and sha256; written last
     latest                       text file naming the newest complete checkpoint
 
@@ -19,22 +19,19 @@ file. The run directory must be on a filesystem every rank sees (as for DeepSpee
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from megatrain.errors import RunError, UserError
+from megatrain.files import file_sha256, write_atomically
 from megatrain.train import distributed as dist
-from megatrain.train.faults import maybe_crash
 
-FORMAT = "megatrain-checkpoint/1"
+FORMAT = "megatrain-checkpoint/2"
 MANIFEST = "manifest.json"
 STATE = "megatrain.json"
 LATEST = "latest"
@@ -50,34 +47,6 @@ def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int):
         self.run_dir = Path(run_dir)
@@ -87,15 +56,21 @@ class Checkpointer:
 
     # --- writing ----------------------------------------------------------------------
 
-    def save(self, engine, step: int, state: dict) -> Path:
-        """Collective: every rank calls it. `state` is megatrain's (identical on all ranks).
-        A write that fails (disk full, or a peer rank died mid-write) removes the partial
-        directory, leaves `latest` as it was and raises a RunError naming the problem; the
-        other ranks are stopped by the launcher when this one exits."""
+    def save(self, engine, step: int, state: dict, rank_state: dict) -> Path:
+        """Collective: every rank calls it. `state` is megatrain's shared state (identical on
+        all ranks, JSON), `rank_state` this rank's own. A write that fails (disk full, or a
+        peer rank died mid-write) removes the partial directory, leaves `latest` as it was
+        and raises a RunError naming the problem; the other ranks are stopped by the
+        launcher when this one exits."""
         tag = step_tag(step)
         tmp = self.root / f".tmp-{tag}"
         try:
-            return self._save(engine, step, state, tag, tmp)
+            self._write(engine, step, state, rank_state, tmp)
+            final = self._publish(step, tmp, self.root / tag)
+            if dist.is_main():
+                self._point_latest(final)
+            dist.barrier()
+            return final
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             if dist.is_main():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -104,39 +79,40 @@ class Checkpointer:
             raise RunError(f"{tmp}: checkpoint of step {step} could not be written ({reason}); removed it, "
                            f"`latest` still names {latest.name if latest else 'no checkpoint'}") from e
 
-    def _save(self, engine, step: int, state: dict, tag: str, tmp: Path) -> Path:
-        tmp_tag = tmp.name
+    def _write(self, engine, step: int, state: dict, rank_state: dict, tmp: Path) -> None:
+        """Every rank writes its files into `tmp`; nothing is published yet."""
         if dist.is_main():
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
-        torch.save(rng_state(), tmp / f"megatrain-rank{dist.rank():05d}.pt")
+        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        torch.save(rank_state, tmp / f"megatrain-rank{dist.rank():05d}.pt")
         if dist.is_main():
-            _fsync_write(tmp / STATE, json.dumps(state, indent=1))
-        maybe_crash("checkpoint_write", step)
+            write_atomically(tmp / STATE, json.dumps(state, indent=1))
+
+    def _publish(self, step: int, tmp: Path, final: Path) -> Path:
+        """The ranks hash the files between them; rank 0 writes the manifest and renames
+        the directory to its final name."""
         dist.barrier()
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+        mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
                 for i, f in enumerate(files) if i % dist.world_size() == dist.rank()}
         entries = {}
         for part in dist.all_gather_object(mine):
             entries.update(part)
-        final = self.root / tag
         if dist.is_main():
             manifest = {"format": FORMAT, "step": step, "files": dict(sorted(entries.items()))}
-            _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            maybe_crash("checkpoint_publish", step)
-            latest_tmp = self.latest_file.with_name(LATEST + ".tmp")
-            _fsync_write(latest_tmp, f"checkpoints/{tag}\n")
-            os.replace(latest_tmp, self.latest_file)
-            self._prune()
-        dist.barrier()
         return final
+
+    def _point_latest(self, final: Path) -> None:
+        """Rank 0: `latest` names the new checkpoint (atomically), then old ones are pruned."""
+        write_atomically(self.latest_file, f"checkpoints/{final.name}\n")
+        self._prune()
 
     def discard_after(self, step: int) -> None:
         """Collective: delete checkpoints newer than `step` (a rollback abandoned their timeline)."""
@@ -181,7 +157,7 @@ class Checkpointer:
                 return f"{f}: missing"
             if f.stat().st_size != entry["bytes"]:
                 return f"{f}: {f.stat().st_size} bytes, expected {entry['bytes']} (truncated or altered)"
-            if _sha256(f) != entry["sha256"]:
+            if file_sha256(f) != entry["sha256"]:
                 return f"{f}: sha256 does not match the manifest (altered)"
         return None
 
@@ -213,13 +189,13 @@ class Checkpointer:
 
     @staticmethod
     def read_state(path: Path) -> dict:
-        """megatrain's state in a checkpoint (read before loading, to check compatibility)."""
+        """megatrain.json: the shared state, model shape, layout and config (read before
+        loading, to check compatibility)."""
         return json.loads((path / STATE).read_text())
 
-    def load(self, engine, path: Path) -> None:
-        """Collective: load DeepSpeed's state and this rank's RNG."""
+    def load(self, engine, path: Path) -> dict:
+        """Collective: load DeepSpeed's state; returns this rank's own saved state."""
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"{path}: DeepSpeed could not load this checkpoint")
-        rng_file = path / f"megatrain-rank{dist.rank():05d}.pt"
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        return torch.load(path / f"megatrain-rank{dist.rank():05d}.pt", weights_only=False)

@@ -18,23 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from megatrain.errors import UserError
+from megatrain.files import write_atomically
 from megatrain.model import GPT, GPTConfig, canonical_name
-from megatrain.train.checkpoint import STATE, Checkpointer
+from megatrain.train.checkpoint import Checkpointer
 
 FORMAT = "megatrain-consolidated/1"
-
-
-def _gpt_config(state: dict) -> GPTConfig:
-    s = state["model_shape"]
-    return GPTConfig(vocab_size=s["vocab_size"], seq_len=s["seq_len"], n_layer=s["n_layer"], n_head=s["n_head"],
-                     d_model=s["d_model"], bias=s["bias"])
 
 
 def _zero_partitions(ckpt: Path, stage: int | None) -> dict[str, torch.Tensor]:
@@ -75,9 +69,9 @@ def consolidate(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
     problem = Checkpointer.verify(ckpt)
     if problem:
         raise UserError(f"{ckpt}: not a complete checkpoint: {problem}")
-    state = json.loads((ckpt / STATE).read_text())
-    cfg = _gpt_config(state)
-    stages = state.get("pipeline_stages", 1)
+    state = Checkpointer.read_state(ckpt)
+    cfg = GPTConfig.from_shape(state["model_shape"])
+    stages = state["layout"]["pipeline_stages"]
     pipeline = stages > 1
     has_partitions = any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
     if has_partitions and pipeline:
@@ -97,9 +91,9 @@ def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
     sd, cfg = consolidate(ckpt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"format": FORMAT, "model": sd, "config": cfg.__dict__, "source": str(Path(ckpt).resolve())}, tmp)
-    tmp.replace(out)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "model": sd, "config": cfg.__dict__, "source": str(Path(ckpt).resolve())}, buffer)
+    write_atomically(out, buffer.getvalue())
     return out
 
 

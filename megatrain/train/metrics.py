@@ -18,8 +18,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from megatrain.files import read_jsonl, write_atomically
+from megatrain.train import distributed as dist
+
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
+# The dtype the matmuls run in, for the peak-FLOPs probe.
+MATMUL_DTYPES = {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16,
+                 "fp32": torch.float32}
+
+
+def peak_flops(cfg) -> tuple[float, str]:
+    """The MFU denominator per rank, and where it came from (collective when measured)."""
+    if cfg.train.peak_flops:
+        return float(cfg.train.peak_flops), "train.peak_flops"
+    measured = measure_matmul_flops(MATMUL_DTYPES[cfg.train.precision])  # all ranks at once, as they train
+    return dist.all_reduce_mean([measured])[0], "matmul probe"
 
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
@@ -61,11 +75,8 @@ class RunLog:
         """Drop rows of steps after `step` (resume from a checkpoint at `step`)."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        tmp = self.metrics_path.with_name(METRICS + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.metrics_path)
+        kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
+        write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -114,5 +125,8 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(Path(run_dir) / METRICS)
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / EVENTS)

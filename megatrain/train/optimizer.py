@@ -29,14 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from megatrain.config import Config, optimizer_clips
+from megatrain.config import Config
 from megatrain.optim import FusedAdamWClip, param_groups
 
 DS_OPTIMIZER = {"adamw"}  # names DeepSpeed builds itself from its JSON config
 
 
 def uses_single_group(cfg: Config) -> bool:
-    return optimizer_clips(cfg) and cfg.parallel.zero_stage in (1, 2)
+    return cfg.optim.clips(cfg) and cfg.parallel.zero_stage in (1, 2)
 
 
 def build_optimizer(cfg: Config, model: nn.Module):
@@ -49,7 +49,7 @@ def build_optimizer(cfg: Config, model: nn.Module):
         return groups, torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
     if uses_single_group(cfg):
         groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": 0.0}]
-    max_norm = o.grad_clip if optimizer_clips(cfg) else 0.0  # ZeRO-3: DeepSpeed clips
+    max_norm = o.grad_clip if cfg.optim.clips(cfg) else 0.0  # ZeRO-3: DeepSpeed clips
     return groups, FusedAdamWClip(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                   max_grad_norm=max_norm)
 
@@ -57,7 +57,7 @@ def build_optimizer(cfg: Config, model: nn.Module):
 def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:
     """After deepspeed.initialize: tell FusedAdamWClip how its tensors relate to the model,
     and which ranks to all-reduce the squared norm over."""
-    if not isinstance(optimizer, FusedAdamWClip) or not optimizer_clips(cfg):
+    if not isinstance(optimizer, FusedAdamWClip) or not cfg.optim.clips(cfg):
         return
     replicated = {id(p) for p in model.parameters() if getattr(p, "ds_pipe_replicated", False)}
     mapped = [p for p in model.parameters() if getattr(p, "_hp_mapping", None) is not None]

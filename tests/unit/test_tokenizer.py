@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMALL_CORPUS, STDLIB, run_script
+from helpers import SMALL_CORPUS, STDLIB, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

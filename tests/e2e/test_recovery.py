@@ -3,9 +3,7 @@ preemption. Real launcher, 2 ranks on CPU, the tiny model, real faults."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,27 +11,32 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_CONFIG, copy_until, pretrain, shm_buffers, train_losses
+from helpers import (
+    REPO,
+    TINY_CONFIG,
+    copy_until,
+    kill_a_rank,
+    last_train_row,
+    launches,
+    pretrain,
+    pretrain_command,
+    rank_processes,
+    shm_buffers,
+    supervise_command,
+    train_losses,
+)
 
-from megatrain.config import load_config
-from megatrain.testing import kill_a_rank, last_train_row, launches, pretrain_command, rank_processes, supervise_command
 from megatrain.train.checkpoint import Checkpointer
-from megatrain.train.metrics import read_metrics
-from megatrain.train.spike_guard import SpikeGuard
+from megatrain.train.metrics import read_events, read_metrics
 
-pytestmark = pytest.mark.launcher
 # 16 samples (512 tokens) per step with 2 ranks; the guard judges from step 8 on.
 GUARD = ["train.max_steps=40", "train.eval_every=0", "checkpoint.every_steps=10", "spike.min_history=8",
          "spike.window=16", "spike.snapshot_every=5", "spike.skip=4", "spike.threshold=5"]
 POISON_AT = 30 * 16  # the samples of steps 31 and 32
 
 
-def events(run) -> list[dict]:
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-
-
 def rollbacks(run) -> list[dict]:
-    return [e for e in events(run) if e["event"] == "rollback"]
+    return [e for e in read_events(run) if e["event"] == "rollback"]
 
 
 def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout):
@@ -45,7 +48,7 @@ def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout
     assert not rollbacks(clean)  # the run that never saw the poison has no spike
     assert train_losses(run) == train_losses(clean)  # step for step: the rollback restored everything
     # and both end at the same sample position, having skipped the same stretch
-    final = [Checkpointer.read_state(Checkpointer(r, keep=9).latest())["sampler"] for r in (run, clean)]
+    final = [Checkpointer.read_state(Checkpointer(r, keep=9).latest())["state"]["data"]["sampler"] for r in (run, clean)]
     assert final[0] == final[1] and final[0]["skipped"] == [[rb["position"], rb["skipped_samples"]]]
     rows = read_metrics(run)
     marker = [r for r in rows if r["kind"] == "rollback"]
@@ -64,7 +67,7 @@ def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout
 ], ids=["zero0-fp32", "zero2-bf16", "zero3-fp32-disk"])
 def test_poisoned_data_is_rolled_back_and_skipped(tmp_path, small_data, layout, source):
     run = tmp_path / "run"
-    pretrain(run, small_data, *GUARD, *layout, env={"MEGATRAIN_POISON": f"{POISON_AT}:32"})
+    pretrain(run, small_data, *GUARD, *layout, poison=f"{POISON_AT}:32")
     rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout)
     assert rb["began"] == 31 and rb["signal"] == "loss" and rb["loss"] > rb["limit"] > rb["baseline"]
     assert rb["restored_step"] == 30 and rb["source"].endswith(source)
@@ -74,7 +77,7 @@ def test_poisoned_data_is_rolled_back_and_skipped(tmp_path, small_data, layout, 
 
 def test_non_finite_loss_takes_the_same_path(tmp_path, small_data):
     run = tmp_path / "run"
-    pretrain(run, small_data, *GUARD, env={"MEGATRAIN_FAULTS": "nan_loss@23"})
+    pretrain(run, small_data, *GUARD, faults=["nan_loss@23"])
     rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path)
     assert rb["step"] == 23 and rb["began"] == 23 and math.isnan(rb["loss"]) and rb["restored_step"] == 20
 
@@ -87,16 +90,16 @@ def test_rollback_cap_stops_a_run_that_keeps_spiking(tmp_path, small_data):
     run = tmp_path / "run"
     proc = pretrain(run, small_data, *GUARD, "spike.skip=1", "spike.max_rollbacks=2", "spike.patience=2",
                     "checkpoint.every_steps=1", "checkpoint.keep=1", check=False,
-                    env={"MEGATRAIN_POISON": f"{POISON_AT}:2000"})
+                    poison=f"{POISON_AT}:2000")
     assert proc.returncode == 3, proc.stdout[-3000:]
     assert "stopping: the loss spiked again after 2 rollbacks (spike.max_rollbacks)" in proc.stdout
-    assert len(rollbacks(run)) == 3 and events(run)[-1]["outcome"] == "gave_up"
+    assert len(rollbacks(run)) == 3 and read_events(run)[-1]["outcome"] == "gave_up"
     assert {rb["began"] for rb in rollbacks(run)} == {31} and rollbacks(run)[-1]["restored_step"] == 30
     ckpt = Checkpointer(run, keep=1)
     latest = ckpt.latest()
     assert ckpt.complete_checkpoints() == [latest] and ckpt.find("auto") == (latest, [])
     state = Checkpointer.read_state(latest)
-    assert state["step"] == 30 and state["recovery"]["rollbacks"] == 3
+    assert state["step"] == 30 and state["state"]["recovery"]["rollbacks"] == 3
     assert all(math.isfinite(x) for x in train_losses(run))
 
 
@@ -134,14 +137,13 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     # (launch, kill after this step, and before this one); step 1 includes warm-up
     kills = [(1, rng.randint(2, 5), 8), (3, rng.randint(5, 9), 12)]
     run = tmp_path / "run"
-    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG]),
-                            max_restarts=6)
-    env = {**os.environ, "MEGATRAIN_FAULTS": "checkpoint_write@8:1,checkpoint_publish@12",
-           "MEGATRAIN_FAULT_STATE": str(tmp_path / "faults")}
+    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG],
+                                             faults=["checkpoint_write@8:1", "checkpoint_publish@12"],
+                                             fault_state=tmp_path / "faults"), max_restarts=6)
     log_path = tmp_path / "supervise.log"  # a file, not a pipe: nobody reads a pipe while we poll
     shm_before = shm_buffers()
     with open(log_path, "w") as log:
-        sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         killed = []
         deadline = time.time() + 900
         while sup.poll() is None and time.time() < deadline:
@@ -164,31 +166,6 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     assert shm_buffers() <= shm_before  # killed ranks leave no shared memory behind either
 
 
-def test_supervisor_restarts_crashes_and_stops_on_final_exits(tmp_path):
-    """Exit 0, 2 (bad input) and 3 (gave up) end supervision; anything else is retried."""
-    from megatrain.supervisor import supervise
-
-    def child(*codes: int) -> list[str]:
-        """A command that exits with codes[n] on its n-th run (negative: killed by that signal)."""
-        count = tmp_path / f"runs-{'_'.join(map(str, codes))}"
-        code = (f"import os, pathlib, signal; p = pathlib.Path({str(count)!r}); n = int(p.read_text()) if p.exists() "
-                f"else 0; p.write_text(str(n + 1)); c = {list(codes)!r}[min(n, {len(codes) - 1})]; "
-                "os.kill(os.getpid(), -c) if c < 0 else os._exit(c)")
-        return [sys.executable, "-c", code]
-
-    log = []
-    assert supervise(child(1, -9, 0), max_restarts=5, delay=0, log=log.append) == 0
-    assert [m for m in log if "restart" in m] == ["supervise: restart 1/5 in 0s", "supervise: restart 2/5 in 0s"]
-    assert "supervise: the run exited -9 (killed by SIGKILL)" in log
-    for final in (2, 3):
-        log = []
-        assert supervise(child(final, 0), max_restarts=5, delay=0, log=log.append) == final
-        assert not any("restart" in m for m in log)
-    log = []
-    assert supervise(child(1), max_restarts=2, delay=0, log=log.append) == 1
-    assert log[-1] == "supervise: giving up after 2 restarts"
-
-
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, small_data, baseline16):
     run = tmp_path / "run"
     cmd = pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=100000"])
@@ -203,7 +180,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, small_data, baseline16)
     stopped_at = _last_step(run)
     latest = Checkpointer(run, keep=9).latest()
     assert latest.name == f"step-{stopped_at:08d}" and Checkpointer.verify(latest) is None
-    assert events(run)[-1]["event"] == "end" and events(run)[-1]["outcome"] == "stopped"
+    assert read_events(run)[-1]["event"] == "end" and read_events(run)[-1]["outcome"] == "stopped"
     pretrain(run, small_data, *LONG)  # resume: the run carries on exactly
     assert train_losses(run) == train_losses(baseline16)
 
@@ -240,44 +217,3 @@ def test_disk_full_during_a_checkpoint_keeps_latest(tmp_path, small_data, baseli
     assert (run / "latest").read_text().strip() == "checkpoints/step-00000008"
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert Checkpointer.verify(run / "checkpoints" / "step-00000008") is None
-
-
-# --- the guard's rule, without a run ----------------------------------------------------
-
-def _guard(**overrides):
-    cfg = load_config(TINY_CONFIG, ["data.path=x", "train.max_steps=1", "spike.window=10", "spike.min_history=5",
-                                    "spike.threshold=4", *[f"spike.{k}={v}" for k, v in overrides.items()]])
-    return SpikeGuard(cfg.spike)
-
-
-@pytest.mark.parametrize("stats", ["median_mad", "mean_std"])
-def test_guard_flags_a_jump_and_not_noise(stats):
-    g = _guard(stats=stats)
-    noise = [3.0, 3.1, 2.9, 3.05, 2.95, 3.0, 3.1, 2.9, 3.0, 3.02]
-    assert not any(g.observe(i, {"loss": x}).spike for i, x in enumerate(noise))
-    assert not g.observe(10, {"loss": 3.2}).spike  # within the noise
-    v = g.observe(11, {"loss": 5.0})
-    assert v.spike and v.began == 11 and v.signal == "loss" and v.baseline == pytest.approx(3.0, abs=0.05)
-
-
-def test_guard_waits_for_history_and_counts_patience():
-    g = _guard(patience=2)
-    assert not g.observe(0, {"loss": 100.0}).spike  # too little history to judge
-    for i in range(1, 8):
-        g.observe(i, {"loss": 3.0 + 0.01 * (i % 3)})
-    assert not g.observe(8, {"loss": 9.0}).spike  # one step above: not yet
-    v = g.observe(9, {"loss": 9.5})
-    assert v.spike and v.began == 8  # the spike began at the first step above
-    assert 9.0 not in g.history["loss"]  # values above were not taken into the baseline
-    assert not g.observe(10, {"loss": 9.0}).spike  # pending count restarted
-
-
-def test_guard_non_finite_and_fp16_overflow():
-    g = _guard()
-    assert g.observe(0, {"loss": float("nan")}).spike  # at once, whatever the history
-    assert g.observe(1, {"loss": 3.0, "grad_norm": float("inf")}).spike  # not watched, but not finite
-    assert not g.observe(2, {"loss": 3.0, "grad_norm": float("inf")}, overflow=True).spike  # the loss scaler's job
-    state = g.state_dict()
-    h = _guard()
-    h.load_state_dict(state)
-    assert h.state_dict() == state

@@ -12,11 +12,12 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, SMALL_CORPUS, run_script
+from helpers import REPO, SMALL_CORPUS, run_script
 
 from megatrain.data import BlendedDataset, Permutation, ResumableSampler, TokenDataset, prepare_dataset
-from megatrain.data.shards import ShardWriter, file_sha256, read_manifest
+from megatrain.data.shards import ShardWriter, read_manifest
 from megatrain.errors import UserError
+from megatrain.files import file_sha256
 from tokenizer import CorpusOptions, CorpusStats, Tokenizer, iter_pieces, resolve_inputs
 
 

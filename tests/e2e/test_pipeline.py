@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_CONFIG, copy_until, pretrain, train_losses
+from helpers import REPO, TINY_CONFIG, copy_until, pretrain, train_losses
 
 from megatrain.data import TokenDataset
-from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name
-from megatrain.testing import free_port
-from megatrain.train.convert import consolidate, load_consolidated
+from megatrain.model import GPT
+from megatrain.train.convert import load_consolidated
+from megatrain.train.distributed import free_port
 from megatrain.train.metrics import read_metrics
 
-pytestmark = pytest.mark.launcher
 PIPE = ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]
 
 
@@ -112,20 +111,6 @@ def test_converted_checkpoint_gives_the_reported_validation_loss(layout, runs, p
     assert reported["step"] == 6
     loss = _validation_loss(model, small_data, reported["val_samples"], micro_batch=4)
     assert loss == pytest.approx(reported["val_loss"], rel=1e-5)
-
-
-def test_pipeline_names_map_onto_gpt(tmp_path):
-    """Every GPT parameter has exactly one pipeline layer behind it (the tied table twice)."""
-    cfg = GPTConfig(vocab_size=50, seq_len=8, n_layer=3, n_head=2, d_model=8)
-    gpt_names = set(dict(GPT(cfg).named_parameters()))
-    layer_names = ["0.weight", "1.wpe.weight", "5.weight", "5.bias", "tied_modules.wte.weight"] + [
-        f"{2 + i}.{rest}" for i in range(3) for rest in
-        ["ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-         "ln2.weight", "ln2.bias", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight", "mlp.proj.bias"]]
-    assert {canonical_name(n, 3) for n in layer_names} == gpt_names
-    with pytest.raises(ValueError):
-        canonical_name("6.weight", 3)
-    assert callable(build_pipeline) and callable(consolidate)
 
 
 # --- two "nodes" on one machine ------------------------------------------------------

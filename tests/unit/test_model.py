@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 
 from megatrain.config import load_config
-from megatrain.model import GPT, GPTConfig, flops_per_token, matmul_params, param_count
+from megatrain.model import GPT, GPTConfig, canonical_name, flops_per_token, matmul_params, param_count
 
 
 def tiny(**kw) -> GPTConfig:
@@ -110,3 +110,16 @@ def test_activation_checkpointing_changes_nothing():
     assert la.item() == lb.item()
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa.grad, pb.grad)
+
+
+def test_pipeline_names_map_onto_gpt():
+    """Every GPT parameter has exactly one pipeline layer behind it (the tied table twice)."""
+    cfg = GPTConfig(vocab_size=50, seq_len=8, n_layer=3, n_head=2, d_model=8)
+    gpt_names = set(dict(GPT(cfg).named_parameters()))
+    layer_names = ["0.weight", "1.wpe.weight", "5.weight", "5.bias", "tied_modules.wte.weight"] + [
+        f"{2 + i}.{rest}" for i in range(3) for rest in
+        ["ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+         "ln2.weight", "ln2.bias", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight", "mlp.proj.bias"]]
+    assert {canonical_name(n, 3) for n in layer_names} == gpt_names
+    with pytest.raises(ValueError):
+        canonical_name("6.weight", 3)

@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 CSRC = REPO / "csrc"
 

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import copy_until, pretrain, run_script, train_losses
+from helpers import copy_until, pretrain, run_script, train_losses
 
 from megatrain.train.checkpoint import Checkpointer
-from megatrain.train.metrics import read_metrics
+from megatrain.train.metrics import read_events, read_metrics
 
-pytestmark = pytest.mark.launcher
 STAGES = [0, 1, 2, 3]
 
 
@@ -61,7 +60,7 @@ def test_metrics_fields(runs):
             assert "loss_scale" not in r  # fp16 only
         valid = [r for r in rows if r["kind"] == "valid"]
         assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in valid)
-    events = [json.loads(line)["event"] for line in (runs(0, "fp32") / "events.jsonl").read_text().splitlines()]
+    events = [e["event"] for e in read_events(runs(0, "fp32"))]
     assert events == ["start", "checkpoint", "checkpoint", "end"]
     assert "zero_stage: 0" in (runs(0, "fp32") / "config.yaml").read_text()
 
@@ -84,8 +83,7 @@ def test_resume_is_exact_in_fp32(runs, tmp_path, small_data):
     proc = pretrain(resumed, small_data, "parallel.zero_stage=1", "train.precision=fp32")
     assert "resumed from" in proc.stdout and "step-00000003" in proc.stdout
     assert train_losses(resumed) == train_losses(straight)  # bitwise
-    events = [json.loads(line) for line in (resumed / "events.jsonl").read_text().splitlines()]
-    assert any(e["event"] == "resume" and e["step"] == 3 for e in events)
+    assert any(e["event"] == "resume" and e["step"] == 3 for e in read_events(resumed))
 
 
 def test_resume_in_bf16_within_tolerance(runs, tmp_path, small_data):
@@ -103,7 +101,7 @@ def test_kill_during_checkpoint_write_keeps_latest(runs, tmp_path, small_data):
     finishes the run with the losses of a run that was never killed."""
     run = tmp_path / "run"
     proc = pretrain(run, small_data, "parallel.zero_stage=1", check=False,
-                    env={"MEGATRAIN_FAULTS": "checkpoint_write@6:1"})
+                    faults=["checkpoint_write@6:1"])
     assert proc.returncode != 0
     assert (run / "latest").read_text().strip() == "checkpoints/step-00000003"
     # the unfinished write is never published (rank 0 may remove it before the launcher stops it)
@@ -162,3 +160,10 @@ def test_single_process_with_wandb_offline_and_plot(tmp_path, small_data):
     proc = run_script("plot.py", run)
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "curves.png" in proc.stdout
+
+
+def test_fp16_refused_on_cpu_with_pointer_to_bf16(tmp_path, small_data):
+    proc = pretrain(tmp_path / "run", small_data, "train.precision=fp16", nproc=0, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: train.precision=fp16: DeepSpeed does not support fp16 on "
+                                                    "its CPU accelerator; use train.precision=bf16 (or fp32)")

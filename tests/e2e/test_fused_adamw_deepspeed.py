@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import pretrain
+from helpers import pretrain
 
 from megatrain.train.metrics import read_metrics
 
-pytestmark = pytest.mark.launcher
 COMMON = ["train.max_steps=6", "train.eval_every=0", "checkpoint.every_steps=0", "optim.lr=1e-2",
           "optim.grad_clip=1.0", "train.precision=fp32"]
 

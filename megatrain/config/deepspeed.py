@@ -1,0 +1,46 @@
+"""A run config translated into DeepSpeed's JSON config."""
+
+from __future__ import annotations
+
+import copy
+
+from megatrain.config.schema import Config
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
+    """DeepSpeed's JSON config for this run. The learning rate is set by the trainer every
+    step (no DeepSpeed scheduler)."""
+    t, o = cfg.train, cfg.optim
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": t.micro_batch * grad_accum * dp_size,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "steps_per_print": 2**31 - 1,  # the trainer logs
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    # FusedAdamWClip computes the global norm and clips inside its kernel, so DeepSpeed's
+    # clipping is off and, under ZeRO-1/2, so is DeepSpeed's own norm pass.
+    ds["gradient_clipping"] = 0.0 if o.clips(cfg) else o.grad_clip
+    if o.clips(cfg) and cfg.parallel.zero_stage in (1, 2):
+        ds["zero_optimization"]["compute_grad_norm"] = False
+    if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                       "weight_decay": o.weight_decay}}
+    if t.precision == "bf16-autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if t.precision == "fp16":
+        # Dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
+        ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                           "hysteresis": 2, "min_loss_scale": 1})
+    return deep_merge(ds, cfg.deepspeed)

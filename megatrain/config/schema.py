@@ -1,0 +1,324 @@
+"""The run configuration's schema: one dataclass per section, every field documented
+where it is defined, and each section's own checks (`problems`).
+
+Types are checked while loading (megatrain/config/loading.py); `problems` checks what a
+type cannot say (ranges, relations between fields) and yields (dotted key, message).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+Problems = Iterator[tuple[str, str]]
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, events.jsonl, checkpoints/, latest, curves.png."""
+    name: str | None = None
+    """Run name for wandb and the console; defaults to the run directory's name."""
+    seed: int = 1234
+    """Seeds the model initialisation, the data order and dropout."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 12
+    """Transformer blocks."""
+    n_head: int = 12
+    """Attention heads; must divide d_model."""
+    d_model: int = 768
+    """Width of the residual stream (GPT-3's d_model)."""
+    vocab_size: int | None = None
+    """Vocabulary size; None takes the tokenizer's from the data manifest."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals. GPT-3-scale pretraining uses none."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorms, as in GPT-2/3."""
+    init_std: float = 0.02
+    """Standard deviation of the GPT-2 initialisation."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
+
+    def problems(self, cfg: Config) -> Problems:
+        for key in ("n_layer", "n_head", "d_model"):
+            if getattr(self, key) <= 0:
+                yield f"model.{key}", f"must be positive, got {getattr(self, key)}"
+        if self.n_head > 0 and self.d_model % self.n_head:
+            yield "model.d_model", f"({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+        if not 0.0 <= self.dropout < 1.0:
+            yield "model.dropout", f"must be in [0, 1), got {self.dropout}"
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            yield "model.vocab_size", "must be positive"
+
+
+@dataclass
+class DataConfig:
+    path: str | list[dict] = ""
+    """A directory made by launch/prepare_data.py, or a blend: a list of {path: DIR, weight: W}."""
+    valid_path: str | None = None
+    """Where validation samples come from; None: the valid/ split of the first data path."""
+    seed: int | None = None
+    """Seeds the sample order and the blend; None uses run.seed."""
+    skip: list[list[int]] = field(default_factory=list)
+    """[[position, samples], ...]: when the global sample position reaches `position` (at a
+    step boundary), jump `samples` ahead: batches to leave out, e.g. those around a loss
+    spike (the spike guard does this by itself; this is the manual form)."""
+
+    def sources(self) -> list[tuple[str, float]]:
+        """data.path as a list of (directory, weight)."""
+        if isinstance(self.path, str):
+            return [(self.path, 1.0)]
+        return [(item["path"], float(item.get("weight", 1.0))) for item in self.path]
+
+    def problems(self, cfg: Config) -> Problems:
+        if not self.path:
+            yield "data.path", "must name a prepared data directory (launch/prepare_data.py)"
+        for i, item in enumerate(self.path if isinstance(self.path, list) else []):
+            if set(item) - {"path", "weight"} or "path" not in item:
+                yield f"data.path[{i}]", f"must be {{path: DIR, weight: W}}, got {item!r}"
+        if not all(len(x) == 2 and min(x) >= 0 for x in self.skip):
+            yield "data.skip", f"must be [[position, samples], ...] with non-negative numbers, got {self.skip!r}"
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 2048
+    """Tokens per sample (the model's context length)."""
+    micro_batch: int = 1
+    """Samples per rank per forward/backward."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: no limit). At least one of max_steps/max_tokens is needed."""
+    max_tokens: int | None = None
+    """Stop once this many tokens were consumed (None: no limit)."""
+    precision: Literal["bf16", "bf16-autocast", "fp16", "fp32"] = "bf16"
+    """bf16: the model in bf16, fp32 master weights in the optimizer (DeepSpeed's bf16 mode,
+    as Megatron-LM); bf16-autocast: fp32 weights, matmuls in bf16 through torch.autocast
+    (DeepSpeed's torch_autocast); fp16: with dynamic loss scaling, GPU only; fp32."""
+    eval_every: int = 100
+    """Optimizer steps between validation passes (0: only at the end)."""
+    eval_samples: int = 64
+    """Validation samples per pass (the same samples every time), split across ranks."""
+    log_every: int = 1
+    """Optimizer steps between console updates (metrics.jsonl gets every step)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None measures a matmul once at start."""
+
+    def problems(self, cfg: Config) -> Problems:
+        for key in ("seq_len", "micro_batch"):
+            if getattr(self, key) <= 0:
+                yield f"train.{key}", f"must be positive, got {getattr(self, key)}"
+        if self.max_steps is None and self.max_tokens is None:
+            yield "train.max_steps", "or train.max_tokens must be set (otherwise the run never ends)"
+        if self.eval_every < 0 or self.eval_samples < 0:
+            yield "train.eval_every", "and train.eval_samples must be >= 0"
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["fused_adamw", "torch_adamw", "adamw"] = "fused_adamw"
+    """fused_adamw: megatrain's fused AdamW + global-norm clip kernel (csrc/); torch_adamw:
+    torch.optim.AdamW; adamw: DeepSpeed's stock FusedAdam (its CPU kernel recomputes beta^t
+    differently after a resume, so resumed losses can differ in the last bits). The last
+    two clip through DeepSpeed."""
+    lr: float = 6.0e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas (GPT-3: 0.9, 0.95)."""
+    eps: float = 1.0e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; not applied to biases, norms or embeddings."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+    def problems(self, cfg: Config) -> Problems:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            yield "optim.betas", f"must be two numbers in [0, 1), got {self.betas}"
+        if self.lr < 0 or self.grad_clip < 0:
+            yield "optim.lr", "and optim.grad_clip must be >= 0"
+
+    def clips(self, cfg: Config) -> bool:
+        """Whether the optimizer (FusedAdamWClip) does the clipping. Not under ZeRO-3, where
+        DeepSpeed steps parameter sub-groups separately and no single call sees every gradient."""
+        return self.name == "fused_adamw" and cfg.parallel.zero_stage != 3
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate and global batch as functions of tokens consumed (GPT-3 appendix B)."""
+
+    warmup_tokens: int = 375_000_000
+    """Linear warmup from 0 to optim.lr over this many tokens (GPT-3: 375M)."""
+    decay_tokens: int = 260_000_000_000
+    """The learning rate reaches min_lr_ratio x optim.lr here and stays there (GPT-3: 260B)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay, as a fraction of the peak (GPT-3: 10%)."""
+    lr_shape: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay shape between warmup and decay_tokens; constant keeps the peak after warmup."""
+    batch_final_tokens: int = 524288
+    """The global batch in tokens (GPT-3 Table 2.1), rounded down to a whole number of
+    micro_batch x seq_len x data-parallel ranks, never below one micro batch per rank."""
+    batch_start_tokens: int = 32768
+    """Global batch at the start of the ramp (GPT-3: 32K tokens)."""
+    batch_ramp_tokens: int = 0
+    """The batch grows linearly from batch_start_tokens to batch_final_tokens over this many
+    tokens (GPT-3: 4-12B by model size); 0: no ramp."""
+    batch_steps: list[list[int]] | None = None
+    """Instead of the ramp, [[tokens, batch_tokens], ...] starting at 0 tokens: from each token
+    count on, that global batch (Megatron's step schedule)."""
+
+    def problems(self, cfg: Config) -> Problems:
+        for key in ("batch_final_tokens", "batch_start_tokens"):
+            if getattr(self, key) <= 0:
+                yield f"schedule.{key}", f"must be positive, got {getattr(self, key)}"
+        if self.batch_ramp_tokens < 0:
+            yield "schedule.batch_ramp_tokens", "must be >= 0"
+        if self.batch_ramp_tokens and self.batch_start_tokens > self.batch_final_tokens:
+            yield "schedule.batch_start_tokens", (f"({self.batch_start_tokens}) must not exceed "
+                                                  f"schedule.batch_final_tokens ({self.batch_final_tokens})")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            yield "schedule.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        from megatrain.schedule import BatchSchedule, LRSchedule  # the schedules check their own parameters
+
+        for key, build in (("schedule.warmup_tokens", lambda: LRSchedule.from_config(cfg)),
+                           ("schedule.batch_steps", lambda: BatchSchedule.from_config(cfg, dp_size=1))):
+            try:
+                build()
+            except ValueError as e:
+                yield f"{key}:", str(e)
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states sharded),
+    2 (+ gradients), 3 (+ parameters). With a pipeline, 0 or 1."""
+    pipeline_stages: int = 1
+    """Pipeline stages P (1: no pipeline). The world is P stages x world/P data-parallel ranks."""
+    partition_method: Literal["parameters", "uniform", "blocks"] = "parameters"
+    """How layers are cut into stages: balanced by parameter count, by layer count, or by
+    transformer blocks only."""
+    activation_checkpoint_interval: int = 0
+    """With a pipeline: recompute activations every this many layers in the backward pass
+    (0: none; model.activation_checkpointing sets 1)."""
+
+    def problems(self, cfg: Config) -> Problems:
+        if self.zero_stage not in (0, 1, 2, 3):
+            yield "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
+        if self.pipeline_stages < 1:
+            yield "parallel.pipeline_stages", f"must be >= 1, got {self.pipeline_stages}"
+        if self.pipeline_stages > 1 and self.zero_stage > 1:
+            yield f"parallel.zero_stage={self.zero_stage}", (
+                f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline "
+                "engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule still needs); "
+                "use parallel.zero_stage=1")
+        if self.activation_checkpoint_interval < 0:
+            yield "parallel.activation_checkpoint_interval", "must be >= 0"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    keep: int = 3
+    """Complete checkpoints kept; older ones are deleted once a newer one is published."""
+
+    def problems(self, cfg: Config) -> Problems:
+        if self.keep < 1:
+            yield "checkpoint.keep", f"must be >= 1, got {self.keep}"
+        if self.every_steps < 0:
+            yield "checkpoint.every_steps", "must be >= 0"
+
+
+@dataclass
+class SpikeConfig:
+    """The spike guard: rolls the run back and skips data when the loss spikes (PaLM 5.1)."""
+
+    enabled: bool = True
+    """Watch for spikes and recover from them."""
+    watch: list[str] = field(default_factory=lambda: ["loss"])
+    """Signals compared with their recent history: "loss" and/or "grad_norm". The gradient norm
+    jumps early in training while the loss falls smoothly, so it is not watched by default. A
+    non-finite loss or norm is always a spike, watched or not."""
+    stats: Literal["median_mad", "mean_std"] = "median_mad"
+    """Baseline and spread: median and MAD (robust to the spikes themselves), or mean and std."""
+    window: int = 100
+    """Steps of history the baseline is taken over."""
+    min_history: int = 20
+    """Steps of history needed before a value is judged (non-finite values always are)."""
+    threshold: float = 6.0
+    """A value is above the baseline when it exceeds it by this many spreads (MADs are scaled
+    by 1.4826 to compare with standard deviations)."""
+    patience: int = 1
+    """Consecutive steps above the threshold that make a spike; the spike began at the first."""
+    skip: int = 200
+    """Data skipped after a rollback, counted from the rollback point, in `skip_unit`s; always
+    at least up to the end of the spike (PaLM skipped 200-500 batches)."""
+    skip_unit: Literal["batches", "tokens"] = "batches"
+    """batches: global batches at the batch size of the spike; tokens: tokens."""
+    max_rollbacks: int = 5
+    """Rollbacks allowed in a run; one more spike stops it (with a checkpoint, exit code 3)."""
+    snapshot_every: int = 50
+    """Optimizer steps between in-memory rollback points (model, optimizer, schedule, sampler)."""
+    snapshots: int = 3
+    """Rollback points kept in host memory (0: roll back to disk checkpoints only)."""
+
+    def problems(self, cfg: Config) -> Problems:
+        if not self.watch or not set(self.watch) <= {"loss", "grad_norm"}:
+            yield "spike.watch", f"must list 'loss' and/or 'grad_norm', got {self.watch}"
+        if self.window < 2:
+            yield "spike.window", f"must be >= 2, got {self.window}"
+        if not 1 <= self.min_history <= self.window:
+            yield "spike.min_history", f"must be between 1 and spike.window ({self.window}), got {self.min_history}"
+        if self.threshold <= 0:
+            yield "spike.threshold", f"must be > 0, got {self.threshold}"
+        for key, least in (("patience", 1), ("skip", 0), ("max_rollbacks", 0), ("snapshot_every", 1),
+                           ("snapshots", 0)):
+            if getattr(self, key) < least:
+                yield f"spike.{key}", f"must be >= {least}, got {getattr(self, key)}"
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    """Log to Weights & Biases (rank 0 only), offline unless WANDB_MODE says otherwise."""
+    wandb_project: str = "megatrain"
+    """wandb project name."""
+    progress: bool = True
+    """A progress bar on rank 0's console."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """Raw DeepSpeed JSON merged on top of the generated config, for experts."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def problems(self) -> Problems:
+        """Every section's problems, in the order of the sections."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "problems"):
+                yield from section.problems(self)

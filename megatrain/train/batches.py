@@ -1,0 +1,85 @@
+"""Micro-batches for the loop: the datasets of a run config, the global sample position,
+and `data.skip`.
+
+The sampler deals the global order round-robin over data-parallel ranks, so this rank's
+micro-batches depend only on the position (`consumed`), the seed and the data: saving,
+resuming and skipping are arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatrain.config import Config
+from megatrain.data import BlendedDataset, ResumableSampler, TokenDataset
+from megatrain.errors import UserError
+from megatrain.train import distributed as dist
+
+
+def build_datasets(cfg: Config):
+    """Training samples (one dataset or a blend), validation samples (or None), vocab size."""
+    seq_len = cfg.train.seq_len
+    sources = cfg.data.sources()
+    datasets = [(TokenDataset(path, seq_len, split="train"), weight) for path, weight in sources]
+    train = datasets[0][0] if len(datasets) == 1 else BlendedDataset(datasets, seed=data_seed(cfg))
+    vocab = max(d.manifest["vocab_size"] for d, _ in datasets)
+    try:
+        valid = TokenDataset(cfg.data.valid_path or sources[0][0], seq_len, split="valid")
+    except UserError as e:
+        valid = None
+        if dist.is_main():
+            print(f"warning: no validation data ({e})", flush=True)
+    if valid is not None and valid.tokenizer_sha256 != datasets[0][0].tokenizer_sha256:
+        raise UserError(f"{valid.dir}: validation data was made with another tokenizer than {datasets[0][0].dir}")
+    return train, valid, vocab
+
+
+def data_seed(cfg: Config) -> int:
+    return cfg.run.seed if cfg.data.seed is None else cfg.data.seed
+
+
+def to_micro_batch(tokens: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, seq_len + 1] tokens -> (inputs, targets) on the device."""
+    batch = torch.from_numpy(tokens).to(device)
+    return batch[:, :-1], batch[:, 1:]
+
+
+class TrainBatches:
+    """This rank's training micro-batches, in the global order. Stateful: the sampler's
+    position and record of skips, and how many data.skip entries were applied."""
+
+    def __init__(self, cfg: Config, dataset, dp_rank: int, dp_size: int, device):
+        self.dataset, self.device = dataset, device
+        self.micro_batch = cfg.train.micro_batch
+        self.sampler = ResumableSampler(len(dataset), seed=data_seed(cfg), rank=dp_rank, world_size=dp_size)
+        self.skips = sorted((p, n) for p, n in cfg.data.skip)
+        self.skip_index = 0  # data.skip entries applied so far
+
+    @property
+    def consumed(self) -> int:
+        """Global samples taken or skipped so far, by every rank together."""
+        return self.sampler.consumed
+
+    def skip(self, samples: int) -> None:
+        self.sampler.skip(samples)
+
+    def at_step_boundary(self) -> None:
+        """data.skip: jump past configured positions when the sampler reaches them."""
+        while self.skip_index < len(self.skips) and self.consumed >= self.skips[self.skip_index][0]:
+            self.sampler.skip(self.skips[self.skip_index][1])
+            self.skip_index += 1
+
+    def tokens(self) -> np.ndarray:
+        """Host tokens of this rank's next micro-batch ([micro_batch, seq_len + 1])."""
+        return self.dataset.batch(self.sampler.next(self.micro_batch))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return to_micro_batch(self.tokens(), self.device)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "skip_index": self.skip_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.skip_index = state["skip_index"]

@@ -1,0 +1,147 @@
+"""Optional features around the loop, as callbacks (OLMo-core's pattern): logging,
+evaluation, checkpoint cadence and preemption here; spike recovery in spike_recovery.py.
+
+The loop (Trainer.fit) calls, for each callback in list order:
+    on_start(trainer)               after build and resume, before the first step
+    flag(trainer, row) -> bool      after a step: this rank's vote that something must happen;
+                                    the loop ORs every callback's vote over all ranks in one
+                                    collective, so all ranks act together
+    on_step(trainer, row, flagged)  after a step; returning True means the step was undone
+                                    (a rollback): later callbacks do not see it
+    on_end(trainer)                 after the last step; trainer.outcome says why it ended
+A callback with state returns it from state_dict() and takes it back in
+load_state_dict(); the trainer registers it under `name` in its ResumableState, so it
+is saved in checkpoints and rollback points.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+
+import numpy as np
+
+from megatrain.train.batches import to_micro_batch
+
+
+class Callback:
+    name: str = ""
+    stateful = False
+
+    def on_start(self, trainer) -> None:
+        pass
+
+    def flag(self, trainer, row: dict) -> bool:
+        return False
+
+    def on_step(self, trainer, row: dict, flagged: bool) -> bool:
+        return False
+
+    def on_end(self, trainer) -> None:
+        pass
+
+
+class LogMetrics(Callback):
+    """Each kept step's row to metrics.jsonl (and wandb), the progress bar every log_every steps."""
+
+    name = "metrics"
+
+    def __init__(self, log_every: int):
+        self.log_every = log_every
+        self.first: dict | None = None
+        self.last: dict | None = None
+
+    def on_step(self, trainer, row, flagged):
+        trainer.log.log(row)
+        self.first = self.first or row
+        self.last = row
+        if row["step"] % self.log_every == 0:
+            trainer.log.progress(row["step"], row["tokens"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                 batch=row["batch_tokens"], tok_s=f"{row['tokens_per_s']:.0f}")
+        return False
+
+
+class Evaluate(Callback):
+    """Validation loss every `every` steps (0: only at the end), on the same
+    `samples` validation samples every time."""
+
+    name = "evaluation"
+
+    def __init__(self, valid_data, every: int, samples: int):
+        self.valid_data, self.every, self.samples = valid_data, every, samples
+        self.last: dict | None = None
+
+    def on_step(self, trainer, row, flagged):
+        if self.every and row["step"] % self.every == 0:
+            self.run(trainer)
+        return False
+
+    def on_end(self, trainer):
+        if trainer.outcome == "done" and (self.last is None or self.last["step"] != trainer.progress.step):
+            self.run(trainer)
+
+    def run(self, trainer) -> dict | None:
+        """Collective: every rank runs the same number of forward passes (ZeRO-3 gathers
+        parameters collectively); the validation rows are split over data-parallel ranks."""
+        if self.valid_data is None:
+            return None
+        module, mb = trainer.module, trainer.cfg.train.micro_batch
+        per_pass = mb * module.dp_size
+        n = min(self.samples, len(self.valid_data)) // per_pass * per_pass
+        if n == 0:
+            return None
+        positions = np.arange(module.dp_rank, n, module.dp_size)
+        batches = [to_micro_batch(self.valid_data.batch(positions[s:s + mb]), module.device)
+                   for s in range(0, len(positions), mb)]
+        loss = module.evaluate(batches)
+        self.last = {"kind": "valid", "step": trainer.progress.step, "tokens": trainer.progress.tokens,
+                     "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_samples": n}
+        trainer.log.log(self.last)
+        return self.last
+
+
+class CheckpointEvery(Callback):
+    """A checkpoint every `every` steps (0: only the final one, which the trainer writes)."""
+
+    name = "checkpointing"
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step(self, trainer, row, flagged):
+        if self.every and row["step"] % self.every == 0:
+            trainer.save_checkpoint()
+        return False
+
+
+class Preemption(Callback):
+    """Stopping on request: SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C).
+
+    The handler only records the signal; the step in progress finishes, all ranks agree
+    (the signal may reach one rank only), the trainer writes a checkpoint and the run
+    exits 0, as Megatron's exit-signal handler does. A second Ctrl-C stops at once.
+    DeepSpeed's launcher passes SIGTERM/SIGINT on to the ranks and waits 30 s per rank
+    before SIGKILL."""
+
+    name = "preemption"
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"received {self.signal_name}: stopping after this step with a checkpoint", flush=True)
+
+    def flag(self, trainer, row):
+        return self.signal_name is not None
+
+    def on_step(self, trainer, row, flagged):
+        if flagged:
+            trainer.outcome = "stopped"
+        return False

@@ -1,0 +1,228 @@
+"""The train module: the DeepSpeed engine and everything about one optimizer step.
+
+    module = TrainModule(cfg, model_cfg, grad_accum)
+    module.set_lr(lr); module.set_micro_batches(n)
+    loss, grad_norm = module.step(next_micro_batch)   # n forward/backward passes, one update
+
+It owns the engine, the precision, the optimizer's wiring into DeepSpeed, and the one
+answer to "where does the grad norm come from", and hides pipeline vs data parallel
+behind `step()` and `evaluate()`. It also copies its training tensors out and back in
+(`capture` / `restore`) for in-memory rollback points.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from megatrain.config import Config, deepspeed_config
+from megatrain.errors import UserError
+from megatrain.model import GPT, GPTConfig, build_pipeline
+from megatrain.optim import FusedAdamWClip
+from megatrain.train import distributed as dist
+from megatrain.train.optimizer import attach, build_optimizer
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
+
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+
+@dataclass
+class EngineSnapshot:
+    """A host copy of every tensor that is training state, and the engine's counters."""
+
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    engine_counters: dict
+    loss_scaler: dict | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def init_layout(cfg: Config) -> int:
+    """Start the process group and check the layout against it; the data-parallel size."""
+    from deepspeed.accelerator import get_accelerator
+
+    if cfg.train.precision == "fp16" and get_accelerator().device_name() == "cpu":
+        raise UserError("train.precision=fp16: DeepSpeed does not support fp16 on its CPU accelerator; "
+                        "use train.precision=bf16 (or fp32)")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    dist.init_distributed()
+    stages = cfg.parallel.pipeline_stages
+    if dist.world_size() % stages:
+        raise UserError(f"parallel.pipeline_stages={stages} does not divide the {dist.world_size()} ranks")
+    return dist.world_size() // stages
+
+
+class TrainModule:
+    def __init__(self, cfg: Config, model_cfg: GPTConfig, grad_accum: int):
+        """After init_layout."""
+        import deepspeed
+
+        t, par = cfg.train, cfg.parallel
+        self.world = dist.world_size()
+        self.pipeline = par.pipeline_stages > 1
+        self.dp_size = self.world // par.pipeline_stages
+        self.grad_accum = grad_accum
+        # Initialised from the seed and parameter names: the same weights on every rank and in any layout.
+        if self.pipeline:
+            interval = par.activation_checkpoint_interval or int(model_cfg.activation_checkpointing)
+            model = build_pipeline(model_cfg, par.pipeline_stages, par.partition_method, interval)
+        else:
+            model = GPT(model_cfg)
+        groups, self.client_optimizer = build_optimizer(cfg, model)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                                    optimizer=self.client_optimizer,
+                                                    config=deepspeed_config(cfg, self.dp_size, grad_accum))
+        attach(self.client_optimizer, model, cfg, self.engine)
+        if self.world == 1 and par.zero_stage == 0:
+            # DeepSpeed all-reduces ZeRO-0 gradients in a world of one too: it flattens them
+            # into one buffer and copies them back, a sizeable share of a small step, for an identity.
+            self.engine.enable_backward_allreduce = False
+        self.dp_rank = self.engine.grid.data_parallel_id if self.pipeline else dist.rank()
+        self.device = self.engine.device
+        # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
+        self.base_optimizer = (self.client_optimizer if self.client_optimizer is not None
+                               else getattr(self.engine.optimizer, "optimizer", self.engine.optimizer))
+        # Where the pre-clip global norm comes from: our kernel when it clips; else we measure
+        # it (data parallel with fp32 weights, where DeepSpeed does not report it); else DeepSpeed.
+        if isinstance(self.client_optimizer, FusedAdamWClip) and cfg.optim.clips(cfg):
+            self.norm_source = "optimizer"
+        elif par.zero_stage == 0 and t.precision in ("fp32", "bf16-autocast") and not self.pipeline:
+            self.norm_source = "measured"
+        else:
+            self.norm_source = "deepspeed"
+        self.fp16 = t.precision == "fp16"
+
+    # --- one optimizer step ------------------------------------------------------------
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_micro_batches(self, micro_batches: int, micro_batch: int) -> None:
+        """Micro-batches per rank in the next step (DeepSpeed's gradient accumulation)."""
+        if micro_batches != self.grad_accum:
+            self.engine.set_train_batch_size(micro_batches * micro_batch * self.dp_size)
+            self.grad_accum = micro_batches
+
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one micro-batch (the forward pass of a data-parallel step)."""
+        return self.engine(inputs, targets)
+
+    def step(self, next_micro_batch: Callable[[], MicroBatch]) -> tuple[float, float | None]:
+        """One optimizer step over `grad_accum` micro-batches per rank: (loss averaged over
+        the global batch, pre-clip global gradient norm or None)."""
+        if self.pipeline:
+            # DeepSpeed's schedule runs the micro-batches; every rank draws them (the first
+            # stage uses the inputs, the last the targets).
+            batches = [next_micro_batch() for _ in range(self.grad_accum)]
+            loss = float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
+            return loss, self._grad_norm()
+        loss_sum, grad_norm = 0.0, None
+        for i in range(self.grad_accum):
+            inputs, targets = next_micro_batch()
+            # Mark the boundary ourselves: DeepSpeed's own count assumes a fixed accumulation.
+            boundary = i == self.grad_accum - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            loss = self.loss(inputs, targets)
+            self.engine.backward(loss)
+            if boundary and self.norm_source == "measured":  # gradients are all-reduced now, not yet clipped
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+            self.engine.step()
+            loss_sum += loss.item()
+        if self.norm_source != "measured":
+            grad_norm = self._grad_norm()
+        return dist.all_reduce_mean([loss_sum / self.grad_accum])[0], grad_norm
+
+    def _grad_norm(self) -> float | None:
+        if self.norm_source == "optimizer":
+            return float(self.client_optimizer.last_grad_norm)
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def step_stats(self) -> dict:
+        """What the engine really did in the last step, for the metrics row."""
+        row = {}
+        if self.pipeline:  # what the pipeline engine really ran, not what we asked for
+            row["micro_batches"] = self.engine.micro_batches
+        if isinstance(self.client_optimizer, FusedAdamWClip):
+            row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
+        if self.fp16:
+            row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+        return row
+
+    @property
+    def overflow(self) -> bool:
+        """fp16: the loss scaler skipped the last step (its infinite norm is not a spike)."""
+        return self.fp16 and bool(getattr(self.engine.optimizer, "overflow", False))
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[MicroBatch]) -> float:
+        """Mean loss over these micro-batches and every data-parallel rank's (collective:
+        every rank passes the same number)."""
+        if self.pipeline:  # averaged over micro-batches and data-parallel ranks by DeepSpeed
+            return float(self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
+        self.engine.eval()
+        total = sum(self.engine(inputs, targets).item() for inputs, targets in batches)
+        self.engine.train()
+        return dist.all_reduce_mean([total / len(batches)])[0]
+
+    # --- training tensors, for rollback points ------------------------------------------
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor that is training state (the model's parameters; the optimizer's, which
+        under DeepSpeed are its fp32 masters or flat ZeRO partitions; its moments and step
+        counts), by a key that stays the same within a process."""
+        found: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, tuple]] = set()
+
+        def add(key: str, t: torch.Tensor) -> None:
+            ident = (t.data_ptr(), tuple(t.shape))
+            if t.numel() and ident not in seen:
+                seen.add(ident)
+                found[key] = t
+
+        for i, p in enumerate(self.engine.module.parameters()):
+            add(f"module.{i}", p.data)
+        for gi, group in enumerate(self.base_optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                add(f"opt.param.{gi}.{pi}", p.data)
+                for name, value in self.base_optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(value):
+                        add(f"opt.state.{gi}.{pi}.{name}", value)
+        return found
+
+    def capture(self) -> EngineSnapshot:
+        """A host copy of this rank's training tensors (ZeRO 0-2; ZeRO-3 keeps parameters in
+        DeepSpeed-private partitions that this does not reach)."""
+        tensors = {k: t.detach().to("cpu", copy=True) for k, t in self._state_tensors().items()}
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        return EngineSnapshot(tensors=tensors, engine_counters={k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
+                              loss_scaler=copy.deepcopy(vars(scaler)) if scaler is not None else None)
+
+    def restore(self, snapshot: EngineSnapshot) -> None:
+        """Copy a snapshot back in place. Optimizer state created after it (the moments
+        appear at the first step) is zeroed: the same as a fresh optimizer at that point."""
+        with torch.no_grad():
+            for key, t in self._state_tensors().items():
+                saved = snapshot.tensors.get(key)
+                if saved is not None:
+                    t.copy_(saved)
+                elif key.startswith("opt.state."):
+                    t.zero_()
+                else:
+                    raise RuntimeError(f"rollback point has no copy of {key}: the model changed since it was taken")
+        for name, value in snapshot.engine_counters.items():
+            setattr(self.engine, name, value)
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if scaler is not None and snapshot.loss_scaler is not None:
+            vars(scaler).update(copy.deepcopy(snapshot.loss_scaler))

@@ -1,0 +1,146 @@
+"""launch/pretrain.py with faults injected, for tests and bench/soak.py only: a normal run
+never reads these flags or passes a batch through a test hook.
+
+    deepspeed --num_gpus 2 tests/faulty_pretrain.py --fault checkpoint_write@8:1 \
+        --fault nan_loss@23 --poison 480:32 --fault-state DIR <launch/pretrain.py arguments>
+
+--fault NAME@STEP[:RANK] fires once at:
+    checkpoint_write     the rank's files are written, nothing published yet  -> SIGKILL
+    checkpoint_publish   renamed, `latest` not yet replaced (rank 0)           -> SIGKILL
+    nan_loss             step STEP's loss becomes NaN (real NaN gradients follow)
+With --fault-state DIR each fires only once across processes too (a supervised run that
+restarts does not crash again at the same point).
+--poison START:COUNT replaces the samples at global positions [START, START + COUNT) with
+random tokens (seeded by position): a real loss spike, for the spike guard. Faults come
+in from here, as callbacks and wrappers around the checkpointer's write and publish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "launch"))
+
+import pretrain  # noqa: E402  (launch/pretrain.py)
+
+from megatrain.train.callbacks import Callback  # noqa: E402
+from megatrain.train.checkpoint import Checkpointer, checkpoint_step  # noqa: E402
+
+from _cli import run  # noqa: E402
+
+
+class Faults:
+    def __init__(self, specs: list[str], state_dir: str | None):
+        self.points = set()
+        for spec in specs:
+            name, _, rest = spec.partition("@")
+            step, _, rank = rest.partition(":")
+            self.points.add((name, int(step), int(rank) if rank else None))
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.fired: set[tuple[str, int]] = set()
+
+    def fires(self, name: str, step: int) -> bool:
+        """Whether fault `name` fires at `step` on this rank (at most once)."""
+        if (name, step, None) not in self.points and (name, step, self.rank) not in self.points:
+            return False
+        marker = self.state_dir / f"{name}@{step}.rank{self.rank}" if self.state_dir else None
+        if (name, step) in self.fired or (marker is not None and marker.exists()):
+            return False
+        self.fired.add((name, step))
+        if marker is not None:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        return True
+
+    def crash_if(self, name: str, step: int) -> None:
+        if self.fires(name, step):
+            print(f"[fault injection] rank {self.rank}: SIGKILL at {name}@{step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_checkpoint_faults(faults: Faults) -> None:
+    write, point_latest = Checkpointer._write, Checkpointer._point_latest
+
+    def _write(self, engine, step, state, rank_state, tmp):
+        write(self, engine, step, state, rank_state, tmp)
+        faults.crash_if("checkpoint_write", step)
+
+    def _point_latest(self, final):
+        faults.crash_if("checkpoint_publish", checkpoint_step(final))
+        point_latest(self, final)
+
+    Checkpointer._write, Checkpointer._point_latest = _write, _point_latest
+
+
+class Poison(Callback):
+    """Samples at global positions [start, start + count) become random tokens."""
+
+    name = "fault_poison"
+
+    def __init__(self, spec: str):
+        start, count = (int(x) for x in spec.split(":"))
+        self.positions = range(start, start + count)
+
+    def on_start(self, trainer):
+        batches, vocab_size = trainer.batches, trainer.model_cfg.vocab_size
+        tokens = batches.tokens
+
+        def poisoned_tokens():
+            batch = tokens()
+            for row, pos in enumerate(batches.sampler.last_positions):
+                if pos in self.positions:
+                    batch[row] = np.random.default_rng(int(pos)).integers(0, vocab_size, batch.shape[1])
+            return batch
+
+        batches.tokens = poisoned_tokens
+
+
+class NaNLoss(Callback):
+    """nan_loss@N: every micro-batch loss of step N is multiplied by NaN on this rank."""
+
+    name = "fault_nan_loss"
+
+    def __init__(self, faults: Faults):
+        self.faults = faults
+
+    def on_start(self, trainer):
+        module = trainer.module
+        loss = type(module).loss
+
+        def broken_loss(inputs, targets):
+            out = loss(module, inputs, targets)
+            return out * float("nan") if self.firing else out
+
+        self.firing = False
+        module.loss = broken_loss
+        step = trainer.train_step
+
+        def train_step():
+            self.firing = self.faults.fires("nan_loss", trainer.progress.step + 1)
+            return step()
+
+        trainer.train_step = train_step
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--fault", action="append", default=[])
+    p.add_argument("--poison")
+    p.add_argument("--fault-state")
+    args, rest = p.parse_known_args()
+    faults = Faults(args.fault, args.fault_state)
+    install_checkpoint_faults(faults)
+    callbacks = [NaNLoss(faults), *([Poison(args.poison)] if args.poison else [])]
+    return pretrain.main(rest, callbacks=callbacks)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,147 @@
+"""Driving real runs from tests and benchmarks (bench/ imports this too): launcher
+commands, rank processes, watching a run's files while it goes, injected faults.
+
+    cmd = pretrain_command("tests/configs/tiny.yaml", ["run.dir=runs/x", "data.path=data"], nproc=2)
+    subprocess.run(supervise_command(cmd, max_restarts=3))
+    for p in rank_processes(launcher.pid): ...
+    if launches(run_dir) == 2 and last_train_row(run_dir)["step"] >= 5: kill_a_rank(sup.pid, rng, ...)
+    pretrain_command(..., faults=["nan_loss@23"], poison="480:32")   # tests/faulty_pretrain.py
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import psutil
+
+from megatrain.train.checkpoint import Checkpointer, checkpoint_step
+from megatrain.train.distributed import free_port
+from megatrain.train.metrics import read_events, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+FAULTY_PRETRAIN = REPO / "tests" / "faulty_pretrain.py"
+TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# A few stdlib packages: about 1 MB of real Python, different on every Python version.
+SMALL_CORPUS = [str(STDLIB / name) for name in ("json", "email", "html", "http")]
+
+
+def run_script(script: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None):
+    """Run launch/<script> in a fresh interpreter, as a user would."""
+    proc = subprocess.run([sys.executable, str(LAUNCH / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def pretrain(run_dir, data, *sets: str, nproc: int = 2, check: bool = True, config=TINY_CONFIG,
+             resume: str = "auto", timeout: float = 600, env: dict | None = None, **faults):
+    """launch/pretrain.py through the real deepspeed launcher (nproc ranks), or plain python
+    (nproc=0); `faults` as pretrain_command takes them. Checks that no shared memory is left."""
+    cmd = pretrain_command(config, [f"run.dir={run_dir}", f"data.path={data}", *sets], nproc=nproc, resume=resume,
+                           **faults)
+    before = shm_buffers()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    assert shm_buffers() <= before, "the run left DeepSpeed's shared-memory buffers in /dev/shm"
+    return proc
+
+
+def shm_buffers() -> set[str]:
+    """DeepSpeed's shared-memory collective buffers on this machine (megatrain/train/distributed.py
+    unlinks them; left behind they hold 69 MB per rank until the machine runs out of memory)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+def train_losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+def copy_until(run_dir, dest, step: int):
+    """A copy of a run directory as it was when checkpoint `step` was the newest."""
+    shutil.copytree(run_dir, dest)
+    for ckpt in Checkpointer(dest, keep=99).complete_checkpoints():
+        if checkpoint_step(ckpt) > step:
+            shutil.rmtree(ckpt)
+    (dest / "latest").write_text(f"checkpoints/step-{step:08d}\n")
+    return dest
+
+
+def pretrain_command(config, sets: list[str], nproc: int = 2, resume: str = "auto", faults: list[str] = (),
+                     poison: str | None = None, fault_state: str | None = None) -> list[str]:
+    """launch/pretrain.py through the real deepspeed launcher with `nproc` ranks on a free
+    port, or in plain python (nproc=0); `sets` are KEY=VALUE overrides. With faults or
+    poison, tests/faulty_pretrain.py runs instead and injects them (see there)."""
+    injected = [*[a for f in faults for a in ("--fault", f)], *(["--poison", poison] if poison else []),
+                *(["--fault-state", str(fault_state)] if fault_state else [])]
+    entry = FAULTY_PRETRAIN if injected else LAUNCH / "pretrain.py"
+    script = [str(entry), *injected, "--config", str(config), "--resume", resume,
+              *[a for s in sets for a in ("--set", s)]]
+    if not nproc:
+        return [sys.executable, *script]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+            "--master_port", str(free_port()), *script]
+
+
+def supervise_command(cmd: list[str], max_restarts: int, delay: float = 0) -> list[str]:
+    return [sys.executable, str(LAUNCH / "supervise.py"), "--max-restarts", str(max_restarts),
+            "--delay", str(delay), "--", *cmd]
+
+
+def rank_processes(root_pid: int) -> list[psutil.Process]:
+    """The training ranks below a launcher (or a supervisor): the processes that DeepSpeed's
+    launcher started with --local_rank."""
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in procs if any(a.startswith("--local_rank=") for a in _cmdline(p))]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def launches(run_dir: Path) -> int:
+    """Launches of a run that got going: each writes a "start" event after it has resumed
+    (and dropped the metrics rows of the timeline it abandoned), so later rows are its own."""
+    return _read(lambda: sum(e["event"] == "start" for e in read_events(run_dir)), 0)
+
+
+def last_train_row(run_dir: Path) -> dict:
+    """The newest training row of metrics.jsonl, or {"step": 0}."""
+    return _read(lambda: ([r for r in read_metrics(run_dir) if r["kind"] == "train"] or [{"step": 0}])[-1],
+                 {"step": 0})
+
+
+def _read(fn, default):
+    try:
+        return fn()
+    except (OSError, ValueError):  # read while rank 0 appends (a half-written line)
+        return default
+
+
+def kill_a_rank(root_pid: int, rng: random.Random, step_time: float) -> psutil.Process | None:
+    """SIGKILL a random rank below `root_pid` at a random moment of the next step (the
+    last one took `step_time` seconds); the victim, or None when there was no rank."""
+    time.sleep(rng.uniform(0, min(step_time, 0.5)))
+    ranks = rank_processes(root_pid)
+    if not ranks:
+        return None
+    victim = rng.choice(ranks)
+    victim.send_signal(signal.SIGKILL)
+    return victim

@@ -1,0 +1,70 @@
+"""Spike recovery in-process, without the launcher: a world of one, a real DeepSpeed engine
+on the tiny model, a NaN loss injected from the test side (tests/faulty_pretrain.py's
+callback), and the rollback checked against a run that skipped the same data from the start."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+from faulty_pretrain import Faults, NaNLoss
+from helpers import TINY_CONFIG
+
+from megatrain.config import load_config
+from megatrain.train import Trainer
+from megatrain.train.distributed import free_port
+from megatrain.train.metrics import read_events, read_metrics
+
+RUN = ["train.max_steps=12", "train.eval_every=0", "checkpoint.every_steps=0", "spike.snapshot_every=5",
+       "spike.skip=2", "parallel.zero_stage=0"]
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """This process as rank 0 of 1; the environment and signal handlers are put back after."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def _train(run_dir, data, *sets, callbacks=()):
+    cfg = load_config(TINY_CONFIG, [f"run.dir={run_dir}", f"data.path={data}", *RUN, *sets])
+    trainer = Trainer(cfg, resume="none", callbacks=list(callbacks))
+    return trainer, trainer.fit()
+
+
+def test_nan_loss_rolls_back_in_memory_and_skips(world_of_one, tmp_path, small_data):
+    trainer, summary = _train(tmp_path / "run", small_data, callbacks=[NaNLoss(Faults(["nan_loss@8"], None))])
+    assert summary["outcome"] == "done" and summary["rollbacks"] == 1
+    [rb] = [e for e in read_events(tmp_path / "run") if e["event"] == "rollback"]
+    assert rb["step"] == rb["began"] == 8 and math.isnan(rb["loss"])
+    assert rb["restored_step"] == 5 and rb["source"] == "memory"  # the point taken after step 5
+    per_step = 16  # 512 tokens of 32: micro_batch 4 x 4 micro-batches x 1 rank
+    assert rb["position"] == 5 * per_step and rb["skipped_samples"] == max(2 * per_step, 3 * per_step)
+    assert trainer.progress.step == 12 and trainer.batches.sampler.skipped == [[rb["position"], rb["skipped_samples"]]]
+    # step for step the run that skipped the same samples from the start; the guard's
+    # history went back too (steps 6-8 of the abandoned timeline are not in it)
+    clean, _ = _train(tmp_path / "clean", small_data, f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]")
+    losses = [[r["loss"] for r in read_metrics(d) if r["kind"] == "train"] for d in (tmp_path / "run", tmp_path / "clean")]
+    assert len(losses[0]) == 12 and losses[0] == losses[1]
+    assert trainer.recovery.guard.state_dict() == clean.recovery.guard.state_dict()
+
+
+def test_snapshot_restore_round_trip(world_of_one, tmp_path, small_data):
+    """restore(snapshot()) puts back the engine's tensors, counters and every registered state."""
+    trainer, _ = _train(tmp_path / "run", small_data, "train.max_steps=2", "spike.enabled=false")
+    point = trainer.snapshot()
+    before = {k: t.clone() for k, t in trainer.module._state_tensors().items()}
+    trainer.cfg.train.max_steps = 4
+    trainer.outcome = None
+    trainer.fit()
+    assert trainer.progress.step == 4
+    trainer.restore(point)
+    assert trainer.progress.step == 2 and trainer.batches.consumed == 2 * 16
+    after = trainer.module._state_tensors()
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
