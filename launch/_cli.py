@@ -32,7 +32,7 @@ def run(main: Callable[[], int | None]) -> None:
 def _exit(code: int) -> None:
     """A process with a live torch.distributed process group leaves with os._exit: Gloo's
     C++ threads can still hold work when the interpreter finalizes, and it then aborts
-    ("terminate called without an active exception", SIGABRT; seen here in about 1 of 40
+    ("terminate called without an active exception", SIGABRT; seen in a few percent of
     runs), which turns a finished or refused run into a crash. Everything is flushed first;
     files are closed as they are written."""
     torch_dist = sys.modules.get("torch.distributed")

@@ -9,8 +9,10 @@ and the closest valid key; then every section checks its own fields (`problems`)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -58,60 +60,46 @@ def _type_name(tp) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+class _Mismatch(Exception):
+    pass
+
+
 def _coerce(value: Any, tp, key: str, source: str) -> Any:
-    """Check `value` against the annotation `tp`; numbers written as strings ("6e-4",
-    which YAML reads as a string) are accepted for numeric fields."""
-    origin = typing.get_origin(tp)
+    """`value` checked against the annotation `tp` (a UserError naming the key if it does
+    not fit); numbers written as strings ("6e-4", which YAML reads as a string) are
+    accepted for numeric fields."""
+    try:
+        return _check(value, tp)
+    except _Mismatch:
+        raise UserError(f"{source}: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}") from None
+
+
+def _check(value: Any, tp) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key, source)
-            except UserError:
-                continue
-        raise _type_error(value, tp, key, source)
-    if origin is Literal:
-        if value in typing.get_args(tp):
+        for arg in args:
+            with contextlib.suppress(_Mismatch):
+                return _check(value, arg)
+    elif origin is Literal:
+        if value in args:
             return value
-        raise _type_error(value, tp, key, source)
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _type_error(value, tp, key, source)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(value, tp, key, source)
-    if tp in (int, float):
+    elif origin is list:  # list[X]: every item an X
+        if isinstance(value, list):
+            return [_check(v, args[0]) for v in value]
+    elif tp in (int, float):
         number = value
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(value.replace("_", ""))
-            except ValueError:
-                raise _type_error(value, tp, key, source) from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise _type_error(value, tp, key, source)
-        if tp is int:
-            if float(number) != int(number):
-                raise _type_error(value, tp, key, source)
-            return int(number)
-        return float(number)
-    if origin is list:  # list[X]: every item an X
-        if not isinstance(value, list):
-            raise _type_error(value, tp, key, source)
-        (item_type,) = typing.get_args(tp)
-        try:
-            return [_coerce(v, item_type, key, source) for v in value]
-        except UserError:
-            raise _type_error(value, tp, key, source) from None
-    if tp in (str, list, dict):
-        if isinstance(value, tp):
-            return value
-        raise _type_error(value, tp, key, source)
-    raise TypeError(f"unsupported config annotation {tp} for {key}")
-
-
-def _type_error(value, tp, key, source) -> UserError:
-    return UserError(f"{source}: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number):
+            if tp is float or float(number) == int(number):
+                return tp(number)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif isinstance(value, tp):  # bool, str, dict, list
+        return value
+    raise _Mismatch
 
 
 def _source_of(key: str, sources: dict) -> str:

@@ -17,6 +17,13 @@ import yaml
 Problems = Iterator[tuple[str, str]]
 
 
+def _at_least(section, name: str, **least) -> Problems:
+    """`section.key >= least[key]` for each key."""
+    for key, low in least.items():
+        if getattr(section, key) < low:
+            yield f"{name}.{key}", f"must be >= {low}, got {getattr(section, key)}"
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -47,9 +54,7 @@ class ModelConfig:
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
 
     def problems(self, cfg: Config) -> Problems:
-        for key in ("n_layer", "n_head", "d_model"):
-            if getattr(self, key) <= 0:
-                yield f"model.{key}", f"must be positive, got {getattr(self, key)}"
+        yield from _at_least(self, "model", n_layer=1, n_head=1, d_model=1)
         if self.n_head > 0 and self.d_model % self.n_head:
             yield "model.d_model", f"({self.d_model}) must be divisible by model.n_head ({self.n_head})"
         if not 0.0 <= self.dropout < 1.0:
@@ -111,13 +116,9 @@ class TrainConfig:
     """Peak FLOP/s of one device for MFU; None measures a matmul once at start."""
 
     def problems(self, cfg: Config) -> Problems:
-        for key in ("seq_len", "micro_batch"):
-            if getattr(self, key) <= 0:
-                yield f"train.{key}", f"must be positive, got {getattr(self, key)}"
+        yield from _at_least(self, "train", seq_len=1, micro_batch=1, eval_every=0, eval_samples=0)
         if self.max_steps is None and self.max_tokens is None:
             yield "train.max_steps", "or train.max_tokens must be set (otherwise the run never ends)"
-        if self.eval_every < 0 or self.eval_samples < 0:
-            yield "train.eval_every", "and train.eval_samples must be >= 0"
 
 
 @dataclass
@@ -141,8 +142,7 @@ class OptimConfig:
     def problems(self, cfg: Config) -> Problems:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             yield "optim.betas", f"must be two numbers in [0, 1), got {self.betas}"
-        if self.lr < 0 or self.grad_clip < 0:
-            yield "optim.lr", "and optim.grad_clip must be >= 0"
+        yield from _at_least(self, "optim", lr=0, grad_clip=0)
 
     def clips(self, cfg: Config) -> bool:
         """Whether the optimizer (FusedAdamWClip) does the clipping. Not under ZeRO-3, where
@@ -175,11 +175,7 @@ class ScheduleConfig:
     count on, that global batch (Megatron's step schedule)."""
 
     def problems(self, cfg: Config) -> Problems:
-        for key in ("batch_final_tokens", "batch_start_tokens"):
-            if getattr(self, key) <= 0:
-                yield f"schedule.{key}", f"must be positive, got {getattr(self, key)}"
-        if self.batch_ramp_tokens < 0:
-            yield "schedule.batch_ramp_tokens", "must be >= 0"
+        yield from _at_least(self, "schedule", batch_final_tokens=1, batch_start_tokens=1, batch_ramp_tokens=0)
         if self.batch_ramp_tokens and self.batch_start_tokens > self.batch_final_tokens:
             yield "schedule.batch_start_tokens", (f"({self.batch_start_tokens}) must not exceed "
                                                   f"schedule.batch_final_tokens ({self.batch_final_tokens})")
@@ -212,15 +208,12 @@ class ParallelConfig:
     def problems(self, cfg: Config) -> Problems:
         if self.zero_stage not in (0, 1, 2, 3):
             yield "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
-        if self.pipeline_stages < 1:
-            yield "parallel.pipeline_stages", f"must be >= 1, got {self.pipeline_stages}"
+        yield from _at_least(self, "parallel", pipeline_stages=1, activation_checkpoint_interval=0)
         if self.pipeline_stages > 1 and self.zero_stage > 1:
             yield f"parallel.zero_stage={self.zero_stage}", (
                 f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline "
                 "engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule still needs); "
                 "use parallel.zero_stage=1")
-        if self.activation_checkpoint_interval < 0:
-            yield "parallel.activation_checkpoint_interval", "must be >= 0"
 
 
 @dataclass
@@ -231,10 +224,7 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted once a newer one is published."""
 
     def problems(self, cfg: Config) -> Problems:
-        if self.keep < 1:
-            yield "checkpoint.keep", f"must be >= 1, got {self.keep}"
-        if self.every_steps < 0:
-            yield "checkpoint.every_steps", "must be >= 0"
+        yield from _at_least(self, "checkpoint", keep=1, every_steps=0)
 
 
 @dataclass
@@ -273,16 +263,11 @@ class SpikeConfig:
     def problems(self, cfg: Config) -> Problems:
         if not self.watch or not set(self.watch) <= {"loss", "grad_norm"}:
             yield "spike.watch", f"must list 'loss' and/or 'grad_norm', got {self.watch}"
-        if self.window < 2:
-            yield "spike.window", f"must be >= 2, got {self.window}"
+        yield from _at_least(self, "spike", window=2, patience=1, skip=0, max_rollbacks=0, snapshot_every=1, snapshots=0)
         if not 1 <= self.min_history <= self.window:
             yield "spike.min_history", f"must be between 1 and spike.window ({self.window}), got {self.min_history}"
         if self.threshold <= 0:
             yield "spike.threshold", f"must be > 0, got {self.threshold}"
-        for key, least in (("patience", 1), ("skip", 0), ("max_rollbacks", 0), ("snapshot_every", 1),
-                           ("snapshots", 0)):
-            if getattr(self, key) < least:
-                yield f"spike.{key}", f"must be >= {least}, got {getattr(self, key)}"
 
 
 @dataclass

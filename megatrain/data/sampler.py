@@ -33,10 +33,6 @@ class ResumableSampler:
         self.last_positions = np.empty(0, dtype=np.int64)  # global positions of the last next()
         self._perms: dict[int, Permutation] = {}
 
-    @property
-    def epoch(self) -> int:
-        return self.consumed // self.num_samples
-
     def _permutation(self, epoch: int) -> Permutation:
         perm = self._perms.get(epoch)
         if perm is None:
@@ -61,10 +57,6 @@ class ResumableSampler:
         self.consumed += per_rank * self.world_size
         self.last_positions = positions
         return self.at(positions)
-
-    def __iter__(self):
-        while True:
-            yield int(self.next(1)[0])
 
     def skip(self, num_samples: int) -> None:
         """Move past `num_samples` global samples without reading them."""

@@ -180,12 +180,6 @@ class GPT(nn.Module):
         logits = self.head(x, self.embed)
         return logits if targets is None else lm_loss(logits, targets)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters (tied embeddings counted once); without embeddings if asked."""
-        n = sum(p.numel() for p in self.parameters())
-        embeddings = self.embed.wte.weight.numel() + self.embed.positions.wpe.weight.numel()
-        return n - embeddings if non_embedding else n
-
 
 def matmul_params(cfg: GPTConfig) -> int:
     """Parameters that take part in matmuls for every token: the blocks, the final norm,
@@ -197,7 +191,7 @@ def matmul_params(cfg: GPTConfig) -> int:
 
 
 def param_count(cfg: GPTConfig) -> int:
-    """Parameters of the model (the tied table counted once): GPT(cfg).num_params()."""
+    """Parameters of the model (the tied table counted once)."""
     return matmul_params(cfg) + cfg.seq_len * cfg.d_model
 
 

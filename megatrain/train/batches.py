@@ -1,10 +1,6 @@
-"""Micro-batches for the loop: the datasets of a run config, the global sample position,
-and `data.skip`.
-
-The sampler deals the global order round-robin over data-parallel ranks, so this rank's
-micro-batches depend only on the position (`consumed`), the seed and the data: saving,
-resuming and skipping are arithmetic.
-"""
+"""Micro-batches for the loop: the datasets of a run config, the global sample position
+(the sampler deals it round-robin over data-parallel ranks, so saving, resuming and
+skipping are arithmetic), and `data.skip`."""
 
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
 """Optional features around the loop, as callbacks (OLMo-core's pattern): logging,
 evaluation, checkpoint cadence and preemption here; spike recovery in spike_recovery.py.
 
-The loop (Trainer.fit) calls, for each callback in list order:
-    on_start(trainer)               after build and resume, before the first step
-    flag(trainer, row) -> bool      after a step: this rank's vote that something must happen;
-                                    the loop ORs every callback's vote over all ranks in one
-                                    collective, so all ranks act together
-    on_step(trainer, row, flagged)  after a step; returning True means the step was undone
-                                    (a rollback): later callbacks do not see it
-    on_end(trainer)                 after the last step; trainer.outcome says why it ended
-A callback with state returns it from state_dict() and takes it back in
-load_state_dict(); the trainer registers it under `name` in its ResumableState, so it
-is saved in checkpoints and rollback points.
+Hooks, called in list order (docs/trainer.md has the table): on_start(trainer);
+flag(trainer, row) -> this rank's vote, ORed over all ranks in one collective;
+on_step(trainer, row, flagged) -> True if the step was undone (later callbacks skip it);
+on_end(trainer). A `stateful` callback's state_dict() is registered under its `name`
+and saved in checkpoints and rollback points.
 """
 
 from __future__ import annotations
@@ -54,8 +48,7 @@ class LogMetrics(Callback):
 
     def on_step(self, trainer, row, flagged):
         trainer.log.log(row)
-        self.first = self.first or row
-        self.last = row
+        self.first, self.last = self.first or row, row
         if row["step"] % self.log_every == 0:
             trainer.log.progress(row["step"], row["tokens"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                  batch=row["batch_tokens"], tok_s=f"{row['tokens_per_s']:.0f}")
@@ -116,13 +109,10 @@ class CheckpointEvery(Callback):
 
 
 class Preemption(Callback):
-    """Stopping on request: SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C).
-
-    The handler only records the signal; the step in progress finishes, all ranks agree
-    (the signal may reach one rank only), the trainer writes a checkpoint and the run
-    exits 0, as Megatron's exit-signal handler does. A second Ctrl-C stops at once.
-    DeepSpeed's launcher passes SIGTERM/SIGINT on to the ranks and waits 30 s per rank
-    before SIGKILL."""
+    """Stopping on SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C), as Megatron's
+    exit-signal handler does: the step in progress finishes, all ranks agree (the signal
+    may reach one rank only), the trainer checkpoints and the run exits 0. A second
+    Ctrl-C stops at once."""
 
     name = "preemption"
 

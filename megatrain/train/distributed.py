@@ -33,12 +33,11 @@ def init_distributed() -> None:
 
 
 def _unlink_shm_buffer() -> None:
-    """When all ranks share a machine, DeepSpeed's CPU backend gives each one a buffer in
-    /dev/shm (69 MB here) and never unlinks it: every run leaked them, a killed run too,
-    until the machine ran out of memory. init_distributed returns only once this rank has
-    mapped every rank's buffer; after a barrier all have, so each rank unlinks its own and
-    the memory goes when the last rank exits, however it exits. (DeepSpeed's condition for
-    the buffers, the same on every rank: LOCAL_SIZE == world size; csrc/cpu/comm/shm.cpp.)"""
+    """DeepSpeed's CPU backend gives each rank a /dev/shm buffer when all ranks share a
+    machine (LOCAL_SIZE == world size, a world of one included; csrc/cpu/comm/shm.cpp) and
+    never unlinks it, so every run, killed or not, leaked memory. Once every rank has mapped
+    every buffer (after init and a barrier) each unlinks its own: the memory goes with the
+    last rank, however it exits."""
     if os.environ.get("LOCAL_SIZE") != str(world_size()):  # a world of one included
         return
     barrier()
@@ -50,8 +49,8 @@ def _unlink_shm_buffer() -> None:
 def shutdown() -> None:
     """After the last collective: wait for every rank, so that none leaves while another
     still talks to it; launch/_cli.py then exits with os._exit. No destroy_process_group:
-    tearing Gloo down joins its worker threads, and a rank aborted there ("terminate called
-    without an active exception", about 1 run in 60 here) after a finished run."""
+    tearing Gloo down joins its worker threads, and ranks were seen to abort there
+    ("terminate called without an active exception") after a finished run."""
     barrier()
 
 
@@ -72,13 +71,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: list[float], group=None) -> list[float]:
+def all_reduce_mean(values: list[float]) -> list[float]:
     """Mean over ranks of a few floats (one collective)."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if not dist.is_initialized() or world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=group)
-    return (t / dist.get_world_size(group)).tolist()
+    dist.all_reduce(t)
+    return (t / world_size()).tolist()
 
 
 def any_rank(flags: list[bool]) -> list[bool]:

@@ -38,8 +38,8 @@ def peak_flops(cfg) -> tuple[float, str]:
 
 def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of an n x n matmul on this process's device, the MFU denominator when the
-    peak is not configured. It uses nn.Linear's layout (x @ w.T): on CPUs without AVX-512
-    BF16 a bf16 `a @ b` takes a path ~30x slower than that, which would not be a peak."""
+    peak is not configured. It uses nn.Linear's layout (x @ w.T): on some CPUs a bf16
+    `a @ b` takes a much slower path, which would not be a peak."""
     x, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     F.linear(x, w)  # warm up
     runs, t0 = 0, time.perf_counter()
@@ -50,26 +50,28 @@ def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int | None, max_tokens: int | None, progress: bool,
-                 wandb_config: dict | None = None, wandb_project: str = "megatrain", run_name: str = ""):
+    def __init__(self, cfg, enabled: bool):
+        """`enabled` on rank 0 only: it writes config.yaml (the resolved config) and the logs."""
+        run_dir, t = Path(cfg.run.dir), cfg.train
         self.enabled = enabled
         self.metrics_path, self.events_path = run_dir / METRICS, run_dir / EVENTS
-        self._bar = None
-        self._wandb = None
+        self._bar = self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if progress:  # counts tokens when the run ends by tokens (the batch may grow), else steps
-            self._by_tokens = max_steps is None
-            self._bar = tqdm(total=max_tokens if self._by_tokens else max_steps, desc=run_name or "train",
+        write_atomically(run_dir / "config.yaml", cfg.to_yaml())
+        name = cfg.run.name or run_dir.name
+        if cfg.logging.progress:  # counts tokens when the run ends by tokens (the batch may grow), else steps
+            self._by_tokens = t.max_steps is None
+            self._bar = tqdm(total=t.max_tokens if self._by_tokens else t.max_steps, desc=name,
                              unit="tok" if self._by_tokens else "step", unit_scale=self._by_tokens, dynamic_ncols=True)
-        if wandb_config is not None:
+        if cfg.logging.wandb:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
             os.environ.setdefault("WANDB_SILENT", "true")
-            self._wandb = wandb.init(project=wandb_project, name=run_name or run_dir.name, dir=str(run_dir),
-                                     config=wandb_config, resume="allow", id=_wandb_id(run_dir))
+            self._wandb = wandb.init(project=cfg.logging.wandb_project, name=name, dir=str(run_dir),
+                                     config=cfg.to_dict(), resume="allow", id=_wandb_id(run_dir))
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps after `step` (resume from a checkpoint at `step`)."""

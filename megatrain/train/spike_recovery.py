@@ -10,12 +10,11 @@ the abandoned steps and marks the rollback, and training continues. More than
 `spike.max_rollbacks` rollbacks stop the run (after a last rollback, so its final
 checkpoint is clean).
 
-What it needs from the trainer is narrow: `snapshot()` / `restore(point)` (the engine's
-tensors and the ResumableState), `checkpoint_before(step)` / `load_checkpoint(path)`,
-`batches.skip(n)`, `progress`, `log`. A point costs one host copy of this rank's
-parameters and optimizer state (about 16 bytes per fp32 parameter with AdamW). ZeRO-3
-keeps parameters in DeepSpeed-private partitions: there, and with spike.snapshots = 0,
-rollbacks go to disk checkpoints.
+What it needs from the trainer is narrow: `snapshot()` / `restore(point)`,
+`checkpoint_before(step)` / `load_checkpoint(path)`, `batches.skip(n)`, `progress`, `log`.
+A point costs a host copy of this rank's parameters and optimizer state (~16 bytes per
+fp32 parameter with AdamW); under ZeRO-3 (DeepSpeed-private partitions) and with
+spike.snapshots = 0, rollbacks go to disk checkpoints.
 """
 
 from __future__ import annotations
@@ -26,29 +25,6 @@ from megatrain.train.callbacks import Callback
 from megatrain.train.spike_guard import SpikeGuard, Verdict
 
 
-class RollbackPoints:
-    """The last `keep` points (each {"step": N, ...}), one every `every` steps."""
-
-    def __init__(self, every: int, keep: int):
-        self.every, self.keep = every, keep
-        self.points: deque = deque(maxlen=max(keep, 1))
-
-    def due(self, step: int) -> bool:
-        return self.keep > 0 and step % self.every == 0 and not (self.points and self.points[-1]["step"] == step)
-
-    def add(self, point: dict) -> None:
-        self.points.append(point)
-
-    def before(self, step: int) -> dict | None:
-        """The newest point taken before `step` (the state after a step < `step`)."""
-        return next((p for p in reversed(self.points) if p["step"] < step), None)
-
-    def drop_after(self, step: int) -> None:
-        """Forget points of an abandoned timeline (after a rollback to `step`)."""
-        while self.points and self.points[-1]["step"] > step:
-            self.points.pop()
-
-
 class SpikeRecovery(Callback):
     name = "recovery"
     stateful = True
@@ -56,7 +32,8 @@ class SpikeRecovery(Callback):
     def __init__(self, spike_cfg, seq_len: int, in_memory: bool):
         self.cfg, self.seq_len = spike_cfg, seq_len
         self.guard = SpikeGuard(spike_cfg) if spike_cfg.enabled else None
-        self.points = RollbackPoints(spike_cfg.snapshot_every, spike_cfg.snapshots if in_memory else 0)
+        self.keep = spike_cfg.snapshots if in_memory else 0
+        self.points: deque[dict] = deque(maxlen=max(self.keep, 1))  # rollback points, oldest first
         self.rollbacks = 0
         self.verdict = Verdict(False)
 
@@ -100,15 +77,17 @@ class SpikeRecovery(Callback):
         return True
 
     def _maybe_capture(self, trainer) -> None:
-        if self.points.due(trainer.progress.step):
-            self.points.add(trainer.snapshot())
+        """A rollback point every spike.snapshot_every steps (the newest spike.snapshots kept)."""
+        step = trainer.progress.step
+        if self.keep and step % self.cfg.snapshot_every == 0 and not (self.points and self.points[-1]["step"] == step):
+            self.points.append(trainer.snapshot())
 
     def roll_back(self, trainer, spike_row: dict) -> None:
         """Collective: return to the newest point before the spike and skip past it."""
         began = self.verdict.began if self.verdict.began is not None else trainer.progress.step
         consumed_after_spike = trainer.batches.consumed
         rollbacks = self.rollbacks
-        point = self.points.before(began)
+        point = next((p for p in reversed(self.points) if p["step"] < began), None)  # the state after a step < began
         if point is not None:
             trainer.restore(point)
             self.last_source = "memory"
@@ -121,7 +100,8 @@ class SpikeRecovery(Callback):
             self.last_source = str(path)
         self.rollbacks = rollbacks + 1  # restoring brought back an older count
         step, tokens = trainer.progress.step, trainer.progress.tokens
-        self.points.drop_after(step)
+        while self.points and self.points[-1]["step"] > step:  # points of the abandoned timeline
+            self.points.pop()
         if self.cfg.skip_unit == "tokens":
             at_least = self.cfg.skip // self.seq_len
         else:  # batches at the batch size of the spike

@@ -1,15 +1,7 @@
 """Resumable state: one registry of everything besides DeepSpeed's engine that a resume
-or a rollback puts back.
-
-    state = ResumableState()
-    state.register("loop", progress)           # identical on every rank: megatrain.json
-    state.register("rng", RNG(), per_rank=True)  # this rank's: megatrain-rankNNNNN.pt
-    saved = state.state_dict(); ...; state.load_state_dict(saved)
-
-Disk checkpoints (checkpoint.py) and in-memory rollback points (the spike recovery)
-both save and restore through it, so a piece of state registered once is saved,
-rolled back and resumed.
-"""
+or a rollback puts back. Disk checkpoints and in-memory rollback points both save and
+restore through it, so a piece of state registered once is saved, rolled back and
+resumed (docs/trainer.md)."""
 
 from __future__ import annotations
 

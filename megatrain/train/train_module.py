@@ -4,10 +4,10 @@
     module.set_lr(lr); module.set_micro_batches(n)
     loss, grad_norm = module.step(next_micro_batch)   # n forward/backward passes, one update
 
-It owns the engine, the precision, the optimizer's wiring into DeepSpeed, and the one
-answer to "where does the grad norm come from", and hides pipeline vs data parallel
-behind `step()` and `evaluate()`. It also copies its training tensors out and back in
-(`capture` / `restore`) for in-memory rollback points.
+It owns the engine, the precision, the optimizer's wiring into DeepSpeed and the one
+answer to "where does the grad norm come from", hides pipeline vs data parallel behind
+`step()` and `evaluate()`, and copies its training tensors out and back in (`capture` /
+`restore`) for in-memory rollback points.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
@@ -29,19 +28,6 @@ from megatrain.train.optimizer import attach, build_optimizer
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
-
-
-@dataclass
-class EngineSnapshot:
-    """A host copy of every tensor that is training state, and the engine's counters."""
-
-    tensors: dict[str, torch.Tensor] = field(repr=False)
-    engine_counters: dict
-    loss_scaler: dict | None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 def init_layout(cfg: Config) -> int:
@@ -151,9 +137,7 @@ class TrainModule:
 
     def step_stats(self) -> dict:
         """What the engine really did in the last step, for the metrics row."""
-        row = {}
-        if self.pipeline:  # what the pipeline engine really ran, not what we asked for
-            row["micro_batches"] = self.engine.micro_batches
+        row = {"micro_batches": self.engine.micro_batches} if self.pipeline else {}
         if isinstance(self.client_optimizer, FusedAdamWClip):
             row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
         if self.fp16:
@@ -201,28 +185,28 @@ class TrainModule:
                         add(f"opt.state.{gi}.{pi}.{name}", value)
         return found
 
-    def capture(self) -> EngineSnapshot:
-        """A host copy of this rank's training tensors (ZeRO 0-2; ZeRO-3 keeps parameters in
-        DeepSpeed-private partitions that this does not reach)."""
-        tensors = {k: t.detach().to("cpu", copy=True) for k, t in self._state_tensors().items()}
+    def capture(self) -> dict:
+        """A host copy of this rank's training tensors, the engine's counters and its loss
+        scaler (ZeRO 0-2; ZeRO-3 keeps parameters in DeepSpeed-private partitions)."""
         scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        return EngineSnapshot(tensors=tensors, engine_counters={k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
-                              loss_scaler=copy.deepcopy(vars(scaler)) if scaler is not None else None)
+        return {"tensors": {k: t.detach().to("cpu", copy=True) for k, t in self._state_tensors().items()},
+                "engine_counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
+                "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None}
 
-    def restore(self, snapshot: EngineSnapshot) -> None:
+    def restore(self, snapshot: dict) -> None:
         """Copy a snapshot back in place. Optimizer state created after it (the moments
         appear at the first step) is zeroed: the same as a fresh optimizer at that point."""
         with torch.no_grad():
             for key, t in self._state_tensors().items():
-                saved = snapshot.tensors.get(key)
+                saved = snapshot["tensors"].get(key)
                 if saved is not None:
                     t.copy_(saved)
                 elif key.startswith("opt.state."):
                     t.zero_()
                 else:
                     raise RuntimeError(f"rollback point has no copy of {key}: the model changed since it was taken")
-        for name, value in snapshot.engine_counters.items():
+        for name, value in snapshot["engine_counters"].items():
             setattr(self.engine, name, value)
         scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        if scaler is not None and snapshot.loss_scaler is not None:
-            vars(scaler).update(copy.deepcopy(snapshot.loss_scaler))
+        if scaler is not None and snapshot["loss_scaler"] is not None:
+            vars(scaler).update(copy.deepcopy(snapshot["loss_scaler"]))

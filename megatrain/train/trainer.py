@@ -50,8 +50,9 @@ class Trainer:
         self.recovery = SpikeRecovery(cfg.spike, t.seq_len, in_memory=cfg.parallel.zero_stage != 3)
         self.metrics = LogMetrics(t.log_every)
         self.evaluation = Evaluate(valid_data, t.eval_every, t.eval_samples)
+        self.preemption = Preemption()
         self.callbacks = [self.recovery, self.metrics, self.evaluation, CheckpointEvery(cfg.checkpoint.every_steps),
-                          Preemption(), *callbacks]
+                          self.preemption, *callbacks]
         self.state = ResumableState()
         self.state.register("progress", self.progress)
         self.state.register("data", self.batches)
@@ -61,15 +62,7 @@ class Trainer:
                 self.state.register(cb.name, cb)
         self.outcome: str | None = None  # set by a callback to end the run: "stopped", "gave_up"
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
-
-        main = dist.is_main()
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.log = RunLog(self.run_dir, enabled=main, max_steps=t.max_steps, max_tokens=t.max_tokens,
-                          progress=cfg.logging.progress,
-                          wandb_config=cfg.to_dict() if cfg.logging.wandb else None,
-                          wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name or self.run_dir.name)
+        self.log = RunLog(cfg, enabled=dist.is_main())
         RNG.seed(cfg.run.seed, dist.rank())
         self._resume(resume)
         self.flops_per_token = flops_per_token(self.model_cfg)
@@ -218,8 +211,7 @@ class Trainer:
                    "tokens_per_s": tokens / elapsed}
         self.log.event("end", **{k: v for k, v in summary.items() if v is not None})
         if self.outcome == "stopped":
-            signal_name = next(cb.signal_name for cb in self.callbacks if isinstance(cb, Preemption))
-            self.log.print(f"stopped by {signal_name or 'a request on another rank'} after step {step}; "
+            self.log.print(f"stopped by {self.preemption.signal_name or 'a request on another rank'} after step {step}; "
                            f"checkpoint {checkpoint}; continue with --resume auto")
         elif self.outcome == "gave_up":
             self.log.print(f"stopping: the loss spiked again after {cfg.spike.max_rollbacks} rollbacks "
