@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # A stalled download fails after 60 s and is retried, instead of hanging the install.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off --timeout 60 --retries 3
 
-.PHONY: install demo test bench soak lint clean
+.PHONY: install demo test test-gpu bench soak lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# On a machine with a CUDA device: the kernel, the trainer on one GPU, device placement.
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu tests/gpu $(PYTEST_ARGS)
 
 # Benchmarks: run with nothing else on the machine; each prints a table and writes JSON.
 bench: install

@@ -35,7 +35,8 @@ from megatrain.model import GPT, GPTConfig, flops_per_token
 from megatrain.optim import param_groups
 from megatrain.schedule import BatchSchedule
 from megatrain.train import Trainer
-from megatrain.train.metrics import measure_matmul_flops, read_metrics
+from megatrain.train.metrics import read_metrics
+from megatrain.train.mfu import measure_cpu_matmul_flops
 from tokenizer import TrainerOptions, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def main():
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data_dir = build_data(work)
-    peaks = {prec: measure_matmul_flops(dt, seconds=2.0) for prec, dt in
+    peaks = {prec: measure_cpu_matmul_flops(dt, seconds=2.0) for prec, dt in
              (("fp32", torch.float32), ("bf16", torch.bfloat16)) if prec in args.precisions}
 
     results, rows = [], []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
+import threading
 
 from megatrain.errors import ExitCode
 
@@ -25,10 +25,13 @@ FINAL_EXITS = {ExitCode.OK: "finished", ExitCode.BAD_INPUT: "bad input",
 
 def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print) -> int:
     stop = {"signal": None}
+    stopping = threading.Event()  # also ends a restart delay early
     child: subprocess.Popen | None = None
+    code = int(ExitCode.RUN_ERROR)  # the last run's exit status
 
     def forward(signum, frame):
         stop["signal"] = signum
+        stopping.set()
         if child is not None and child.poll() is None:
             os.killpg(child.pid, signum)
 
@@ -37,7 +40,9 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print) 
         for attempt in range(max_restarts + 1):
             if attempt:
                 log(f"supervise: restart {attempt}/{max_restarts} in {delay:g}s")
-                time.sleep(delay)
+                if stopping.wait(delay):  # a signal during the delay: no restart
+                    log(f"supervise: stopped by {signal.Signals(stop['signal']).name} before restart {attempt}")
+                    return code
             child = subprocess.Popen(cmd, start_new_session=True)
             code = child.wait()
             if stop["signal"] is not None:

@@ -125,7 +125,7 @@ class TrainConfig:
 class OptimConfig:
     name: Literal["fused_adamw", "torch_adamw", "adamw"] = "fused_adamw"
     """fused_adamw: megatrain's fused AdamW + global-norm clip kernel (csrc/); torch_adamw:
-    torch.optim.AdamW; adamw: DeepSpeed's stock FusedAdam (its CPU kernel recomputes beta^t
+    torch.optim.AdamW(fused=True); adamw: DeepSpeed's stock FusedAdam (its CPU kernel recomputes beta^t
     differently after a resume, so resumed losses can differ in the last bits). The last
     two clip through DeepSpeed."""
     lr: float = 6.0e-4
@@ -259,6 +259,10 @@ class SpikeConfig:
     """Optimizer steps between in-memory rollback points (model, optimizer, schedule, sampler)."""
     snapshots: int = 3
     """Rollback points kept in host memory (0: roll back to disk checkpoints only)."""
+    snapshot_memory_gb: float | None = None
+    """Host memory per rank for rollback points, in GiB; None: a quarter of the node's RAM
+    shared by its ranks. Fewer points are kept when fewer fit (none: rollbacks use disk
+    checkpoints); the start line says how many and their size."""
 
     def problems(self, cfg: Config) -> Problems:
         if not self.watch or not set(self.watch) <= {"loss", "grad_norm"}:

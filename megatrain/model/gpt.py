@@ -199,3 +199,9 @@ def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per token as in PaLM's appendix B: 6N + 12 * L * H * Q * T, with
     N = matmul_params and H * Q = d_model (the attention score and value matmuls)."""
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+
+
+def recompute_flops_per_token(cfg: GPTConfig) -> float:
+    """FLOPs per token that activation checkpointing adds: the blocks' forward pass again
+    (a third of their training FLOPs: 2 x 12 d^2 per layer, and 4 L d T for attention)."""
+    return 24.0 * cfg.n_layer * cfg.d_model**2 + 4.0 * cfg.n_layer * cfg.d_model * cfg.seq_len

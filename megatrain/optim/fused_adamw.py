@@ -46,6 +46,15 @@ def fused_op_available() -> bool:
     return _OPS is not None
 
 
+def fused_op_runs_on(device_type: str) -> bool:
+    """Whether the built op has kernels for this device type: a CPU-only build (no nvcc,
+    or MEGATRAIN_CPU_ONLY) has none for CUDA tensors, and calling it would crash in the
+    dispatcher."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return _OPS is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "megatrain::adamw_clip_step_", key)
+
+
 class FusedAdamWClip(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
                  max_grad_norm: float = 1.0, use_fused_op: bool | None = None):
@@ -57,10 +66,12 @@ class FusedAdamWClip(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.norm_group = None  # process group whose ranks hold distinct gradient shards (None: this rank's alone)
         self.use_fused_op = fused_op_available() if use_fused_op is None else use_fused_op
+        self._forced = use_fused_op is True
         if self.use_fused_op and not fused_op_available():
             raise RuntimeError(f"megatrain's fused AdamW op is not built: {_OP_ERROR}")
         if not self.use_fused_op:
             _warn_fallback()
+        self._op_on: dict[str, bool] = {}  # device type -> the fused op runs there
         self._segments: dict[int, list[tuple[int, int, float, bool]]] = {}
         self._not_in_norm: set[int] = set()
         self.skipped_steps = torch.zeros((), dtype=torch.int64)
@@ -75,6 +86,20 @@ class FusedAdamWClip(torch.optim.Optimizer):
         """Leave these parameters' gradients out of the norm (a copy another rank also
         holds, like the later stage's copy of tied pipeline embeddings); they still update."""
         self._not_in_norm |= {id(p) for p in params}
+
+    def uses_fused_op_on(self, device: torch.device) -> bool:
+        """The fused op where it has kernels for the device; else the torch path, said once
+        (or a one-line error when the fused op was asked for explicitly)."""
+        if device.type not in self._op_on:
+            runs = self.use_fused_op and fused_op_runs_on(device.type)
+            if self.use_fused_op and not runs:
+                message = (f"megatrain's fused AdamW op was built without {device.type} kernels (a CPU-only build: "
+                           "nvcc missing or MEGATRAIN_CPU_ONLY set at install)")
+                if self._forced:
+                    raise RuntimeError(f"{message}; rebuild it with CUDA (make install on a machine with nvcc)")
+                log.warning("%s; using the pure-torch path with the same arithmetic (slower)", message)
+            self._op_on[device.type] = runs
+        return self._op_on[device.type]
 
     def _step_count(self, params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The step count of the parameters stepped together in this call, one tensor shared
@@ -140,13 +165,14 @@ class FusedAdamWClip(torch.optim.Optimizer):
             self.skipped_steps = self.skipped_steps.to(device)
         beta1, beta2 = self.param_groups[0]["betas"]
         eps = self.param_groups[0]["eps"]
-        if self.use_fused_op:
+        use_op = self.uses_fused_op_on(device)
+        if use_op:
             norm_sq = _OPS.sum_squares(norm_grads) if norm_grads else torch.zeros(1, device=device)
         else:
             norm_sq = _sum_squares_torch(norm_grads, device)
         if self.norm_group is not None:
             torch.distributed.all_reduce(norm_sq, group=self.norm_group)
-        if self.use_fused_op:
+        if use_op:
             _OPS.adamw_clip_step_(ps, gs, ms, vs, lrs, wds, beta1, beta2, eps, norm_sq, self.max_grad_norm,
                                   step, self.skipped_steps)
         else:

@@ -49,6 +49,20 @@ class BatchSchedule:
         """Micro-batches per rank per optimizer step at this point of training."""
         return max(1, int(self.target_tokens(tokens)) // self.unit_tokens)
 
+    def rounding_notes(self) -> list[str]:
+        """One line per configured batch size that rounding moves by more than 1%."""
+        if self.steps is not None:
+            configured = [size for _, size in self.steps]
+        else:
+            configured = [self.start_tokens] * bool(self.ramp_tokens and self.start_tokens) + [self.final_tokens]
+        notes = []
+        for size in dict.fromkeys(configured):
+            actual = max(1, size // self.unit_tokens) * self.unit_tokens
+            if abs(actual - size) > 0.01 * size:
+                notes.append(f"global batch {size:,} tokens is rounded to {actual:,}: a whole number of micro_batch "
+                             f"x seq_len x data-parallel ranks ({self.unit_tokens:,} tokens), at least one per rank")
+        return notes
+
     def __call__(self, tokens: int) -> int:
         """Global batch in tokens at this point of training."""
         return self.micro_batches(tokens) * self.unit_tokens

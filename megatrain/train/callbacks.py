@@ -118,17 +118,21 @@ class Preemption(Callback):
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.announced = False
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        """Only records the signal: no I/O inside a handler (it may interrupt any write)."""
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"received {self.signal_name}: stopping after this step with a checkpoint", flush=True)
 
     def flag(self, trainer, row):
+        if self.signal_name is not None and not self.announced:
+            self.announced = True
+            print(f"received {self.signal_name}: stopping after this step with a checkpoint", flush=True)
         return self.signal_name is not None
 
     def on_step(self, trainer, row, flagged):

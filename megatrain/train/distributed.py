@@ -71,20 +71,29 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: list[float]) -> list[float]:
-    """Mean over ranks of a few floats (one collective)."""
-    if not dist.is_initialized() or world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / world_size()).tolist()
+def collective_device() -> torch.device:
+    """Where every tensor handed to a collective must live: the accelerator's current
+    device (NCCL takes CUDA tensors only; a CPU tensor raises there)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def all_reduce_mean(values: list[float] | torch.Tensor) -> list[float]:
+    """Mean over ranks of a few numbers (one collective, one host sync): floats, or a
+    float64 tensor already on the collective device (kept there until the reduction)."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=collective_device())
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t)
+        t = t / world_size()
+    return t.reshape(-1).tolist()
 
 
 def any_rank(flags: list[bool]) -> list[bool]:
     """For each flag: True on every rank if it is True on any rank (one collective)."""
     if not dist.is_initialized() or world_size() == 1:
         return list(flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags])
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x > 0) for x in t.tolist()]
 

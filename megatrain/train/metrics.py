@@ -14,39 +14,12 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from megatrain.files import read_jsonl, write_atomically
-from megatrain.train import distributed as dist
 
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
-# The dtype the matmuls run in, for the peak-FLOPs probe.
-MATMUL_DTYPES = {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16,
-                 "fp32": torch.float32}
-
-
-def peak_flops(cfg) -> tuple[float, str]:
-    """The MFU denominator per rank, and where it came from (collective when measured)."""
-    if cfg.train.peak_flops:
-        return float(cfg.train.peak_flops), "train.peak_flops"
-    measured = measure_matmul_flops(MATMUL_DTYPES[cfg.train.precision])  # all ranks at once, as they train
-    return dist.all_reduce_mean([measured])[0], "matmul probe"
-
-
-def measure_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of an n x n matmul on this process's device, the MFU denominator when the
-    peak is not configured. It uses nn.Linear's layout (x @ w.T): on some CPUs a bf16
-    `a @ b` takes a much slower path, which would not be a peak."""
-    x, w = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    F.linear(x, w)  # warm up
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or runs < 3:
-        F.linear(x, w)
-        runs += 1
-    return 2.0 * n**3 * runs / (time.perf_counter() - t0)
 
 
 class RunLog:

@@ -3,7 +3,8 @@
 optim.name:
   fused_adamw  megatrain's FusedAdamWClip: the global norm, the clipping and the update in
                two passes (csrc/). DeepSpeed's own clipping is off.
-  torch_adamw  torch.optim.AdamW; DeepSpeed clips.
+  torch_adamw  torch.optim.AdamW, fused (one kernel over all tensors; foreach is several
+               times slower); DeepSpeed clips.
   adamw        DeepSpeed's stock FusedAdam; DeepSpeed clips.
 
 What DeepSpeed does with a client optimizer decides the wiring of fused_adamw:
@@ -46,7 +47,7 @@ def build_optimizer(cfg: Config, model: nn.Module):
     if o.name in DS_OPTIMIZER:
         return groups, None
     if o.name == "torch_adamw":
-        return groups, torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+        return groups, torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     if uses_single_group(cfg):
         groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": 0.0}]
     max_norm = o.grad_clip if cfg.optim.clips(cfg) else 0.0  # ZeRO-3: DeepSpeed clips

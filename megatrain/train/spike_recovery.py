@@ -19,10 +19,20 @@ spike.snapshots = 0, rollbacks go to disk checkpoints.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 from megatrain.train.callbacks import Callback
 from megatrain.train.spike_guard import SpikeGuard, Verdict
+
+
+def snapshot_budget(spike_cfg) -> int:
+    """Host bytes this rank may hold in rollback points: spike.snapshot_memory_gb, else a
+    quarter of the node's memory shared by the ranks on the node."""
+    if spike_cfg.snapshot_memory_gb is not None:
+        return int(spike_cfg.snapshot_memory_gb * 2**30)
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4 // local_ranks
 
 
 class SpikeRecovery(Callback):
@@ -47,6 +57,16 @@ class SpikeRecovery(Callback):
         self.rollbacks = state.get("rollbacks", 0)
 
     def on_start(self, trainer) -> None:
+        if self.keep:  # as many points as the host-memory budget holds
+            per_point, budget = trainer.module.snapshot_bytes(), snapshot_budget(self.cfg)
+            fit = min(self.keep, budget // max(per_point, 1))
+            message = (f"spike: rollback points of {per_point / 2**20:,.1f} MiB per rank, {fit} of spike.snapshots="
+                       f"{self.keep} within {budget / 2**30:,.1f} GiB of host memory (spike.snapshot_memory_gb)")
+            if fit == 0:
+                message += "; rollbacks will use disk checkpoints"
+            trainer.log.print(message)
+            self.keep = fit
+            self.points = deque(maxlen=max(fit, 1))
         self._maybe_capture(trainer)  # where the run starts is a rollback point too
 
     def flag(self, trainer, row) -> bool:
@@ -80,7 +100,8 @@ class SpikeRecovery(Callback):
         """A rollback point every spike.snapshot_every steps (the newest spike.snapshots kept)."""
         step = trainer.progress.step
         if self.keep and step % self.cfg.snapshot_every == 0 and not (self.points and self.points[-1]["step"] == step):
-            self.points.append(trainer.snapshot())
+            oldest = self.points[0] if len(self.points) == self.keep else None  # about to be dropped
+            self.points.append(trainer.snapshot(reuse=oldest))
 
     def roll_back(self, trainer, spike_row: dict) -> None:
         """Collective: return to the newest point before the spike and skip past it."""

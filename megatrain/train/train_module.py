@@ -110,7 +110,9 @@ class TrainModule:
             batches = [next_micro_batch() for _ in range(self.grad_accum)]
             loss = float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
             return loss, self._grad_norm()
-        loss_sum, grad_norm = 0.0, None
+        # The losses stay on the device (float64, as a host sum would be) until one
+        # all-reduce after the step: one host sync per step, not one per micro-batch.
+        loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=dist.collective_device()), None
         for i in range(self.grad_accum):
             inputs, targets = next_micro_batch()
             # Mark the boundary ourselves: DeepSpeed's own count assumes a fixed accumulation.
@@ -122,10 +124,10 @@ class TrainModule:
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 grad_norm = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
             self.engine.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().to(loss_sum)
         if self.norm_source != "measured":
             grad_norm = self._grad_norm()
-        return dist.all_reduce_mean([loss_sum / self.grad_accum])[0], grad_norm
+        return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
 
     def _grad_norm(self) -> float | None:
         if self.norm_source == "optimizer":
@@ -156,9 +158,11 @@ class TrainModule:
         if self.pipeline:  # averaged over micro-batches and data-parallel ranks by DeepSpeed
             return float(self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
         self.engine.eval()
-        total = sum(self.engine(inputs, targets).item() for inputs, targets in batches)
+        total = torch.zeros((), dtype=torch.float64, device=dist.collective_device())
+        for inputs, targets in batches:
+            total += self.engine(inputs, targets).detach().to(total)
         self.engine.train()
-        return dist.all_reduce_mean([total / len(batches)])[0]
+        return dist.all_reduce_mean(total / len(batches))[0]
 
     # --- training tensors, for rollback points ------------------------------------------
 
@@ -185,11 +189,30 @@ class TrainModule:
                         add(f"opt.state.{gi}.{pi}.{name}", value)
         return found
 
-    def capture(self) -> dict:
+    def snapshot_bytes(self) -> int:
+        """Host bytes of one capture, the AdamW moments included before they exist (they
+        appear at the first step)."""
+        tensors = self._state_tensors()
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        if not any(k.startswith("opt.state.") for k in tensors):
+            total += 8 * sum(p.numel() for g in self.base_optimizer.param_groups for p in g["params"])
+        return total
+
+    def capture(self, reuse: dict | None = None) -> dict:
         """A host copy of this rank's training tensors, the engine's counters and its loss
-        scaler (ZeRO 0-2; ZeRO-3 keeps parameters in DeepSpeed-private partitions)."""
+        scaler (ZeRO 0-2; ZeRO-3 keeps parameters in DeepSpeed-private partitions). From a
+        GPU the copies go into pinned memory without blocking (the stream orders them before
+        the next step's writes); `reuse`: an older capture whose buffers to overwrite."""
+        pinned = self.device.type == "cuda"
+        old = reuse["tensors"] if reuse else {}
+        tensors = {}
+        for key, t in self._state_tensors().items():
+            out = old.get(key)
+            if out is None or out.shape != t.shape or out.dtype != t.dtype:
+                out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
+            tensors[key] = out.copy_(t.detach(), non_blocking=pinned)
         scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        return {"tensors": {k: t.detach().to("cpu", copy=True) for k, t in self._state_tensors().items()},
+        return {"tensors": tensors,
                 "engine_counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
                 "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None}
 
@@ -200,7 +223,7 @@ class TrainModule:
             for key, t in self._state_tensors().items():
                 saved = snapshot["tensors"].get(key)
                 if saved is not None:
-                    t.copy_(saved)
+                    t.copy_(saved, non_blocking=saved.is_pinned())
                 elif key.startswith("opt.state."):
                     t.zero_()
                 else:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from megatrain.config import Config
 from megatrain.errors import UserError
-from megatrain.model import GPTConfig, flops_per_token, param_count
+from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train.batches import TrainBatches, build_datasets
 from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, LogMetrics, Preemption
 from megatrain.train.checkpoint import Checkpointer, checkpoint_step
-from megatrain.train.metrics import RunLog, peak_flops
+from megatrain.train.metrics import RunLog
+from megatrain.train.mfu import CPU_PROBE, peak_flops
 from megatrain.train.spike_recovery import SpikeRecovery
 from megatrain.train.state import RNG, Progress, ResumableState
 from megatrain.train.train_module import TrainModule, init_layout
@@ -66,7 +67,10 @@ class Trainer:
         RNG.seed(cfg.run.seed, dist.rank())
         self._resume(resume)
         self.flops_per_token = flops_per_token(self.model_cfg)
-        self.peak_flops, self.peak_source = peak_flops(cfg)
+        # With activation checkpointing the hardware also recomputes the blocks' forward pass.
+        recomputes = cfg.model.activation_checkpointing or cfg.parallel.activation_checkpoint_interval > 0
+        self.hardware_flops_per_token = self.flops_per_token + recomputes * recompute_flops_per_token(self.model_cfg)
+        self.peak_flops, self.peak_source = peak_flops(cfg, self.module.device)
         params = param_count(self.model_cfg)
         world, stages = self.module.world, cfg.parallel.pipeline_stages
         self.log.event("start", step=self.progress.step, world_size=world, params=params,
@@ -75,8 +79,12 @@ class Trainer:
         self.log.print(f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
                        f"{layout}, ZeRO-{cfg.parallel.zero_stage}, {t.precision}; "
                        f"global batch {self.batch_tokens} tokens ({self.module.grad_accum} x {t.micro_batch} x "
-                       f"{t.seq_len} x {dp_size}); MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank "
-                       f"({self.peak_source})")
+                       f"{t.seq_len} x {dp_size}); "
+                       + (f"MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank ({self.peak_source})"
+                          if self.peak_flops else f"no MFU: {self.peak_source}"))
+        for note in self.batch_schedule.rounding_notes():  # the schedule departs from the config: say so
+            self.log.print(f"schedule: {note}")
+            self.log.event("batch_rounded", note=note)
 
     @property
     def batch_tokens(self) -> int:
@@ -109,9 +117,11 @@ class Trainer:
         self.state.load_state_dict({"shared": saved["state"], "rank": rank_state})
         self.saved_step = self.progress.step
 
-    def snapshot(self) -> dict:
-        """An in-memory rollback point: the engine's tensors and every registered state."""
-        return {"step": self.progress.step, "engine": self.module.capture(), "state": self.state.state_dict()}
+    def snapshot(self, reuse: dict | None = None) -> dict:
+        """An in-memory rollback point: the engine's tensors and every registered state
+        (`reuse`: an older point whose host buffers to overwrite)."""
+        return {"step": self.progress.step, "engine": self.module.capture(reuse and reuse["engine"]),
+                "state": self.state.state_dict()}
 
     def restore(self, point: dict) -> None:
         self.module.restore(point["engine"])
@@ -177,11 +187,15 @@ class Trainer:
         self.progress.tokens += self.batch_tokens
         dt = time.perf_counter() - t0
         tokens_per_s = self.batch_tokens / dt
-        return {"kind": "train", "step": self.progress.step, "tokens": self.progress.tokens, "loss": loss, "lr": lr,
-                "batch_tokens": self.batch_tokens, "grad_accum": self.module.grad_accum, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "step_time": dt,
-                "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.module.world),
-                **self.module.step_stats()}
+        row = {"kind": "train", "step": self.progress.step, "tokens": self.progress.tokens, "loss": loss, "lr": lr,
+               "batch_tokens": self.batch_tokens, "grad_accum": self.module.grad_accum, "grad_norm": grad_norm,
+               "tokens_per_s": tokens_per_s, "step_time": dt, **self.module.step_stats()}
+        if self.peak_flops:  # model FLOPs (6N + attention); hardware FLOPs add recomputation
+            peak = self.peak_flops * self.module.world
+            row.update(mfu=self.flops_per_token * tokens_per_s / peak, mfu_peak=self.peak_source)
+            if self.hardware_flops_per_token != self.flops_per_token:
+                row["hfu"] = self.hardware_flops_per_token * tokens_per_s / peak
+        return row
 
     def fit(self) -> dict:
         """Train to max_steps/max_tokens. Returns a summary whose "outcome" is "done",
@@ -221,6 +235,12 @@ class Trainer:
             val_text = f", val loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})" if val else ""
             self.log.print(f"done: {step} steps, {self.progress.tokens:,} tokens in {elapsed:.0f}s; "
                            f"loss {first['loss']:.4f} -> {last['loss']:.4f}{val_text}; "
-                           f"{last['tokens_per_s']:,.0f} tokens/s, MFU {100 * last['mfu']:.2f}%; run dir {self.run_dir}")
+                           f"{last['tokens_per_s']:,.0f} tokens/s{_mfu_text(last)}; run dir {self.run_dir}")
         self.log.close()
         return summary
+
+
+def _mfu_text(row: dict) -> str:
+    if "mfu" not in row:
+        return ""
+    return f", MFU {100 * row['mfu']:.2f}%" + (" of a CPU matmul probe" if row["mfu_peak"] == CPU_PROBE else "")

@@ -251,3 +251,35 @@ def test_groups_stepped_in_separate_calls_keep_their_own_counts():
         ref.step()  # one call for everything
     assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 3
     assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
+
+
+def test_a_device_without_kernels_falls_back_or_says_why(caplog):
+    """This machine's build is CPU-only: for CUDA tensors the op has no kernel, so the
+    optimizer takes the torch path with one logged line (never a dispatcher crash), or,
+    when the fused op was asked for explicitly, stops with a one-line error."""
+    from megatrain.optim.fused_adamw import fused_op_runs_on
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine: its build has CUDA kernels (tests/gpu covers it)")
+    assert fused_op_runs_on("cpu") and not fused_op_runs_on("cuda") and not fused_op_runs_on("meta")
+    p = torch.nn.Parameter(torch.zeros(3))
+    auto = FusedAdamWClip([p])
+    with caplog.at_level("WARNING"):
+        assert auto.uses_fused_op_on(torch.device("cpu"))
+        assert not auto.uses_fused_op_on(torch.device("cuda")) and not auto.uses_fused_op_on(torch.device("cuda"))
+    [record] = [r for r in caplog.records if "built without cuda kernels" in r.getMessage()]  # said once
+    assert "pure-torch path" in record.getMessage()
+    with pytest.raises(RuntimeError, match="built without cuda kernels .* rebuild it with CUDA"):
+        FusedAdamWClip([p], use_fused_op=True).uses_fused_op_on(torch.device("cuda"))
+
+
+def test_torch_adamw_is_torchs_fused_kernel():
+    from helpers import TINY_CONFIG
+
+    from megatrain.config import load_config
+    from megatrain.model import GPT, GPTConfig
+    from megatrain.train.optimizer import build_optimizer
+
+    cfg = load_config(TINY_CONFIG, ["data.path=x", "optim.name=torch_adamw"])
+    _, opt = build_optimizer(cfg, GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=8)))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and not opt.defaults["foreach"]

@@ -94,3 +94,14 @@ def test_schedule_plot_and_json(tmp_path):
     assert beyond > 300e9 and by_tokens[beyond]["lr"] == pytest.approx(6e-5)
     assert by_tokens[0]["batch_tokens"] == 32_768 and by_tokens[int(4e9)]["batch_tokens"] == 524_288
     assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rounding_that_moves_the_batch_is_reported():
+    """gpt3-125m on 32 data-parallel ranks: one micro-batch per rank is already 1M tokens,
+    so the configured 0.5M batch and the 32K start of the ramp are both rounded up."""
+    cfg = load_config(REPO / "configs" / "gpt3-125m.yaml")
+    unit = cfg.train.micro_batch * cfg.train.seq_len * 32
+    notes = BatchSchedule.from_config(cfg, dp_size=32).rounding_notes()
+    assert notes == [f"global batch {n:,} tokens is rounded to {unit:,}: a whole number of micro_batch x seq_len x "
+                     f"data-parallel ranks ({unit:,} tokens), at least one per rank" for n in (32_768, 524_288)]
+    assert BatchSchedule.from_config(cfg, dp_size=1).rounding_notes() == []  # 32K and 0.5M are whole units

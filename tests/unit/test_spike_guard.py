@@ -1,38 +1,12 @@
-"""The spike guard's rule and the supervisor's exit policy, without a run."""
+"""The spike guard's rule, without a run."""
 
 from __future__ import annotations
-
-import sys
 
 import pytest
 from helpers import TINY_CONFIG
 
 from megatrain.config import load_config
-from megatrain.supervisor import supervise
 from megatrain.train.spike_guard import SpikeGuard
-
-
-def test_supervisor_restarts_crashes_and_stops_on_final_exits(tmp_path):
-    """Exit 0, 2 (bad input) and 3 (gave up) end supervision; anything else is retried."""
-    def child(*codes: int) -> list[str]:
-        """A command that exits with codes[n] on its n-th run (negative: killed by that signal)."""
-        count = tmp_path / f"runs-{'_'.join(map(str, codes))}"
-        code = (f"import os, pathlib, signal; p = pathlib.Path({str(count)!r}); n = int(p.read_text()) if p.exists() "
-                f"else 0; p.write_text(str(n + 1)); c = {list(codes)!r}[min(n, {len(codes) - 1})]; "
-                "os.kill(os.getpid(), -c) if c < 0 else os._exit(c)")
-        return [sys.executable, "-c", code]
-
-    log = []
-    assert supervise(child(1, -9, 0), max_restarts=5, delay=0, log=log.append) == 0
-    assert [m for m in log if "restart" in m] == ["supervise: restart 1/5 in 0s", "supervise: restart 2/5 in 0s"]
-    assert "supervise: the run exited -9 (killed by SIGKILL)" in log
-    for final in (2, 3):
-        log = []
-        assert supervise(child(final, 0), max_restarts=5, delay=0, log=log.append) == final
-        assert not any("restart" in m for m in log)
-    log = []
-    assert supervise(child(1), max_restarts=2, delay=0, log=log.append) == 1
-    assert log[-1] == "supervise: giving up after 2 restarts"
 
 
 def _guard(**overrides):

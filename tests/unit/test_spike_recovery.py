@@ -68,3 +68,19 @@ def test_snapshot_restore_round_trip(world_of_one, tmp_path, small_data):
     assert trainer.progress.step == 2 and trainer.batches.consumed == 2 * 16
     after = trainer.module._state_tensors()
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
+def test_rollback_points_stay_within_the_host_memory_budget(world_of_one, tmp_path, small_data, capsys):
+    """A budget too small for one point: the start line says so, and a NaN rolls back to the
+    newest disk checkpoint instead; a budget for one point keeps one."""
+    trainer, summary = _train(tmp_path / "run", small_data, "spike.snapshot_memory_gb=1e-6",
+                              "checkpoint.every_steps=5", callbacks=[NaNLoss(Faults(["nan_loss@8"], None))])
+    out = capsys.readouterr().out
+    per_point = trainer.module.snapshot_bytes()
+    assert f"spike: rollback points of {per_point / 2**20:,.1f} MiB per rank, 0 of spike.snapshots=3" in out
+    assert "rollbacks will use disk checkpoints" in out and summary["rollbacks"] == 1
+    [rb] = [e for e in read_events(tmp_path / "run") if e["event"] == "rollback"]
+    assert rb["restored_step"] == 5 and rb["source"].endswith("checkpoints/step-00000005")
+    one = (per_point + per_point // 2) / 2**30
+    trainer, _ = _train(tmp_path / "one", small_data, f"spike.snapshot_memory_gb={one}", "spike.snapshot_every=1")
+    assert "1 of spike.snapshots=3" in capsys.readouterr().out and len(trainer.recovery.points) == 1

@@ -1,0 +1,111 @@
+"""On a CUDA device: the fused kernel against a float64 reference, the trainer in bf16 under
+ZeRO 0-3 and with activation checkpointing, and the device-placement rules. Skipped only
+when CUDA is absent (`make test-gpu` runs them; see docs/gpu.md for where they have run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import pretrain, train_losses
+
+from megatrain.optim.fused_adamw import FusedAdamWClip, fused_op_runs_on
+from megatrain.train.metrics import read_metrics
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CUDA = torch.device("cuda")
+
+
+def _reference_step(params, grads, lr, betas, eps, wd, max_norm, steps):
+    """torch AdamW + clip_grad_norm_ in float64 on the CPU."""
+    ps = [p.detach().double().cpu().clone().requires_grad_(True) for p in params]
+    opt = torch.optim.AdamW(ps, lr=lr, betas=betas, eps=eps, weight_decay=wd, foreach=False)
+    for _ in range(steps):
+        for p, g in zip(ps, grads, strict=True):
+            p.grad = g.double().cpu()
+        torch.nn.utils.clip_grad_norm_(ps, max_norm)
+        opt.step()
+    return ps
+
+
+@pytest.mark.parametrize("sizes", [[1, 3, 1023, 4097, 65537], [7] * 300, [2**20 + 13, 5]])
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # clipping off / on
+def test_cuda_kernel_matches_float64_reference(sizes, scale):
+    assert fused_op_runs_on("cuda"), "the op was built without CUDA kernels on a CUDA machine"
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, device=CUDA)) for n in sizes]
+    grads = [torch.randn(n, device=CUDA) * scale for n in sizes]
+    start = [p.detach().clone() for p in params]
+    opt = FusedAdamWClip(params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=1.0)
+    assert opt.uses_fused_op_on(CUDA)
+    for _ in range(3):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    ref = _reference_step(start, grads, 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0, steps=3)
+    ours = torch.cat([p.detach().double().cpu() for p in params])
+    want = torch.cat([p.detach() for p in ref])
+    assert float((ours - want).abs().max() / want.abs().max()) < 1e-6
+
+
+def test_cuda_kernel_skips_a_non_finite_step():
+    p = torch.nn.Parameter(torch.ones(1001, device=CUDA))
+    opt = FusedAdamWClip([p], lr=1e-2)
+    p.grad = torch.full_like(p, float("nan"))
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones_like(p)) and int(opt.skipped_steps) == 1
+
+
+def test_cuda_kernel_past_2_to_the_31_elements():
+    """A tensor of more than 2^31 elements (indexing in 64 bits), when memory allows."""
+    n = 2**31 + 5
+    free, _ = torch.cuda.mem_get_info()
+    if free < 5 * 4 * n:
+        pytest.skip(f"needs {5 * 4 * n / 2**30:.0f} GiB free on the device")
+    p = torch.nn.Parameter(torch.zeros(n, device=CUDA))
+    p.grad = torch.ones(n, device=CUDA)
+    opt = FusedAdamWClip([p], lr=1e-3, weight_decay=0.0, max_grad_norm=0.0)
+    opt.step()
+    assert float(p[-1]) == pytest.approx(-1e-3, rel=1e-5) and float(p[0]) == pytest.approx(-1e-3, rel=1e-5)
+    del p, opt
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_trainer_bf16_on_one_gpu(stage, tmp_path, small_data):
+    """20 steps through the launcher on one GPU: the loss falls; the MFU comes from the
+    data-sheet table for a known device, never from a CPU probe."""
+    run = tmp_path / "run"
+    pretrain(run, small_data, f"parallel.zero_stage={stage}", "train.precision=bf16", "train.max_steps=20",
+             "train.peak_flops=null", "checkpoint.every_steps=10", nproc=1)
+    losses = train_losses(run)
+    assert len(losses) == 20 and losses[-1] < losses[0]
+    rows = [r for r in read_metrics(run) if r["kind"] == "train"]
+    name = torch.cuda.get_device_name()
+    if any(k in name for k in ("A100", "H100", "H200", "L40S")):
+        assert rows[-1]["mfu_peak"].endswith("bf16 data sheet") and 0 < rows[-1]["mfu"] < 1
+    else:
+        assert "mfu" not in rows[-1]
+    pretrain(run, small_data, f"parallel.zero_stage={stage}", "train.precision=bf16", "train.max_steps=20",
+             "train.peak_flops=null", "checkpoint.every_steps=10", nproc=1, resume=str(run / "checkpoints" /
+                                                                                        "step-00000010"))
+    assert train_losses(run) == pytest.approx(losses, rel=1e-2)  # resumed from step 10 on the GPU
+
+
+def test_activation_checkpointing_on_gpu(tmp_path, small_data):
+    run = tmp_path / "run"
+    pretrain(run, small_data, "model.activation_checkpointing=true", "train.precision=bf16", "train.max_steps=10",
+             nproc=1)
+    rows = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["hfu"] > rows[-1]["mfu"]
+
+
+def test_collectives_and_losses_live_on_the_device():
+    from megatrain.train import distributed as dist
+
+    assert dist.collective_device().type == "cuda"
+    t = torch.tensor([1.5, 2.5], dtype=torch.float64, device=dist.collective_device())
+    assert dist.all_reduce_mean(t) == [1.5, 2.5]
+    json.dumps(dist.all_reduce_mean([3.0]))  # plain floats come back

@@ -1,0 +1,50 @@
+"""launch/supervise.py's policy: which exits it retries, and signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+from megatrain.supervisor import supervise
+
+
+def test_supervisor_restarts_crashes_and_stops_on_final_exits(tmp_path):
+    """Exit 0, 2 (bad input) and 3 (gave up) end supervision; anything else is retried."""
+    def child(*codes: int) -> list[str]:
+        """A command that exits with codes[n] on its n-th run (negative: killed by that signal)."""
+        count = tmp_path / f"runs-{'_'.join(map(str, codes))}"
+        code = (f"import os, pathlib, signal; p = pathlib.Path({str(count)!r}); n = int(p.read_text()) if p.exists() "
+                f"else 0; p.write_text(str(n + 1)); c = {list(codes)!r}[min(n, {len(codes) - 1})]; "
+                "os.kill(os.getpid(), -c) if c < 0 else os._exit(c)")
+        return [sys.executable, "-c", code]
+
+    log = []
+    assert supervise(child(1, -9, 0), max_restarts=5, delay=0, log=log.append) == 0
+    assert [m for m in log if "restart" in m] == ["supervise: restart 1/5 in 0s", "supervise: restart 2/5 in 0s"]
+    assert "supervise: the run exited -9 (killed by SIGKILL)" in log
+    for final in (2, 3):
+        log = []
+        assert supervise(child(final, 0), max_restarts=5, delay=0, log=log.append) == final
+        assert not any("restart" in m for m in log)
+    log = []
+    assert supervise(child(1), max_restarts=2, delay=0, log=log.append) == 1
+    assert log[-1] == "supervise: giving up after 2 restarts"
+
+
+def test_sigterm_during_the_restart_delay_is_not_lost(tmp_path):
+    """A SIGTERM that reaches the supervisor while it waits to restart ends supervision
+    there: no new run starts."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-c", f"import pathlib; p = pathlib.Path({str(runs)!r}); "
+           "p.write_text(p.read_text() + 'x' if p.exists() else 'x'); raise SystemExit(1)"]
+    log = []
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))  # inside the 30 s delay
+    timer.start()
+    try:
+        code = supervise(cmd, max_restarts=3, delay=30, log=log.append)
+    finally:
+        timer.cancel()
+    assert code == 1 and runs.read_text() == "x"  # one run, no restart
+    assert log[-1] == "supervise: stopped by SIGTERM before restart 1"
