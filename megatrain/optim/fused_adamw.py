@@ -98,6 +98,10 @@ class FusedAdamWClip(torch.optim.Optimizer):
                 if self._forced:
                     raise RuntimeError(f"{message}; rebuild it with CUDA (make install on a machine with nvcc)")
                 log.warning("%s; using the pure-torch path with the same arithmetic (slower)", message)
+            if runs and (problem := fused_op_disagrees(device)):  # a kernel never run on this device model
+                log.error("megatrain's fused AdamW op disagrees with the torch path on %s (%s): training "
+                          "continues on the torch path", device, problem)
+                runs = False
             self._op_on[device.type] = runs
         return self._op_on[device.type]
 
@@ -189,6 +193,36 @@ def _warn_fallback() -> None:
         _warned = True
         log.warning("megatrain: the fused AdamW op is not available (%s); using the pure-torch path "
                     "with the same arithmetic (slower)", _OP_ERROR or "disabled")
+
+
+def fused_op_disagrees(device: torch.device, op_step=None) -> str | None:
+    """Run the fused op (or `op_step`, same signature) and the torch path for two steps of
+    one small random problem on `device`: None if the updates and moments agree to 1e-4
+    relative (a wrong kernel is off by far more), else what differs.
+    Its own generator: the run's random state is untouched."""
+    sizes = (1, 7, 1000, 4099)
+
+    def problem():  # small params (their rounding stays far below an update), clipped gradients, zero moments
+        g = torch.Generator().manual_seed(1234)
+        params, grads = ([torch.randn(n, generator=g).to(device) * scale for n in sizes] for scale in (1e-3, 3))
+        return params, grads, [torch.zeros(n, device=device) for n in sizes], [torch.zeros(n, device=device) for n in sizes]
+
+    results = []
+    for sum_squares, step_fn in ((_OPS.sum_squares, op_step or _OPS.adamw_clip_step_),
+                                 (lambda gs: _sum_squares_torch(gs, device), _adamw_clip_step_torch)):
+        ps, gs, ms, vs = problem()
+        step, skipped = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device)
+        for _ in range(2):
+            step_fn(ps, gs, ms, vs, [1e-3] * len(ps), [0.1] * len(ps), 0.9, 0.95, 1e-8, sum_squares(gs), 1.0,
+                    step, skipped)
+        start = problem()[0]
+        results.append({"updates": [p - p0 for p, p0 in zip(ps, start, strict=True)], "exp_avg": ms, "exp_avg_sq": vs})
+    for name in results[0]:
+        ours, ref = (torch.cat([t.double().cpu() for t in r[name]]) for r in results)
+        error = float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        if not error < 1e-4:
+            return f"{name} off by {error:.2g} relative"
+    return None
 
 
 # --- the same two passes in plain torch (fp32 arithmetic, same order) ---------------

@@ -98,14 +98,6 @@ def any_rank(flags: list[bool]) -> list[bool]:
     return [bool(x > 0) for x in t.tolist()]
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized() or world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def all_gather_object(obj) -> list:
     if not dist.is_initialized() or world_size() == 1:
         return [obj]

@@ -11,7 +11,7 @@ the abandoned steps and marks the rollback, and training continues. More than
 checkpoint is clean).
 
 What it needs from the trainer is narrow: `snapshot()` / `restore(point)`,
-`checkpoint_before(step)` / `load_checkpoint(path)`, `batches.skip(n)`, `progress`, `log`.
+`checkpointer.newest_before(step)` / `load_checkpoint(path)`, `batches.skip(n)`, `progress`, `log`.
 A point costs a host copy of this rank's parameters and optimizer state (~16 bytes per
 fp32 parameter with AdamW); under ZeRO-3 (DeepSpeed-private partitions) and with
 spike.snapshots = 0, rollbacks go to disk checkpoints.
@@ -113,7 +113,7 @@ class SpikeRecovery(Callback):
             trainer.restore(point)
             self.last_source = "memory"
         else:
-            path = trainer.checkpoint_before(began)
+            path = trainer.checkpointer.newest_before(began)
             if path is None:
                 raise RuntimeError(f"a loss spike began at step {began}, and there is no rollback point or "
                                    "checkpoint before it (the spike guard needs spike.min_history steps first)")

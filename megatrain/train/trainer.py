@@ -22,7 +22,7 @@ from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train.batches import TrainBatches, build_datasets
 from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, LogMetrics, Preemption
-from megatrain.train.checkpoint import Checkpointer, checkpoint_step
+from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import RunLog
 from megatrain.train.mfu import CPU_PROBE, peak_flops
 from megatrain.train.spike_recovery import SpikeRecovery
@@ -127,15 +127,6 @@ class Trainer:
         self.module.restore(point["engine"])
         self.state.load_state_dict(point["state"])
 
-    def checkpoint_before(self, step: int) -> Path | None:
-        """Collective: the newest intact disk checkpoint of a step before `step` (rank 0 decides)."""
-        def find():
-            for path in reversed(self.checkpointer.complete_checkpoints()):
-                if checkpoint_step(path) < step and self.checkpointer.verify(path) is None:
-                    return path
-            return None
-        return dist.broadcast_object(find() if dist.is_main() else None)
-
     def _check_compatible(self, path: Path, saved: dict) -> None:
         shape = self.model_cfg.shape()
         if saved["model_shape"] != shape:
@@ -152,7 +143,7 @@ class Trainer:
                             "checkpoint (launch/convert_checkpoint.py) and start a new run from its weights")
 
     def _resume(self, resume: str) -> None:
-        path, warnings = dist.broadcast_object(self.checkpointer.find(resume) if dist.is_main() else None)
+        path, warnings = self.checkpointer.find(resume)
         for w in warnings:
             self.log.print(w)
             self.log.event("checkpoint_skipped", reason=w)

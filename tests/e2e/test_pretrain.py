@@ -167,3 +167,25 @@ def test_fp16_refused_on_cpu_with_pointer_to_bf16(tmp_path, small_data):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: train.precision=fp16: DeepSpeed does not support fp16 on "
                                                     "its CPU accelerator; use train.precision=bf16 (or fp32)")
+
+
+def test_zero3_non_finite_gradients_skip_the_whole_step(tmp_path, small_data):
+    """ZeRO-3 steps parameter sub-groups separately; with a NaN loss at step 3 (spike guard
+    off) every sub-group on every rank skips together: the fp32 partitions and the step
+    counts after step 3 equal those after step 2, and step 4 trains again."""
+    run = tmp_path / "run"
+    pretrain(run, small_data, "parallel.zero_stage=3", "spike.enabled=false", "train.max_steps=4",
+             "checkpoint.every_steps=1", "checkpoint.keep=9", "train.eval_every=0", faults=["nan_loss@3"])
+    assert math.isnan(train_losses(run)[2])
+
+    def optimizer_states(step):
+        files = sorted((run / "checkpoints" / f"step-{step:08d}").glob("*optim_states.pt"))
+        assert len(files) == 2  # one per rank
+        states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+        return ([t for s in states for t in s["fp32_flat_groups"]],
+                [float(v["step"]) for s in states for v in s["optimizer_state_dict"]["state"].values()])
+
+    (w2, n2), (w3, n3), (w4, n4) = (optimizer_states(s) for s in (2, 3, 4))
+    assert len(n2) >= 4 and n2 == n3 == [2.0] * len(n2) and n4 == [3.0] * len(n4)  # every sub-group, both ranks
+    assert all(torch.equal(a, b) for a, b in zip(w2, w3, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))

@@ -283,3 +283,28 @@ def test_torch_adamw_is_torchs_fused_kernel():
     cfg = load_config(TINY_CONFIG, ["data.path=x", "optim.name=torch_adamw"])
     _, opt = build_optimizer(cfg, GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=8)))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and not opt.defaults["foreach"]
+
+
+def test_the_op_checks_itself_against_the_torch_path(caplog):
+    """Before its first step on a device the op is compared with the torch path on a small
+    problem; a kernel that disagrees (here a stand-in that gets the learning rate wrong)
+    is caught, and the optimizer then trains on the torch path with one loud line."""
+    from megatrain.optim import fused_adamw
+
+    cpu = torch.device("cpu")
+    assert fused_adamw.fused_op_disagrees(cpu) is None
+
+    def wrong_lr(ps, gs, ms, vs, lrs, *rest):
+        return torch.ops.megatrain.adamw_clip_step_(ps, gs, ms, vs, [lr * 1.01 for lr in lrs], *rest)
+
+    assert fused_adamw.fused_op_disagrees(cpu, wrong_lr).startswith("updates off by")
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = FusedAdamWClip([p])
+    original = fused_adamw.fused_op_disagrees
+    fused_adamw.fused_op_disagrees = lambda device: original(device, wrong_lr)
+    try:
+        with caplog.at_level("ERROR"):
+            assert not opt.uses_fused_op_on(cpu)
+    finally:
+        fused_adamw.fused_op_disagrees = original
+    assert any("disagrees with the torch path" in r.getMessage() for r in caplog.records)
