@@ -144,7 +144,8 @@ def init_parameter(name: str, param: torch.Tensor, cfg: GPTConfig) -> None:
     scales 1, residual projections (attn.proj, mlp.proj) N(0, 0.02/sqrt(2 n_layer)),
     every other weight N(0, 0.02). Each parameter draws from its own generator, seeded
     by init_seed and its name, so any layout of the same model (one process, a pipeline
-    cut anywhere) starts from the same numbers."""
+    cut anywhere, ZeRO-3 partitions) starts from the same numbers. The draw is fp32 on the
+    host, one parameter at a time, copied into `param` on its device in its dtype."""
     with torch.no_grad():
         if name.endswith(".bias"):
             param.zero_()
@@ -158,7 +159,9 @@ def init_parameter(name: str, param: torch.Tensor, cfg: GPTConfig) -> None:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, init_weights: bool = True):
+        """`init_weights=False` leaves the parameters as built (on the meta device, or
+        partitioned by ZeRO-3): megatrain/train/build.py draws them where they are kept."""
         super().__init__()
         if cfg.d_model % cfg.n_head:
             raise ValueError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
@@ -166,8 +169,9 @@ class GPT(nn.Module):
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = Head(cfg)
-        for name, param in self.named_parameters():
-            init_parameter(name, param, cfg)
+        if init_weights:
+            for name, param in self.named_parameters():
+                init_parameter(name, param, cfg)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab], or the mean loss when targets are given."""

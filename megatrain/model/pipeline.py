@@ -64,16 +64,24 @@ def canonical_name(name: str, n_layer: int) -> str:
 
 
 def build_pipeline(cfg: GPTConfig, num_stages: int, partition_method: str = "parameters",
-                   activation_checkpoint_interval: int = 0):
+                   activation_checkpoint_interval: int = 0, init_weights: bool = True):
     """The pipeline module (needs torch.distributed initialised: DeepSpeed builds only this
-    rank's stage)."""
+    rank's stage). It may be built on the meta device (`init_weights=False`): DeepSpeed's
+    move to the rank's device then waits for the parameters to be allocated."""
     from deepspeed.pipe import PipelineModule
+
+    class GPTPipeline(PipelineModule):
+        def to(self, *args, **kwargs):
+            if any(p.is_meta for p in self.parameters()):  # nothing to move yet
+                return self
+            return super().to(*args, **kwargs)
 
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}")
-    module = PipelineModule(layers=pipeline_layers(cfg), num_stages=num_stages, loss_fn=lm_loss,
-                            partition_method=PARTITION_METHODS[partition_method],
-                            activation_checkpoint_interval=activation_checkpoint_interval)
-    for name, param in module.named_parameters():
-        init_parameter(canonical_name(name, cfg.n_layer), param, cfg)
+    module = GPTPipeline(layers=pipeline_layers(cfg), num_stages=num_stages, loss_fn=lm_loss,
+                         partition_method=PARTITION_METHODS[partition_method],
+                         activation_checkpoint_interval=activation_checkpoint_interval)
+    if init_weights:
+        for name, param in module.named_parameters():
+            init_parameter(canonical_name(name, cfg.n_layer), param, cfg)
     return module

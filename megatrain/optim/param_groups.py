@@ -2,7 +2,8 @@
 
 Biases, normalisation weights and embeddings get no weight decay (GPT-3, Megatron,
 nanoGPT). Decided by the parameter's role, not its name: 1-D tensors (biases, norm
-scales) and the weights of nn.Embedding modules.
+scales) and the weights of nn.Embedding modules. A ZeRO-3 parameter built under
+deepspeed.zero.Init is an empty placeholder: its shape is `ds_shape`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or id(p) in embedding_params else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -20,9 +20,10 @@ import torch
 
 from megatrain.config import Config, deepspeed_config
 from megatrain.errors import UserError
-from megatrain.model import GPT, GPTConfig, build_pipeline
+from megatrain.model import GPTConfig
 from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
+from megatrain.train.build import build_model
 from megatrain.train.optimizer import attach, build_optimizer
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
@@ -55,16 +56,12 @@ class TrainModule:
         self.pipeline = par.pipeline_stages > 1
         self.dp_size = self.world // par.pipeline_stages
         self.grad_accum = grad_accum
-        # Initialised from the seed and parameter names: the same weights on every rank and in any layout.
-        if self.pipeline:
-            interval = par.activation_checkpoint_interval or int(model_cfg.activation_checkpointing)
-            model = build_pipeline(model_cfg, par.pipeline_stages, par.partition_method, interval)
-        else:
-            model = GPT(model_cfg)
+        ds_config = deepspeed_config(cfg, self.dp_size, grad_accum)
+        # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
+        model = build_model(cfg, model_cfg, ds_config, dist.collective_device())
         groups, self.client_optimizer = build_optimizer(cfg, model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                                    optimizer=self.client_optimizer,
-                                                    config=deepspeed_config(cfg, self.dp_size, grad_accum))
+                                                    optimizer=self.client_optimizer, config=ds_config)
         attach(self.client_optimizer, model, cfg, self.engine)
         if self.world == 1 and par.zero_stage == 0:
             # DeepSpeed all-reduces ZeRO-0 gradients in a world of one too: it flattens them

@@ -12,8 +12,8 @@ import torch
 from helpers import REPO, TINY_CONFIG, copy_until, pretrain, train_losses
 
 from megatrain.data import TokenDataset
-from megatrain.model import GPT
-from megatrain.train.convert import load_consolidated
+from megatrain.model import GPT, GPTConfig
+from megatrain.train.convert import consolidate, load_consolidated
 from megatrain.train.distributed import free_port
 from megatrain.train.metrics import read_metrics
 
@@ -133,3 +133,24 @@ def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs)
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "done:" in outputs[0]
     assert train_losses(run) == train_losses(runs(1, "fp32"))
+
+
+def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
+    """Built where they are kept (meta device, then each rank's device; ZeRO-3 partitioned
+    as built), the weights at step 0 equal those of the plain GPT built whole in one process,
+    bitwise, for ZeRO 0, 1 and 3 and a 2-stage pipeline."""
+    from helpers import TINY_CONFIG
+
+    from megatrain.config import load_config
+
+    cfg = load_config(TINY_CONFIG, [f"data.path={small_data}"])
+    whole = None
+    for name, layout in [("zero0", ["parallel.zero_stage=0"]), ("zero1", ["parallel.zero_stage=1"]),
+                         ("zero3", ["parallel.zero_stage=3"]), ("pipeline", PIPE)]:
+        run = tmp_path / name
+        pretrain(run, small_data, *layout, "train.max_steps=0", "train.eval_every=0")
+        sd, model_cfg = consolidate(run / "checkpoints" / "step-00000000")
+        if whole is None:
+            whole = GPT(GPTConfig(**{**model_cfg.__dict__, "init_seed": cfg.run.seed})).state_dict()
+        assert sd.keys() == whole.keys()
+        assert all(torch.equal(sd[k], whole[k]) for k in whole), name
