@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/train.py --json runs/bench/train.json
 	$(BIN)/python bench/optimizer.py --json runs/bench/optimizer.json
 	$(BIN)/python bench/pipeline.py --json runs/bench/pipeline.json
+	$(BIN)/python bench/build.py --json runs/bench/build.json
 
 # Random kills and loss spikes on a tiny 2-rank run, 20 trials (~20 minutes); not in CI.
 soak: install

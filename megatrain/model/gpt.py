@@ -139,23 +139,51 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def init_parameter(name: str, param: torch.Tensor, cfg: GPTConfig) -> None:
-    """GPT-2 initialisation of one parameter, by its name in GPT: biases 0, LayerNorm
-    scales 1, residual projections (attn.proj, mlp.proj) N(0, 0.02/sqrt(2 n_layer)),
-    every other weight N(0, 0.02). Each parameter draws from its own generator, seeded
-    by init_seed and its name, so any layout of the same model (one process, a pipeline
-    cut anywhere, ZeRO-3 partitions) starts from the same numbers. The draw is fp32 on the
-    host, one parameter at a time, copied into `param` on its device in its dtype."""
-    with torch.no_grad():
-        if name.endswith(".bias"):
-            param.zero_()
-        elif ".ln" in name or name.startswith("ln"):
-            param.fill_(1.0)
+def _init_rule(name: str, cfg: GPTConfig) -> tuple[float | None, float, int]:
+    """GPT-2 initialisation of one parameter, by its name in GPT: (fill value, or None for
+    a normal draw; its std; its generator's seed). Biases 0, LayerNorm scales 1, residual
+    projections (attn.proj, mlp.proj) N(0, 0.02/sqrt(2 n_layer)), every other weight
+    N(0, 0.02). Each parameter draws from its own generator, seeded by init_seed and its
+    name, so any layout of the same model (one process, a pipeline cut anywhere, ZeRO-3
+    partitions) starts from the same numbers."""
+    if name.endswith(".bias"):
+        return 0.0, 0.0, 0
+    if ".ln" in name or name.startswith("ln"):
+        return 1.0, 0.0, 0
+    residual = name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std
+    return None, std, cfg.init_seed * 1_000_003 + zlib.crc32(name.encode())
+
+
+def initial_value(name: str, shape, cfg: GPTConfig) -> torch.Tensor:
+    """One parameter's initial value as an fp32 host tensor (see _init_rule)."""
+    fill, std, seed = _init_rule(name, cfg)
+    if fill is not None:
+        return torch.full(shape, fill)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).mul_(std)
+
+
+def initial_value_pieces(name: str, shape, cfg: GPTConfig, piece: int = 1 << 22):
+    """initial_value(name, shape, cfg), flattened, as (offset, values) pieces of about
+    `piece` elements, so a large parameter is never whole in memory. The same numbers:
+    torch's CPU normal sampler works in blocks of 16, so pieces that are multiples of 16,
+    the last one at least 16 long, draw exactly what one call draws (tested)."""
+    fill, std, seed = _init_rule(name, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    numel, offset, piece = math.prod(shape), 0, max(16, piece // 16 * 16)
+    while offset < numel:
+        n = piece if numel - offset > piece + 15 else numel - offset
+        if fill is not None:
+            yield offset, torch.full((n,), fill)
         else:
-            residual = name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
-            std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std
-            gen = torch.Generator().manual_seed(cfg.init_seed * 1_000_003 + zlib.crc32(name.encode()))
-            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+            yield offset, torch.randn(n, generator=gen, dtype=torch.float32).mul_(std)
+        offset += n
+
+
+def init_parameter(name: str, param: torch.Tensor, cfg: GPTConfig) -> None:
+    """`param` (on any device, in any dtype) set to its initial value."""
+    with torch.no_grad():
+        param.copy_(initial_value(name, param.shape, cfg))
 
 
 class GPT(nn.Module):

@@ -4,8 +4,9 @@ ZeRO-3 builds under `deepspeed.zero.Init`, so each parameter is partitioned as i
 created; ZeRO 0-2 and pipeline stages build on the meta device, then allocate their
 parameters on the rank's device in the training dtype. No rank builds the whole fp32
 model on the host. Every parameter is then drawn from its own (seed, name) generator
-(gpt.init_parameter), one at a time, so the initial weights are the same numbers in
-every layout.
+(gpt.initial_value), one at a time on the host, so the initial weights are the same
+numbers in every layout; under ZeRO-3 each rank draws a parameter in pieces and keeps
+only its slice.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from megatrain.config import Config
 from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name
-from megatrain.model.gpt import init_parameter
+from megatrain.model.gpt import init_parameter, initial_value_pieces
+from megatrain.train import distributed as dist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
 
@@ -27,9 +29,14 @@ def build_model(cfg: Config, model_cfg: GPTConfig, ds_config: dict, device: torc
     if par.zero_stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = GPT(model_cfg, init_weights=False)
-        for name, param in model.named_parameters():  # gathered one at a time; rank 0's draw is kept
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                init_parameter(name, param, model_cfg)
+        with torch.no_grad():
+            for name, param in model.named_parameters():  # each rank writes its own slice: no gather
+                part = param.ds_tensor.view(-1)
+                lo = dist.rank() * part.numel()  # this rank's elements of the flattened parameter
+                for offset, values in initial_value_pieces(name, param.ds_shape, model_cfg):
+                    a, b = max(lo, offset), min(lo + part.numel(), offset + values.numel())
+                    if a < b:
+                        part[a - lo:b - lo].copy_(values[a - offset:b - offset])
         return model
     with torch.device("meta"):
         if par.pipeline_stages > 1:

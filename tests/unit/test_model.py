@@ -124,3 +124,18 @@ def test_pipeline_names_map_onto_gpt():
     assert {canonical_name(n, 3) for n in layer_names} == gpt_names
     with pytest.raises(ValueError):
         canonical_name("6.weight", 3)
+
+
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 1000, 4099, 2**16 + 7])
+def test_initial_values_drawn_in_pieces_are_the_same_numbers(numel):
+    """ZeRO-3 ranks draw large parameters in pieces (megatrain/train/build.py); the pieces
+    must be exactly the one-call draw, for weights and for fills."""
+    from megatrain.model.gpt import initial_value, initial_value_pieces
+
+    cfg = GPTConfig(vocab_size=50, seq_len=8, n_layer=2, n_head=2, d_model=8, init_seed=3)
+    for name in ("blocks.0.mlp.fc.weight", "blocks.1.attn.proj.weight", "blocks.0.ln1.weight", "head.ln_f.bias"):
+        whole = initial_value(name, (numel,), cfg)
+        for piece in (16, 64, 1000):
+            pieces = list(initial_value_pieces(name, (numel,), cfg, piece=piece))
+            assert [o for o, _ in pieces] == [sum(v.numel() for _, v in pieces[:i]) for i in range(len(pieces))]
+            assert torch.equal(torch.cat([v for _, v in pieces]), whole), (name, piece)
