@@ -89,7 +89,7 @@ def bare_run(cfg_overrides: list[str], steps: int, data_dir: Path) -> list[float
     for _ in range(steps):
         t0 = time.perf_counter()
         for _ in range(gas):
-            batch = torch.from_numpy(data.batch(sampler.next(t.micro_batch)))
+            batch = torch.from_numpy(data.batch(sampler.next(t.micro_batch))).long()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(batch[:, :-1], batch[:, 1:]) / gas
             loss.backward()

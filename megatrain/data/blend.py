@@ -53,6 +53,7 @@ class BlendedDataset:
                             + ", ".join(f"{getattr(d, 'dir', d)}" for d in self.datasets))
         self.tokenizer_sha256 = tokenizers.pop()
         self.seq_len = seq_lens.pop()
+        self.dtype = np.result_type(*[d.dtype for d in self.datasets])  # the widest token dtype
         self.weights = weights / weights.sum()
         self.seed = seed
         self.num_samples = num_samples if num_samples is not None else sum(len(d) for d in self.datasets)
@@ -96,7 +97,7 @@ class BlendedDataset:
 
     def batch(self, indices) -> np.ndarray:
         which, samples = self.locate(indices)
-        out = np.empty((len(which), self.seq_len + 1), dtype=np.int64)
+        out = np.empty((len(which), self.seq_len + 1), dtype=self.dtype)
         for row, (d, s) in enumerate(zip(which.tolist(), samples.tolist(), strict=False)):
             out[row] = self.datasets[d][s]
         return out

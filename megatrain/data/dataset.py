@@ -78,12 +78,13 @@ class TokenDataset:
         return self.tokens(start, start + self.seq_len + 1)
 
     def batch(self, indices) -> np.ndarray:
-        """Samples stacked into an int64 array of shape [len(indices), seq_len + 1]."""
+        """Samples stacked into an array of shape [len(indices), seq_len + 1], in the shards'
+        token dtype (uint16 or uint32: the compact form travels to the device, widened there)."""
         return stack_samples(self, indices)
 
 
 def stack_samples(dataset, indices) -> np.ndarray:
-    out = np.empty((len(indices), dataset.seq_len + 1), dtype=np.int64)
+    out = np.empty((len(indices), dataset.seq_len + 1), dtype=dataset.dtype)
     for row, i in enumerate(indices):
         out[row] = dataset[int(i)]
     return out

@@ -36,8 +36,12 @@ def data_seed(cfg: Config) -> int:
 
 
 def to_micro_batch(tokens: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, seq_len + 1] tokens -> (inputs, targets) on the device."""
-    batch = torch.from_numpy(tokens).to(device)
+    """[B, seq_len + 1] tokens -> (inputs, targets) as int64 on the device. The tokens travel
+    in their compact dtype (uint16 under a 65536 vocabulary), to a GPU from pinned memory
+    without blocking, and are widened on the device."""
+    host = torch.from_numpy(tokens)
+    gpu = device.type == "cuda"
+    batch = (host.pin_memory() if gpu else host).to(device, non_blocking=gpu).long()
     return batch[:, :-1], batch[:, 1:]
 
 

@@ -110,8 +110,11 @@ class TrainModule:
         # The losses stay on the device (float64, as a host sum would be) until one
         # all-reduce after the step: one host sync per step, not one per micro-batch.
         loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=dist.collective_device()), None
+        upcoming = next_micro_batch()
         for i in range(self.grad_accum):
-            inputs, targets = next_micro_batch()
+            inputs, targets = upcoming
+            if i + 1 < self.grad_accum:  # its copy to the device overlaps this micro-batch's compute
+                upcoming = next_micro_batch()
             # Mark the boundary ourselves: DeepSpeed's own count assumes a fixed accumulation.
             boundary = i == self.grad_accum - 1
             self.engine.set_gradient_accumulation_boundary(boundary)

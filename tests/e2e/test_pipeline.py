@@ -92,7 +92,7 @@ def _validation_loss(model: GPT, data, n_samples: int, micro_batch: int) -> floa
     with torch.no_grad():
         losses = []
         for start in range(0, n_samples, micro_batch):
-            batch = torch.from_numpy(valid.batch(np.arange(start, start + micro_batch)))
+            batch = torch.from_numpy(valid.batch(np.arange(start, start + micro_batch))).long()
             losses.append(model(batch[:, :-1], batch[:, 1:]).item())
     return float(np.mean(losses))
 

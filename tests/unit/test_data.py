@@ -62,7 +62,7 @@ def test_windows_cross_shards_and_batches(small_data):
     for i in [0, 1, len(ds) // 2, len(ds) - 1] + list(range(0, len(ds), 97)):
         assert np.array_equal(ds[i], stream[i * 64:i * 64 + 65])
     batch = ds.batch([3, 0, 5])
-    assert batch.dtype == np.int64 and batch.shape == (3, 65)
+    assert batch.dtype == ds.dtype == np.uint16 and batch.shape == (3, 65)  # widened on the device
     assert np.array_equal(batch[1], stream[:65])
     with pytest.raises(IndexError):
         ds[len(ds)]
