@@ -33,8 +33,8 @@ def fused_adamw_extension():
 
 
 install_requires = [
-    # The CPU build of 2.13.0 lies on this machine's disk; an unpinned torch pulls
-    # a multi-GB CUDA build.
+    # Pinned: an unpinned torch pulls a multi-GB CUDA build (make install puts the
+    # CPU or CUDA build of 2.13.0 in place first).
     "torch==2.13.0",
     "deepspeed==0.19.8",
     "sentencepiece==0.2.3",
@@ -44,6 +44,10 @@ install_requires = [
     "pyyaml",  # run configs
     "tqdm",  # progress bars for long work
     "matplotlib",  # launch/plot.py draws curves.png
+    # The ecosystem's formats, for models that leave megatrain: safetensors for weights
+    # (launch/convert_checkpoint.py), transformers for Hugging Face export (launch/export_hf.py).
+    "safetensors==0.8.0",
+    "transformers==5.23.0",
 ]
 
 extras_require = {

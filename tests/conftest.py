@@ -4,6 +4,7 @@ Helpers that are not fixtures live in tests/helpers.py (bench/ uses them too).""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from helpers import SMALL_CORPUS, pretrain
 
 from megatrain.data import prepare_dataset
 from tokenizer import TrainerOptions, train_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: exports are loaded from disk
 
 
 @pytest.fixture(scope="session")

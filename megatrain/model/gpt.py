@@ -63,8 +63,8 @@ class Positions(nn.Module):
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(x + self.wpe(torch.arange(x.shape[1], device=x.device)))
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.drop(x + self.wpe(torch.arange(start, start + x.shape[1], device=x.device)))
 
 
 class Embedding(nn.Module):
@@ -75,8 +75,8 @@ class Embedding(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = Positions(cfg)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.positions(self.wte(idx))
+    def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        return self.positions(self.wte(idx), start)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.wte.weight)
@@ -91,11 +91,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """`cache` (generation): keys and values of the positions before x, extended in place."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:
+            if cache:  # one new position attends to every cached one: no mask
+                assert T == 1, "after the prompt, decode one position at a time"
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        causal = T > 1
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -118,8 +125,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -201,16 +208,61 @@ class GPT(nn.Module):
             for name, param in self.named_parameters():
                 init_parameter(name, param, cfg)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab], or the mean loss when targets are given."""
-        x = self.embed(idx)
-        for block in self.blocks:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list[dict] | None = None,
+                start: int = 0) -> torch.Tensor:
+        """Logits [B, T, vocab], or the mean loss when targets are given. `caches` (one dict
+        per block) and `start` (the position of idx[:, 0]) are for generation."""
+        x = self.embed(idx, start)
+        for i, block in enumerate(self.blocks):
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, caches[i] if caches is not None else None)
         logits = self.head(x, self.embed)
         return logits if targets is None else lm_loss(logits, targets)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True, on_token=None) -> torch.Tensor:
+        """Continue the prompts idx [B, T] by up to max_new_tokens, within the context
+        (seq_len); temperature 0 is greedy. With the KV cache each new token costs one
+        position's forward pass. A row that produced eos_id continues with eos_id.
+        `on_token(tokens [B])` sees each step's tokens as they come (streaming)."""
+        caches = [{} for _ in self.blocks] if use_cache else None
+        out, done = idx, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        logits = self(idx, caches=caches)[:, -1]
+        for _ in range(min(max_new_tokens, self.cfg.seq_len - idx.shape[1])):
+            token = sample(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            out = torch.cat([out, token[:, None]], dim=1)
+            if on_token is not None:
+                on_token(token)
+            if bool(done.all()) or out.shape[1] == self.cfg.seq_len:
+                break
+            logits = (self(token[:, None], caches=caches, start=out.shape[1] - 1) if use_cache else self(out))[:, -1]
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, vocab]: argmax at temperature 0, else a draw from
+    the softmax at `temperature`, kept to the top_k tokens and to the smallest set whose
+    probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # tokens after the nucleus is full
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def matmul_params(cfg: GPTConfig) -> int:

@@ -1,7 +1,10 @@
-"""One consolidated fp32 state dict from any megatrain checkpoint, for the plain GPT.
+"""One consolidated fp32 state dict from any megatrain checkpoint, for the plain GPT, as
+a safetensors file or a Hugging Face GPT2LMHeadModel directory.
 
     sd, cfg = consolidate("runs/x/checkpoints/step-00001000")
     model = GPT(cfg); model.load_state_dict(sd)
+    save_consolidated("runs/x", "gpt.safetensors"); model = load_consolidated("gpt.safetensors")
+    export_hf("runs/x", "hf/")   # transformers.AutoModelForCausalLM.from_pretrained("hf/")
 
 Where the fp32 weights come from:
   ZeRO 1-3            the fp32 master partitions in the optimizer files, merged by
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
 from pathlib import Path
 
@@ -26,9 +31,9 @@ import torch
 from megatrain.errors import UserError
 from megatrain.files import write_atomically
 from megatrain.model import GPT, GPTConfig, canonical_name
-from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.checkpoint import STATE, Checkpointer
 
-FORMAT = "megatrain-consolidated/1"
+FORMAT = "megatrain-consolidated/2"
 
 
 def _zero_partitions(ckpt: Path, stage: int | None) -> dict[str, torch.Tensor]:
@@ -64,9 +69,11 @@ def _module_weights(ckpt: Path, pipeline: bool) -> dict[str, torch.Tensor]:
     return weights
 
 
-def consolidate(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+def consolidate(ckpt: str | Path, verified: bool = False) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """fp32 weights by GPT's names, and the model's config; `verified`: the checksums were
+    just checked (by checkpoint_of), so the files are not read twice."""
     ckpt = Path(ckpt)
-    problem = Checkpointer.verify(ckpt)
+    problem = None if verified else Checkpointer.verify(ckpt)
     if problem:
         raise UserError(f"{ckpt}: not a complete checkpoint: {problem}")
     state = Checkpointer.read_state(ckpt)
@@ -87,21 +94,66 @@ def consolidate(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
     return sd, cfg
 
 
+def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+    """consolidate() of a checkpoint directory, or of a run directory's newest intact
+    checkpoint (damaged ones passed over, as --resume auto does)."""
+    source = Path(source)
+    if (source / STATE).is_file() or (source / "manifest.json").is_file():
+        return consolidate(source)
+    if not source.is_dir():
+        raise UserError(f"{source}: no such run or checkpoint directory")
+    path, _ = Checkpointer(source, keep=1).find("auto")
+    if path is None:
+        raise UserError(f"{source}: no intact checkpoint in this run directory")
+    return consolidate(path, verified=True)
+
+
 def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
-    sd, cfg = consolidate(ckpt)
+    """One safetensors file of fp32 weights; the model's shape rides in its header."""
+    from safetensors.torch import save
+
+    sd, cfg = consolidate_any(ckpt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "model": sd, "config": cfg.__dict__, "source": str(Path(ckpt).resolve())}, buffer)
-    write_atomically(out, buffer.getvalue())
+    meta = {"format": FORMAT, "config": json.dumps(cfg.__dict__), "source": str(Path(ckpt).resolve())}
+    write_atomically(out, save(sd, metadata=meta))
     return out
 
 
 def load_consolidated(path: str | Path) -> GPT:
     """The plain GPT with a consolidated checkpoint's weights."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if blob.get("format") != FORMAT:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a consolidated megatrain checkpoint")
-    model = GPT(GPTConfig(**blob["config"]))
-    model.load_state_dict(blob["model"])
+    model = GPT(GPTConfig(**json.loads(meta["config"])))
+    model.load_state_dict(load_file(str(path)))
     return model
+
+
+def export_hf(source: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A Hugging Face GPT2LMHeadModel directory (config.json, model.safetensors,
+    generation_config.json with eos = megatrain's end-of-document id), written under a
+    temporary name and renamed: nothing half-written at `out`."""
+    import shutil
+
+    from megatrain.model.hf import to_gpt2
+    from tokenizer.tokenizer import SPECIAL_IDS
+
+    sd, cfg = consolidate_any(source)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = to_gpt2(sd, cfg, eos_id=SPECIAL_IDS["eod"]).to(dtype)
+    model.generation_config.pad_token_id = SPECIAL_IDS["eod"]
+    model.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -101,10 +101,11 @@ def _validation_loss(model: GPT, data, n_samples: int, micro_batch: int) -> floa
 def test_converted_checkpoint_gives_the_reported_validation_loss(layout, runs, p2_run, small_data, tmp_path):
     run = {"zero0": lambda: runs(0, "fp32"), "zero1": lambda: runs(1, "fp32"), "zero3": lambda: runs(3, "fp32"),
            "pipeline": lambda: p2_run}[layout]()
-    out = tmp_path / "gpt.pt"
+    out = tmp_path / "gpt.safetensors"
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "convert_checkpoint.py"),
                            str(run / "checkpoints" / "step-00000006"), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
     model = load_consolidated(out)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     reported = [r for r in read_metrics(run) if r["kind"] == "valid"][-1]
@@ -154,3 +155,70 @@ def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
             whole = GPT(GPTConfig(**{**model_cfg.__dict__, "init_seed": cfg.run.seed})).state_dict()
         assert sd.keys() == whole.keys()
         assert all(torch.equal(sd[k], whole[k]) for k in whole), name
+
+
+@pytest.mark.parametrize("layout", ["zero1", "zero3", "pipeline"])
+def test_hugging_face_export_gives_the_same_logits_and_greedy_text(layout, runs, p2_run, small_data, tmp_path):
+    """launch/export_hf.py from a run directory: transformers loads it offline as
+    GPT2LMHeadModel; its fp32 logits equal megatrain's within 1e-4 on random and real
+    inputs, and its greedy generation equals megatrain's (KV cache) token for token."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    run = {"zero1": lambda: runs(1, "fp32"), "zero3": lambda: runs(3, "fp32"), "pipeline": lambda: p2_run}[layout]()
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(run), "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel" and hf.generation_config.eos_token_id == 4
+    sd, cfg = consolidate(run / "checkpoints" / "step-00000006")
+    ours = GPT(cfg).eval()
+    ours.load_state_dict(sd)
+    valid = TokenDataset(small_data, cfg.seq_len, split="valid")
+    real = torch.from_numpy(valid.batch(np.arange(4))).long()[:, :-1]
+    rand = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for idx in (real, rand):
+            assert float((hf(idx).logits - ours(idx)).abs().max()) < 1e-4
+    prompt = real[:2, :8]
+    greedy = ours.generate(prompt, 16, temperature=0)
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
+                         eos_token_id=None)
+    assert torch.equal(greedy, theirs)
+
+
+def test_export_refuses_a_damaged_checkpoint(runs, tmp_path):
+    run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
+    target = run / "checkpoints" / "step-00000006" / "mp_rank_00_model_states.pt"
+    target.write_bytes(target.read_bytes()[:-100])
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(target.parent), "--out",
+                           str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "mp_rank_00_model_states.pt" in proc.stderr.strip().splitlines()[-1]
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp"))
+
+
+def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_tokenizer, small_data):
+    """launch/generate.py on a run: greedy text equals the model's own greedy continuation;
+    a prompt longer than the context keeps its last tokens and says so."""
+    from tokenizer import Tokenizer
+
+    run = runs(1, "fp32")
+    script = [sys.executable, str(REPO / "launch" / "generate.py"), "--checkpoint", str(run), "--tokenizer",
+              str(small_tokenizer), "--max-new-tokens", "12", "--temperature", "0"]
+    proc = subprocess.run([*script, "--prompt", "def parse("], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    tok = Tokenizer.load(small_tokenizer)
+    sd, cfg = consolidate(run / "checkpoints" / "step-00000006")
+    model = GPT(cfg).eval()
+    model.load_state_dict(sd)
+    ids = tok.encode("def parse(")
+    new = model.generate(torch.tensor([ids]), 12, temperature=0, eos_id=tok.eod_id)[0, len(ids):].tolist()
+    expected = "def parse(" + tok.decode([i for i in new if i != tok.eod_id])
+    assert proc.stdout[proc.stdout.index("def parse("):] == expected + "\n"  # after DeepSpeed's import banner
+    long = "x = 1\n" * 40
+    proc = subprocess.run([*script, "--prompt", long, "--num-samples", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0 and f"generating from its last {cfg.seq_len - 1}" in proc.stderr
+    assert proc.stdout.count("--- sample") == 2

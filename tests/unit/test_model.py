@@ -139,3 +139,33 @@ def test_initial_values_drawn_in_pieces_are_the_same_numbers(numel):
             pieces = list(initial_value_pieces(name, (numel,), cfg, piece=piece))
             assert [o for o, _ in pieces] == [sum(v.numel() for _, v in pieces[:i]) for i in range(len(pieces))]
             assert torch.equal(torch.cat([v for _, v in pieces]), whole), (name, piece)
+
+
+def test_generation_with_and_without_the_kv_cache_is_the_same():
+    cfg = GPTConfig(vocab_size=97, seq_len=24, n_layer=2, n_head=2, d_model=16, init_seed=1)
+    model = GPT(cfg).eval()
+    prompt = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(0))
+    cached = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(cached, model.generate(prompt, 12, temperature=0, use_cache=False))
+    assert cached.shape == (3, 17) and torch.equal(cached[:, :5], prompt)
+    with torch.no_grad():  # each greedy token is the argmax of the full forward pass
+        assert torch.equal(model(cached[:, :-1])[:, 4:].argmax(-1), cached[:, 5:])
+    assert model.generate(prompt, 100, temperature=0).shape[1] == cfg.seq_len  # stops at the context
+    first = int(cached[0, 5])
+    stopped = model.generate(prompt[:1], 12, temperature=0, eos_id=first)
+    assert stopped.shape == (1, 6)  # ends at eos
+    drawn = [model.generate(prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+
+
+def test_sampling_keeps_to_top_k_and_top_p():
+    from megatrain.model.gpt import sample
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, -1.0, -2.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    p = logits[0].softmax(-1)  # 0.66, 0.24, 0.09, ...: the 0.95 nucleus holds the first three
+    assert p[:2].sum() < 0.95 < p[:3].sum()
+    assert set(sample(logits, 1.0, top_p=0.95, generator=gen).tolist()) == {0, 1, 2}
+    assert set(sample(logits, 1.0, top_p=0.5, generator=gen).tolist()) == {0}
+    assert sample(logits[:1], 0.0).item() == 0

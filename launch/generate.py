@@ -1,0 +1,95 @@
+"""Sample text from a megatrain checkpoint (the model's own generate(), with a KV cache).
+
+    python launch/generate.py --checkpoint runs/demo/run --tokenizer runs/demo/tokenizer --prompt "def main("
+    python launch/generate.py --checkpoint runs/x/checkpoints/step-00001000 --tokenizer tok \\
+        --prompt-file prompts.txt --temperature 0.8 --top-k 50 --top-p 0.95 --num-samples 4 --seed 1
+
+Generation stops at the end-of-document token or --max-new-tokens. With one sample the
+text streams to the terminal as it is produced; several samples of a prompt are drawn as
+one batch. A prompt longer than the model's context keeps its last tokens (and says so).
+--temperature 0 is greedy.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from megatrain.errors import UserError
+from megatrain.model import GPT
+from megatrain.train.convert import consolidate_any
+from tokenizer import Tokenizer
+
+from _cli import run
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer directory the run's data was made with")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", help="a file of prompts, one per line")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def load(checkpoint: str, tokenizer_dir: str) -> tuple[GPT, Tokenizer]:
+    sd, cfg = consolidate_any(checkpoint)
+    tok = Tokenizer.load(tokenizer_dir)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{tokenizer_dir}: {tok.vocab_size} tokens, the checkpoint's model has {cfg.vocab_size}: "
+                        "not the tokenizer its data was made with")
+    model = GPT(cfg, init_weights=False)
+    model.load_state_dict(sd)
+    return model.eval(), tok
+
+
+class Stream:
+    """Prints what each new token adds to the decoded text (a byte token can end inside a
+    character: the text is decoded whole each time and only the new part printed)."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.ids, self.text = tok, [], ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        text = self.tok.decode([i for i in self.ids if i != self.tok.eod_id])
+        print(text[len(self.text):], end="", flush=True)
+        self.text = text
+
+
+def main():
+    args = parse_args()
+    model, tok = load(args.checkpoint, args.tokenizer)
+    prompts = [args.prompt] if args.prompt is not None else Path(args.prompt_file).read_text().splitlines()
+    generator = torch.Generator().manual_seed(args.seed)
+    context = model.cfg.seq_len
+    for prompt in prompts:
+        ids = tok.encode(prompt)
+        if len(ids) >= context:
+            print(f"note: the prompt has {len(ids)} tokens; the model's context is {context}: "
+                  f"generating from its last {context - 1}", file=sys.stderr)
+            ids = ids[-(context - 1):]
+        idx = torch.tensor([ids] * args.num_samples)
+        if args.num_samples == 1:
+            print(prompt, end="", flush=True)
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, eos_id=tok.eod_id, generator=generator,
+                             on_token=Stream(tok) if args.num_samples == 1 else None)
+        if args.num_samples == 1:
+            print()
+            continue
+        for n, row in enumerate(out[:, len(ids):].tolist()):
+            row = row[:row.index(tok.eod_id)] if tok.eod_id in row else row
+            print(f"--- sample {n + 1}\n{prompt}{tok.decode(row)}")
+
+
+if __name__ == "__main__":
+    run(main)
