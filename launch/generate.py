@@ -16,9 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megatrain.errors import UserError
-from megatrain.model import GPT
-from megatrain.train.convert import consolidate_any
+from megatrain.train.convert import load_model
 from tokenizer import Tokenizer
 
 from _cli import run
@@ -40,17 +38,6 @@ def parse_args():
     return p.parse_args()
 
 
-def load(checkpoint: str, tokenizer_dir: str) -> tuple[GPT, Tokenizer]:
-    sd, cfg = consolidate_any(checkpoint)
-    tok = Tokenizer.load(tokenizer_dir)
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"{tokenizer_dir}: {tok.vocab_size} tokens, the checkpoint's model has {cfg.vocab_size}: "
-                        "not the tokenizer its data was made with")
-    model = GPT(cfg, init_weights=False)
-    model.load_state_dict(sd)
-    return model.eval(), tok
-
-
 class Stream:
     """Prints what each new token adds to the decoded text (a byte token can end inside a
     character: the text is decoded whole each time and only the new part printed)."""
@@ -67,7 +54,8 @@ class Stream:
 
 def main():
     args = parse_args()
-    model, tok = load(args.checkpoint, args.tokenizer)
+    tok = Tokenizer.load(args.tokenizer)
+    model = load_model(args.checkpoint, tok)
     prompts = [args.prompt] if args.prompt is not None else Path(args.prompt_file).read_text().splitlines()
     generator = torch.Generator().manual_seed(args.seed)
     context = model.cfg.seq_len

@@ -108,6 +108,18 @@ def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTCon
     return consolidate(path, verified=True)
 
 
+def load_model(source: str | Path, tokenizer=None) -> GPT:
+    """The plain GPT (eval mode) of a run or checkpoint directory; with `tokenizer`, a
+    check that the model can hold its ids (a tokenizer of other data is refused)."""
+    sd, cfg = consolidate_any(source)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens, the checkpoint's model has "
+                        f"{cfg.vocab_size}: not the tokenizer its data was made with")
+    model = GPT(cfg, init_weights=False)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
 def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
     """One safetensors file of fp32 weights; the model's shape rides in its header."""
     from safetensors.torch import save

@@ -222,3 +222,33 @@ def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_t
     proc = subprocess.run([*script, "--prompt", long, "--num-samples", "2"], capture_output=True, text=True)
     assert proc.returncode == 0 and f"generating from its last {cfg.seq_len - 1}" in proc.stderr
     assert proc.stdout.count("--- sample") == 2
+
+
+def test_evaluate_script_scores_documents_in_bits_per_byte(runs, small_tokenizer, small_data, tmp_path):
+    """launch/evaluate.py on real files and on a prepared data directory: the JSON has the
+    promised fields, per file; bits per byte follow from the loss, tokens and bytes; an
+    empty corpus is one line of error."""
+    import json
+    import math
+
+    from helpers import SMALL_CORPUS
+
+    run = runs(1, "fp32")
+    script = [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(run), "--tokenizer",
+              str(small_tokenizer), "--quiet", "--stride", "16"]
+    files = sorted(Path(SMALL_CORPUS[0]).glob("*.py"))[:3]
+    for inputs in ([str(f) for f in files], [str(small_data)]):
+        out = tmp_path / "eval.json"
+        proc = subprocess.run([*script, "--input", *inputs, "--json", str(out)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(out.read_text())
+        assert {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents", "files"} <= set(result)
+        assert result["documents"] > 0 and result["bytes"] > result["tokens"] > 0
+        assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2)
+                                                        / result["bytes"])
+        assert 0 < result["bits_per_byte"] < 8 * 2  # better than nothing, on text the run trained on
+        assert sum(f["documents"] for f in result["files"]) == result["documents"]
+    assert [f["path"] for f in json.loads((tmp_path / "eval.json").read_text())["files"]] == [str(small_data)]
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([*script, "--input", str(tmp_path / "empty")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
