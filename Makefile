@@ -25,12 +25,17 @@ $(STAMP): setup.py $(wildcard csrc/*)
 	$(BIN)/python launch/warm_ops.py
 	touch $@
 
-# The main job on the built-in corpus: tokenizer -> shards -> 2-rank pretraining -> curves.png.
+# The main job on the built-in corpus: tokenizer -> shards -> 2-rank pretraining -> curves.png
+# -> Hugging Face export, a sample and held-out bits per byte.
 demo: install
 	$(BIN)/python launch/train_tokenizer.py --input builtin:stdlib --vocab-size 8192 --out $(DEMO)/tokenizer
 	$(BIN)/python launch/prepare_data.py --tokenizer $(DEMO)/tokenizer --input builtin:stdlib --out $(DEMO)/data
 	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny-cpu.yaml --resume none
 	$(BIN)/python launch/plot.py $(DEMO)/run
+	$(BIN)/python launch/export_hf.py $(DEMO)/run --out $(DEMO)/hf
+	$(BIN)/python launch/generate.py --checkpoint $(DEMO)/run --tokenizer $(DEMO)/tokenizer --prompt "def main(" \
+		--temperature 0.8 --top-k 40 --seed 1 --max-new-tokens 48
+	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO)/run --tokenizer $(DEMO)/tokenizer --input $(DEMO)/data
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -13,7 +13,7 @@ from megatrain.train.metrics import read_events, read_metrics  # noqa: E402
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Loss and validation loss, lr, global batch and gradient norm against tokens."""
+    """Loss and each validation set's loss, lr, global batch and gradient norm against tokens."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("kind") == "train"]
@@ -24,8 +24,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     ax = axes[0][0]
     ax.plot(tokens, [r["loss"] for r in train], lw=1, label="train loss")
-    if valid:
-        ax.plot([r["tokens"] for r in valid], [r["val_loss"] for r in valid], "o-", ms=3, label="validation loss")
+    for name in dict.fromkeys(r.get("set", "valid") for r in valid):  # one curve per validation set
+        points = [r for r in valid if r.get("set", "valid") == name]
+        ax.plot([r["tokens"] for r in points], [r["val_loss"] for r in points], "o-", ms=3,
+                label=f"validation loss ({name})")
     ax.set_ylabel("loss")
     ax.legend()
     panels = [(axes[0][1], "lr", "learning rate"), (axes[1][0], "batch_tokens", "global batch (tokens)"),

@@ -55,8 +55,8 @@ def _type_name(tp) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]" if typing.get_args(tp) else "list"
+    if typing.get_origin(tp) in (list, dict):
+        return f"{typing.get_origin(tp).__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -86,6 +86,9 @@ def _check(value: Any, tp) -> Any:
     elif origin is list:  # list[X]: every item an X
         if isinstance(value, list):
             return [_check(v, args[0]) for v in value]
+    elif origin is dict:  # dict[K, V]
+        if isinstance(value, dict):
+            return {_check(k, args[0]): _check(v, args[1]) for k, v in value.items()}
     elif tp in (int, float):
         number = value
         if isinstance(value, str):

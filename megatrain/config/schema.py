@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import yaml
@@ -67,14 +68,26 @@ class ModelConfig:
 class DataConfig:
     path: str | list[dict] = ""
     """A directory made by launch/prepare_data.py, or a blend: a list of {path: DIR, weight: W}."""
-    valid_path: str | None = None
-    """Where validation samples come from; None: the valid/ split of the first data path."""
+    valid: dict[str, str] = field(default_factory=dict)
+    """Named validation sets, {name: a prepared data directory (its valid/ split)}, each
+    logged as its own loss, perplexity and bits per byte. Empty: the valid/ split of every
+    data.path source, named after its directory."""
     seed: int | None = None
     """Seeds the sample order and the blend; None uses run.seed."""
     skip: list[list[int]] = field(default_factory=list)
     """[[position, samples], ...]: when the global sample position reaches `position` (at a
     step boundary), jump `samples` ahead: batches to leave out, e.g. those around a loss
     spike (the spike guard does this by itself; this is the manual form)."""
+
+    def valid_sets(self) -> dict[str, str]:
+        """data.valid, or one set per data.path source, named after its directory."""
+        if self.valid:
+            return dict(self.valid)
+        sets: dict[str, str] = {}
+        for i, (path, _) in enumerate(self.sources()):
+            name = Path(path).name or path
+            sets[f"{name}-{i}" if name in sets else name] = path
+        return sets
 
     def sources(self) -> list[tuple[str, float]]:
         """data.path as a list of (directory, weight)."""

@@ -52,6 +52,12 @@ class TokenDataset:
             raise UserError(f"{self.dir}: {self.num_tokens} tokens are fewer than one sample of {seq_len + 1}")
 
     @property
+    def bytes_per_token(self) -> float | None:
+        """UTF-8 bytes of text per token of the split (None for data prepared before this
+        was recorded): turns a loss per token into bits per byte."""
+        return self.manifest["num_bytes"] / self.num_tokens if self.manifest.get("num_bytes") else None
+
+    @property
     def tokenizer_sha256(self) -> str:
         return self.manifest["tokenizer_sha256"]
 

@@ -83,23 +83,25 @@ def _check_out_dir(out: Path, tok: Tokenizer) -> None:
 
 
 def _jobs(pieces, job_bytes: int, valid_fraction: float, seed: int):
-    """Yields (train (texts, ends), valid (texts, ends), text bytes) of about job_bytes each."""
+    """Yields (train (texts, ends), valid (texts, ends), {split: text bytes}) of about
+    job_bytes each."""
     rng = np.random.default_rng(seed)
-    job = {s: ([], []) for s in SPLITS}
-    size, in_valid, new_doc = 0, False, True
+    job, sizes = {s: ([], []) for s in SPLITS}, dict.fromkeys(SPLITS, 0)
+    in_valid, new_doc = False, True
     for piece in pieces:
         if new_doc:
             in_valid = bool(rng.random() < valid_fraction)
-        texts, ends = job["valid" if in_valid else "train"]
+        split = "valid" if in_valid else "train"
+        texts, ends = job[split]
         texts.append(piece.text)
         ends.append(piece.end)
         new_doc = piece.end
-        size += piece.nbytes
-        if size >= job_bytes:
-            yield job["train"], job["valid"], size
-            job, size = {s: ([], []) for s in SPLITS}, 0
-    if size:
-        yield job["train"], job["valid"], size
+        sizes[split] += piece.nbytes
+        if sum(sizes.values()) >= job_bytes:
+            yield job["train"], job["valid"], sizes
+            job, sizes = {s: ([], []) for s in SPLITS}, dict.fromkeys(SPLITS, 0)
+    if sum(sizes.values()):
+        yield job["train"], job["valid"], sizes
 
 
 def prepare_dataset(
@@ -141,13 +143,13 @@ def prepare_dataset(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="encoding", disable=not progress, mininterval=0.5)
     text_bytes = tokens = 0
 
-    def write(result, size):
+    def write(result, sizes):
         nonlocal text_bytes, tokens
         for split, array in zip(SPLITS, result, strict=False):
-            writers[split].write(array)
+            writers[split].write(array, sizes[split])
             tokens += len(array)
-        text_bytes += size
-        bar.update(size)
+        text_bytes += sum(sizes.values())
+        bar.update(sum(sizes.values()))
         bar.set_postfix(docs=stats.documents, tokens=f"{tokens / 1e6:.1f}M", refresh=False)
 
     try:

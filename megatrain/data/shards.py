@@ -6,7 +6,7 @@ and `manifest.json`:
 
     {"format": "megatrain-shards/1", "split": "train", "tokenizer_sha256": "...",
      "vocab_size": 8192, "eod_id": 4, "dtype": "uint16", "complete": true,
-     "num_tokens": N, "num_documents": D,
+     "num_tokens": N, "num_documents": D, "num_bytes": B (UTF-8 bytes of the text encoded),
      "shards": [{"file": "shard-00000.arrow", "num_tokens": n, "num_documents": d,
                  "bytes": b, "sha256": "..."}, ...]}
 
@@ -66,7 +66,8 @@ class ShardWriter:
         self.schema = pa.schema([("tokens", pa.from_numpy_dtype(self.dtype))],
                                 metadata={"tokenizer_sha256": header["tokenizer_sha256"]})
         self.manifest = {"format": FORMAT, "split": split, **header, "dtype": self.dtype.name,
-                         "complete": False, "num_tokens": 0, "num_documents": 0, "shards": []}
+                         "complete": False, "num_tokens": 0, "num_documents": 0, "num_bytes": 0,
+                         "shards": []}
         self._writer = None
         self._path: Path | None = None
         self._tokens = self._docs = 0
@@ -76,7 +77,10 @@ class ShardWriter:
     def _tmp(self) -> Path:
         return self._path.with_name(self._path.name + TMP_SUFFIX)
 
-    def write(self, tokens: np.ndarray) -> None:
+    def write(self, tokens: np.ndarray, text_bytes: int = 0) -> None:
+        """Append tokens; `text_bytes`: the UTF-8 size of the text they encode (the split's
+        num_bytes, for bits per byte)."""
+        self.manifest["num_bytes"] += text_bytes
         tokens = np.asarray(tokens, dtype=self.dtype)
         while len(tokens):
             if self._writer is None:

@@ -14,20 +14,22 @@ from megatrain.train import distributed as dist
 
 
 def build_datasets(cfg: Config):
-    """Training samples (one dataset or a blend), validation samples (or None), vocab size."""
+    """Training samples (one dataset or a blend), {name: validation samples}, vocab size."""
     seq_len = cfg.train.seq_len
-    sources = cfg.data.sources()
-    datasets = [(TokenDataset(path, seq_len, split="train"), weight) for path, weight in sources]
+    datasets = [(TokenDataset(path, seq_len, split="train"), weight) for path, weight in cfg.data.sources()]
     train = datasets[0][0] if len(datasets) == 1 else BlendedDataset(datasets, seed=data_seed(cfg))
     vocab = max(d.manifest["vocab_size"] for d, _ in datasets)
-    try:
-        valid = TokenDataset(cfg.data.valid_path or sources[0][0], seq_len, split="valid")
-    except UserError as e:
-        valid = None
-        if dist.is_main():
-            print(f"warning: no validation data ({e})", flush=True)
-    if valid is not None and valid.tokenizer_sha256 != datasets[0][0].tokenizer_sha256:
-        raise UserError(f"{valid.dir}: validation data was made with another tokenizer than {datasets[0][0].dir}")
+    valid = {}
+    for name, path in cfg.data.valid_sets().items():
+        try:
+            valid[name] = TokenDataset(path, seq_len, split="valid")
+        except UserError as e:
+            if dist.is_main():
+                print(f"warning: no validation set {name!r} ({e})", flush=True)
+            continue
+        if valid[name].tokenizer_sha256 != datasets[0][0].tokenizer_sha256:
+            raise UserError(f"{valid[name].dir}: validation data was made with another tokenizer than "
+                            f"{datasets[0][0].dir}")
     return train, valid, vocab
 
 

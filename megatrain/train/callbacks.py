@@ -56,14 +56,15 @@ class LogMetrics(Callback):
 
 
 class Evaluate(Callback):
-    """Validation loss every `every` steps (0: only at the end), on the same
-    `samples` validation samples every time."""
+    """Validation every `every` steps (0: only at the end) on each named set, on the same
+    `samples` samples of it every time: loss, perplexity and, where the data recorded its
+    text size, bits per byte (loss / ln 2 x tokens per byte of the set)."""
 
     name = "evaluation"
 
-    def __init__(self, valid_data, every: int, samples: int):
-        self.valid_data, self.every, self.samples = valid_data, every, samples
-        self.last: dict | None = None
+    def __init__(self, valid_sets: dict, every: int, samples: int):
+        self.valid_sets, self.every, self.samples = valid_sets, every, samples
+        self.last: dict | None = None  # the first set's newest row
 
     def on_step(self, trainer, row, flagged):
         if self.every and row["step"] % self.every == 0:
@@ -74,24 +75,29 @@ class Evaluate(Callback):
         if trainer.outcome == "done" and (self.last is None or self.last["step"] != trainer.progress.step):
             self.run(trainer)
 
-    def run(self, trainer) -> dict | None:
+    def run(self, trainer) -> None:
+        for i, (name, data) in enumerate(self.valid_sets.items()):
+            row = self._evaluate(trainer, name, data)
+            if row is not None:
+                trainer.log.log(row)
+                self.last = row if i == 0 else self.last
+
+    def _evaluate(self, trainer, name: str, data) -> dict | None:
         """Collective: every rank runs the same number of forward passes (ZeRO-3 gathers
-        parameters collectively); the validation rows are split over data-parallel ranks."""
-        if self.valid_data is None:
-            return None
+        parameters collectively); the samples are split over data-parallel ranks."""
         module, mb = trainer.module, trainer.cfg.train.micro_batch
         per_pass = mb * module.dp_size
-        n = min(self.samples, len(self.valid_data)) // per_pass * per_pass
+        n = min(self.samples, len(data)) // per_pass * per_pass
         if n == 0:
             return None
         positions = np.arange(module.dp_rank, n, module.dp_size)
-        batches = [to_micro_batch(self.valid_data.batch(positions[s:s + mb]), module.device)
-                   for s in range(0, len(positions), mb)]
+        batches = [to_micro_batch(data.batch(positions[s:s + mb]), module.device) for s in range(0, len(positions), mb)]
         loss = module.evaluate(batches)
-        self.last = {"kind": "valid", "step": trainer.progress.step, "tokens": trainer.progress.tokens,
-                     "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_samples": n}
-        trainer.log.log(self.last)
-        return self.last
+        row = {"kind": "valid", "set": name, "step": trainer.progress.step, "tokens": trainer.progress.tokens,
+               "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_samples": n}
+        if data.bytes_per_token:
+            row["val_bpb"] = loss / math.log(2) / data.bytes_per_token
+        return row
 
 
 class CheckpointEvery(Callback):

@@ -59,7 +59,7 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            prefix = "valid/" if row.get("kind") == "valid" else "train/"
+            prefix = f"valid/{row['set']}/" if row.get("kind") == "valid" else "train/"
             self._wandb.log({prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
                             step=row["step"])
 

@@ -36,7 +36,7 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         dp_size = init_layout(cfg)
-        train_data, valid_data, data_vocab = build_datasets(cfg)
+        train_data, valid_sets, data_vocab = build_datasets(cfg)
         vocab = cfg.model.vocab_size or data_vocab
         if vocab < data_vocab:
             raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}")
@@ -50,7 +50,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
         self.recovery = SpikeRecovery(cfg.spike, t.seq_len, in_memory=cfg.parallel.zero_stage != 3)
         self.metrics = LogMetrics(t.log_every)
-        self.evaluation = Evaluate(valid_data, t.eval_every, t.eval_samples)
+        self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)
         self.preemption = Preemption()
         self.callbacks = [self.recovery, self.metrics, self.evaluation, CheckpointEvery(cfg.checkpoint.every_steps),
                           self.preemption, *callbacks]

@@ -189,3 +189,23 @@ def test_zero3_non_finite_gradients_skip_the_whole_step(tmp_path, small_data):
     assert len(n2) >= 4 and n2 == n3 == [2.0] * len(n2) and n4 == [3.0] * len(n4)  # every sub-group, both ranks
     assert all(torch.equal(a, b) for a, b in zip(w2, w3, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))
+
+
+def test_named_validation_sets_each_get_loss_and_bits_per_byte(tmp_path, small_data):
+    """data.valid with two named sets: each is logged at every evaluation with its loss,
+    perplexity and bits per byte (from the tokens per byte prepare_data recorded), and
+    curves.png draws them."""
+    from megatrain.data import TokenDataset
+
+    run = tmp_path / "run"
+    pretrain(run, small_data, f"data.valid={{code: {small_data}, again: {small_data}}}", "train.max_steps=2",
+             "train.eval_every=1", "checkpoint.every_steps=0")
+    valid = [r for r in read_metrics(run) if r["kind"] == "valid"]
+    assert [(r["step"], r["set"]) for r in valid] == [(1, "code"), (1, "again"), (2, "code"), (2, "again")]
+    data = TokenDataset(small_data, 32, split="valid")
+    assert data.manifest["num_bytes"] > 2 * data.num_tokens  # real text: several bytes per token
+    for r in valid:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / data.bytes_per_token)
+    assert valid[0]["val_loss"] == valid[1]["val_loss"]  # the same data
+    run_script("plot.py", run)
+    assert (run / "curves.png").stat().st_size > 0

@@ -21,8 +21,13 @@ def test_yaml_plus_overrides():
     assert cfg.optim.lr == 6e-4  # YAML reads 6e-4 as a string; numeric fields accept it
     assert cfg.train.max_tokens == 3_200_000 and isinstance(cfg.train.max_tokens, int)
     assert cfg.data.path == [{"path": "a", "weight": 0.3}, {"path": "b", "weight": 0.7}]
+    assert cfg.data.valid_sets() == {"a": "a", "b": "b"}  # a blend: one validation set per source
+    cfg = load_config(TINY_CONFIG, BASE + ["data.valid={code: d1, prose: d2}"])
+    assert cfg.data.valid_sets() == {"code": "d1", "prose": "d2"}
+    assert load_config(TINY_CONFIG, BASE + ["data.path=[{path: x/a}, {path: y/a}]"]).data.valid_sets() == {
+        "a": "x/a", "a-1": "y/a"}
     assert load_config(None, BASE).to_dict() == Config(**{}).to_dict() | {
-        "data": {"path": "somewhere", "valid_path": None, "seed": None, "skip": []},
+        "data": {"path": "somewhere", "valid": {}, "seed": None, "skip": []},
         "train": {**Config().to_dict()["train"], "max_steps": 10}}
 
 
