@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/optimizer.py --json runs/bench/optimizer.json
 	$(BIN)/python bench/pipeline.py --json runs/bench/pipeline.json
 	$(BIN)/python bench/build.py --json runs/bench/build.json
+	$(BIN)/python bench/generate.py --json runs/bench/generate.json
 
 # Random kills and loss spikes on a tiny 2-rank run, 20 trials (~20 minutes); not in CI.
 soak: install
