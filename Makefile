@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/python launch/prepare_data.py --tokenizer $(DEMO)/tokenizer --input builtin:stdlib --out $(DEMO)/data
 	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny-cpu.yaml --resume none
 	$(BIN)/python launch/plot.py $(DEMO)/run
-	$(BIN)/python launch/export_hf.py $(DEMO)/run --out $(DEMO)/hf
+	$(BIN)/python launch/export_hf.py $(DEMO)/run --tokenizer $(DEMO)/tokenizer --out $(DEMO)/hf
 	$(BIN)/python launch/generate.py --checkpoint $(DEMO)/run --tokenizer $(DEMO)/tokenizer --prompt "def main(" \
 		--temperature 0.8 --top-k 40 --seed 1 --max-new-tokens 48
 	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO)/run --tokenizer $(DEMO)/tokenizer --input $(DEMO)/data

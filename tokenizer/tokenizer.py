@@ -40,6 +40,7 @@ class Tokenizer:
     def __init__(self, model_proto: bytes, meta: dict, source: str = "<memory>"):
         self.source = source
         self.meta = meta
+        self.model_proto = model_proto  # the SentencePiece model file's bytes
         self.sha256 = sha256_bytes(model_proto)
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         ids = meta.get("special_ids", SPECIAL_IDS)

@@ -149,22 +149,27 @@ def load_consolidated(path: str | Path) -> GPT:
     return model
 
 
-def export_hf(source: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """A Hugging Face GPT2LMHeadModel directory (config.json, model.safetensors,
-    generation_config.json with eos = megatrain's end-of-document id), written under a
-    temporary name and renamed: nothing half-written at `out`."""
+def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A Hugging Face directory: GPT2LMHeadModel (config.json, model.safetensors,
+    generation_config.json with eos = megatrain's end-of-document id) and the tokenizer as
+    a fast tokenizer with the same ids (tokenizer/hf.py). Written under a temporary name
+    and renamed: nothing half-written at `out`."""
     import shutil
 
     from megatrain.model.hf import to_gpt2
+    from tokenizer import Tokenizer
+    from tokenizer.hf import to_hf
     from tokenizer.tokenizer import SPECIAL_IDS
 
-    sd, cfg = consolidate_any(source)
+    tok = Tokenizer.load(tokenizer_dir)
+    model = load_model(source, tok)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = to_gpt2(sd, cfg, eos_id=SPECIAL_IDS["eod"]).to(dtype)
-    model.generation_config.pad_token_id = SPECIAL_IDS["eod"]
-    model.save_pretrained(tmp)
+    hf = to_gpt2(model.state_dict(), model.cfg, eos_id=SPECIAL_IDS["eod"]).to(dtype)
+    hf.generation_config.pad_token_id = SPECIAL_IDS["eod"]
+    hf.save_pretrained(tmp)
+    to_hf(tok, model_max_length=model.cfg.seq_len).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -158,18 +158,23 @@ def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
 
 
 @pytest.mark.parametrize("layout", ["zero1", "zero3", "pipeline"])
-def test_hugging_face_export_gives_the_same_logits_and_greedy_text(layout, runs, p2_run, small_data, tmp_path):
+def test_hugging_face_export_gives_the_same_logits_and_greedy_text(layout, runs, p2_run, small_data, small_tokenizer,
+                                                                    tmp_path):
     """launch/export_hf.py from a run directory: transformers loads it offline as
-    GPT2LMHeadModel; its fp32 logits equal megatrain's within 1e-4 on random and real
-    inputs, and its greedy generation equals megatrain's (KV cache) token for token."""
+    GPT2LMHeadModel with its tokenizer; its fp32 logits equal megatrain's within 1e-4 on
+    random and real inputs, and its greedy generation equals megatrain's (KV cache) token
+    for token, from a prompt its own tokenizer encoded."""
     import os
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenizer import Tokenizer
 
     run = {"zero1": lambda: runs(1, "fp32"), "zero3": lambda: runs(3, "fp32"), "pipeline": lambda: p2_run}[layout]()
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(run), "--out", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(run), "--tokenizer",
+                           str(small_tokenizer), "--out", str(out)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel" and hf.generation_config.eos_token_id == 4
@@ -182,20 +187,23 @@ def test_hugging_face_export_gives_the_same_logits_and_greedy_text(layout, runs,
     with torch.no_grad():
         for idx in (real, rand):
             assert float((hf(idx).logits - ours(idx)).abs().max()) < 1e-4
-    prompt = real[:2, :8]
+    hf_tok, tok = AutoTokenizer.from_pretrained(out, local_files_only=True), Tokenizer.load(small_tokenizer)
+    text = "def parse(self, text):\n    return"
+    prompt = hf_tok(text, return_tensors="pt")["input_ids"]
+    assert prompt[0].tolist() == tok.encode(text)
     greedy = ours.generate(prompt, 16, temperature=0)
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
                          eos_token_id=None)
-    assert torch.equal(greedy, theirs)
+    assert torch.equal(greedy, theirs) and hf_tok.decode(theirs[0]) == tok.decode(greedy[0].tolist())
 
 
-def test_export_refuses_a_damaged_checkpoint(runs, tmp_path):
+def test_export_refuses_a_damaged_checkpoint(runs, small_tokenizer, tmp_path):
     run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
     target = run / "checkpoints" / "step-00000006" / "mp_rank_00_model_states.pt"
     target.write_bytes(target.read_bytes()[:-100])
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(target.parent), "--out",
-                           str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(target.parent), "--tokenizer",
+                           str(small_tokenizer), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "mp_rank_00_model_states.pt" in proc.stderr.strip().splitlines()[-1]
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp"))
 

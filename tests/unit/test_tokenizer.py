@@ -322,3 +322,37 @@ def test_failed_write_keeps_previous_tokenizer(tmp_path, small_tokenizer):
         signal.signal(signal.SIGXFSZ, handler)
     assert (out / "tokenizer.model").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer.model"]
+
+
+def test_hugging_face_tokenizer_gives_the_same_ids_and_text(small_tokenizer, tmp_path):
+    """The exported fast tokenizer (tokenizer/hf.py), loaded back with AutoTokenizer, gives
+    megatrain's ids and decodes to megatrain's text on a few thousand real documents and on
+    unicode, whitespace runs, tabs, newlines, control characters, special-token text and a
+    literal U+2581; the one documented exception is a literal U+FFFF."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from tokenizer.hf import to_hf
+
+    tok = Tokenizer.load(small_tokenizer)
+    to_hf(tok, model_max_length=64).save_pretrained(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    docs = []
+    for path in sorted(STDLIB.rglob("*.py"))[:2500]:
+        try:
+            docs.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    rng = random.Random(0)
+    docs += ["<|endoftext|> <s></s><pad><unk>", "\u2581x \u2581\u2581 y", "tabs\t\t\tand\n\n\nnewlines\r\n", "   ",
+             "ctrl \x00\x01\x07\x1b[0m\x7f", "日本語のテキスト", "Ελληνικά и русский", "emoji 🎉 zwj 👩\u200d💻", "é e\u0301", ""]
+    docs += ["".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0, 0x2FFF), rng.randint(0x1F300, 0x1F6FF), 9,
+                                     10, 32])) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
+    assert len(docs) > 3000
+    for text in docs:
+        ids = tok.encode(text)
+        assert hf(text)["input_ids"] == ids, repr(text[:80])
+        assert hf.decode(ids) == tok.decode(ids), repr(text[:80])
+    assert hf.eos_token_id == tok.eod_id and hf.pad_token_id == tok.pad_id and hf.unk_token_id == tok.unk_id
+    assert hf("x\uffffy")["input_ids"] != tok.encode("x\uffffy")  # the documented exception
