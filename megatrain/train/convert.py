@@ -90,34 +90,67 @@ def consolidate(ckpt: str | Path, verified: bool = False) -> tuple[dict[str, tor
     if pipeline:
         raw = {canonical_name(k, cfg.n_layer): v for k, v in raw.items()}  # the tied table appears twice: equal
     sd = {k.removeprefix("module."): v.detach().to(torch.float32).clone() for k, v in raw.items()}
-    GPT(cfg).load_state_dict(sd, strict=True)  # every parameter present, every shape right
+    try:
+        GPT(cfg, init_weights=False).load_state_dict(sd, strict=True)  # every parameter present, every shape right
+    except RuntimeError as e:
+        raise UserError(f"{ckpt}: the weights do not fit the model shape in its {STATE} "
+                        f"({str(e).splitlines()[-1].strip()})") from None
     return sd, cfg
 
 
 def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
     """consolidate() of a checkpoint directory, or of a run directory's newest intact
     checkpoint (damaged ones passed over, as --resume auto does)."""
+    sd, cfg, _ = _consolidate_with_state(source)
+    return sd, cfg
+
+
+def _consolidate_with_state(source: str | Path):
     source = Path(source)
     if (source / STATE).is_file() or (source / "manifest.json").is_file():
-        return consolidate(source)
-    if not source.is_dir():
+        path, verified = source, False
+    elif not source.is_dir():
         raise UserError(f"{source}: no such run or checkpoint directory")
-    path, _ = Checkpointer(source, keep=1).find("auto")
-    if path is None:
-        raise UserError(f"{source}: no intact checkpoint in this run directory")
-    return consolidate(path, verified=True)
+    else:
+        path, _ = Checkpointer(source, keep=1).find("auto")
+        if path is None:
+            raise UserError(f"{source}: no intact checkpoint in this run directory")
+        verified = True
+    sd, cfg = consolidate(path, verified=verified)
+    return sd, cfg, Checkpointer.read_state(path)
 
 
 def load_model(source: str | Path, tokenizer=None) -> GPT:
-    """The plain GPT (eval mode) of a run or checkpoint directory; with `tokenizer`, a
-    check that the model can hold its ids (a tokenizer of other data is refused)."""
-    sd, cfg = consolidate_any(source)
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise UserError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens, the checkpoint's model has "
-                        f"{cfg.vocab_size}: not the tokenizer its data was made with")
+    """The plain GPT (eval mode) of a run or checkpoint directory. With `tokenizer`, a
+    check that it is the one the run's data was made with (by the data manifest's
+    tokenizer hash when that data is at hand, else by vocabulary size)."""
+    sd, cfg, state = _consolidate_with_state(source)
+    if tokenizer is not None:
+        for path in _data_paths(state):
+            sha = _manifest_tokenizer(path)
+            if sha is not None and sha != tokenizer.sha256:
+                raise UserError(f"{tokenizer.source}: not the tokenizer the run's data ({path}) was made with")
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise UserError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens, the checkpoint's model has "
+                            f"{cfg.vocab_size}: not the tokenizer its data was made with")
     model = GPT(cfg, init_weights=False)
     model.load_state_dict(sd)
     return model.eval()
+
+
+def _data_paths(state: dict) -> list[str]:
+    path = state.get("config", {}).get("data", {}).get("path", "")
+    return [path] if isinstance(path, str) else [item["path"] for item in path]
+
+
+def _manifest_tokenizer(path: str) -> str | None:
+    for manifest in (Path(path) / "train" / "manifest.json", Path(path) / "manifest.json"):
+        if manifest.is_file():
+            try:
+                return json.loads(manifest.read_text()).get("tokenizer_sha256")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+    return None
 
 
 def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:

@@ -260,3 +260,40 @@ def test_evaluate_script_scores_documents_in_bits_per_byte(runs, small_tokenizer
     (tmp_path / "empty").mkdir()
     proc = subprocess.run([*script, "--input", str(tmp_path / "empty")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_export_in_bf16_and_one_line_refusals(runs, small_tokenizer, tmp_path):
+    """--dtype bf16 writes bf16 weights; a checkpoint whose weights do not fit the shape it
+    records, and a tokenizer of other data, are each refused with one line (exit 2)."""
+    import json
+
+    from helpers import SMALL_CORPUS, run_script
+    from transformers import AutoModelForCausalLM
+
+    run = runs(1, "fp32")
+    export = [sys.executable, str(REPO / "launch" / "export_hf.py")]
+    proc = subprocess.run([*export, str(run), "--tokenizer", str(small_tokenizer), "--out", str(tmp_path / "bf16"),
+                           "--dtype", "bf16"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", local_files_only=True, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    other = tmp_path / "other-tok"
+    run_script("train_tokenizer.py", "--input", SMALL_CORPUS[0], "--vocab-size", "500", "--out", other, "--quiet")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), "--checkpoint", str(run),
+                           "--tokenizer", str(other), "--prompt", "x"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not the tokenizer the run's data" in proc.stderr.strip().splitlines()[-1]
+    bad = copy_until(run, tmp_path / "bad", step=6)
+    state_file = bad / "checkpoints" / "step-00000006" / "megatrain.json"
+    state = json.loads(state_file.read_text())
+    state["model_shape"]["n_layer"] = 3
+    state_file.write_text(json.dumps(state))
+    manifest = bad / "checkpoints" / "step-00000006" / "manifest.json"  # keep the checksums consistent
+    entries = json.loads(manifest.read_text())
+    from megatrain.files import file_sha256
+
+    entries["files"]["megatrain.json"] = {"bytes": state_file.stat().st_size, "sha256": file_sha256(state_file)}
+    manifest.write_text(json.dumps(entries))
+    proc = subprocess.run([*export, str(bad), "--tokenizer", str(small_tokenizer), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "the weights do not fit the model shape" in last and not (tmp_path / "x").exists()
