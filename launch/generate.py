@@ -4,9 +4,9 @@
     python launch/generate.py --checkpoint runs/x/checkpoints/step-00001000 --tokenizer tok \\
         --prompt-file prompts.txt --temperature 0.8 --top-k 50 --top-p 0.95 --num-samples 4 --seed 1
 
-Generation stops at the end-of-document token or --max-new-tokens. With one sample the
-text streams to the terminal as it is produced; several samples of a prompt are drawn as
-one batch. A prompt longer than the model's context keeps its last tokens (and says so).
+Generation stops at the end-of-document token or --max-new-tokens. One prompt and one
+sample stream to the terminal as they are produced; otherwise the samples of all prompts
+of one token length are drawn as one batch. A prompt longer than the model's context keeps its last tokens (and says so).
 --temperature 0 is greedy.
 """
 
@@ -28,7 +28,7 @@ def parse_args():
     p.add_argument("--tokenizer", required=True, help="the tokenizer directory the run's data was made with")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--prompt-file", help="a file of prompts, one per line")
+    source.add_argument("--prompt-file", help="a file of prompts, one per line (batched)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -58,25 +58,39 @@ def main():
     model = load_model(args.checkpoint, tok)
     prompts = [args.prompt] if args.prompt is not None else Path(args.prompt_file).read_text().splitlines()
     generator = torch.Generator().manual_seed(args.seed)
-    context = model.cfg.seq_len
-    for prompt in prompts:
-        ids = tok.encode(prompt)
-        if len(ids) >= context:
-            print(f"note: the prompt has {len(ids)} tokens; the model's context is {context}: "
-                  f"generating from its last {context - 1}", file=sys.stderr)
-            ids = ids[-(context - 1):]
-        idx = torch.tensor([ids] * args.num_samples)
-        if args.num_samples == 1:
-            print(prompt, end="", flush=True)
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, eos_id=tok.eod_id, generator=generator,
-                             on_token=Stream(tok) if args.num_samples == 1 else None)
-        if args.num_samples == 1:
-            print()
-            continue
-        for n, row in enumerate(out[:, len(ids):].tolist()):
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tok.eod_id,
+                    generator=generator)
+    encoded = [prompt_ids(tok, p, model.cfg.seq_len) for p in prompts]
+    if len(prompts) == 1 and args.num_samples == 1:  # stream it
+        print(prompts[0], end="", flush=True)
+        model.generate(torch.tensor(encoded), args.max_new_tokens, on_token=Stream(tok), **sampling)
+        print()
+        return
+    by_length: dict[int, list[int]] = {}  # prompts of one length form one batch (no padding needed)
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    samples: dict[int, list[list[int]]] = {}
+    n = args.num_samples
+    for length, members in by_length.items():
+        out = model.generate(torch.tensor([encoded[i] for i in members for _ in range(n)]), args.max_new_tokens,
+                             **sampling)
+        for k, i in enumerate(members):
+            samples[i] = out[k * n:(k + 1) * n, length:].tolist()
+    for i, prompt in enumerate(prompts):
+        for j, row in enumerate(samples[i]):
             row = row[:row.index(tok.eod_id)] if tok.eod_id in row else row
-            print(f"--- sample {n + 1}\n{prompt}{tok.decode(row)}")
+            title = f"sample {j + 1}" if len(prompts) == 1 else f"prompt {i + 1}, sample {j + 1}"
+            print(f"--- {title}\n{prompt}{tok.decode(row)}")
+
+
+def prompt_ids(tok: Tokenizer, prompt: str, context: int) -> list[int]:
+    """The prompt's ids; one longer than the context keeps its last tokens, and says so."""
+    ids = tok.encode(prompt)
+    if len(ids) >= context:
+        print(f"note: the prompt has {len(ids)} tokens; the model's context is {context}: "
+              f"generating from its last {context - 1}", file=sys.stderr)
+        ids = ids[-(context - 1):]
+    return ids
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ a safetensors file or a Hugging Face GPT2LMHeadModel directory.
     sd, cfg = consolidate("runs/x/checkpoints/step-00001000")
     model = GPT(cfg); model.load_state_dict(sd)
     save_consolidated("runs/x", "gpt.safetensors"); model = load_consolidated("gpt.safetensors")
-    export_hf("runs/x", "hf/")   # transformers.AutoModelForCausalLM.from_pretrained("hf/")
+    export_hf("runs/x", "hf/", "runs/tok")   # AutoModelForCausalLM / AutoTokenizer .from_pretrained("hf/")
 
 Where the fp32 weights come from:
   ZeRO 1-3            the fp32 master partitions in the optimizer files, merged by
@@ -182,7 +182,8 @@ def load_consolidated(path: str | Path) -> GPT:
     return model
 
 
-def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path,
+              dtype: torch.dtype = torch.float32) -> Path:
     """A Hugging Face directory: GPT2LMHeadModel (config.json, model.safetensors,
     generation_config.json with eos = megatrain's end-of-document id) and the tokenizer as
     a fast tokenizer with the same ids (tokenizer/hf.py). Written under a temporary name

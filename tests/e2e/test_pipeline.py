@@ -208,7 +208,7 @@ def test_export_refuses_a_damaged_checkpoint(runs, small_tokenizer, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp"))
 
 
-def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_tokenizer, small_data):
+def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_tokenizer, small_data, tmp_path):
     """launch/generate.py on a run: greedy text equals the model's own greedy continuation;
     a prompt longer than the context keeps its last tokens and says so."""
     from tokenizer import Tokenizer
@@ -230,6 +230,12 @@ def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_t
     proc = subprocess.run([*script, "--prompt", long, "--num-samples", "2"], capture_output=True, text=True)
     assert proc.returncode == 0 and f"generating from its last {cfg.seq_len - 1}" in proc.stderr
     assert proc.stdout.count("--- sample") == 2
+    prompts = tmp_path / "prompts.txt"  # two prompts of one length form one batch, the third its own
+    prompts.write_text("def f(\nimport os\ndef g(\n")
+    proc = subprocess.run([*script, "--prompt-file", str(prompts), "--num-samples", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    heads = [line for line in proc.stdout.splitlines() if line.startswith("--- prompt")]
+    assert heads == [f"--- prompt {i}, sample {j}" for i in (1, 2, 3) for j in (1, 2)]
 
 
 def test_evaluate_script_scores_documents_in_bits_per_byte(runs, small_tokenizer, small_data, tmp_path):
