@@ -42,7 +42,7 @@ class SpikeRecovery(Callback):
     def __init__(self, spike_cfg, seq_len: int, in_memory: bool):
         self.cfg, self.seq_len = spike_cfg, seq_len
         self.guard = SpikeGuard(spike_cfg) if spike_cfg.enabled else None
-        self.keep = spike_cfg.snapshots if in_memory else 0
+        self.keep = spike_cfg.snapshots if in_memory and spike_cfg.enabled else 0  # no guard: no points
         self.points: deque[dict] = deque(maxlen=max(self.keep, 1))  # rollback points, oldest first
         self.rollbacks = 0
         self.verdict = Verdict(False)
