@@ -135,12 +135,14 @@ def _read(fn, default):
         return default
 
 
-def kill_a_rank(root_pid: int, rng: random.Random, step_time: float) -> psutil.Process | None:
+def kill_a_rank(root_pid: int, rng: random.Random, step_time: float, still_wanted=lambda: True) -> psutil.Process | None:
     """SIGKILL a random rank below `root_pid` at a random moment of the next step (the
-    last one took `step_time` seconds); the victim, or None when there was no rank."""
+    last one took `step_time` seconds); the victim, or None when there was no rank or
+    `still_wanted()` says, after the wait, that the run has moved on (steps can be faster
+    than the wait: a kill meant for one window must not land in the next)."""
     time.sleep(rng.uniform(0, min(step_time, 0.5)))
     ranks = rank_processes(root_pid)
-    if not ranks:
+    if not ranks or not still_wanted():
         return None
     victim = rng.choice(ranks)
     victim.send_signal(signal.SIGKILL)
