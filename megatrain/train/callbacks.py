@@ -80,7 +80,8 @@ class Evaluate(Callback):
             row = self._evaluate(trainer, name, data)
             if row is not None:
                 trainer.log.log(row)
-                self.last = row if i == 0 else self.last
+                if i == 0:
+                    self.last = row
 
     def _evaluate(self, trainer, name: str, data) -> dict | None:
         """Collective: every rank runs the same number of forward passes (ZeRO-3 gathers

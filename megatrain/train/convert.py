@@ -98,14 +98,9 @@ def consolidate(ckpt: str | Path, verified: bool = False) -> tuple[dict[str, tor
     return sd, cfg
 
 
-def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig]:
+def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict]:
     """consolidate() of a checkpoint directory, or of a run directory's newest intact
-    checkpoint (damaged ones passed over, as --resume auto does)."""
-    sd, cfg, _ = _consolidate_with_state(source)
-    return sd, cfg
-
-
-def _consolidate_with_state(source: str | Path):
+    checkpoint (damaged ones passed over, as --resume auto does), and its megatrain.json."""
     source = Path(source)
     if (source / STATE).is_file() or (source / "manifest.json").is_file():
         path, verified = source, False
@@ -124,7 +119,7 @@ def load_model(source: str | Path, tokenizer=None) -> GPT:
     """The plain GPT (eval mode) of a run or checkpoint directory. With `tokenizer`, a
     check that it is the one the run's data was made with (by the data manifest's
     tokenizer hash when that data is at hand, else by vocabulary size)."""
-    sd, cfg, state = _consolidate_with_state(source)
+    sd, cfg, state = consolidate_any(source)
     if tokenizer is not None:
         for path in _data_paths(state):
             sha = _manifest_tokenizer(path)
@@ -157,7 +152,7 @@ def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
     """One safetensors file of fp32 weights; the model's shape rides in its header."""
     from safetensors.torch import save
 
-    sd, cfg = consolidate_any(ckpt)
+    sd, cfg, _ = consolidate_any(ckpt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": json.dumps(cfg.__dict__), "source": str(Path(ckpt).resolve())}

@@ -84,3 +84,12 @@ def test_rollback_points_stay_within_the_host_memory_budget(world_of_one, tmp_pa
     one = (per_point + per_point // 2) / 2**30
     trainer, _ = _train(tmp_path / "one", small_data, f"spike.snapshot_memory_gb={one}", "spike.snapshot_every=1")
     assert "1 of spike.snapshots=3" in capsys.readouterr().out and len(trainer.recovery.points) == 1
+
+
+def test_a_rounded_batch_is_reported_at_start(world_of_one, tmp_path, small_data, capsys):
+    """500 tokens cannot be a whole number of 128-token micro-batches (4 x 32, one rank):
+    the start says the batch becomes 384."""
+    _train(tmp_path / "run", small_data, "schedule.batch_final_tokens=500", "train.max_steps=1", "spike.enabled=false")
+    out = capsys.readouterr().out
+    assert "schedule: global batch 500 tokens is rounded to 384" in out
+    assert "global batch 384 tokens (3 x 4 x 32 x 1)" in out
