@@ -3,12 +3,18 @@
     python launch/supervise.py --max-restarts 10 -- \\
         deepspeed --num_gpus 8 launch/pretrain.py --config configs/gpt3-1.3b.yaml --resume auto
 
+    # a multi-node run that goes on with the nodes left after one is lost (the scheduler
+    # or an operator removes it from the hostfile; the run resumes on the smaller layout):
+    python launch/supervise.py --hostfile hosts --min-ranks 8 -- \
+        deepspeed --hostfile hosts launch/pretrain.py --config configs/gpt3-1.3b.yaml --resume auto
+
 Exit 0, 2 (bad input) and 3 (too many loss spikes) end supervision; any other exit is
 retried after --delay seconds. SIGTERM/SIGINT are passed to the run (it checkpoints and
 exits 0) and end supervision.
 """
 
 import argparse
+from pathlib import Path
 
 from megatrain.supervisor import supervise
 
@@ -19,6 +25,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-restarts", type=int, default=10)
     p.add_argument("--delay", type=float, default=5.0, help="seconds between a crash and the relaunch")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile the command launches on: re-read before every launch")
+    p.add_argument("--min-ranks", type=int, default=1,
+                   help="with --hostfile: stop instead of relaunching on fewer ranks than this")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     args = p.parse_args()
     if args.cmd and args.cmd[0] == "--":
@@ -30,7 +39,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    return supervise(args.cmd, args.max_restarts, args.delay, log=lambda m: print(m, flush=True))
+    return supervise(args.cmd, args.max_restarts, args.delay, log=lambda m: print(m, flush=True),
+                     hostfile=args.hostfile and Path(args.hostfile), min_ranks=args.min_ranks)
 
 
 if __name__ == "__main__":

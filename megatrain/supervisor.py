@@ -8,26 +8,50 @@ spiking: the run gave up on purpose). Any other exit (a crash, a rank killed by 
 retried after `delay` seconds, up to `max_restarts` times; with `--resume auto` the
 run continues from its newest intact checkpoint. SIGTERM/SIGINT to the supervisor go
 to the whole process group (the ranks checkpoint and exit) and end supervision.
+
+With a `hostfile` (DeepSpeed's format, "HOST slots=N" per line; the same file the command
+passes to the launcher), it is read again before every launch: when a node was lost and
+the scheduler or an operator took it out, the run goes on with the ranks that are left,
+resuming its checkpoint on the new layout (docs/checkpoints.md); fewer than `min_ranks`
+ends supervision.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
+from pathlib import Path
 
-from megatrain.errors import ExitCode
+from megatrain.errors import ExitCode, UserError
 
 FINAL_EXITS = {ExitCode.OK: "finished", ExitCode.BAD_INPUT: "bad input",
                ExitCode.GAVE_UP: "the loss kept spiking (spike.max_rollbacks)"}
 
 
-def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print) -> int:
+def hostfile_ranks(path: Path) -> dict[str, int]:
+    """{host: slots} of a DeepSpeed hostfile (comments and blank lines ignored)."""
+    hosts = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if match is None:
+            raise UserError(f"{path}:{n}: expected 'HOST slots=N', got {line!r}")
+        hosts[match.group(1)] = int(match.group(2))
+    return hosts
+
+
+def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
+              hostfile: Path | None = None, min_ranks: int = 1) -> int:
     stop = {"signal": None}
     stopping = threading.Event()  # also ends a restart delay early
     child: subprocess.Popen | None = None
     code = int(ExitCode.RUN_ERROR)  # the last run's exit status
+    launched_ranks = 0  # ranks in the hostfile at the last launch
 
     def forward(signum, frame):
         stop["signal"] = signum
@@ -43,6 +67,15 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print) 
                 if stopping.wait(delay):  # a signal during the delay: no restart
                     log(f"supervise: stopped by {signal.Signals(stop['signal']).name} before restart {attempt}")
                     return code
+            if hostfile is not None:
+                ranks = sum(hostfile_ranks(hostfile).values())
+                if ranks != launched_ranks:
+                    change = f" (was {launched_ranks}: the run resumes on the new layout)" if launched_ranks else ""
+                    log(f"supervise: {hostfile}: {ranks} rank(s){change}")
+                if ranks < min_ranks:
+                    log(f"supervise: {hostfile} has {ranks} rank(s), fewer than --min-ranks {min_ranks}; stopping")
+                    return code
+                launched_ranks = ranks
             child = subprocess.Popen(cmd, start_new_session=True)
             code = child.wait()
             if stop["signal"] is not None:

@@ -11,13 +11,16 @@ never reads these flags or passes a batch through a test hook.
 With --fault-state DIR each fires only once across processes too (a supervised run that
 restarts does not crash again at the same point).
 --poison START:COUNT replaces the samples at global positions [START, START + COUNT) with
-random tokens (seeded by position): a real loss spike, for the spike guard. Faults come
+random tokens (seeded by position): a real loss spike, for the spike guard.
+--record-samples DIR: each rank appends the dataset indices it trained on, by step, to
+DIR/samples-rankR.jsonl (what the tests of resuming on another layout compare). Faults come
 in from here, as callbacks and wrappers around the checkpointer's write and publish.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -103,6 +106,29 @@ class Poison(Callback):
         batches.tokens = poisoned_tokens
 
 
+class RecordSamples(Callback):
+    """Each rank's dataset indices, per optimizer step, as the data loader drew them."""
+
+    name = "fault_record_samples"
+
+    def __init__(self, out_dir: str):
+        self.out = Path(out_dir) / f"samples-rank{os.environ.get('RANK', '0')}.jsonl"
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_start(self, trainer):
+        batches = trainer.batches
+        tokens = batches.tokens
+
+        def recorded_tokens():
+            batch = tokens()
+            with open(self.out, "a") as f:
+                indices = batches.sampler.at(batches.sampler.last_positions).tolist()
+                f.write(json.dumps({"step": trainer.progress.step + 1, "samples": indices}) + "\n")
+            return batch
+
+        batches.tokens = recorded_tokens
+
+
 class NaNLoss(Callback):
     """nan_loss@N: every micro-batch loss of step N is multiplied by NaN on this rank."""
 
@@ -135,10 +161,12 @@ def main():
     p.add_argument("--fault", action="append", default=[])
     p.add_argument("--poison")
     p.add_argument("--fault-state")
+    p.add_argument("--record-samples")
     args, rest = p.parse_known_args()
     faults = Faults(args.fault, args.fault_state)
     install_checkpoint_faults(faults)
-    callbacks = [NaNLoss(faults), *([Poison(args.poison)] if args.poison else [])]
+    callbacks = [NaNLoss(faults), *([Poison(args.poison)] if args.poison else []),
+                 *([RecordSamples(args.record_samples)] if args.record_samples else [])]
     return pretrain.main(rest, callbacks=callbacks)
 
 

@@ -79,12 +79,14 @@ def copy_until(run_dir, dest, step: int):
 
 
 def pretrain_command(config, sets: list[str], nproc: int = 2, resume: str = "auto", faults: list[str] = (),
-                     poison: str | None = None, fault_state: str | None = None) -> list[str]:
+                     poison: str | None = None, fault_state: str | None = None,
+                     record_samples: str | None = None) -> list[str]:
     """launch/pretrain.py through the real deepspeed launcher with `nproc` ranks on a free
-    port, or in plain python (nproc=0); `sets` are KEY=VALUE overrides. With faults or
-    poison, tests/faulty_pretrain.py runs instead and injects them (see there)."""
+    port, or in plain python (nproc=0); `sets` are KEY=VALUE overrides. With faults,
+    poison or record_samples, tests/faulty_pretrain.py runs instead (see there)."""
     injected = [*[a for f in faults for a in ("--fault", f)], *(["--poison", poison] if poison else []),
-                *(["--fault-state", str(fault_state)] if fault_state else [])]
+                *(["--fault-state", str(fault_state)] if fault_state else []),
+                *(["--record-samples", str(record_samples)] if record_samples else [])]
     entry = FAULTY_PRETRAIN if injected else LAUNCH / "pretrain.py"
     script = [str(entry), *injected, "--config", str(config), "--resume", resume,
               *[a for s in sets for a in ("--set", s)]]

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class BatchSchedule:
     final_tokens: int
-    unit_tokens: int  # micro_batch x seq_len x data-parallel ranks
+    unit_tokens: int  # micro_batch x seq_len x data-parallel ranks of the layout the run started on
     start_tokens: int | None = None
     ramp_tokens: int = 0
     steps: tuple[tuple[int, int], ...] | None = None
+    split_tokens: int | None = None  # micro_batch x seq_len x data-parallel ranks now (None: unit_tokens)
 
     def __post_init__(self):
         if self.steps is not None:
@@ -31,11 +32,18 @@ class BatchSchedule:
                                  f"got {list(self.steps)}")
 
     @classmethod
-    def from_config(cls, cfg, dp_size: int) -> BatchSchedule:
+    def from_config(cls, cfg, dp_size: int, unit_tokens: int | None = None) -> BatchSchedule:
+        """`unit_tokens`: the rounding unit of the layout the run started on, when resumed."""
         s, t = cfg.schedule, cfg.train
         steps = tuple((a, b) for a, b in s.batch_steps) if s.batch_steps is not None else None
-        return cls(final_tokens=s.batch_final_tokens, unit_tokens=t.micro_batch * t.seq_len * dp_size,
-                   start_tokens=s.batch_start_tokens, ramp_tokens=s.batch_ramp_tokens, steps=steps)
+        split = t.micro_batch * t.seq_len * dp_size
+        return cls(final_tokens=s.batch_final_tokens, unit_tokens=unit_tokens or split,
+                   start_tokens=s.batch_start_tokens, ramp_tokens=s.batch_ramp_tokens, steps=steps,
+                   split_tokens=split)
+
+    @property
+    def split(self) -> int:
+        return self.split_tokens or self.unit_tokens
 
     def target_tokens(self, tokens: int) -> float:
         """The schedule before rounding."""
@@ -47,7 +55,15 @@ class BatchSchedule:
 
     def micro_batches(self, tokens: int) -> int:
         """Micro-batches per rank per optimizer step at this point of training."""
-        return max(1, int(self.target_tokens(tokens)) // self.unit_tokens)
+        return self(tokens) // self.split
+
+    def sizes_from(self, tokens: int) -> list[int]:
+        """The global batch sizes the schedule can still produce from `tokens` on: a ramp
+        passes through every multiple of the unit up to its final batch."""
+        if self.steps is not None:
+            return sorted({self(tokens), *(self._rounded(size) for start, size in self.steps if start >= tokens)})
+        first, last = self(tokens) // self.unit_tokens, self(max(tokens, self.ramp_tokens)) // self.unit_tokens
+        return [m * self.unit_tokens for m in range(first, last + 1)]
 
     def rounding_notes(self) -> list[str]:
         """One line per configured batch size that rounding moves by more than 1%."""
@@ -63,6 +79,9 @@ class BatchSchedule:
                              f"x seq_len x data-parallel ranks ({self.unit_tokens:,} tokens), at least one per rank")
         return notes
 
+    def _rounded(self, size: float) -> int:
+        return max(1, int(size) // self.unit_tokens) * self.unit_tokens
+
     def __call__(self, tokens: int) -> int:
         """Global batch in tokens at this point of training."""
-        return self.micro_batches(tokens) * self.unit_tokens
+        return self._rounded(self.target_tokens(tokens))

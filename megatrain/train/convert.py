@@ -6,67 +6,27 @@ a safetensors file or a Hugging Face GPT2LMHeadModel directory.
     save_consolidated("runs/x", "gpt.safetensors"); model = load_consolidated("gpt.safetensors")
     export_hf("runs/x", "hf/", "runs/tok")   # AutoModelForCausalLM / AutoTokenizer .from_pretrained("hf/")
 
-Where the fp32 weights come from:
-  ZeRO 1-3            the fp32 master partitions in the optimizer files, merged by
-                      DeepSpeed's zero_to_fp32;
-  pipeline + ZeRO-1   the same, stage by stage (each stage's mp_rank_NN files), with the
-                      pipeline's layer names mapped back to GPT's;
-  ZeRO-0              the module weights (mp_rank_00_model_states.pt, or the pipeline's
-                      layer_NN files), in the training precision, cast to fp32: for fp32
-                      runs these are the master weights; for bf16 runs they are the weights
-                      the run evaluated with.
+The fp32 weights are the layout-free state's (layout_free.py) without the moments: the
+fp32 masters of ZeRO 1-3 (a pipeline's stage by stage, names mapped back to GPT's); under
+ZeRO-0 the module weights in the training precision, cast to fp32: for fp32 runs these
+are the master weights; for bf16 runs they are the weights the run evaluated with.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from megatrain.errors import UserError
 from megatrain.files import write_atomically
-from megatrain.model import GPT, GPTConfig, canonical_name
+from megatrain.model import GPT, GPTConfig
+from megatrain.train import layout_free
 from megatrain.train.checkpoint import STATE, Checkpointer
 
 FORMAT = "megatrain-consolidated/2"
-
-
-def _zero_partitions(ckpt: Path, stage: int | None) -> dict[str, torch.Tensor]:
-    """fp32 weights from ZeRO optimizer partitions (all of them, or one pipeline stage's)."""
-    from deepspeed.utils import zero_to_fp32 as z
-
-    quiet = contextlib.redirect_stdout(io.StringIO())  # zero_to_fp32 narrates its progress
-    with quiet:
-        if stage is None:
-            return dict(z.get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
-        # A pipeline stage's model file carries no module weights (they are in layer_NN files),
-        # which zero_to_fp32.parse_model_states reads for buffers; GPT has none, so the
-        # record is built from the file's parameter shapes directly.
-        meta = torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu", weights_only=False)
-        model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
-                                           shared_params=list(meta["shared_params"].items()),
-                                           ds_version=meta.get("ds_version"),
-                                           frozen_param_shapes=meta.get("frozen_param_shapes"),
-                                           frozen_param_fragments=meta.get("frozen_param_fragments"))]
-        optims = sorted(str(p) for p in ckpt.glob(f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"))
-        zero_stage, world, flat_groups, paddings = z.parse_optim_states(optims, str(ckpt))
-        return dict(z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings))
-
-
-def _module_weights(ckpt: Path, pipeline: bool) -> dict[str, torch.Tensor]:
-    if not pipeline:
-        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    weights = {}
-    for f in sorted(ckpt.glob("layer_*-model_states.pt")):
-        layer = int(re.match(r"layer_(\d+)", f.name).group(1))
-        for name, t in torch.load(f, map_location="cpu", weights_only=False).items():
-            weights[f"{layer}.{name}"] = t
-    return weights
 
 
 def consolidate(ckpt: str | Path, verified: bool = False) -> tuple[dict[str, torch.Tensor], GPTConfig]:
@@ -76,20 +36,9 @@ def consolidate(ckpt: str | Path, verified: bool = False) -> tuple[dict[str, tor
     problem = None if verified else Checkpointer.verify(ckpt)
     if problem:
         raise UserError(f"{ckpt}: not a complete checkpoint: {problem}")
-    state = Checkpointer.read_state(ckpt)
-    cfg = GPTConfig.from_shape(state["model_shape"])
-    stages = state["layout"]["pipeline_stages"]
-    pipeline = stages > 1
-    has_partitions = any(ckpt.glob("*zero_pp_rank_*_optim_states.pt"))
-    if has_partitions and pipeline:
-        raw = {k: v for s in range(stages) for k, v in _zero_partitions(ckpt, s).items()}
-    elif has_partitions:
-        raw = _zero_partitions(ckpt, None)
-    else:
-        raw = _module_weights(ckpt, pipeline)
-    if pipeline:
-        raw = {canonical_name(k, cfg.n_layer): v for k, v in raw.items()}  # the tied table appears twice: equal
-    sd = {k.removeprefix("module."): v.detach().to(torch.float32).clone() for k, v in raw.items()}
+    cfg = GPTConfig.from_shape(Checkpointer.read_state(ckpt)["model_shape"])
+    tensors, _ = layout_free.read(ckpt, moments=False)
+    sd = {k.removeprefix("param/"): v for k, v in tensors.items()}
     try:
         GPT(cfg, init_weights=False).load_state_dict(sd, strict=True)  # every parameter present, every shape right
     except RuntimeError as e:
@@ -98,9 +47,9 @@ def consolidate(ckpt: str | Path, verified: bool = False) -> tuple[dict[str, tor
     return sd, cfg
 
 
-def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict]:
-    """consolidate() of a checkpoint directory, or of a run directory's newest intact
-    checkpoint (damaged ones passed over, as --resume auto does), and its megatrain.json."""
+def checkpoint_of(source: str | Path) -> tuple[Path, bool]:
+    """A checkpoint directory as given, or a run directory's newest intact checkpoint
+    (damaged ones passed over, as --resume auto does); (path, whether it was verified)."""
     source = Path(source)
     if (source / STATE).is_file() or (source / "manifest.json").is_file():
         path, verified = source, False
@@ -111,6 +60,12 @@ def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTCon
         if path is None:
             raise UserError(f"{source}: no intact checkpoint in this run directory")
         verified = True
+    return path, verified
+
+
+def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict]:
+    """consolidate() of a checkpoint or run directory (checkpoint_of), and its megatrain.json."""
+    path, verified = checkpoint_of(source)
     sd, cfg = consolidate(path, verified=verified)
     return sd, cfg, Checkpointer.read_state(path)
 
@@ -158,6 +113,16 @@ def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
     meta = {"format": FORMAT, "config": json.dumps(cfg.__dict__), "source": str(Path(ckpt).resolve())}
     write_atomically(out, save(sd, metadata=meta))
     return out
+
+
+def save_layout_free(source: str | Path) -> Path:
+    """The layout-free training state written into the checkpoint (layout_free.write), for
+    resuming on another layout without converting at start."""
+    path, verified = checkpoint_of(source)
+    problem = None if verified else Checkpointer.verify(path)
+    if problem:
+        raise UserError(f"{path}: not a complete checkpoint: {problem}")
+    return layout_free.write(path)
 
 
 def load_consolidated(path: str | Path) -> GPT:

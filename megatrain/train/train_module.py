@@ -60,6 +60,10 @@ class TrainModule:
         # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
         model = build_model(cfg, model_cfg, ds_config, dist.collective_device())
         groups, self.client_optimizer = build_optimizer(cfg, model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        # The optimizer's parameters by name in its own order: a ZeRO-0 checkpoint keeps its
+        # state by position only, and resuming on another layout needs the names (layout_free.py).
+        self.optimizer_params = [[names[id(p)] for p in g["params"]] for g in groups]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                     optimizer=self.client_optimizer, config=ds_config)
         attach(self.client_optimizer, model, cfg, self.engine)
@@ -68,6 +72,8 @@ class TrainModule:
             # into one buffer and copies them back, a sizeable share of a small step, for an identity.
             self.engine.enable_backward_allreduce = False
         self.dp_rank = self.engine.grid.data_parallel_id if self.pipeline else dist.rank()
+        self.stage_id = self.engine.stage_id if self.pipeline else 0
+        self.n_layer = model_cfg.n_layer
         self.device = self.engine.device
         # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
         self.base_optimizer = (self.client_optimizer if self.client_optimizer is not None
@@ -163,6 +169,10 @@ class TrainModule:
             total += self.engine(inputs, targets).detach().to(total)
         self.engine.train()
         return dist.all_reduce_mean(total / len(batches))[0]
+
+    def set_engine_counters(self, steps: int, samples: int) -> None:
+        """DeepSpeed's own step and sample counts, where its checkpoint loader would set them."""
+        self.engine.global_steps, self.engine.global_samples = steps, samples
 
     # --- training tensors, for rollback points ------------------------------------------
 

@@ -12,6 +12,7 @@ once in `self.state` (state.py) and restored exactly; the schedules follow from 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from megatrain.errors import UserError
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
+from megatrain.train import layout_free
 from megatrain.train.batches import TrainBatches, build_datasets
 from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, LogMetrics, Preemption
 from megatrain.train.checkpoint import Checkpointer
@@ -93,29 +95,76 @@ class Trainer:
 
     # --- checkpoints and rollback points ------------------------------------------------
 
-    def _checkpoint_meta(self) -> dict:
+    def _layout(self) -> dict:
         par = self.cfg.parallel
-        return {"step": self.progress.step, "model_shape": self.model_cfg.shape(),
-                "layout": {"dp_size": self.module.dp_size, "zero_stage": par.zero_stage,
-                           "pipeline_stages": par.pipeline_stages},
+        return {"dp_size": self.module.dp_size, "zero_stage": par.zero_stage, "pipeline_stages": par.pipeline_stages}
+
+    def _checkpoint_meta(self) -> dict:
+        return {"step": self.progress.step, "model_shape": self.model_cfg.shape(), "layout": self._layout(),
+                "batch_unit_tokens": self.batch_schedule.unit_tokens,
                 "precision": self.cfg.train.precision, "config": self.cfg.to_dict()}
 
     def save_checkpoint(self) -> Path:
         """Collective: DeepSpeed's state and every registered state, as step-N."""
         state = self.state.state_dict()
+        # With this rank's optimizer parameters by name: another layout can read its ZeRO-0 state.
+        rank_state = {**state["rank"], "optimizer_params": {"stage": self.module.stage_id,
+                                                            "groups": self.module.optimizer_params}}
         path = self.checkpointer.save(self.module.engine, self.progress.step,
-                                      {**self._checkpoint_meta(), "state": state["shared"]}, state["rank"])
+                                      {**self._checkpoint_meta(), "state": state["shared"]}, rank_state)
         self.log.event("checkpoint", step=self.progress.step, path=str(path))
         self.saved_step = self.progress.step
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        """Collective: DeepSpeed's state and every registered state from `path`."""
+        """Collective: DeepSpeed's state and every registered state from `path`, written by
+        this layout (DeepSpeed loads its own files) or any other (resharded through the
+        layout-free form)."""
         saved = self.checkpointer.read_state(path)
-        self._check_compatible(path, saved)
-        rank_state = self.checkpointer.load(self.module.engine, path)
+        self._check_shape(path, saved)
+        self._keep_global_batch(path, saved)
+        if saved["layout"] == self._layout():
+            rank_state = self.checkpointer.load(self.module.engine, path)
+        else:
+            rank_state = self._reshard(path, saved)
         self.state.load_state_dict({"shared": saved["state"], "rank": rank_state})
         self.saved_step = self.progress.step
+
+    def _reshard(self, path: Path, saved: dict) -> dict:
+        """Load a checkpoint of another layout: the masters, moments and step count through the
+        layout-free form (converted now by rank 0 unless done ahead of time); the per-rank
+        state (RNG) does not map between layouts and is seeded afresh from the step."""
+        source, converted = layout_free.ensure(path)
+        layout_free.load_into(self.module, source)
+        step = saved["state"]["progress"]["step"]
+        self.module.set_engine_counters(step, saved["state"]["progress"]["tokens"] // self.cfg.train.seq_len)
+        RNG.seed(self.cfg.run.seed + step, dist.rank())
+        old, new = _describe_layout(saved["layout"]), _describe_layout(self._layout())
+        how = "converted to the layout-free form now" if converted else "from its layout-free form"
+        self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
+        self.log.event("reshard", checkpoint=str(path), source_layout=saved["layout"], layout=self._layout(),
+                       converted=converted)
+        return {}
+
+    def _keep_global_batch(self, path: Path, saved: dict) -> None:
+        """The batch schedule rounds as on the layout the run started on; a layout that cannot
+        split those batches into whole micro-batches per rank is refused in one line."""
+        t = self.cfg.train
+        old = saved["config"]["train"]
+        unit = saved.get("batch_unit_tokens") or old["micro_batch"] * old["seq_len"] * saved["layout"]["dp_size"]
+        schedule = BatchSchedule.from_config(self.cfg, self.module.dp_size, unit)
+        sizes = schedule.sizes_from(saved["state"]["progress"]["tokens"])
+        common = math.gcd(*sizes)
+        if common % schedule.split:
+            per_dp = common // (t.micro_batch * t.seq_len) if common % (t.micro_batch * t.seq_len) == 0 else 0
+            fits = [d for d in range(1, per_dp + 1) if per_dp % d == 0]
+            raise UserError(f"{path}: the run's global batch ({', '.join(f'{s:,}' for s in sizes[:4])}"
+                            f"{', ...' if len(sizes) > 4 else ''} tokens) cannot be split on this layout: micro_batch "
+                            f"x seq_len x data-parallel ranks = {t.micro_batch} x {t.seq_len} x {self.module.dp_size} "
+                            f"= {schedule.split:,} tokens does not divide {common:,}; batch sizes this layout forms "
+                            f"are multiples of {schedule.split:,} tokens; data-parallel sizes that can with "
+                            f"micro_batch={t.micro_batch}: {', '.join(map(str, fits)) or 'none'}")
+        self.batch_schedule = schedule
 
     def snapshot(self, reuse: dict | None = None) -> dict:
         """An in-memory rollback point: the engine's tensors and every registered state
@@ -127,20 +176,12 @@ class Trainer:
         self.module.restore(point["engine"])
         self.state.load_state_dict(point["state"])
 
-    def _check_compatible(self, path: Path, saved: dict) -> None:
+    def _check_shape(self, path: Path, saved: dict) -> None:
         shape = self.model_cfg.shape()
         if saved["model_shape"] != shape:
             diff = {k: (saved["model_shape"].get(k), v) for k, v in shape.items() if saved["model_shape"].get(k) != v}
             raise UserError(f"{path}: the checkpoint is for another model shape "
                             + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items()))
-        layout = saved["layout"]
-        ours = self._checkpoint_meta()["layout"]
-        if layout != ours:
-            raise UserError(f"{path}: written by {layout['dp_size']} data-parallel rank(s) with "
-                            f"ZeRO-{layout['zero_stage']} and {layout['pipeline_stages']} pipeline stage(s), this run "
-                            f"has {ours['dp_size']} with ZeRO-{ours['zero_stage']} and {ours['pipeline_stages']}; "
-                            "resume with the same layout (DeepSpeed's per-rank shards depend on it), or convert the "
-                            "checkpoint (launch/convert_checkpoint.py) and start a new run from its weights")
 
     def _resume(self, resume: str) -> None:
         path, warnings = self.checkpointer.find(resume)
@@ -229,6 +270,11 @@ class Trainer:
                            f"{last['tokens_per_s']:,.0f} tokens/s{_mfu_text(last)}; run dir {self.run_dir}")
         self.log.close()
         return summary
+
+
+def _describe_layout(layout: dict) -> str:
+    stages = f"{layout['pipeline_stages']} pipeline stages x " if layout["pipeline_stages"] > 1 else ""
+    return f"{stages}{layout['dp_size']} data-parallel rank(s), ZeRO-{layout['zero_stage']}"
 
 
 def _mfu_text(row: dict) -> str:

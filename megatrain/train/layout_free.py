@@ -1,0 +1,303 @@
+"""The training state in a form no layout owns: per GPT parameter, the fp32 master weight
+and the AdamW moments, and the optimizer's step count. Read from a checkpoint of any
+layout, loaded into the live engine of any other (docs/checkpoints.md, "Resuming on
+another layout").
+
+    tensors, step = read(ckpt)                 # {"param/NAME", "exp_avg/NAME", "exp_avg_sq/NAME": fp32}
+    path = ensure(ckpt)                        # CKPT/layout-free.safetensors, written once, atomically
+    load_into(module, path)                    # every rank takes its own slices
+
+Where a checkpoint keeps them:
+  ZeRO 1-3 (and a pipeline's ZeRO-1, stage by stage)
+        the fp32 partitions and, with the same flat layout, the moments, in the
+        *optim_states.pt files; merged by DeepSpeed's zero_to_fp32 (the moments through
+        the same merge as the weights);
+  ZeRO-0
+        the client optimizer's state in the model-states file, by position in its
+        parameter groups: megatrain records the parameters' names in that order in each
+        rank's megatrain-rankNNNNN.pt ("optimizer_params"); the masters are the module
+        weights (fp32) or DeepSpeed's fp32 copies (bf16).
+A pipeline's names map back to GPT's (canonical_name); the tied embedding is kept by the
+first and the last stage, and both copies are checked to be equal before one is taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from megatrain.errors import UserError
+from megatrain.files import file_sha256, write_atomically
+from megatrain.model import canonical_name
+from megatrain.train.checkpoint import MANIFEST, Checkpointer
+
+FORMAT = "megatrain-layout-free/1"
+FILE = "layout-free.safetensors"
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+MOMENTS = KINDS[1:]
+
+
+# --- reading any layout ------------------------------------------------------------------
+
+
+def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int | None]:
+    """({"KIND/NAME": fp32 tensor}, optimizer step count) of a checkpoint directory, by GPT's
+    names; without `moments`, the weights only (step None)."""
+    ckpt = Path(ckpt)
+    state = Checkpointer.read_state(ckpt)
+    n_layer = state["model_shape"]["n_layer"]
+    stages = state["layout"]["pipeline_stages"]
+    pipeline = stages > 1
+    kinds = KINDS if moments else KINDS[:1]
+    if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
+        parts = [_zero_partitions(ckpt, s if pipeline else None, kinds) for s in range(stages)]
+    else:
+        parts = [_zero0(ckpt, s, pipeline, kinds) for s in range(stages)]
+    tensors: dict[str, torch.Tensor] = {}
+    steps = set()
+    for part, step in parts:
+        steps.add(step)
+        for key, t in part.items():
+            kind, _, name = key.partition("/")
+            name = name.removeprefix("module.")
+            key = f"{kind}/{canonical_name(name, n_layer) if pipeline else name}"
+            t = t.detach().to(torch.float32)
+            if key in tensors and not torch.equal(tensors[key], t):  # the tied embedding's two copies
+                raise UserError(f"{ckpt}: the pipeline stages hold different copies of {key} (the tied "
+                                "embedding): the checkpoint is inconsistent")
+            tensors.setdefault(key, t.clone())
+    if moments and len(steps) != 1:
+        raise UserError(f"{ckpt}: the optimizer's step counts disagree between parameters ({sorted(steps)})")
+    return tensors, (steps.pop() if moments else None)
+
+
+def _step_of(states) -> int:
+    found = {int(s["step"]) for s in states if "step" in s}
+    if len(found) != 1:
+        raise UserError(f"optimizer step counts disagree or are missing: {sorted(found)}")
+    return found.pop()
+
+
+def _zero_partitions(ckpt: Path, stage: int | None, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
+    """From ZeRO optimizer partitions (all of them, or one pipeline stage's): each kind of
+    tensor is merged the way zero_to_fp32 merges the fp32 masters."""
+    from deepspeed.utils import zero_to_fp32 as z
+
+    if stage is None:
+        with _quiet():
+            model_states = z.parse_model_states(z.get_model_state_files(str(ckpt)))
+        pattern = "*zero_pp_rank_*_optim_states.pt"
+    else:
+        # A pipeline stage's model file carries no module weights (they are in layer_NN files),
+        # which parse_model_states reads for buffers; GPT has none, so the record is built
+        # from the file's parameter shapes directly.
+        meta = torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu", weights_only=False)
+        model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
+                                           shared_params=list(meta["shared_params"].items()),
+                                           ds_version=meta.get("ds_version"),
+                                           frozen_param_shapes=meta.get("frozen_param_shapes"),
+                                           frozen_param_fragments=meta.get("frozen_param_fragments"))]
+        pattern = f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"
+    files = sorted((str(p) for p in ckpt.glob(pattern)), key=z.natural_keys)
+    flats: dict[str, list] = {k: [] for k in kinds}
+    step_states = []
+    for f in files:
+        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        zero_stage = int(sd["zero_stage"])
+        masters = sd["single_partition_of_fp32_groups" if zero_stage <= 2 else "fp32_flat_groups"]
+        base = sd["base_optimizer_state" if zero_stage <= 2 else "optimizer_state_dict"]
+        flats["param"].append(masters)
+        if len(kinds) > 1:
+            # The base optimizer's state i belongs to flat group i (ZeRO-3: its sub-groups, in order).
+            states = [base["state"][i] for i in range(len(masters))]
+            for kind in kinds[1:]:
+                flats[kind].append([s[kind].reshape(-1) for s in states])
+                if any(s[kind].numel() != m.numel() for s, m in zip(states, masters, strict=True)):
+                    raise UserError(f"{f}: optimizer state {kind} does not match its fp32 partition")
+            step_states += states
+        paddings = sd.get("param_alignment_paddings")
+    out = {}
+    for kind in kinds:
+        with _quiet():
+            if zero_stage <= 2:
+                merged = z._get_fp32_state_dict_from_zero2_checkpoint(len(files), flats[kind], model_states, False,
+                                                                      paddings)
+            else:
+                merged = z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(
+                    len(files), flats[kind], model_states, False))
+        out.update({f"{kind}/{k}": v for k, v in merged.items()})
+    return out, (_step_of(step_states) if len(kinds) > 1 else None)
+
+
+def _zero0(ckpt: Path, stage: int, pipeline: bool, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
+    """From a ZeRO-0 checkpoint: the module weights, or with moments the client optimizer's
+    state by the names megatrain recorded in its parameter order."""
+    if len(kinds) == 1:
+        return {f"param/{k}": v for k, v in _module_weights(ckpt, stage, pipeline).items()}, None
+    opt = torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu",
+                     weights_only=False)["optimizer"]
+    names = _recorded_names(ckpt, stage)
+    if "fp32_groups" in opt:  # bf16: DeepSpeed's fp32 copies are the masters
+        states = opt["optimizer_state_dict"]["state"]
+        masters = [t for group in opt["fp32_groups"] for t in group]
+        out = {f"param/{n}": t for n, t in zip(names, masters, strict=True)}
+    else:
+        states = opt["state"]
+        out = {f"param/{k}": v for k, v in _module_weights(ckpt, stage, pipeline).items()}
+    for i, name in enumerate(names):
+        for kind in MOMENTS:
+            out[f"{kind}/{name}"] = states[i][kind]
+    return out, _step_of(states[i] for i in range(len(names)))
+
+
+def _module_weights(ckpt: Path, stage: int, pipeline: bool) -> dict[str, torch.Tensor]:
+    if not pipeline:
+        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    weights = {}
+    for f in sorted(ckpt.glob("layer_*-model_states.pt")):
+        layer = int(re.match(r"layer_(\d+)", f.name).group(1))
+        for name, t in torch.load(f, map_location="cpu", weights_only=False).items():
+            weights[f"{layer}.{name}"] = t
+    return weights
+
+
+def _recorded_names(ckpt: Path, stage: int) -> list[str]:
+    for f in sorted(ckpt.glob("megatrain-rank*.pt")):
+        record = torch.load(f, map_location="cpu", weights_only=False).get("optimizer_params")
+        if record is not None and record["stage"] == stage:
+            return [n for group in record["groups"] for n in group]
+    raise UserError(f"{ckpt}: its ZeRO-0 optimizer state has no parameter names (written before megatrain "
+                    "recorded them): resume it on the layout that wrote it")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """zero_to_fp32 narrates its progress on stdout and stderr."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+# --- the file ----------------------------------------------------------------------------
+
+
+def _manifest_sha(ckpt: Path) -> str:
+    return file_sha256(ckpt / MANIFEST)
+
+
+def write(ckpt: Path) -> Path:
+    """CKPT/layout-free.safetensors from the checkpoint's own files (under a temporary name,
+    renamed when complete), then listed in the checkpoint's manifest, so that a checkpoint's
+    verification covers it; a conversion interrupted at any point leaves no file that a
+    resume would use."""
+    from safetensors.torch import save
+
+    ckpt = Path(ckpt)
+    tensors, step = read(ckpt)
+    out = ckpt / FILE
+    meta = {"format": FORMAT, "optimizer_step": str(step), "checkpoint_manifest": _manifest_sha(ckpt)}
+    write_atomically(out, save(tensors, metadata=meta))
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"][FILE] = {"bytes": out.stat().st_size, "sha256": file_sha256(out)}
+    write_atomically(ckpt / MANIFEST, json.dumps(manifest, indent=1))
+    return out
+
+
+def usable(ckpt: Path) -> bool:
+    """The checkpoint has a complete layout-free file (listed in its manifest: written to the end)."""
+    manifest = json.loads((Path(ckpt) / MANIFEST).read_text())
+    return FILE in manifest["files"] and (Path(ckpt) / FILE).is_file()
+
+
+def ensure(ckpt: Path) -> tuple[Path, bool]:
+    """Collective: the checkpoint's layout-free file, written by rank 0 if it has none yet;
+    (path, whether it was converted now)."""
+    from megatrain.train import distributed as dist
+
+    converted = not usable(ckpt)
+    if converted and dist.is_main():
+        write(ckpt)
+    dist.barrier()
+    return Path(ckpt) / FILE, converted
+
+
+# --- loading into a live engine ------------------------------------------------------------
+
+
+def load_into(module, path: Path) -> int:
+    """Every rank: set the master weights, the model's weights and the moments of `module`'s
+    engine (any layout) from a layout-free file; returns the optimizer step count."""
+    from safetensors import safe_open
+
+    engine, opt = module.engine, module.engine.optimizer
+    n_layer = module.n_layer
+    with safe_open(str(path), "pt") as f:
+        step = int(f.metadata()["optimizer_step"])
+        named = [(canonical_name(n, n_layer) if module.pipeline else n, p) for n, p in engine.module.named_parameters()]
+
+        def full(kind: str, name: str) -> torch.Tensor:
+            return f.get_tensor(f"{kind}/{name}")
+
+        with torch.no_grad():
+            if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+                _load_zero3(opt, module.base_optimizer, named, full, step)
+            elif any(getattr(p, "_hp_mapping", None) is not None for _, p in named):  # ZeRO-1/2
+                _load_zero12(opt, module.base_optimizer, named, full, step)
+            else:  # ZeRO-0: whole parameters, masters either the model's own or DeepSpeed's fp32 copies
+                masters = {}
+                if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
+                    masters = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
+                               for lp, hp in zip(lps, hps, strict=True)}
+                for name, p in named:
+                    p.copy_(full("param", name))
+                    hp = masters.get(id(p), p)
+                    hp.copy_(full("param", name))
+                    state = _adam_state(module.base_optimizer, hp, step)
+                    for kind in MOMENTS:
+                        state[kind].copy_(full(kind, name))
+    return step
+
+
+def _load_zero12(opt, base, named, full, step: int) -> None:
+    for flat in opt.single_partition_of_fp32_groups:
+        _adam_state(base, flat, step)
+    opt._hp_optimizer_states_linked = False  # link each parameter's fragment to the new state tensors
+    opt._lazy_init_hp_params_optimizer_state()
+    for name, p in named:
+        p.copy_(full("param", name))  # every rank holds whole model weights
+        if p._hp_mapping is not None:
+            p.set_full_hp_param(full("param", name))
+            for kind in MOMENTS:
+                p.set_full_hp_param(full(kind, name), kind)
+
+
+def _load_zero3(opt, base, named, full, step: int) -> None:
+    for flat in opt.fp32_partitioned_groups_flat:
+        _adam_state(base, flat, step)
+    for name, p in named:
+        opt.set_full_hp_param(full("param", name), p)
+        for kind in MOMENTS:
+            opt.set_full_hp_param(full(kind, name), p, kind)
+    for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True):
+        lp.copy_(hp)  # the model's own partitions, gathered on use
+
+
+def _adam_state(base, tensor: torch.Tensor, step: int) -> dict:
+    """The optimizer's state for `tensor`, created as its first step would (zero moments)
+    when absent, with the step count set."""
+    state = base.state[tensor]
+    for kind in MOMENTS:
+        if kind not in state:
+            state[kind] = torch.zeros_like(tensor, dtype=torch.float32, memory_format=torch.contiguous_format)
+    # (ZeRO-3 empties the base optimizer's groups between steps: then the first stands for all)
+    group = next((g for g in base.param_groups if any(p is tensor for p in g["params"])), base.param_groups[0])
+    if "step" in group:  # DeepSpeed's FusedAdam counts steps per group
+        group["step"] = step
+    else:  # FusedAdamWClip, torch's AdamW: a float tensor (on the device when the kernel is fused)
+        device = tensor.device if group.get("fused") or not isinstance(base, torch.optim.AdamW) else "cpu"
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+    return state
