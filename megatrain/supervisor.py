@@ -13,7 +13,8 @@ With a `hostfile` (DeepSpeed's format, "HOST slots=N" per line; the same file th
 passes to the launcher), it is read again before every launch: when a node was lost and
 the scheduler or an operator took it out, the run goes on with the ranks that are left,
 resuming its checkpoint on the new layout (docs/checkpoints.md); fewer than `min_ranks`
-ends supervision.
+ends supervision. "{ranks}" in the command becomes the hostfile's rank count (for one node:
+`deepspeed --num_gpus {ranks} ...`; across nodes DeepSpeed reads the hostfile itself).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
                     log(f"supervise: {hostfile} has {ranks} rank(s), fewer than --min-ranks {min_ranks}; stopping")
                     return code
                 launched_ranks = ranks
-            child = subprocess.Popen(cmd, start_new_session=True)
+            launch = [a.replace("{ranks}", str(launched_ranks)) for a in cmd] if hostfile is not None else cmd
+            child = subprocess.Popen(launch, start_new_session=True)
             code = child.wait()
             if stop["signal"] is not None:
                 log(f"supervise: stopped by {signal.Signals(stop['signal']).name}; the run exited {code}")

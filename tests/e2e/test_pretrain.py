@@ -122,16 +122,14 @@ def test_damaged_checkpoint_falls_back_to_previous(runs, tmp_path, small_data):
     assert train_losses(run) == train_losses(runs(1, "fp32"))
 
 
-def test_changed_model_shape_or_world_size_is_refused(runs, tmp_path, small_data):
+def test_changed_model_shape_is_refused(runs, tmp_path, small_data):
+    """(A changed layout is resumed: tests/e2e/test_reshard.py.)"""
     run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
     proc = pretrain(run, small_data, "parallel.zero_stage=1", "model.n_layer=3", "train.max_steps=8", nproc=0,
                     check=False)
     assert proc.returncode == 2
-    assert "the checkpoint is for another model shape n_layer: 2 in the checkpoint, 3 now" in proc.stderr
-    proc = pretrain(run, small_data, "parallel.zero_stage=1", "train.max_steps=8", nproc=0, check=False)
-    assert proc.returncode == 2
-    assert ("written by 2 data-parallel rank(s) with ZeRO-1 and 1 pipeline stage(s), this run has 1 with ZeRO-1 "
-            "and 1; resume with the same layout") in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "the checkpoint is for another model shape n_layer: 2 in the checkpoint, 3 now")
 
 
 def test_world_of_one_zero0_skips_the_allreduce_without_changing_numerics(tmp_path, small_data):

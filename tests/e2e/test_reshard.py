@@ -5,16 +5,18 @@ only the order of summation differs)."""
 from __future__ import annotations
 
 import json
-import shutil
+import subprocess
+import sys
+import time
 from collections import defaultdict
 
 import pytest
 import torch
-from helpers import copy_until, pretrain, run_script, train_losses
+from helpers import LAUNCH, TINY_CONFIG, copy_until, pretrain, pretrain_command, run_script, train_losses
 
 from megatrain.train import layout_free
 from megatrain.train.checkpoint import Checkpointer
-from megatrain.train.metrics import read_events
+from megatrain.train.metrics import read_events, read_metrics
 
 LONG = ["train.max_steps=30", "checkpoint.every_steps=10", "train.eval_every=0"]
 LAYOUTS = {  # name: (ranks, settings)
@@ -91,7 +93,6 @@ def test_resume_on_another_layout_continues_exactly(uninterrupted, tmp_path, sma
     nproc, sets = LAYOUTS[second]
     proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc, record_samples=tmp_path / "samples")
     assert f"resharded step-00000020 from {DESCRIBED[first]} to {DESCRIBED[second]} ({how})" in proc.stdout
-    assert [e["step"] for e in read_events(run) if e["event"] == "reshard"] == []  # events carry the checkpoint
     reshards = [e for e in read_events(run) if e["event"] == "reshard"]
     assert len(reshards) == 1 and reshards[0]["checkpoint"].endswith("step-00000020")
 
@@ -122,7 +123,7 @@ def test_bf16_resumes_on_another_layout(runs, tmp_path, small_data):
 def test_a_layout_that_cannot_hold_the_global_batch_is_refused(runs, tmp_path, small_data):
     """The 512-token batch of 2 ranks x 4 x 32 cannot be made of micro-batches of 3 x 32 on one rank."""
     run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
     proc = pretrain(run, small_data, "parallel.zero_stage=1", "train.micro_batch=3", "train.max_steps=8", nproc=0,
                     check=False)
     assert proc.returncode == 2, proc.stderr
@@ -130,22 +131,36 @@ def test_a_layout_that_cannot_hold_the_global_batch_is_refused(runs, tmp_path, s
     assert line.startswith("error: ") and "step-00000006: the run's global batch (512 tokens) cannot be split" in line
     assert "3 x 32 x 1 = 96 tokens does not divide 512" in line
     assert "data-parallel sizes that can with micro_batch=3: none" in line
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")} == before  # nothing written
     proc = pretrain(run, small_data, "parallel.zero_stage=1", "train.micro_batch=8", "train.max_steps=7", nproc=0)
     assert "resharded step-00000006 from 2 data-parallel rank(s), ZeRO-1 to 1 data-parallel rank(s), ZeRO-1" \
         in proc.stdout
-    assert [r["batch_tokens"] for r in _train_rows(run)][-1] == 512  # 2 micro-batches of 8 x 32
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if "step-00000003" in str(p))
+    rows = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert rows[-1]["step"] == 7 and rows[-1]["batch_tokens"] == 512 and rows[-1]["grad_accum"] == 2  # 2 x 8 x 32
 
 
-def _train_rows(run):
-    from megatrain.train.metrics import read_metrics
-
-    return [r for r in read_metrics(run) if r["kind"] == "train"]
-
-
-def test_supervisor_continues_with_the_ranks_left_in_the_hostfile(tmp_path, small_data):
-    """A rank is killed (its node lost) and the hostfile shrinks from 2 slots to 1: the
-    supervisor relaunches on one rank, which reshards the 2-rank checkpoint and finishes."""
-    hostfile = tmp_path / "hosts"
+def test_supervisor_continues_with_the_ranks_left_in_the_hostfile(uninterrupted, tmp_path, small_data):
+    """Rank 1 dies while writing checkpoint 20 (its node lost) and the hostfile shrinks from 2
+    slots to 1, as a scheduler would leave it: the supervisor relaunches on one rank, which
+    reshards checkpoint 10 and trains on as the uninterrupted 2-rank run did."""
+    hostfile, faults, run = tmp_path / "hosts", tmp_path / "faults", tmp_path / "run"
     hostfile.write_text("localhost slots=2\n")
-    del shutil  # noqa: F821  (placeholder)
+    cmd = pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", "parallel.zero_stage=1", *LONG],
+                           nproc="{ranks}", faults=["checkpoint_write@20:1"], fault_state=faults)
+    cmd = [sys.executable, str(LAUNCH / "supervise.py"), "--max-restarts", "2", "--delay", "3",
+           "--hostfile", str(hostfile), "--min-ranks", "1", "--", *cmd]
+    log = tmp_path / "supervise.log"
+    with open(log, "w") as out:
+        sup = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        while not (faults / "checkpoint_write@20.rank1").exists() and sup.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        hostfile.write_text("localhost slots=1\n")  # within the 3 s before the relaunch
+        assert sup.wait(timeout=600) == 0, log.read_text()[-4000:]
+    output = log.read_text()
+    assert f"supervise: {hostfile}: 1 rank(s) (was 2: the run resumes on the new layout)" in output
+    assert ("resharded step-00000010 from 2 data-parallel rank(s), ZeRO-1 to 1 data-parallel rank(s), ZeRO-1"
+            in output)
+    reference = train_losses(uninterrupted("2r-zero1") / "run")
+    assert train_losses(run) == pytest.approx(reference, rel=1e-5)

@@ -63,6 +63,21 @@ def test_batch_steps():
         BatchSchedule(final_tokens=0, unit_tokens=1, steps=((5, 10),))
 
 
+def test_batch_kept_on_another_layout():
+    """Resumed on another layout, the batch rounds as on the first and is split over the
+    new one: 2 ranks x 2 micro-batches of 4 x 32 become 1 rank x 4, or 4 ranks x 1."""
+    first = BatchSchedule(final_tokens=600, unit_tokens=4 * 32 * 2)
+    for ranks, micro_batches in ((1, 4), (2, 2), (4, 1)):
+        b = BatchSchedule(final_tokens=600, unit_tokens=first.unit_tokens, split_tokens=4 * 32 * ranks)
+        assert b(0) == first(0) == 512 and b.micro_batches(0) == micro_batches
+    # What a ramp can still produce: every multiple of the unit from here to its end.
+    ramp = BatchSchedule(final_tokens=1000, unit_tokens=100, start_tokens=200, ramp_tokens=10_000)
+    assert ramp.sizes_from(0) == [200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    assert ramp.sizes_from(9_000) == [900, 1000] and ramp.sizes_from(10**6) == [1000]
+    steps = BatchSchedule(final_tokens=0, unit_tokens=100, steps=((0, 250), (1000, 1000), (5000, 4000)))
+    assert steps.sizes_from(0) == [200, 1000, 4000] and steps.sizes_from(2000) == [1000, 4000]
+
+
 @given(start=st.integers(1, 10**6), extra=st.integers(0, 10**7), ramp=st.integers(0, 10**9),
        unit=st.integers(1, 10**5), points=st.lists(st.integers(0, 2 * 10**9), min_size=2, max_size=50))
 def test_batch_always_valid_and_non_decreasing(start, extra, ramp, unit, points):

@@ -1,4 +1,4 @@
-"""launch/supervise.py's policy: which exits it retries, and signals."""
+"""launch/supervise.py's policy: which exits it retries, signals, the hostfile."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import signal
 import sys
 import threading
 
-from megatrain.supervisor import supervise
+import pytest
+
+from megatrain.errors import UserError
+from megatrain.supervisor import hostfile_ranks, supervise
 
 
 def test_supervisor_restarts_crashes_and_stops_on_final_exits(tmp_path):
@@ -48,3 +51,31 @@ def test_sigterm_during_the_restart_delay_is_not_lost(tmp_path):
         timer.cancel()
     assert code == 1 and runs.read_text() == "x"  # one run, no restart
     assert log[-1] == "supervise: stopped by SIGTERM before restart 1"
+
+
+def test_hostfile_is_read_before_every_launch(tmp_path):
+    """The command gets the hostfile's rank count as {ranks}; when the hostfile shrinks the
+    next launch uses the ranks left, and below --min-ranks supervision ends."""
+    hostfile, seen = tmp_path / "hosts", tmp_path / "seen"
+    hostfile.write_text("# two nodes\nnode-a slots=2\nnode-b slots=2\n")
+    # Each run records its {ranks} and, like a scheduler after a lost node, drops node-b.
+    code = (f"import pathlib, sys; s = pathlib.Path({str(seen)!r}); s.write_text((s.read_text() if s.exists() else '')"
+            f" + sys.argv[1] + ' '); pathlib.Path({str(hostfile)!r}).write_text('node-a slots=2\\n'); "
+            "raise SystemExit(0 if s.read_text().count(' ') == 2 else 1)")
+    log = []
+    assert supervise([sys.executable, "-c", code, "{ranks}"], max_restarts=3, delay=0, log=log.append,
+                     hostfile=hostfile, min_ranks=2) == 0
+    assert seen.read_text() == "4 2 "
+    assert f"supervise: {hostfile}: 4 rank(s)" in log
+    assert f"supervise: {hostfile}: 2 rank(s) (was 4: the run resumes on the new layout)" in log
+    log = []
+    assert supervise([sys.executable, "-c", "raise SystemExit(1)"], max_restarts=3, delay=0, log=log.append,
+                     hostfile=hostfile, min_ranks=3) == 1
+    assert log[-1] == f"supervise: {hostfile} has 2 rank(s), fewer than --min-ranks 3; stopping"
+
+
+def test_a_malformed_hostfile_is_one_line(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=2\nnode-b 4\n")
+    with pytest.raises(UserError, match=r"hosts:2: expected 'HOST slots=N', got 'node-b 4'"):
+        hostfile_ranks(hostfile)
