@@ -50,13 +50,14 @@ def uninterrupted(tmp_path_factory, small_data):
 
 
 def samples_by_step(*dirs, steps: range) -> dict[int, list[int]]:
-    """Every rank's dataset indices of each step in `steps`, sorted (the global batch as a set)."""
+    """Every rank's dataset indices of each step in `steps`, sorted (the global batch as a
+    multiset; a pipeline's first stage stands for its others, which draw the same)."""
     found = defaultdict(list)
     for d in dirs:
         for f in d.glob("samples-rank*.jsonl"):
             for line in f.read_text().splitlines():
                 row = json.loads(line)
-                if row["step"] in steps:
+                if row["step"] in steps and row["stage"] == 0:
                     found[row["step"]] += row["samples"]
     return {step: sorted(v) for step, v in found.items()}
 

@@ -92,6 +92,12 @@ def test_trainer_bf16_on_one_gpu(stage, tmp_path, small_data):
              "train.peak_flops=null", "checkpoint.every_steps=10", nproc=1, resume=str(run / "checkpoints" /
                                                                                         "step-00000010"))
     assert train_losses(run) == pytest.approx(losses, rel=1e-2)  # resumed from step 10 on the GPU
+    other = (stage + 2) % 4  # and on another ZeRO stage: the layout-free state loaded into CUDA tensors
+    proc = pretrain(run, small_data, f"parallel.zero_stage={other}", "train.precision=bf16", "train.max_steps=20",
+                    "train.peak_flops=null", "checkpoint.every_steps=10", nproc=1,
+                    resume=str(run / "checkpoints" / "step-00000010"))
+    assert f"to 1 data-parallel rank(s), ZeRO-{other}" in proc.stdout
+    assert train_losses(run) == pytest.approx(losses, rel=1e-2)
 
 
 def test_activation_checkpointing_on_gpu(tmp_path, small_data):
