@@ -110,6 +110,17 @@ def test_resume_on_another_layout_continues_exactly(uninterrupted, tmp_path, sma
     assert Checkpointer.verify(ckpt) is None  # the layout-free file is covered by the manifest
 
 
+def test_zero3_checkpoint_resumes_without_zero(runs, tmp_path, small_data):
+    """A ZeRO-3 source (parameters, moments in per-rank sub-group partitions) on 2 ranks ->
+    plain data parallel on one rank, steps 4-6 against the uninterrupted run."""
+    run = copy_until(runs(3, "fp32"), tmp_path / "run", step=3)
+    proc = pretrain(run, small_data, "parallel.zero_stage=0", nproc=1)
+    assert "resharded step-00000003 from 2 data-parallel rank(s), ZeRO-3 to 1 data-parallel rank(s), ZeRO-0" \
+        in proc.stdout
+    assert train_losses(run) == pytest.approx(train_losses(runs(3, "fp32")), rel=1e-5)
+    assert_same_state(flat_state(run, 6), flat_state(runs(3, "fp32"), 6), rel=1e-5)
+
+
 def test_bf16_resumes_on_another_layout(runs, tmp_path, small_data):
     """bf16 with ZeRO-0 (DeepSpeed's fp32 copies are the masters) -> ZeRO-1 on one rank:
     close to the uninterrupted run (bf16 rounding, not summation order, sets the tolerance)."""
