@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import SMALL_CORPUS, pretrain
+from helpers import LAYOUTS, LONG, SMALL_CORPUS, pretrain
 
 from megatrain.data import prepare_dataset
 from tokenizer import TrainerOptions, train_tokenizer
@@ -42,6 +42,22 @@ def runs(tmp_path_factory, small_data):
             pretrain(d, small_data, f"parallel.zero_stage={stage}", f"train.precision={precision}")
             made[stage, precision] = d
         return made[stage, precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, small_data):
+    """30 steps on a layout of LAYOUTS (checkpoints at 10, 20, 30), recording each rank's samples."""
+    made = {}
+
+    def get(layout: str):
+        if layout not in made:
+            root = tmp_path_factory.mktemp(layout)
+            nproc, sets = LAYOUTS[layout]
+            pretrain(root / "run", small_data, *sets, *LONG, nproc=nproc, record_samples=root / "samples")
+            made[layout] = root
+        return made[layout]
 
     return get
 

@@ -13,8 +13,9 @@ restarts does not crash again at the same point).
 --poison START:COUNT replaces the samples at global positions [START, START + COUNT) with
 random tokens (seeded by position): a real loss spike, for the spike guard.
 --record-samples DIR: each rank appends the dataset indices it trained on, by step, to
-DIR/samples-rankR.jsonl, with its pipeline stage (every stage draws the same samples; what
-the tests of resuming on another layout compare). Faults come
+DIR/samples-rankR.jsonl, with its model-parallel rank (the pipeline stages, or the
+tensor-parallel ranks, of one data-parallel rank draw the same samples; what the tests of
+resuming on another layout compare). Faults come
 in from here, as callbacks and wrappers around the checkpointer's write and publish.
 """
 
@@ -124,7 +125,7 @@ class RecordSamples(Callback):
             batch = tokens()
             with open(self.out, "a") as f:
                 indices = batches.sampler.at(batches.sampler.last_positions).tolist()
-                f.write(json.dumps({"step": trainer.progress.step + 1, "stage": trainer.module.stage_id,
+                f.write(json.dumps({"step": trainer.progress.step + 1, "mp_rank": trainer.module.mp_rank,
                                     "samples": indices}) + "\n")
             return batch
 

@@ -10,6 +10,7 @@ commands, rank processes, watching a run's files while it goes, injected faults.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -18,10 +19,13 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import psutil
+import torch
 
+from megatrain.train import layout_free
 from megatrain.train.checkpoint import Checkpointer, checkpoint_step
 from megatrain.train.distributed import free_port
 from megatrain.train.metrics import read_events, read_metrics
@@ -31,6 +35,18 @@ LAUNCH = REPO / "launch"
 FAULTY_PRETRAIN = REPO / "tests" / "faulty_pretrain.py"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Layouts the resume and tensor-parallel tests run 30 steps on (checkpoints at 10, 20, 30).
+LONG = ["train.max_steps=30", "checkpoint.every_steps=10", "train.eval_every=0"]
+LAYOUTS = {  # name: (ranks, settings)
+    "2r-zero1": (2, ["parallel.zero_stage=1"]),
+    "1r-zero0": (1, ["parallel.zero_stage=0"]),
+    "2r-zero3": (2, ["parallel.zero_stage=3"]),
+    "pipe2-zero1": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
+    "1r-zero2": (1, ["parallel.zero_stage=2"]),
+    "2r-zero2": (2, ["parallel.zero_stage=2"]),
+    "tp2-zero1": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
+    "tp2-zero2": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=2"]),
+}
 # A few stdlib packages: about 1 MB of real Python, different on every Python version.
 SMALL_CORPUS = [str(STDLIB / name) for name in ("json", "email", "html", "http")]
 
@@ -149,3 +165,30 @@ def kill_a_rank(root_pid: int, rng: random.Random, step_time: float, still_wante
     victim = rng.choice(ranks)
     victim.send_signal(signal.SIGKILL)
     return victim
+
+
+def samples_by_step(*dirs, steps: range) -> dict[int, list[int]]:
+    """Every rank's dataset indices of each step in `steps`, sorted (the global batch as a
+    multiset; a model-parallel group's first rank stands for the others, which draw the same)."""
+    found = defaultdict(list)
+    for d in dirs:
+        for f in d.glob("samples-rank*.jsonl"):
+            for line in f.read_text().splitlines():
+                row = json.loads(line)
+                if row["step"] in steps and row["mp_rank"] == 0:
+                    found[row["step"]] += row["samples"]
+    return {step: sorted(v) for step, v in found.items()}
+
+
+def flat_state(run, step: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Each kind of training state (weights, moments) of a checkpoint, as one vector."""
+    tensors, opt_step = layout_free.read(run / "checkpoints" / f"step-{step:08d}")
+    return {kind: torch.cat([tensors[k].flatten() for k in sorted(tensors) if k.startswith(f"{kind}/")])
+            for kind in layout_free.KINDS}, opt_step
+
+
+def assert_same_state(a, b, rel: float):
+    (va, step_a), (vb, step_b) = a, b
+    assert step_a == step_b
+    for kind in layout_free.KINDS:
+        assert ((va[kind] - vb[kind]).norm() / va[kind].norm()).item() < rel, kind

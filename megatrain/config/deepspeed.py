@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from megatrain.config.schema import Config
+from megatrain.model.tensor_parallel import autotp_config
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -21,7 +22,9 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
     ds: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": t.micro_batch * grad_accum * dp_size,
+        # DeepSpeed checks this against the whole world when its config is read, before it
+        # knows the tensor-parallel groups; the engine then divides by the data-parallel size.
+        "train_batch_size": t.micro_batch * grad_accum * dp_size * cfg.parallel.tensor_parallel,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
@@ -37,6 +40,8 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                        "weight_decay": o.weight_decay}}
+    if cfg.parallel.tensor_parallel > 1:
+        ds["tensor_parallel"] = autotp_config(cfg.parallel.tensor_parallel)
     if t.precision == "bf16-autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if t.precision == "fp16":

@@ -211,6 +211,9 @@ class ParallelConfig:
     2 (+ gradients), 3 (+ parameters). With a pipeline, 0 or 1."""
     pipeline_stages: int = 1
     """Pipeline stages P (1: no pipeline). The world is P stages x world/P data-parallel ranks."""
+    tensor_parallel: int = 1
+    """Tensor-parallel size T (1: none): each block's attention heads and MLP columns split over
+    T consecutive ranks by DeepSpeed's AutoTP; the world is T x world/T data-parallel ranks."""
     partition_method: Literal["parameters", "uniform", "blocks"] = "parameters"
     """How layers are cut into stages: balanced by parameter count, by layer count, or by
     transformer blocks only."""
@@ -221,7 +224,19 @@ class ParallelConfig:
     def problems(self, cfg: Config) -> Problems:
         if self.zero_stage not in (0, 1, 2, 3):
             yield "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
-        yield from _at_least(self, "parallel", pipeline_stages=1, activation_checkpoint_interval=0)
+        yield from _at_least(self, "parallel", pipeline_stages=1, tensor_parallel=1, activation_checkpoint_interval=0)
+        tp = self.tensor_parallel
+        if tp > 1 and self.pipeline_stages > 1:
+            yield f"parallel.tensor_parallel={tp}", (
+                f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline engine "
+                "keeps its own pipe x data process grid, which AutoTP's tensor-parallel groups are not part of")
+        if tp > 1 and self.zero_stage == 3:
+            yield f"parallel.tensor_parallel={tp}", (
+                "cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP training supports ZeRO 0-2 (under "
+                "ZeRO-3 it partitions the whole model before AutoTP shards it, and its checkpoints' parameter shapes "
+                "then do not match their partitions); use parallel.zero_stage=2 or 1")
+        if tp > 1 and cfg.model.n_head % tp:
+            yield f"parallel.tensor_parallel={tp}", f"must divide model.n_head ({cfg.model.n_head}): heads are split"
         if self.pipeline_stages > 1 and self.zero_stage > 1:
             yield f"parallel.zero_stage={self.zero_stage}", (
                 f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline "

@@ -85,7 +85,7 @@ class Embedding(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.head_dim = cfg.d_model // cfg.n_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -93,9 +93,11 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """`cache` (generation): keys and values of the positions before x, extended in place."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        qkv = self.qkv(x)
+        C = qkv.shape[-1] // 3  # d_model, or under tensor parallelism this rank's share of the heads
+        q, k, v = qkv.split(C, dim=2)
+        q, k, v = (t.view(B, T, C // self.head_dim, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             if cache:  # one new position attends to every cached one: no mask
                 assert T == 1, "after the prompt, decode one position at a time"

@@ -19,6 +19,9 @@ Where a checkpoint keeps them:
         weights (fp32) or DeepSpeed's fp32 copies (bf16).
 A pipeline's names map back to GPT's (canonical_name); the tied embedding is kept by the
 first and the last stage, and both copies are checked to be equal before one is taken.
+Tensor-parallel ranks' shards are gathered into whole parameters (model/tensor_parallel.py);
+the parameters every rank keeps whole are checked to be equal; loading cuts each rank's
+shard again.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from megatrain.errors import UserError
 from megatrain.files import file_sha256, write_atomically
-from megatrain.model import canonical_name
+from megatrain.model import canonical_name, tensor_parallel
 from megatrain.train.checkpoint import MANIFEST, Checkpointer
 
 FORMAT = "megatrain-layout-free/1"
@@ -51,29 +54,46 @@ def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int
     ckpt = Path(ckpt)
     state = Checkpointer.read_state(ckpt)
     n_layer = state["model_shape"]["n_layer"]
-    stages = state["layout"]["pipeline_stages"]
+    layout = {"tensor_parallel": 1, **state["layout"]}
+    stages, tp = layout["pipeline_stages"], layout["tensor_parallel"]
     pipeline = stages > 1
     kinds = KINDS if moments else KINDS[:1]
+    # DeepSpeed's files are per model-parallel rank (mp_rank_NN): a pipeline stage, or a
+    # tensor-parallel rank; with neither, one.
+    mp_ranks = list(range(stages * tp)) if stages * tp > 1 else [None]
     if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
-        parts = [_zero_partitions(ckpt, s if pipeline else None, kinds) for s in range(stages)]
+        parts = [_zero_partitions(ckpt, mp, kinds) for mp in mp_ranks]
     else:
-        parts = [_zero0(ckpt, s, pipeline, kinds) for s in range(stages)]
+        parts = [_zero0(ckpt, mp or 0, pipeline, kinds) for mp in mp_ranks]
+    if moments and len({step for _, step in parts}) != 1:
+        raise UserError(f"{ckpt}: the optimizer's step counts disagree between parameters "
+                        f"({sorted({step for _, step in parts})})")
+    named = [{_key(key, n_layer, pipeline): t.detach().to(torch.float32) for key, t in part.items()}
+             for part, _ in parts]
+    if tp > 1:  # each tensor-parallel rank's shards, gathered into whole parameters
+        tensors = {}
+        for key in named[0]:
+            name, shards = key.partition("/")[2], [part[key] for part in named]
+            if tensor_parallel.split_of(name) is None and not all(torch.equal(shards[0], s) for s in shards):
+                raise UserError(f"{ckpt}: the tensor-parallel ranks hold different copies of {key}, which every "
+                                "rank keeps whole: the checkpoint is inconsistent")
+            tensors[key] = tensor_parallel.gather(name, shards).clone()
+        return tensors, parts[0][1]
     tensors: dict[str, torch.Tensor] = {}
-    steps = set()
-    for part, step in parts:
-        steps.add(step)
+    for part in named:
         for key, t in part.items():
-            kind, _, name = key.partition("/")
-            name = name.removeprefix("module.")
-            key = f"{kind}/{canonical_name(name, n_layer) if pipeline else name}"
-            t = t.detach().to(torch.float32)
             if key in tensors and not torch.equal(tensors[key], t):  # the tied embedding's two copies
                 raise UserError(f"{ckpt}: the pipeline stages hold different copies of {key} (the tied "
                                 "embedding): the checkpoint is inconsistent")
             tensors.setdefault(key, t.clone())
-    if moments and len(steps) != 1:
-        raise UserError(f"{ckpt}: the optimizer's step counts disagree between parameters ({sorted(steps)})")
-    return tensors, (steps.pop() if moments else None)
+    return tensors, parts[0][1]
+
+
+def _key(key: str, n_layer: int, pipeline: bool) -> str:
+    """"KIND/NAME" with NAME as the plain GPT's."""
+    kind, _, name = key.partition("/")
+    name = name.removeprefix("module.")
+    return f"{kind}/{canonical_name(name, n_layer) if pipeline else name}"
 
 
 def _step_of(states) -> int:
@@ -83,26 +103,29 @@ def _step_of(states) -> int:
     return found.pop()
 
 
-def _zero_partitions(ckpt: Path, stage: int | None, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
-    """From ZeRO optimizer partitions (all of them, or one pipeline stage's): each kind of
-    tensor is merged the way zero_to_fp32 merges the fp32 masters."""
+def _zero_partitions(ckpt: Path, mp: int | None, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
+    """From ZeRO optimizer partitions (all of them, or one model-parallel rank's): each kind
+    of tensor is merged the way zero_to_fp32 merges the fp32 masters."""
     from deepspeed.utils import zero_to_fp32 as z
 
-    if stage is None:
+    if mp is None:
         with _quiet():
             model_states = z.parse_model_states(z.get_model_state_files(str(ckpt)))
         pattern = "*zero_pp_rank_*_optim_states.pt"
     else:
         # A pipeline stage's model file carries no module weights (they are in layer_NN files),
         # which parse_model_states reads for buffers; GPT has none, so the record is built
-        # from the file's parameter shapes directly.
-        meta = torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu", weights_only=False)
+        # from the file's parameter shapes directly (ZeRO-3 keeps one model file per rank).
+        meta_file = ckpt / f"mp_rank_{mp:02d}_model_states.pt"
+        if not meta_file.is_file():
+            meta_file = ckpt / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
+        meta = torch.load(meta_file, map_location="cpu", weights_only=False)
         model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
                                            shared_params=list(meta["shared_params"].items()),
                                            ds_version=meta.get("ds_version"),
                                            frozen_param_shapes=meta.get("frozen_param_shapes"),
                                            frozen_param_fragments=meta.get("frozen_param_fragments"))]
-        pattern = f"*zero_pp_rank_*_mp_rank_{stage:02d}_optim_states.pt"
+        pattern = f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"
     files = sorted((str(p) for p in ckpt.glob(pattern)), key=z.natural_keys)
     flats: dict[str, list] = {k: [] for k in kinds}
     step_states = []
@@ -134,30 +157,31 @@ def _zero_partitions(ckpt: Path, stage: int | None, kinds) -> tuple[dict[str, to
     return out, (_step_of(step_states) if len(kinds) > 1 else None)
 
 
-def _zero0(ckpt: Path, stage: int, pipeline: bool, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
+def _zero0(ckpt: Path, mp: int, pipeline: bool, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
     """From a ZeRO-0 checkpoint: the module weights, or with moments the client optimizer's
     state by the names megatrain recorded in its parameter order."""
     if len(kinds) == 1:
-        return {f"param/{k}": v for k, v in _module_weights(ckpt, stage, pipeline).items()}, None
-    opt = torch.load(ckpt / f"mp_rank_{stage:02d}_model_states.pt", map_location="cpu",
+        return {f"param/{k}": v for k, v in _module_weights(ckpt, mp, pipeline).items()}, None
+    opt = torch.load(ckpt / f"mp_rank_{mp:02d}_model_states.pt", map_location="cpu",
                      weights_only=False)["optimizer"]
-    names = _recorded_names(ckpt, stage)
+    names = _recorded_names(ckpt, mp)
     if "fp32_groups" in opt:  # bf16: DeepSpeed's fp32 copies are the masters
         states = opt["optimizer_state_dict"]["state"]
         masters = [t for group in opt["fp32_groups"] for t in group]
         out = {f"param/{n}": t for n, t in zip(names, masters, strict=True)}
     else:
         states = opt["state"]
-        out = {f"param/{k}": v for k, v in _module_weights(ckpt, stage, pipeline).items()}
+        out = {f"param/{k}": v for k, v in _module_weights(ckpt, mp, pipeline).items()}
     for i, name in enumerate(names):
         for kind in MOMENTS:
             out[f"{kind}/{name}"] = states[i][kind]
     return out, _step_of(states[i] for i in range(len(names)))
 
 
-def _module_weights(ckpt: Path, stage: int, pipeline: bool) -> dict[str, torch.Tensor]:
+def _module_weights(ckpt: Path, mp: int, pipeline: bool) -> dict[str, torch.Tensor]:
     if not pipeline:
-        return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return torch.load(ckpt / f"mp_rank_{mp:02d}_model_states.pt", map_location="cpu",
+                          weights_only=False)["module"]
     weights = {}
     for f in sorted(ckpt.glob("layer_*-model_states.pt")):
         layer = int(re.match(r"layer_(\d+)", f.name).group(1))
@@ -166,10 +190,10 @@ def _module_weights(ckpt: Path, stage: int, pipeline: bool) -> dict[str, torch.T
     return weights
 
 
-def _recorded_names(ckpt: Path, stage: int) -> list[str]:
+def _recorded_names(ckpt: Path, mp: int) -> list[str]:
     for f in sorted(ckpt.glob("megatrain-rank*.pt")):
         record = torch.load(f, map_location="cpu", weights_only=False).get("optimizer_params")
-        if record is not None and record["stage"] == stage:
+        if record is not None and record["mp_rank"] == mp:
             return [n for group in record["groups"] for n in group]
     raise UserError(f"{ckpt}: its ZeRO-0 optimizer state has no parameter names (written before megatrain "
                     "recorded them): resume it on the layout that wrote it")
@@ -240,7 +264,8 @@ def load_into(module, path: Path) -> int:
         named = [(canonical_name(n, n_layer) if module.pipeline else n, p) for n, p in engine.module.named_parameters()]
 
         def full(kind: str, name: str) -> torch.Tensor:
-            return f.get_tensor(f"{kind}/{name}")
+            """The parameter as this rank holds it whole: under tensor parallelism its shard."""
+            return tensor_parallel.shard(name, f.get_tensor(f"{kind}/{name}"), module.tp_rank, module.tp_size)
 
         with torch.no_grad():
             if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3

@@ -21,6 +21,9 @@ What DeepSpeed does with a client optimizer decides the wiring of fused_adamw:
                (zero_optimization.compute_grad_norm).
   pipelines    the later stage's copy of the tied embeddings (ds_pipe_replicated) is left
                out of the norm, as DeepSpeed's own clipping does.
+  tensor       AutoTP's shards (`tensor_model_parallel`) are distinct on every rank of a
+  parallel     group; the parameters it leaves whole count on the group's first rank only;
+               under ZeRO-0 the squared norm is all-reduced over the group.
   ZeRO-3       DeepSpeed steps parameter sub-groups separately, so no call sees every
                gradient: DeepSpeed computes the norm and clips, and FusedAdamWClip only updates.
 """
@@ -32,6 +35,7 @@ import torch.nn as nn
 
 from megatrain.config import Config
 from megatrain.optim import FusedAdamWClip, param_groups
+from megatrain.train import distributed as dist
 
 DS_OPTIMIZER = {"adamw"}  # names DeepSpeed builds itself from its JSON config
 
@@ -60,9 +64,14 @@ def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:
     and which ranks to all-reduce the squared norm over."""
     if not isinstance(optimizer, FusedAdamWClip) or not cfg.optim.clips(cfg):
         return
-    replicated = {id(p) for p in model.parameters() if getattr(p, "ds_pipe_replicated", False)}
+    # Gradients another rank also holds count once: the later pipeline stage's copy of the
+    # tied embeddings, and under tensor parallelism every parameter AutoTP left whole
+    # (LayerNorms, row-parallel biases, embeddings) except on the group's first rank.
+    tp_rank = dist.rank() % cfg.parallel.tensor_parallel
+    replicated = {id(p) for p in model.parameters() if getattr(p, "ds_pipe_replicated", False)
+                  or (tp_rank > 0 and not is_tensor_parallel(p))}
     mapped = [p for p in model.parameters() if getattr(p, "_hp_mapping", None) is not None]
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = dist.world_size()
     if mapped:  # DeepSpeed hands us flat fp32 partitions: every rank holds a distinct shard
         decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
         by_group: dict[int, list] = {}
@@ -75,7 +84,30 @@ def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:
         for index, segments in by_group.items():
             optimizer.set_segments(optimizer.param_groups[index]["params"][0], segments)
         optimizer.norm_group = torch.distributed.group.WORLD if world > 1 else None
-    else:  # the model's own parameters with whole gradients: ranks of one pipeline hold distinct ones
-        optimizer.exclude_from_norm(p for p in model.parameters() if id(p) in replicated)
+    else:  # whole gradients: the ranks of one pipeline, or of one tensor-parallel group, hold distinct ones
+        masters = dict(_master_copies(engine))
+        optimizer.exclude_from_norm(masters.get(id(p), p) for p in model.parameters() if id(p) in replicated)
         grid = getattr(engine, "grid", None)
-        optimizer.norm_group = grid.get_pipe_parallel_group() if grid is not None and grid.pipe_parallel_size > 1 else None
+        if grid is not None and grid.pipe_parallel_size > 1:
+            optimizer.norm_group = grid.get_pipe_parallel_group()
+        elif cfg.parallel.tensor_parallel > 1:
+            from deepspeed.utils import groups
+
+            optimizer.norm_group = groups.get_tensor_model_parallel_group()
+        else:
+            optimizer.norm_group = None
+
+
+def is_tensor_parallel(p: torch.Tensor) -> bool:
+    """AutoTP split this parameter over the tensor-parallel group (each rank a distinct shard)."""
+    return bool(getattr(p, "tensor_model_parallel", False))
+
+
+def _master_copies(engine):
+    """(id of a model parameter, the fp32 copy the optimizer steps) where DeepSpeed keeps one
+    (bf16 under ZeRO-0)."""
+    opt = engine.optimizer
+    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
+        for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+            for lp, hp in zip(lps, hps, strict=True):
+                yield id(lp), hp

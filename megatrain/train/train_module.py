@@ -24,7 +24,7 @@ from megatrain.model import GPTConfig
 from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
 from megatrain.train.build import build_model
-from megatrain.train.optimizer import attach, build_optimizer
+from megatrain.train.optimizer import attach, build_optimizer, is_tensor_parallel
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 
@@ -40,10 +40,12 @@ def init_layout(cfg: Config) -> int:
                         "use train.precision=bf16 (or fp32)")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dist.init_distributed()
-    stages = cfg.parallel.pipeline_stages
+    stages, tp = cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel
     if dist.world_size() % stages:
         raise UserError(f"parallel.pipeline_stages={stages} does not divide the {dist.world_size()} ranks")
-    return dist.world_size() // stages
+    if dist.world_size() % tp:
+        raise UserError(f"parallel.tensor_parallel={tp} does not divide the {dist.world_size()} ranks")
+    return dist.world_size() // (stages * tp)
 
 
 class TrainModule:
@@ -54,7 +56,8 @@ class TrainModule:
         t, par = cfg.train, cfg.parallel
         self.world = dist.world_size()
         self.pipeline = par.pipeline_stages > 1
-        self.dp_size = self.world // par.pipeline_stages
+        self.tp_size = par.tensor_parallel
+        self.dp_size = self.world // (par.pipeline_stages * self.tp_size)
         self.grad_accum = grad_accum
         ds_config = deepspeed_config(cfg, self.dp_size, grad_accum)
         # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
@@ -71,8 +74,12 @@ class TrainModule:
             # DeepSpeed all-reduces ZeRO-0 gradients in a world of one too: it flattens them
             # into one buffer and copies them back, a sizeable share of a small step, for an identity.
             self.engine.enable_backward_allreduce = False
-        self.dp_rank = self.engine.grid.data_parallel_id if self.pipeline else dist.rank()
-        self.stage_id = self.engine.stage_id if self.pipeline else 0
+        # Tensor-parallel groups are consecutive ranks (DeepSpeed's data x tensor mesh): the
+        # ranks of one group train on the same samples.
+        self.tp_rank = dist.rank() % self.tp_size
+        self.dp_rank = self.engine.grid.data_parallel_id if self.pipeline else dist.rank() // self.tp_size
+        # DeepSpeed's model-parallel rank: which mp_rank_NN checkpoint files are this rank's.
+        self.mp_rank = self.engine.stage_id if self.pipeline else self.tp_rank
         self.n_layer = model_cfg.n_layer
         self.device = self.engine.device
         # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
@@ -127,13 +134,25 @@ class TrainModule:
             loss = self.loss(inputs, targets)
             self.engine.backward(loss)
             if boundary and self.norm_source == "measured":  # gradients are all-reduced now, not yet clipped
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                grad_norm = float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+                grad_norm = self._measured_norm()
             self.engine.step()
             loss_sum += loss.detach().to(loss_sum)
         if self.norm_source != "measured":
             grad_norm = self._grad_norm()
         return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
+
+    def _measured_norm(self) -> float:
+        """The global norm of whole gradients (ZeRO-0); under tensor parallelism the shards'
+        squares summed over the group, the parameters AutoTP left whole counted once."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if self.tp_size == 1:
+            return float(torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0))
+        from deepspeed.utils import groups
+
+        counted = [p.grad for p in params if is_tensor_parallel(p) or self.tp_rank == 0]
+        squares = torch.nn.utils.get_total_norm(counted, norm_type=2.0).to(torch.float64) ** 2
+        torch.distributed.all_reduce(squares, group=groups.get_tensor_model_parallel_group())
+        return float(squares.sqrt())
 
     def _grad_norm(self) -> float | None:
         if self.norm_source == "optimizer":

@@ -66,7 +66,7 @@ class Trainer:
         self.outcome: str | None = None  # set by a callback to end the run: "stopped", "gave_up"
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
         self.log = RunLog(cfg, enabled=dist.is_main())
-        RNG.seed(cfg.run.seed, dist.rank())
+        RNG.seed(cfg.run.seed, self._rng_index())
         self._resume(resume)
         self.flops_per_token = flops_per_token(self.model_cfg)
         # With activation checkpointing the hardware also recomputes the blocks' forward pass.
@@ -77,7 +77,9 @@ class Trainer:
         world, stages = self.module.world, cfg.parallel.pipeline_stages
         self.log.event("start", step=self.progress.step, world_size=world, params=params,
                        peak_flops=self.peak_flops, peak_flops_source=self.peak_source)
-        layout = f"{stages} pipeline stages x {dp_size} data-parallel" if stages > 1 else f"{world} rank(s)"
+        tp = cfg.parallel.tensor_parallel
+        layout = (f"{world} ranks: {stages} pipeline x {tp} tensor x {dp_size} data parallel" if stages * tp > 1
+                  else f"{world} rank(s)")
         self.log.print(f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
                        f"{layout}, ZeRO-{cfg.parallel.zero_stage}, {t.precision}; "
                        f"global batch {self.batch_tokens} tokens ({self.module.grad_accum} x {t.micro_batch} x "
@@ -88,6 +90,12 @@ class Trainer:
             self.log.print(f"schedule: {note}")
             self.log.event("batch_rounded", note=note)
 
+    def _rng_index(self) -> int:
+        """Which generators this rank draws from: its own, except that the ranks of a
+        tensor-parallel group share theirs (their dropout masks on the whole activations
+        must agree)."""
+        return dist.rank() // self.cfg.parallel.tensor_parallel
+
     @property
     def batch_tokens(self) -> int:
         t = self.cfg.train
@@ -97,7 +105,8 @@ class Trainer:
 
     def _layout(self) -> dict:
         par = self.cfg.parallel
-        return {"dp_size": self.module.dp_size, "zero_stage": par.zero_stage, "pipeline_stages": par.pipeline_stages}
+        return {"dp_size": self.module.dp_size, "zero_stage": par.zero_stage, "pipeline_stages": par.pipeline_stages,
+                "tensor_parallel": par.tensor_parallel}
 
     def _checkpoint_meta(self) -> dict:
         return {"step": self.progress.step, "model_shape": self.model_cfg.shape(), "layout": self._layout(),
@@ -108,7 +117,7 @@ class Trainer:
         """Collective: DeepSpeed's state and every registered state, as step-N."""
         state = self.state.state_dict()
         # With this rank's optimizer parameters by name: another layout can read its ZeRO-0 state.
-        rank_state = {**state["rank"], "optimizer_params": {"stage": self.module.stage_id,
+        rank_state = {**state["rank"], "optimizer_params": {"mp_rank": self.module.mp_rank,
                                                             "groups": self.module.optimizer_params}}
         path = self.checkpointer.save(self.module.engine, self.progress.step,
                                       {**self._checkpoint_meta(), "state": state["shared"]}, rank_state)
@@ -121,6 +130,7 @@ class Trainer:
         this layout (DeepSpeed loads its own files) or any other (resharded through the
         layout-free form)."""
         saved = self.checkpointer.read_state(path)
+        saved["layout"] = {"tensor_parallel": 1, **saved["layout"]}  # (written before tensor parallelism)
         self._check_shape(path, saved)
         self._keep_global_batch(path, saved)
         if saved["layout"] == self._layout():
@@ -138,7 +148,7 @@ class Trainer:
         layout_free.load_into(self.module, source)
         step = saved["state"]["progress"]["step"]
         self.module.set_engine_counters(step, saved["state"]["progress"]["tokens"] // self.cfg.train.seq_len)
-        RNG.seed(self.cfg.run.seed + step, dist.rank())
+        RNG.seed(self.cfg.run.seed + step, self._rng_index())
         old, new = _describe_layout(saved["layout"]), _describe_layout(self._layout())
         how = "converted to the layout-free form now" if converted else "from its layout-free form"
         self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
@@ -274,7 +284,8 @@ class Trainer:
 
 def _describe_layout(layout: dict) -> str:
     stages = f"{layout['pipeline_stages']} pipeline stages x " if layout["pipeline_stages"] > 1 else ""
-    return f"{stages}{layout['dp_size']} data-parallel rank(s), ZeRO-{layout['zero_stage']}"
+    tp = f"tensor-parallel {layout['tensor_parallel']} x " if layout.get("tensor_parallel", 1) > 1 else ""
+    return f"{stages}{tp}{layout['dp_size']} data-parallel rank(s), ZeRO-{layout['zero_stage']}"
 
 
 def _mfu_text(row: dict) -> str:

@@ -4,80 +4,41 @@ only the order of summation differs)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 import pytest
-import torch
-from helpers import LAUNCH, TINY_CONFIG, copy_until, pretrain, pretrain_command, run_script, train_losses
+from helpers import (
+    LAUNCH,
+    LAYOUTS,
+    LONG,
+    TINY_CONFIG,
+    assert_same_state,
+    copy_until,
+    flat_state,
+    pretrain,
+    pretrain_command,
+    run_script,
+    samples_by_step,
+    train_losses,
+)
 
 from megatrain.train import layout_free
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_events, read_metrics
 
-LONG = ["train.max_steps=30", "checkpoint.every_steps=10", "train.eval_every=0"]
-LAYOUTS = {  # name: (ranks, settings)
-    "2r-zero1": (2, ["parallel.zero_stage=1"]),
-    "1r-zero0": (1, ["parallel.zero_stage=0"]),
-    "2r-zero3": (2, ["parallel.zero_stage=3"]),
-    "pipe2-zero1": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
-    "1r-zero2": (1, ["parallel.zero_stage=2"]),
-    "2r-zero2": (2, ["parallel.zero_stage=2"]),
-}
 DESCRIBED = {"2r-zero1": "2 data-parallel rank(s), ZeRO-1", "1r-zero0": "1 data-parallel rank(s), ZeRO-0",
              "2r-zero3": "2 data-parallel rank(s), ZeRO-3", "1r-zero2": "1 data-parallel rank(s), ZeRO-2",
              "pipe2-zero1": "2 pipeline stages x 1 data-parallel rank(s), ZeRO-1",
-             "2r-zero2": "2 data-parallel rank(s), ZeRO-2"}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, small_data):
-    """30 steps on a layout (checkpoints at 10, 20, 30), recording each rank's samples."""
-    made = {}
-
-    def get(layout: str):
-        if layout not in made:
-            root = tmp_path_factory.mktemp(layout)
-            nproc, sets = LAYOUTS[layout]
-            pretrain(root / "run", small_data, *sets, *LONG, nproc=nproc, record_samples=root / "samples")
-            made[layout] = root
-        return made[layout]
-
-    return get
-
-
-def samples_by_step(*dirs, steps: range) -> dict[int, list[int]]:
-    """Every rank's dataset indices of each step in `steps`, sorted (the global batch as a
-    multiset; a pipeline's first stage stands for its others, which draw the same)."""
-    found = defaultdict(list)
-    for d in dirs:
-        for f in d.glob("samples-rank*.jsonl"):
-            for line in f.read_text().splitlines():
-                row = json.loads(line)
-                if row["step"] in steps and row["stage"] == 0:
-                    found[row["step"]] += row["samples"]
-    return {step: sorted(v) for step, v in found.items()}
-
-
-def flat_state(run, step: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Each kind of training state (weights, moments) of a checkpoint, as one vector."""
-    tensors, opt_step = layout_free.read(run / "checkpoints" / f"step-{step:08d}")
-    return {kind: torch.cat([tensors[k].flatten() for k in sorted(tensors) if k.startswith(f"{kind}/")])
-            for kind in layout_free.KINDS}, opt_step
-
-
-def assert_same_state(a, b, rel: float):
-    (va, step_a), (vb, step_b) = a, b
-    assert step_a == step_b
-    for kind in layout_free.KINDS:
-        assert ((va[kind] - vb[kind]).norm() / va[kind].norm()).item() < rel, kind
+             "2r-zero2": "2 data-parallel rank(s), ZeRO-2",
+             "tp2-zero1": "tensor-parallel 2 x 1 data-parallel rank(s), ZeRO-1",
+             "tp2-zero2": "tensor-parallel 2 x 1 data-parallel rank(s), ZeRO-2"}
 
 
 @pytest.mark.parametrize("first, second", [("2r-zero1", "1r-zero0"), ("1r-zero0", "2r-zero3"),
-                                           ("pipe2-zero1", "1r-zero2"), ("2r-zero2", "pipe2-zero1")])
+                                           ("pipe2-zero1", "1r-zero2"), ("2r-zero2", "pipe2-zero1"),
+                                           ("tp2-zero1", "1r-zero0"), ("1r-zero0", "tp2-zero2")])
 def test_resume_on_another_layout_continues_exactly(uninterrupted, tmp_path, small_data, first, second):
     source = uninterrupted(first)
     run = copy_until(source / "run", tmp_path / "run", step=20)

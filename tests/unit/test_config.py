@@ -41,6 +41,12 @@ def test_yaml_plus_overrides():
     ("logging.wandb=yes please", "logging.wandb must be bool"),
     ("model.n_head=5", "model.d_model (32) must be divisible by model.n_head (5)"),
     ("parallel.zero_stage=4", "parallel.zero_stage must be 0, 1, 2 or 3"),
+    ("parallel.tensor_parallel=4", "parallel.tensor_parallel=4 must divide model.n_head (2): heads are split"),
+    ("parallel={tensor_parallel: 2, pipeline_stages: 2, zero_stage: 1}",
+     "parallel.tensor_parallel=2 cannot be combined with parallel.pipeline_stages=2: DeepSpeed's pipeline engine"),
+    ("parallel={tensor_parallel: 2, zero_stage: 3}",
+     "parallel.tensor_parallel=2 cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP training "
+     "supports ZeRO 0-2"),
     ("train=3", "train must be a mapping"),
 ])
 def test_bad_overrides(override, message):

@@ -169,3 +169,25 @@ def test_sampling_keeps_to_top_k_and_top_p():
     assert set(sample(logits, 1.0, top_p=0.95, generator=gen).tolist()) == {0, 1, 2}
     assert set(sample(logits, 1.0, top_p=0.5, generator=gen).tolist()) == {0}
     assert sample(logits[:1], 0.0).item() == 0
+
+
+def test_tensor_parallel_shards_keep_whole_heads_and_gather_back():
+    """q|k|v is split per sub-parameter: rank r keeps heads r of q, k and v; row-parallel
+    weights split by input columns; everything else stays whole. gather inverts shard."""
+    from megatrain.model import tensor_parallel as tp
+
+    d = 8
+    qkv = torch.arange(3 * d * d, dtype=torch.float32).reshape(3 * d, d)
+    shards = [tp.shard("blocks.0.attn.qkv.weight", qkv, r, 2) for r in range(2)]
+    q, k, v = qkv.chunk(3)
+    assert torch.equal(shards[1], torch.cat([q[d // 2:], k[d // 2:], v[d // 2:]]))
+    proj = torch.randn(d, d)
+    assert torch.equal(tp.shard("blocks.0.attn.proj.weight", proj, 1, 2), proj[:, d // 2:])
+    assert tp.split_of("blocks.0.attn.proj.bias") is None and tp.split_of("blocks.0.mlp.fc.bias") == (0, 1)
+    assert tp.split_of("embed.wte.weight") is None and tp.split_of("blocks.1.ln1.weight") is None
+    for name, full in [("blocks.0.attn.qkv.weight", qkv), ("blocks.0.attn.qkv.bias", torch.randn(3 * d)),
+                       ("blocks.0.attn.proj.weight", proj), ("blocks.3.mlp.fc.weight", torch.randn(4 * d, d)),
+                       ("blocks.3.mlp.proj.weight", torch.randn(d, 4 * d)), ("head.ln_f.weight", torch.randn(d))]:
+        assert torch.equal(tp.gather(name, [tp.shard(name, full, r, 4) for r in range(4)]), full), name
+    ds = tp.autotp_config(2)
+    assert ds["autotp_size"] == 2 and not ds["partition_config"]["use_default_specs"]

@@ -1,0 +1,70 @@
+"""Tensor parallelism (DeepSpeed AutoTP with megatrain's partition specs) through the real
+launcher: the trajectory of the same model without it, exact resume, conversion to the
+plain model, and randomness shared within a tensor-parallel group."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import LAYOUTS, LONG, assert_same_state, copy_until, flat_state, pretrain, samples_by_step, train_losses
+
+from megatrain.data import TokenDataset
+from megatrain.train.convert import load_model
+
+
+def test_tp2_follows_the_one_rank_trajectory(uninterrupted):
+    """Two ranks splitting every block (ZeRO-1 under it) train as one rank does: the same
+    losses, weights and moments (summation order aside), the same samples on both ranks."""
+    tp, one = uninterrupted("tp2-zero1"), uninterrupted("1r-zero0")
+    assert train_losses(tp / "run") == pytest.approx(train_losses(one / "run"), rel=1e-5)
+    assert_same_state(flat_state(tp / "run", 30), flat_state(one / "run", 30), rel=1e-5)
+    by_rank = [[json.loads(line)["samples"] for line in (tp / "samples" / f"samples-rank{r}.jsonl").open()]
+               for r in (0, 1)]
+    assert by_rank[0] == by_rank[1]  # the data-parallel rank, not the global rank, picks the slice
+    steps = range(1, 31)
+    assert samples_by_step(tp / "samples", steps=steps) == samples_by_step(one / "samples", steps=steps)
+
+
+def test_tp2_resumes_exactly(uninterrupted, tmp_path, small_data):
+    source = uninterrupted("tp2-zero1") / "run"
+    run = copy_until(source, tmp_path / "run", step=20)
+    nproc, sets = LAYOUTS["tp2-zero1"]
+    proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc)
+    assert "2 ranks: 1 pipeline x 2 tensor x 1 data parallel, ZeRO-1" in proc.stdout
+    assert "resumed from" in proc.stdout and "resharded" not in proc.stdout  # DeepSpeed's own files, same layout
+    assert train_losses(run) == train_losses(source)  # bitwise
+
+
+def test_tp2_checkpoint_gives_the_one_rank_models_logits(uninterrupted, small_data):
+    """launch/convert_checkpoint.py and export gather the shards (layout_free.read)."""
+    tp = load_model(uninterrupted("tp2-zero1") / "run")
+    one = load_model(uninterrupted("1r-zero0") / "run")
+    tokens = torch.from_numpy(TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64"))
+    with torch.no_grad():
+        a, b = tp(tokens[:, :-1]), one(tokens[:, :-1])
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_tp2_times_dp2_equals_dp4(tmp_path, small_data):
+    """4 ranks as 2 tensor-parallel groups of 2 against 4 data-parallel ranks, the same global
+    batch (ZeRO-1 in both)."""
+    common = ["parallel.zero_stage=1", "train.max_steps=8", "checkpoint.every_steps=0", "train.eval_every=0"]
+    pretrain(tmp_path / "tp", small_data, "parallel.tensor_parallel=2", *common, nproc=4)
+    pretrain(tmp_path / "dp", small_data, *common, nproc=4)
+    assert train_losses(tmp_path / "tp") == pytest.approx(train_losses(tmp_path / "dp"), rel=1e-5)
+
+
+def test_dropout_masks_agree_within_a_tensor_parallel_group(tmp_path, small_data):
+    """With dropout, the ranks of a group draw the same masks for the activations they all
+    hold whole, so the parameters every rank keeps whole stay bitwise equal across the group
+    (layout_free.read checks that) and so do their generators."""
+    run = tmp_path / "run"
+    pretrain(run, small_data, "parallel.tensor_parallel=2", "parallel.zero_stage=1", "model.dropout=0.1",
+             "train.eval_every=0")
+    flat_state(run, 6)  # raises if a replicated parameter differs between the two ranks
+    ckpt = run / "checkpoints" / "step-00000006"
+    rng = [torch.load(ckpt / f"megatrain-rank0000{r}.pt", weights_only=False)["rng"]["torch"] for r in (0, 1)]
+    assert torch.equal(rng[0], rng[1])
+    assert train_losses(run)[-1] < train_losses(run)[0]
