@@ -4,7 +4,7 @@ layout, loaded into the live engine of any other (docs/checkpoints.md, "Resuming
 another layout").
 
     tensors, step = read(ckpt)                 # {"param/NAME", "exp_avg/NAME", "exp_avg_sq/NAME": fp32}
-    path = ensure(ckpt)                        # CKPT/layout-free.safetensors, written once, atomically
+    path, converted = ensure(ckpt)             # CKPT/layout-free.safetensors, written once, atomically
     load_into(module, path)                    # every rank takes its own slices
 
 Where a checkpoint keeps them:

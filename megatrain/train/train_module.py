@@ -150,7 +150,9 @@ class TrainModule:
         from deepspeed.utils import groups
 
         counted = [p.grad for p in params if is_tensor_parallel(p) or self.tp_rank == 0]
-        squares = torch.nn.utils.get_total_norm(counted, norm_type=2.0).to(torch.float64) ** 2
+        squares = torch.zeros((), dtype=torch.float64, device=dist.collective_device())  # NCCL: on the GPU
+        if counted:
+            squares += torch.nn.utils.get_total_norm(counted, norm_type=2.0).to(squares) ** 2
         torch.distributed.all_reduce(squares, group=groups.get_tensor_model_parallel_group())
         return float(squares.sqrt())
 

@@ -72,3 +72,16 @@ def test_dropout_masks_agree_within_a_tensor_parallel_group(tmp_path, small_data
     rng = [torch.load(ckpt / f"megatrain-rank0000{r}.pt", weights_only=False)["rng"]["torch"] for r in (0, 1)]
     assert torch.equal(rng[0], rng[1])
     assert train_losses(run)[-1] < train_losses(run)[0]
+
+
+def test_tp2_measured_norm_and_deepspeed_clipping(tmp_path, small_data):
+    """With torch's AdamW under ZeRO-0 the trainer measures the norm and DeepSpeed clips:
+    under T=2 both count every parameter once (the same norms and losses as one rank, with
+    clipping active)."""
+    common = ["optim.name=torch_adamw", "train.max_steps=6", "checkpoint.every_steps=0", "train.eval_every=0"]
+    pretrain(tmp_path / "one", small_data, *common, nproc=1)
+    pretrain(tmp_path / "tp", small_data, "parallel.tensor_parallel=2", *common, nproc=2)
+    rows = [[r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("tp", "one")]
+    norms = [[r["grad_norm"] for r in rs] for rs in rows]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and min(norms[1]) < 0.6 < max(norms[1])
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
