@@ -63,6 +63,12 @@ def test_resume_on_another_layout_continues_exactly(uninterrupted, tmp_path, sma
     assert len(losses) == 30 and losses[:20] == reference[:20]  # the first 20 rows are the source's
     assert losses[20:] == pytest.approx(reference[20:], rel=1e-5)
     assert_same_state(flat_state(run, 30), flat_state(source / "run", 30), rel=1e-5)
+    # The schedules' position, the sampler's and the spike guard's history carried over.
+    resumed, reference_state = (Checkpointer.read_state(r / "checkpoints" / "step-00000030")["state"]
+                                for r in (run, source / "run"))
+    assert resumed["progress"] == reference_state["progress"] and resumed["data"] == reference_state["data"]
+    assert resumed["recovery"]["guard"]["history"]["loss"] == pytest.approx(
+        reference_state["recovery"]["guard"]["history"]["loss"], rel=1e-5)
     # No sample twice, none lost: each step of 21-30 trains on the same set as the uninterrupted run.
     steps = range(21, 31)
     resumed = samples_by_step(tmp_path / "samples", steps=steps)
