@@ -43,6 +43,7 @@ install_requires = [
     "numpy",
     "pyyaml",  # run configs
     "tqdm",  # progress bars for long work
+    "psutil",  # the planner's memory on a CPU accelerator (available RAM); DeepSpeed needs it too
     "matplotlib",  # launch/plot.py draws curves.png
     # The ecosystem's formats, for models that leave megatrain: safetensors for weights
     # (launch/convert_checkpoint.py), transformers for Hugging Face export (launch/export_hf.py).
@@ -58,7 +59,7 @@ extras_require = {
         "pytest-timeout",
         "ruff",
         "hypothesis",  # property tests for the tokenizer's round trip
-        "psutil",  # tests/helpers.py finds rank processes to kill (tests, bench/soak.py)
+        # (psutil, a dependency of the package, also finds rank processes to kill in tests/helpers.py)
     ],
     # HF tokenizers is a reference row in bench/tokenizer.py, nothing more.
     "bench": ["tokenizers"],

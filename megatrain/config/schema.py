@@ -313,6 +313,13 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    check: bool = True
+    """Refuse to start when the planner (megatrain/plan.py) predicts that this layout does not
+    fit the device's memory (false: start anyway)."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -324,6 +331,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     deepspeed: dict = field(default_factory=dict)
     """Raw DeepSpeed JSON merged on top of the generated config, for experts."""
 

@@ -8,32 +8,21 @@ timed at start stands in, and every place that shows the MFU says it is a CPU pr
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
 import torch.nn.functional as F
 
+from megatrain.devices import MATMUL_DTYPE, gpu_by_name
 from megatrain.train import distributed as dist
 
-# TFLOP/s, dense: NVIDIA A100 (2020), H100 (2023), H200 (2024) and L40S (2023) data sheets.
-GPU_PEAKS = [  # (pattern in the device name, name, {matmul dtype: TFLOP/s}); the first match wins
-    (r"H100.*PCIe", "H100 PCIe", {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
-    (r"H100 (SXM|80GB HBM3)", "H100 SXM", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
-    (r"H200", "H200", {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
-    (r"A100", "A100", {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
-    (r"L40S", "L40S", {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),
-]
-MATMUL_DTYPE = {"bf16": "bf16", "bf16-autocast": "bf16", "fp16": "fp16", "fp32": "fp32"}
 CPU_PROBE = "CPU matmul probe"
 
 
 def table_peak(device_name: str, matmul_dtype: str) -> tuple[float, str] | None:
     """(FLOP/s, "H100 SXM bf16 data sheet") for a known GPU, else None."""
-    for pattern, name, peaks in GPU_PEAKS:
-        if re.search(pattern, device_name):
-            return peaks[matmul_dtype] * 1e12, f"{name} {matmul_dtype} data sheet"
-    return None
+    gpu = gpu_by_name(device_name)
+    return (gpu.tflops[matmul_dtype] * 1e12, f"{gpu.name} {matmul_dtype} data sheet") if gpu else None
 
 
 def peak_flops(cfg, device: torch.device) -> tuple[float | None, str]:
@@ -64,3 +53,18 @@ def measure_cpu_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float =
         F.linear(x, w)
         runs += 1
     return 2.0 * n**3 * runs / (time.perf_counter() - t0)
+
+
+def device_memory() -> tuple[float, str]:
+    """(bytes, what they are) of the memory one rank trains in: its GPU's, or on a CPU
+    accelerator the host's available RAM shared by the ranks on this machine."""
+    import os
+
+    import psutil
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return float(props.total_memory), f"GPU {props.name}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or dist.world_size())
+    return psutil.virtual_memory().available / local, f"host RAM available to each of {local} local rank(s)"

@@ -19,6 +19,7 @@ from pathlib import Path
 from megatrain.config import Config
 from megatrain.errors import UserError
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
+from megatrain.plan import Layout, human, plan, search
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train import layout_free
@@ -26,7 +27,7 @@ from megatrain.train.batches import TrainBatches, build_datasets
 from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, LogMetrics, Preemption
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import RunLog
-from megatrain.train.mfu import CPU_PROBE, peak_flops
+from megatrain.train.mfu import CPU_PROBE, device_memory, peak_flops
 from megatrain.train.spike_recovery import SpikeRecovery
 from megatrain.train.state import RNG, Progress, ResumableState
 from megatrain.train.train_module import TrainModule, init_layout
@@ -43,6 +44,8 @@ class Trainer:
         if vocab < data_vocab:
             raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}")
         self.model_cfg = GPTConfig.from_config(cfg, vocab)
+        self.log = RunLog(cfg, enabled=dist.is_main())
+        self._check_plan()
         self.progress = Progress()
         self.lr_schedule = LRSchedule.from_config(cfg)
         self.batch_schedule = BatchSchedule.from_config(cfg, dp_size)
@@ -65,7 +68,6 @@ class Trainer:
                 self.state.register(cb.name, cb)
         self.outcome: str | None = None  # set by a callback to end the run: "stopped", "gave_up"
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
-        self.log = RunLog(cfg, enabled=dist.is_main())
         RNG.seed(cfg.run.seed, self._rng_index())
         self._resume(resume)
         self.flops_per_token = flops_per_token(self.model_cfg)
@@ -89,6 +91,29 @@ class Trainer:
         for note in self.batch_schedule.rounding_notes():  # the schedule departs from the config: say so
             self.log.print(f"schedule: {note}")
             self.log.event("batch_rounded", note=note)
+
+    def _check_plan(self) -> None:
+        """The planner's memory prediction for this layout, printed before anything is
+        allocated; a layout it predicts cannot fit is refused (plan.check), naming the
+        fastest layout of these ranks that fits."""
+        memory, where = device_memory()
+        on_gpu = where.startswith("GPU")
+        layout = Layout.from_config(self.cfg, dist.world_size())
+        mine = plan(self.cfg, self.model_cfg, layout, memory, peak_flops=1.0, on_gpu=on_gpu)  # memory only
+        parts = mine["per_rank_bytes"]
+        breakdown = ", ".join(f"{k} {human(v)}" for k, v in parts.items() if k != "total")
+        self.log.print(f"plan: {human(parts['total'])} per rank predicted ({breakdown}) of {human(memory)} ({where})")
+        if mine["fits"] or not self.cfg.plan.check:
+            return
+        fitting = search(self.cfg, self.model_cfg, dist.world_size(), min(dist.world_size(), 8), memory, 1.0,
+                         on_gpu=on_gpu)
+        largest = max((k for k in parts if k not in ("total", "allowance")), key=parts.get)
+        raise UserError(f"plan: this layout needs {human(parts['total'])} per rank ({largest} "
+                        f"{human(parts[largest])}), {where} has {human(memory)}: over by "
+                        f"{human(parts['total'] - memory)}; "
+                        + (f"the fastest layout of {dist.world_size()} rank(s) that fits: {fitting[0]['sets']}"
+                           if fitting else f"no layout of {dist.world_size()} rank(s) fits")
+                        + "; --set plan.check=false starts anyway")
 
     def _rng_index(self) -> int:
         """Which generators this rank draws from: its own, except that the ranks of a

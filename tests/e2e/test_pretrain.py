@@ -132,6 +132,20 @@ def test_changed_model_shape_is_refused(runs, tmp_path, small_data):
         "the checkpoint is for another model shape n_layer: 2 in the checkpoint, 3 now")
 
 
+def test_a_layout_predicted_not_to_fit_is_refused_before_anything_is_allocated(tmp_path, small_data):
+    """GPT-3 175B's shape on one CPU rank: the planner's prediction (terabytes) is printed
+    and the run refused in one line, before the model is built."""
+    run = tmp_path / "run"
+    proc = pretrain(run, small_data, "model.n_layer=96", "model.d_model=12288", "model.n_head=96", nproc=0,
+                    check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "plan: " in proc.stdout and "GiB per rank predicted (params " in proc.stdout
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: plan: this layout needs ") and "host RAM available" in line
+    assert line.endswith("no layout of 1 rank(s) fits; --set plan.check=false starts anyway")
+    assert not (run / "checkpoints").exists()
+
+
 def test_world_of_one_zero0_skips_the_allreduce_without_changing_numerics(tmp_path, small_data):
     """In a world of one, ZeRO-0 leaves out DeepSpeed's gradient all-reduce (an identity);
     ZeRO-1, which reduces into its own partition, follows the same trajectory."""

@@ -37,6 +37,7 @@ def test_tp2_resumes_exactly(uninterrupted, tmp_path, small_data):
     nproc, sets = LAYOUTS["tp2-zero1"]
     proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc)
     assert "2 ranks: 1 pipeline x 2 tensor x 1 data parallel, ZeRO-1" in proc.stdout
+    assert "plan: " in proc.stdout and " per rank predicted (params " in proc.stdout
     assert "resumed from" in proc.stdout and "resharded" not in proc.stdout  # DeepSpeed's own files, same layout
     assert train_losses(run) == train_losses(source)  # bitwise
 

@@ -1,0 +1,119 @@
+"""Plan a run before launching it: per-rank memory, host memory, checkpoint size, step
+time and training days for a config on a layout; or every layout that fits, fastest first.
+
+    python launch/plan.py --config configs/gpt3-13b.yaml --gpus 64 --gpu h100
+    python launch/plan.py --config configs/gpt3-13b.yaml --gpus 64 --gpu h100 --search
+    python launch/plan.py --config configs/gpt3-1.3b.yaml --gpus 8 --gpu-mem-gb 24 --peak-tflops 165 --json plan.json
+
+No data is needed: the vocabulary comes from model.vocab_size, else the data's manifest when
+it exists, else --vocab-size (GPT-3's 50257). Estimates, not measurements: docs/planning.md.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from megatrain.config import load_config
+from megatrain.devices import GPUS, MATMUL_DTYPE, gpu_by_key
+from megatrain.errors import UserError
+from megatrain.files import write_atomically
+from megatrain.model import GPTConfig
+from megatrain.plan import Layout, Links, plan, search
+
+from _cli import run
+
+GIB = 1 << 30
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", help=f"a known GPU: {', '.join(g.key for g in GPUS)}")
+    p.add_argument("--gpu-mem-gb", type=float, help="device memory in GB (instead of --gpu)")
+    p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s in the training precision (with --gpu-mem-gb)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--intra-node-gbs", type=float, default=300, help="all-reduce GB/s per GPU within a node")
+    p.add_argument("--inter-node-gbs", type=float, default=25, help="all-reduce GB/s per GPU between nodes")
+    p.add_argument("--vocab-size", type=int, default=50257, help="when neither the config nor data gives it")
+    p.add_argument("--search", action="store_true", help="every layout that fits, fastest first")
+    p.add_argument("--top", type=int, default=10, help="with --search: how many to print")
+    p.add_argument("--json", metavar="FILE", help="also write the answer as JSON")
+    return p.parse_args()
+
+
+def device(args, precision: str) -> tuple[float, float, str]:
+    """(memory bytes, peak FLOP/s, description)."""
+    if args.gpu:
+        gpu = gpu_by_key(args.gpu)
+        if gpu is None:
+            raise UserError(f"--gpu {args.gpu}: not a known GPU; known: {', '.join(g.key for g in GPUS)} "
+                            "(or give --gpu-mem-gb and --peak-tflops)")
+        dtype = MATMUL_DTYPE[precision]
+        return gpu.memory_gb * 1e9, gpu.tflops[dtype] * 1e12, f"{gpu.name}, {dtype} peak"
+    if args.gpu_mem_gb is None or args.peak_tflops is None:
+        raise UserError("give --gpu NAME, or both --gpu-mem-gb and --peak-tflops")
+    return args.gpu_mem_gb * 1e9, args.peak_tflops * 1e12, "as given"
+
+
+def vocab_size(cfg, default: int) -> tuple[int, str]:
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size, "model.vocab_size"
+    for path, _ in cfg.data.sources():
+        for manifest in (Path(path) / "train" / "manifest.json", Path(path) / "manifest.json"):
+            if manifest.is_file():
+                return json.loads(manifest.read_text())["vocab_size"], str(manifest)
+    return default, "--vocab-size"
+
+
+def show(p: dict) -> None:
+    mem, lay = p["per_rank_bytes"], p["layout"]
+    print(f"layout: ZeRO-{lay['zero_stage']}, {lay['pipeline_stages']} pipeline x {lay['tensor_parallel']} tensor x "
+          f"{lay['data_parallel']} data parallel, micro_batch {lay['micro_batch']}, activation checkpointing "
+          f"{'on' if lay['activation_checkpointing'] else 'off'}")
+    print("per rank: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total")
+          + f" GiB; total {mem['total'] / GIB:.2f} GiB of {p['device_bytes'] / GIB:.1f}: "
+          + ("fits" if p["fits"] else f"DOES NOT FIT by {(mem['total'] - p['device_bytes']) / GIB:.2f} GiB"))
+    print(f"host per node: {p['host_bytes_per_node'] / GIB:.1f} GiB of rollback points; checkpoint "
+          f"{p['checkpoint_bytes'] / GIB:.1f} GiB on disk")
+    print(f"step {p['step_time_s']:.2f}s at the full batch ({p['comm_time_s']:.2f}s of it communication), "
+          f"{p['tokens_per_s']:,.0f} tokens/s (MFU "
+          f"{p['assumed_mfu']:.0%} assumed); {p['train_days']:.1f} days, {p['gpu_hours']:,.0f} GPU-hours")
+    for st in p["ramp_stages"]:
+        print(f"  tokens {st['from_tokens']:.3g}-{st['to_tokens']:.3g}: batch {st['batch_tokens']:,.0f}, "
+              f"step {st['step_time_s']:.2f}s, {st['days']:.2f} days, {st['gpu_hours']:,.0f} GPU-hours")
+
+
+def main():
+    args = parse_args()
+    cfg = load_config(args.config, args.set)
+    memory, peak, source = device(args, cfg.train.precision)
+    vocab, vocab_source = vocab_size(cfg, args.vocab_size)
+    model = GPTConfig.from_config(cfg, vocab)
+    print(f"{args.config}: {args.gpus} GPUs ({source}), vocabulary {vocab} ({vocab_source})")
+    if args.gpus % (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_stages):
+        raise UserError(f"--gpus {args.gpus}: not a multiple of tensor_parallel x pipeline_stages")
+    links = Links(args.intra_node_gbs * 1e9, args.inter_node_gbs * 1e9)
+    mine = plan(cfg, model, Layout.from_config(cfg, args.gpus), memory, peak, args.mfu, args.gpus_per_node,
+                links=links)
+    show(mine)
+    out = dict(mine)
+    if args.search:
+        found = search(cfg, model, args.gpus, args.gpus_per_node, memory, peak, args.mfu, links=links)
+        out["candidates"] = found
+        print(f"\n{len(found)} layouts fit; the fastest {min(args.top, len(found))}:")
+        for p in found[:args.top]:
+            lay = p["layout"]
+            print(f"  {p['step_time_s']:8.2f}s/step {p['per_rank_bytes']['total'] / GIB:7.2f} GiB  ZeRO-{lay['zero_stage']} "
+                  f"TP{lay['tensor_parallel']} PP{lay['pipeline_stages']} DP{lay['data_parallel']} "
+                  f"mb{lay['micro_batch']} ckpt={'on' if lay['activation_checkpointing'] else 'off'}")
+        if found:
+            print(f"best: {found[0]['sets']}")
+    if args.json:
+        write_atomically(Path(args.json), json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,37 @@
+"""GPUs by their data sheets: dense peak FLOP/s per matmul precision and memory. The MFU
+denominator (train/mfu.py) and the planner (plan.py) read them from here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str  # what `launch/plan.py --gpu` takes
+    name: str
+    pattern: str  # in torch.cuda.get_device_name()
+    memory_gb: float
+    tflops: dict  # matmul dtype -> dense TFLOP/s
+
+
+# NVIDIA A100 (2020), H100 (2023), H200 (2024) and L40S (2023) data sheets; dense, no sparsity.
+# The first pattern that matches a device name wins.
+GPUS = [
+    GPU("h100-pcie", "H100 PCIe", r"H100.*PCIe", 80, {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
+    GPU("h100", "H100 SXM", r"H100 (SXM|80GB HBM3)", 80, {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
+    GPU("h200", "H200", r"H200", 141, {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
+    GPU("a100-40gb", "A100 40GB", r"A100.*40GB", 40, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
+    GPU("a100", "A100", r"A100", 80, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
+    GPU("l40s", "L40S", r"L40S", 48, {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),
+]
+MATMUL_DTYPE = {"bf16": "bf16", "bf16-autocast": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def gpu_by_name(device_name: str) -> GPU | None:
+    return next((g for g in GPUS if re.search(g.pattern, device_name)), None)
+
+
+def gpu_by_key(key: str) -> GPU | None:
+    return next((g for g in GPUS if g.key == key.lower()), None)

@@ -1,0 +1,232 @@
+"""Plan before you launch: what one rank holds for a config on a layout, whether it fits a
+device, how long the token budget takes; and a search over layouts (docs/planning.md).
+
+    p = plan(cfg, model_cfg, Layout.from_config(cfg, gpus=64), device_memory=80e9, peak_flops=989e12)
+    p["fits"], p["per_rank_bytes"]["total"], p["train_days"]
+    best = search(cfg, model_cfg, gpus=64, gpus_per_node=8, device_memory=80e9, peak_flops=989e12)[0]
+
+Per rank, for the rank that holds the embeddings (the first pipeline stage, or any rank):
+  params      the weights in the training dtype (ZeRO-3: a 1/D share)
+  grads       the same size (ZeRO-2/3: a share), plus ZeRO's fp32 gradient of its partition
+  optimizer   AdamW's two fp32 moments and the fp32 master weights where they are a copy
+              (bf16, or any ZeRO stage), a 1/D share under ZeRO 1-3
+  activations per micro-batch and layer s*b*h*(10 + 24/T) in 2-byte units (Korthikanti et
+              al. 2022, without the s^2 attention scores, which SDPA does not keep), twice
+              that in fp32; with activation checkpointing only each block's input plus one
+              block's working set; P micro-batches in flight on a pipeline's first stage
+              (1F1B); the logits in the training dtype and in fp32 for the cross-entropy and
+              its gradient, s*b*V*(w + 8) bytes
+  buffers     DeepSpeed's reduce and all-gather buckets (ZeRO-0/1/2; defaults 5e8
+              elements, or the config's), ZeRO-3's prefetch bucket and two gathered layers
+  allowance   10% of the above for the allocator's fragmentation, plus 1 GiB for the CUDA
+              context on GPUs
+Time: the model FLOPs per token (6N + attention; recomputation added with activation
+checkpointing) at an assumed MFU of the device's peak, stretched by the 1F1B bubble
+(P-1)/(m+P-1) for m micro-batches per pipeline, plus communication as ring collectives
+(2(n-1)/n x bytes / bandwidth), not overlapped with compute (an upper bound): tensor
+parallelism's four all-reduces of s*b*h activations per block and micro-batch (within a
+node), the data-parallel gradient reduction once per step (ZeRO-3: the parameters gathered
+twice and the gradients reduced per micro-batch), over the node's links when the group fits
+in a node, else the network; over the batch ramp and then the full batch up to the config's
+token budget. These are estimates: what they leave out is listed in
+docs/planning.md, and nothing here has been compared with a GPU's measured memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from megatrain.config import Config
+from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
+
+ALLOCATOR_SHARE = 0.10
+CUDA_CONTEXT_BYTES = 1 << 30
+DEFAULT_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size and allgather_bucket_size (elements)
+DEFAULT_PREFETCH = 5e7  # DeepSpeed's stage3_prefetch_bucket_size (elements)
+RAMP_SEGMENTS = 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    zero_stage: int
+    tensor_parallel: int
+    pipeline_stages: int
+    data_parallel: int
+    micro_batch: int
+    activation_checkpointing: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config, gpus: int) -> Layout:
+        par = cfg.parallel
+        return cls(par.zero_stage, par.tensor_parallel, par.pipeline_stages,
+                   gpus // (par.tensor_parallel * par.pipeline_stages), cfg.train.micro_batch,
+                   cfg.model.activation_checkpointing or par.activation_checkpoint_interval > 0)
+
+    @property
+    def world(self) -> int:
+        return self.tensor_parallel * self.pipeline_stages * self.data_parallel
+
+    def sets(self) -> str:
+        """The --set line that launches this layout."""
+        return (f"--set parallel.zero_stage={self.zero_stage} --set parallel.tensor_parallel={self.tensor_parallel} "
+                f"--set parallel.pipeline_stages={self.pipeline_stages} --set train.micro_batch={self.micro_batch} "
+                f"--set model.activation_checkpointing={str(self.activation_checkpointing).lower()}")
+
+
+def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout) -> dict[str, float]:
+    """The memory breakdown of the rank holding the embeddings (module docstring)."""
+    h, L, V, s, b = m.d_model, m.n_layer, m.vocab_size, m.seq_len, lay.micro_batch
+    T, P, D, Z = lay.tensor_parallel, lay.pipeline_stages, lay.data_parallel, lay.zero_stage
+    w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
+    block = 12 * h * h + 13 * h
+    params = L * block / (T * P) + (V + s) * h + 2 * h  # the embeddings stay whole under TP
+    mixed = w == 2
+    weights = params * w / (D if Z == 3 else 1)
+    grads = params * w / (D if Z >= 2 else 1) + (params * 4 / D if Z >= 1 else 0)
+    optimizer = params * (8 + (4 if mixed or Z >= 1 else 0)) / (D if Z >= 1 else 1)
+
+    act_w = 2 if mixed else 4
+    per_layer = s * b * h * (10 + 24 / T) * act_w / 2
+    stored = s * b * h * act_w if lay.activation_checkpointing else per_layer
+    layers = math.ceil(L / P)
+    micro_batches = _micro_batches(cfg, lay, cfg.schedule.batch_final_tokens)
+    in_flight = min(P, micro_batches)
+    logits = s * b * V * (w + 8)
+    working = per_layer if lay.activation_checkpointing else 0
+    first_stage = in_flight * layers * stored + working + (logits if P == 1 else 0)
+    last_stage = layers * stored + working + logits
+    activations = max(first_stage, last_stage)
+
+    zero = cfg.deepspeed.get("zero_optimization", {})
+    if Z == 3:
+        prefetch = zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH)
+        buffers = prefetch * w + 2 * (block / T) * w
+    else:
+        reduce_bucket = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params)
+        gather_bucket = min(zero.get("allgather_bucket_size", DEFAULT_BUCKET), params) if Z else 0
+        buffers = (reduce_bucket + gather_bucket) * w
+    out = {"params": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "buffers": buffers}
+    out["allowance"] = ALLOCATOR_SHARE * sum(out.values())
+    out["total"] = sum(out.values())
+    return out
+
+
+def _micro_batches(cfg: Config, lay: Layout, batch_tokens: float) -> int:
+    """Micro-batches per data-parallel rank in a step of this batch (at least one)."""
+    return max(1, int(batch_tokens) // (lay.micro_batch * cfg.train.seq_len * lay.data_parallel))
+
+
+def token_budget(cfg: Config) -> float:
+    t = cfg.train
+    if t.max_tokens is not None:
+        return float(t.max_tokens)
+    return float(t.max_steps) * cfg.schedule.batch_final_tokens
+
+
+@dataclass(frozen=True)
+class Links:
+    """All-reduce bandwidth per GPU in bytes/s: within a node (NVLink) and between nodes."""
+
+    intra_node: float = 300e9
+    inter_node: float = 25e9
+
+
+def comm_time(cfg: Config, m: GPTConfig, lay: Layout, batch_tokens: float, gpus_per_node: int, links: Links) -> float:
+    """Seconds of communication in one step (module docstring)."""
+    w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
+    T, P, D = lay.tensor_parallel, lay.pipeline_stages, lay.data_parallel
+    micro_batches = _micro_batches(cfg, lay, batch_tokens)
+
+    def ring(n: int, nbytes: float, bandwidth: float) -> float:
+        return 2 * (n - 1) / n * nbytes / bandwidth if n > 1 else 0.0
+
+    activation = m.seq_len * lay.micro_batch * m.d_model * w
+    tp = 4 * math.ceil(m.n_layer / P) * micro_batches * ring(T, activation, links.intra_node)
+    dp_link = links.intra_node if lay.world <= gpus_per_node else links.inter_node
+    shard = (m.n_layer * (12 * m.d_model**2 + 13 * m.d_model) / (T * P) + (m.vocab_size + m.seq_len) * m.d_model) * w
+    dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
+    pipe = 2 * (P - 1) * micro_batches * activation / links.inter_node if P > 1 else 0.0
+    return tp + dp + pipe
+
+
+def plan(cfg: Config, m: GPTConfig, lay: Layout, device_memory: float, peak_flops: float, mfu: float = 0.4,
+         gpus_per_node: int = 8, on_gpu: bool = True, links: Links = Links()) -> dict:
+    """The planner's answer for one layout, as launch/plan.py --json writes it."""
+    memory = per_rank_bytes(cfg, m, lay)
+    if on_gpu:
+        memory["allowance"] += CUDA_CONTEXT_BYTES
+        memory["total"] += CUDA_CONTEXT_BYTES
+    flops = flops_per_token(m) + (recompute_flops_per_token(m) if lay.activation_checkpointing else 0)
+    world = lay.world
+
+    def step_time(batch_tokens: float) -> float:
+        P = lay.pipeline_stages
+        bubble = (P - 1) / (_micro_batches(cfg, lay, batch_tokens) + P - 1)
+        compute = batch_tokens * flops / (world * peak_flops * mfu) / (1 - bubble)
+        return compute + comm_time(cfg, m, lay, batch_tokens, gpus_per_node, links)
+
+    stages, budget, s = [], token_budget(cfg), cfg.schedule
+    ramp = min(s.batch_ramp_tokens or 0, budget) if s.batch_start_tokens and s.batch_steps is None else 0
+    edges = [ramp * i / RAMP_SEGMENTS for i in range(RAMP_SEGMENTS + 1)] if ramp else [0.0]
+    for start, end in [*zip(edges, edges[1:], strict=False), (edges[-1], budget)]:
+        if end <= start:
+            continue
+        batch = _batch_at(cfg, (start + end) / 2 if end <= ramp else end)
+        seconds = (end - start) / batch * step_time(batch)
+        stages.append({"from_tokens": start, "to_tokens": end, "batch_tokens": batch, "step_time_s": step_time(batch),
+                       "days": seconds / 86400, "gpu_hours": seconds * world / 3600})
+    final = cfg.schedule.batch_final_tokens
+    snapshot = memory["params"] * (lay.data_parallel if lay.zero_stage == 3 else 1) + memory["optimizer"]
+    rollback = cfg.spike.snapshots * snapshot if cfg.spike.enabled and lay.zero_stage != 3 else 0
+    n = param_count(m)
+    w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
+    masters = 4 if w == 2 or lay.zero_stage >= 1 else 0
+    return {"fits": bool(memory["total"] <= device_memory), "layout": asdict(lay), "world": world,
+            "per_rank_bytes": memory, "device_bytes": device_memory,
+            "host_bytes_per_node": rollback * min(gpus_per_node, world),
+            "checkpoint_bytes": n * (w + 8 + masters), "step_time_s": step_time(final),
+            "tokens_per_s": final / step_time(final),
+            "comm_time_s": comm_time(cfg, m, lay, final, gpus_per_node, links), "train_days": sum(x["days"] for x in stages),
+            "gpu_hours": sum(x["gpu_hours"] for x in stages), "ramp_stages": stages, "assumed_mfu": mfu,
+            "sets": lay.sets()}
+
+
+def _batch_at(cfg: Config, tokens: float) -> float:
+    s = cfg.schedule
+    if s.batch_steps is not None:
+        return float(next(size for start, size in reversed(s.batch_steps) if tokens >= start))
+    if not s.batch_ramp_tokens or s.batch_start_tokens is None or tokens >= s.batch_ramp_tokens:
+        return float(s.batch_final_tokens)
+    return s.batch_start_tokens + (s.batch_final_tokens - s.batch_start_tokens) * tokens / s.batch_ramp_tokens
+
+
+def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
+    """Every layout megatrain can run: ZeRO 0-3, tensor parallel within a node (dividing the
+    heads; ZeRO 0-2), pipeline stages dividing the layers (ZeRO 0-1, no tensor parallel),
+    micro-batches 1-16, activation checkpointing on and off; the final batch must split."""
+    for T in (t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0 and m.n_head % t == 0):
+        for P in (p for p in range(1, m.n_layer + 1) if m.n_layer % p == 0 and gpus % (T * p) == 0):
+            if T > 1 and P > 1:
+                continue
+            D = gpus // (T * P)
+            for Z in range(4):
+                if (P > 1 and Z > 1) or (T > 1 and Z == 3):
+                    continue
+                for b in (1, 2, 4, 8, 16):
+                    if cfg.schedule.batch_final_tokens % (b * m.seq_len * D):
+                        continue
+                    for ckpt in (False, True):
+                        yield Layout(Z, T, P, D, b, ckpt)
+
+
+def search(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int, device_memory: float, peak_flops: float,
+           mfu: float = 0.4, on_gpu: bool = True, links: Links = Links()) -> list[dict]:
+    """Every layout that fits, fastest first (ties: less memory)."""
+    plans = [plan(cfg, m, lay, device_memory, peak_flops, mfu, gpus_per_node, on_gpu, links)
+             for lay in layouts(cfg, m, gpus, gpus_per_node)]
+    return sorted((p for p in plans if p["fits"]), key=lambda p: (p["step_time_s"], p["per_rank_bytes"]["total"]))
+
+
+def human(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"

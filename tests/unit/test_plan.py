@@ -1,0 +1,92 @@
+"""The planner (megatrain/plan.py, launch/plan.py): its model states against DeepSpeed's own
+estimators, how the layout moves each part, the search, the CLI's JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import REPO, run_script
+
+from megatrain.config import load_config
+from megatrain.model import GPTConfig, param_count
+from megatrain.plan import Layout, per_rank_bytes, plan, search
+
+GPT3_13B = REPO / "configs" / "gpt3-13b.yaml"
+
+
+def config(*sets: str):
+    cfg = load_config(GPT3_13B, list(sets))
+    return cfg, GPTConfig.from_config(cfg, 50257)
+
+
+def model_states(parts: dict) -> float:
+    return parts["params"] + parts["grads"] + parts["optimizer"]
+
+
+def test_model_states_match_deepspeeds_estimators():
+    """bf16 with 16 data-parallel ranks: ZeRO-2 is DeepSpeed's 2N + 18N/G exactly; ZeRO-3 is
+    its 18N/G plus the 16-bit parameters' own share (DeepSpeed counts the largest layer
+    instead)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg, m = config()
+    n, gpus = param_count(m), 16
+    _, zero2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
+    _, zero3, largest = estimate_zero3_model_states_mem_needs(n, 12 * m.d_model**2, num_gpus_per_node=8,
+                                                               num_nodes=2, cpu_offload=False)
+    for stage, expected in ((2, zero2), (3, zero3 - largest + 2 * n / gpus)):
+        ours = model_states(per_rank_bytes(cfg, m, Layout(stage, 1, 1, gpus, 1, True)))
+        assert ours == pytest.approx(expected, rel=1e-6), stage
+
+
+def test_each_layout_moves_its_part():
+    cfg, m = config()
+    at = {z: per_rank_bytes(cfg, m, Layout(z, 1, 1, 8, 1, True)) for z in range(4)}
+    assert at[1]["optimizer"] < at[0]["optimizer"] and at[1]["grads"] == pytest.approx(at[0]["grads"] + 4 * (
+        at[0]["params"] / 2) / 8)  # ZeRO-1 adds the fp32 gradient of its partition
+    assert at[2]["grads"] < at[1]["grads"] and at[3]["params"] < at[2]["params"]
+    assert at[3]["total"] < at[2]["total"] < at[1]["total"] < at[0]["total"]
+    tp = per_rank_bytes(cfg, m, Layout(1, 8, 1, 1, 1, True))
+    assert at[1]["params"] / 8 < tp["params"] < at[1]["params"] / 6  # the blocks split 8 ways, the embeddings whole
+    no_ckpt = per_rank_bytes(cfg, m, Layout(1, 1, 1, 8, 1, False))
+    assert no_ckpt["activations"] > 5 * at[1]["activations"]
+    pipe = per_rank_bytes(cfg, m, Layout(1, 1, 4, 2, 1, True))
+    assert pipe["params"] < at[1]["params"] / 2
+
+
+def test_fits_search_and_the_set_line():
+    cfg, m = config()
+    mine = plan(cfg, m, Layout.from_config(cfg, 64), device_memory=80e9, peak_flops=989e12)
+    assert mine["fits"] and mine["layout"]["zero_stage"] == 3 and mine["layout"]["data_parallel"] == 64
+    assert not plan(cfg, m, Layout.from_config(cfg, 64), device_memory=1e9, peak_flops=989e12)["fits"]
+    assert 1 < mine["train_days"] < 1000 and mine["tokens_per_s"] > 0
+    assert mine["checkpoint_bytes"] == param_count(m) * 14  # bf16 weights, fp32 masters and two moments
+    assert sum(s["to_tokens"] - s["from_tokens"] for s in mine["ramp_stages"]) == pytest.approx(300e9)
+    found = search(cfg, m, gpus=64, gpus_per_node=8, device_memory=80e9, peak_flops=989e12)
+    assert found and all(p["fits"] for p in found)
+    assert [p["step_time_s"] for p in found] == sorted(p["step_time_s"] for p in found)
+    best = found[0]["layout"]
+    again = load_config(GPT3_13B, [s.removeprefix("--set ") for s in found[0]["sets"].split(" --set ")])
+    assert Layout.from_config(again, 64).__dict__ == best
+    assert not search(cfg, m, gpus=8, gpus_per_node=8, device_memory=2e9, peak_flops=989e12)
+
+
+def test_cli_json_and_bad_input(tmp_path, small_data):
+    out = tmp_path / "plan.json"
+    proc = run_script("plan.py", "--config", GPT3_13B, "--gpus", 64, "--gpu", "h100", "--search", "--json", out)
+    assert "best: --set parallel.zero_stage=" in proc.stdout
+    got = json.loads(out.read_text())
+    assert set(got["layout"]) == {"zero_stage", "tensor_parallel", "pipeline_stages", "data_parallel", "micro_batch",
+                                  "activation_checkpointing"}
+    assert {"params", "grads", "optimizer", "activations", "buffers", "total"} <= set(got["per_rank_bytes"])
+    for key in ("fits", "host_bytes_per_node", "checkpoint_bytes", "step_time_s", "tokens_per_s", "train_days"):
+        assert key in got
+    assert got["candidates"] and all(c["fits"] for c in got["candidates"])
+    # The vocabulary from the data's manifest when the data exists.
+    proc = run_script("plan.py", "--config", GPT3_13B, "--set", f"data.path={small_data}", "--gpus", 8,
+                      "--gpu-mem-gb", 80, "--peak-tflops", 300)
+    assert "vocabulary 1024 (" in proc.stdout
+    proc = run_script("plan.py", "--config", GPT3_13B, "--gpus", 8, "--gpu", "v100", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --gpu v100: not a known")
