@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/optimizer.py --json runs/bench/optimizer.json
 	$(BIN)/python bench/pipeline.py --json runs/bench/pipeline.json
 	$(BIN)/python bench/tensor_parallel.py --json runs/bench/tensor_parallel.json
+	$(BIN)/python bench/plan.py --json runs/bench/plan.json
 	$(BIN)/python bench/build.py --json runs/bench/build.json
 	$(BIN)/python bench/generate.py --json runs/bench/generate.json
 
