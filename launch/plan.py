@@ -18,7 +18,7 @@ from megatrain.devices import GPUS, MATMUL_DTYPE, gpu_by_key
 from megatrain.errors import UserError
 from megatrain.files import write_atomically
 from megatrain.model import GPTConfig
-from megatrain.plan import Layout, Links, plan, search
+from megatrain.plan import Layout, Links, plan, search, smallest_fitting_gpus
 
 from _cli import run
 
@@ -93,8 +93,10 @@ def main():
     vocab, vocab_source = vocab_size(cfg, args.vocab_size)
     model = GPTConfig.from_config(cfg, vocab)
     print(f"{args.config}: {args.gpus} GPUs ({source}), vocabulary {vocab} ({vocab_source})")
-    if args.gpus % (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_stages):
-        raise UserError(f"--gpus {args.gpus}: not a multiple of tensor_parallel x pipeline_stages")
+    model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_stages
+    if args.gpus < 1 or args.gpus % model_parallel:
+        raise UserError(f"--gpus {args.gpus}: the config's layout needs a multiple of parallel.tensor_parallel x "
+                        f"parallel.pipeline_stages = {model_parallel} GPUs")
     links = Links(args.intra_node_gbs * 1e9, args.inter_node_gbs * 1e9)
     mine = plan(cfg, model, Layout.from_config(cfg, args.gpus), memory, peak, args.mfu, args.gpus_per_node,
                 links=links)
@@ -102,6 +104,10 @@ def main():
     out = dict(mine)
     if args.search:
         found = search(cfg, model, args.gpus, args.gpus_per_node, memory, peak, args.mfu, links=links)
+        if not found:
+            fewest = smallest_fitting_gpus(cfg, model, args.gpus_per_node, memory, peak, mfu=args.mfu, links=links)
+            raise UserError(f"{args.config}: no layout of {args.gpus} GPUs fits {memory / 1e9:.0f} GB per GPU; "
+                            + (f"the fewest that can: --gpus {fewest}" if fewest else "nor of any count up to 65536"))
         out["candidates"] = found
         print(f"\n{len(found)} layouts fit; the fastest {min(args.top, len(found))}:")
         for p in found[:args.top]:

@@ -228,5 +228,16 @@ def search(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int, device_memo
     return sorted((p for p in plans if p["fits"]), key=lambda p: (p["step_time_s"], p["per_rank_bytes"]["total"]))
 
 
+def smallest_fitting_gpus(cfg: Config, m: GPTConfig, gpus_per_node: int, device_memory: float, peak_flops: float,
+                          limit: int = 1 << 16, **kw) -> int | None:
+    """The fewest GPUs (whole nodes, doubling) on which some layout fits, or None up to `limit`."""
+    gpus = gpus_per_node
+    while gpus <= limit:
+        if search(cfg, m, gpus, gpus_per_node, device_memory, peak_flops, **kw):
+            return gpus
+        gpus *= 2
+    return None
+
+
 def human(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.1f} MiB"
