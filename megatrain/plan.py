@@ -17,9 +17,11 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
               (1F1B); the logits in the training dtype and in fp32 for the cross-entropy and
               its gradient, s*b*V*(w + 8) bytes
   buffers     DeepSpeed's reduce and all-gather buckets (ZeRO-0/1/2; defaults 5e8
-              elements, or the config's), ZeRO-3's prefetch bucket and two gathered layers
+              elements, or the config's); ZeRO-3's prefetch bucket, the parameters it may
+              keep gathered (stage3_max_live_parameters, 1e9) and its reduce bucket
   allowance   10% of the above for the allocator's fragmentation, plus 1 GiB for the CUDA
-              context on GPUs
+              context on GPUs (on DeepSpeed's CPU accelerator 160 MiB of process overhead
+              instead, measured by bench/plan.py)
 Time: the model FLOPs per token (6N + attention; recomputation added with activation
 checkpointing) at an assumed MFU of the device's peak, stretched by the 1F1B bubble
 (P-1)/(m+P-1) for m micro-batches per pipeline, plus communication as ring collectives
@@ -42,8 +44,13 @@ from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_f
 
 ALLOCATOR_SHARE = 0.10
 CUDA_CONTEXT_BYTES = 1 << 30
+# On DeepSpeed's CPU accelerator, what a training process holds besides its training state:
+# DeepSpeed's shared-memory collective buffer (69 MB) and engine, torch's CPU allocator
+# cache, pages of the memory-mapped shards. Measured by bench/plan.py (docs/results.md).
+CPU_PROCESS_BYTES = 160 << 20
 DEFAULT_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size and allgather_bucket_size (elements)
 DEFAULT_PREFETCH = 5e7  # DeepSpeed's stage3_prefetch_bucket_size (elements)
+DEFAULT_LIVE = 1e9  # DeepSpeed's stage3_max_live_parameters (elements)
 RAMP_SEGMENTS = 4
 
 
@@ -99,9 +106,11 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout) -> dict[str, float]:
     activations = max(first_stage, last_stage)
 
     zero = cfg.deepspeed.get("zero_optimization", {})
-    if Z == 3:
-        prefetch = zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH)
-        buffers = prefetch * w + 2 * (block / T) * w
+    if Z == 3:  # the prefetch bucket, the parameters gathered at once, the gradient reduce bucket
+        prefetch = min(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH), params)
+        live = min(zero.get("stage3_max_live_parameters", DEFAULT_LIVE), params)
+        reduce_bucket = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params)
+        buffers = (prefetch + live + reduce_bucket) * w
     else:
         reduce_bucket = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params)
         gather_bucket = min(zero.get("allgather_bucket_size", DEFAULT_BUCKET), params) if Z else 0
@@ -154,9 +163,9 @@ def plan(cfg: Config, m: GPTConfig, lay: Layout, device_memory: float, peak_flop
          gpus_per_node: int = 8, on_gpu: bool = True, links: Links = Links()) -> dict:
     """The planner's answer for one layout, as launch/plan.py --json writes it."""
     memory = per_rank_bytes(cfg, m, lay)
-    if on_gpu:
-        memory["allowance"] += CUDA_CONTEXT_BYTES
-        memory["total"] += CUDA_CONTEXT_BYTES
+    fixed = CUDA_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES
+    memory["allowance"] += fixed
+    memory["total"] += fixed
     flops = flops_per_token(m) + (recompute_flops_per_token(m) if lay.activation_checkpointing else 0)
     world = lay.world
 
