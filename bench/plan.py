@@ -15,7 +15,7 @@ here).
 
 from __future__ import annotations
 
-from _bench import arg_parser, machine, print_table, write_json
+from _bench import REPO, arg_parser, machine, print_table, stdlib_data, write_json
 
 import json
 import os
@@ -26,11 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatrain.data import prepare_dataset
 from megatrain.train.distributed import free_port
-from tokenizer import TrainerOptions, train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.micro_batch=4",
          "schedule.batch_ramp_tokens=0", "train.eval_samples=0", "checkpoint.every_steps=0", "logging.progress=false",
          "schedule.warmup_tokens=0", "train.peak_flops=1e11", "spike.enabled=false", "train.precision=fp32"]
@@ -74,12 +71,10 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
-    train_tokenizer(["builtin:stdlib"], work / "tok", TrainerOptions(vocab_size=4096, sample_bytes=int(3e6)),
-                    progress=False)
-    prepare_dataset(work / "tok", ["builtin:stdlib"], work / "data", valid_fraction=0.0, progress=False)
+    data = stdlib_data(work)
     rows, results = [], {}
     for name, (ranks, sets) in LAYOUTS.items():
-        full = [*MODEL, *sets, f"run.dir={work / 'run'}", f"data.path={work / 'data'}", f"train.max_steps={args.steps}",
+        full = [*MODEL, *sets, f"run.dir={work / 'run'}", f"data.path={data}", f"train.max_steps={args.steps}",
                 "train.max_tokens=null"]
         launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
                     str(free_port())] if ranks > 1 else [sys.executable]

@@ -13,20 +13,11 @@ all-reduces run at hundreds of GB/s and the split matmuls stay large.
 
 from __future__ import annotations
 
-from _bench import arg_parser, machine, print_table, write_json
+from _bench import arg_parser, launched_step_time, machine, print_table, stdlib_data, write_json
 
-import os
 import shutil
-import statistics
-import subprocess
 import tempfile
 from pathlib import Path
-
-from helpers import REPO, pretrain_command
-
-from megatrain.data import prepare_dataset
-from megatrain.train.metrics import read_metrics
-from tokenizer import TrainerOptions, train_tokenizer
 
 MODEL = ["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.seq_len=256", "train.micro_batch=4",
          "schedule.batch_final_tokens=2048", "schedule.batch_ramp_tokens=0", "train.eval_samples=0",
@@ -35,17 +26,9 @@ MODEL = ["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.seq_l
 
 
 def step_time(work: Path, data: Path, tp: int, threads: int, steps: int) -> float:
-    run = work / f"tp{tp}-t{threads}"
-    cmd = pretrain_command(REPO / "configs" / "tiny-cpu.yaml",
-                           [*MODEL, f"run.dir={run}", f"data.path={data}", f"parallel.tensor_parallel={tp}",
-                            f"train.max_steps={steps}", "train.max_tokens=null"], nproc=tp, resume="none")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    times = [r["step_time"] for r in read_metrics(run) if r["kind"] == "train"][2:]  # after warm-up
-    shutil.rmtree(run, ignore_errors=True)
-    return statistics.median(times)
+    return launched_step_time(work / f"tp{tp}-t{threads}",
+                              [*MODEL, f"data.path={data}", f"parallel.tensor_parallel={tp}",
+                               f"train.max_steps={steps}", "train.max_tokens=null"], nproc=tp, threads=threads)
 
 
 def main():
@@ -53,11 +36,9 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-tp-"))
-    train_tokenizer(["builtin:stdlib"], work / "tok", TrainerOptions(vocab_size=4096, sample_bytes=int(3e6)),
-                    progress=False)
-    prepare_dataset(work / "tok", ["builtin:stdlib"], work / "data", valid_fraction=0.0, progress=False)
+    data = stdlib_data(work)
     layouts = [("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2), ("T=2, 1 thread each", 2, 1)]
-    times = {name: step_time(work, work / "data", tp, threads, args.steps) for name, tp, threads in layouts}
+    times = {name: step_time(work, data, tp, threads, args.steps) for name, tp, threads in layouts}
     base = times["1 process, 1 thread"]
     rows = [[name, t, f"{base / t:.2f}x"] for name, t in times.items()]
     efficiency = base / (2 * times["T=2, 1 thread each"])

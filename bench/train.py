@@ -17,7 +17,7 @@ they are ~2x faster: compare the two matmul peaks the run prints).
 
 from __future__ import annotations
 
-from _bench import arg_parser, machine, print_table, write_json
+from _bench import arg_parser, machine, print_table, stdlib_data, write_json
 
 import contextlib
 import os
@@ -30,14 +30,13 @@ from pathlib import Path
 import torch
 
 from megatrain.config import load_config
-from megatrain.data import ResumableSampler, TokenDataset, prepare_dataset
+from megatrain.data import ResumableSampler, TokenDataset
 from megatrain.model import GPT, GPTConfig, flops_per_token
 from megatrain.optim import param_groups
 from megatrain.schedule import BatchSchedule
 from megatrain.train import Trainer
 from megatrain.train.metrics import read_metrics
 from megatrain.train.mfu import measure_cpu_matmul_flops
-from tokenizer import TrainerOptions, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -47,14 +46,6 @@ MODELS = {
                  "train.micro_batch=4", "schedule.batch_final_tokens=2048", "schedule.batch_ramp_tokens=0"],
                 ["train.micro_batch=1", "schedule.batch_final_tokens=256"]),
 }
-
-
-def build_data(work: Path) -> Path:
-    """The stdlib corpus with an 8K tokenizer, as in make demo."""
-    tok = work / "tok"
-    train_tokenizer(["builtin:stdlib"], tok, TrainerOptions(vocab_size=8192, sample_bytes=int(5e6)), progress=False)
-    prepare_dataset(tok, ["builtin:stdlib"], work / "data", valid_fraction=0.0, progress=False)
-    return work / "data"
 
 
 # Open for the whole run: DeepSpeed's logger keeps the stdout it first saw, which is this.
@@ -108,7 +99,7 @@ def main():
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    data_dir = build_data(work)
+    data_dir = stdlib_data(work, vocab_size=8192, sample_bytes=int(5e6))  # as in make demo
     peaks = {prec: measure_cpu_matmul_flops(dt, seconds=2.0) for prec, dt in
              (("fp32", torch.float32), ("bf16", torch.bfloat16)) if prec in args.precisions}
 

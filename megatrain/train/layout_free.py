@@ -64,7 +64,9 @@ def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int
     if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
         parts = [_zero_partitions(ckpt, mp, kinds) for mp in mp_ranks]
     else:
-        parts = [_zero0(ckpt, mp or 0, pipeline, kinds) for mp in mp_ranks]
+        # A pipeline's weights are in per-layer files that no stage owns: read them once.
+        weights = _pipeline_weights(ckpt) if pipeline else None
+        parts = [_zero0(ckpt, mp or 0, kinds, weights) for mp in mp_ranks]
     if moments and len({step for _, step in parts}) != 1:
         raise UserError(f"{ckpt}: the optimizer's step counts disagree between parameters "
                         f"({sorted({step for _, step in parts})})")
@@ -157,13 +159,20 @@ def _zero_partitions(ckpt: Path, mp: int | None, kinds) -> tuple[dict[str, torch
     return out, (_step_of(step_states) if len(kinds) > 1 else None)
 
 
-def _zero0(ckpt: Path, mp: int, pipeline: bool, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
-    """From a ZeRO-0 checkpoint: the module weights, or with moments the client optimizer's
-    state by the names megatrain recorded in its parameter order."""
+def _zero0(ckpt: Path, mp: int, kinds, pipeline_weights: dict | None) -> tuple[dict[str, torch.Tensor], int | None]:
+    """From a ZeRO-0 checkpoint: the module weights (a pipeline's, already read, else
+    model-parallel rank `mp`'s), or with moments the client optimizer's state by the names
+    megatrain recorded in its parameter order."""
+    model_file = ckpt / f"mp_rank_{mp:02d}_model_states.pt"
+
+    def module_weights():
+        if pipeline_weights is not None:
+            return pipeline_weights
+        return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+
     if len(kinds) == 1:
-        return {f"param/{k}": v for k, v in _module_weights(ckpt, mp, pipeline).items()}, None
-    opt = torch.load(ckpt / f"mp_rank_{mp:02d}_model_states.pt", map_location="cpu",
-                     weights_only=False)["optimizer"]
+        return {f"param/{k}": v for k, v in module_weights().items()}, None
+    opt = torch.load(model_file, map_location="cpu", weights_only=False)["optimizer"]
     names = _recorded_names(ckpt, mp)
     if "fp32_groups" in opt:  # bf16: DeepSpeed's fp32 copies are the masters
         states = opt["optimizer_state_dict"]["state"]
@@ -171,17 +180,15 @@ def _zero0(ckpt: Path, mp: int, pipeline: bool, kinds) -> tuple[dict[str, torch.
         out = {f"param/{n}": t for n, t in zip(names, masters, strict=True)}
     else:
         states = opt["state"]
-        out = {f"param/{k}": v for k, v in _module_weights(ckpt, mp, pipeline).items()}
+        out = {f"param/{k}": v for k, v in module_weights().items()}
     for i, name in enumerate(names):
         for kind in MOMENTS:
             out[f"{kind}/{name}"] = states[i][kind]
     return out, _step_of(states[i] for i in range(len(names)))
 
 
-def _module_weights(ckpt: Path, mp: int, pipeline: bool) -> dict[str, torch.Tensor]:
-    if not pipeline:
-        return torch.load(ckpt / f"mp_rank_{mp:02d}_model_states.pt", map_location="cpu",
-                          weights_only=False)["module"]
+def _pipeline_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every stage's module weights, by the pipeline's layer-indexed names."""
     weights = {}
     for f in sorted(ckpt.glob("layer_*-model_states.pt")):
         layer = int(re.match(r"layer_(\d+)", f.name).group(1))
@@ -242,10 +249,11 @@ def ensure(ckpt: Path) -> tuple[Path, bool]:
     (path, whether it was converted now)."""
     from megatrain.train import distributed as dist
 
-    converted = not usable(ckpt)
-    if converted and dist.is_main():
+    # Rank 0 alone decides: another rank looking after rank 0 finished would see the file.
+    converted = dist.is_main() and not usable(ckpt)
+    if converted:
         write(ckpt)
-    dist.barrier()
+    converted = dist.any_rank([converted])[0]  # also the barrier after the write
     return Path(ckpt) / FILE, converted
 
 
