@@ -58,13 +58,11 @@ def measure_cpu_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float =
 def device_memory() -> tuple[float, str]:
     """(bytes, what they are) of the memory one rank trains in: its GPU's, or on a CPU
     accelerator the host's available RAM shared by the ranks on this machine."""
-    import os
-
     import psutil
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return float(props.total_memory), f"GPU {props.name}"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or dist.world_size())
+    local = dist.local_world_size()
     return psutil.virtual_memory().available / local, f"host RAM available to each of {local} local rank(s)"

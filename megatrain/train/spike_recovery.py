@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections import deque
 
+from megatrain.train import distributed as dist
 from megatrain.train.callbacks import Callback
 from megatrain.train.spike_guard import SpikeGuard, Verdict
 
@@ -31,8 +32,7 @@ def snapshot_budget(spike_cfg) -> int:
     quarter of the node's memory shared by the ranks on the node."""
     if spike_cfg.snapshot_memory_gb is not None:
         return int(spike_cfg.snapshot_memory_gb * 2**30)
-    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4 // local_ranks
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4 // dist.local_world_size()
 
 
 class SpikeRecovery(Callback):

@@ -105,7 +105,7 @@ class Trainer:
         self.log.print(f"plan: {human(parts['total'])} per rank predicted ({breakdown}) of {human(memory)} ({where})")
         if mine["fits"] or not self.cfg.plan.check:
             return
-        fitting = search(self.cfg, self.model_cfg, dist.world_size(), min(dist.world_size(), 8), memory, 1.0,
+        fitting = search(self.cfg, self.model_cfg, dist.world_size(), dist.local_world_size(), memory, 1.0,
                          on_gpu=on_gpu)
         largest = max((k for k in parts if k not in ("total", "allowance")), key=parts.get)
         raise UserError(f"plan: this layout needs {human(parts['total'])} per rank ({largest} "
