@@ -7,7 +7,12 @@ device, how long the token budget takes; and a search over layouts (docs/plannin
 
 Per rank, for the rank that holds the embeddings (the first pipeline stage, or any rank):
   params      the weights in the training dtype (ZeRO-3: a 1/D share)
-  grads       the same size (ZeRO-2/3: a share), plus ZeRO's fp32 gradient of its partition
+  grads       the larger of the two moments of a step, as DeepSpeed 0.19 allocates them (each
+              checked against a live engine by tests/unit/test_plan.py): ZeRO-0 the
+              gradients, plus an fp32 copy with bf16/fp16; ZeRO-1/2 the 16-bit gradients
+              (ZeRO-2: a 1/D share) during the backward pass, or at the step the fp32
+              gradients of the partition that replace them; ZeRO-3 the 16-bit share plus
+              the fp32 one, made one sub-group (sub_group_size, 1e9 elements) at a time
   optimizer   AdamW's two fp32 moments and the fp32 master weights where they are a copy
               (bf16, or any ZeRO stage), a 1/D share under ZeRO 1-3
   activations per micro-batch and layer s*b*h*(10 + 24/T) in 2-byte units (Korthikanti et
@@ -16,9 +21,12 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
               block's working set; P micro-batches in flight on a pipeline's first stage
               (1F1B); the logits in the training dtype and in fp32 for the cross-entropy and
               its gradient, s*b*V*(w + 8) bytes
-  buffers     DeepSpeed's reduce and all-gather buckets (ZeRO-0/1/2; defaults 5e8
-              elements, or the config's); ZeRO-3's prefetch bucket, the parameters it may
-              keep gathered (stage3_max_live_parameters, 1e9) and its reduce bucket
+  buffers     DeepSpeed's gradient reduce bucket (reduce_bucket_size, 5e8 elements; ZeRO 1-3
+              allocate it whole, which on a GPU counts whatever the model's size, while
+              on a CPU only the pages written do; ZeRO-0 flattens at most the model's
+              gradients); ZeRO-3's prefetch bucket and the parameters it may keep
+              gathered (stage3_max_live_parameters, 1e9). ZeRO-1/2's all-gather writes
+              into the 16-bit weights themselves: no buffer.
   allowance   10% of the above for the allocator's fragmentation, plus 1 GiB for the CUDA
               context on GPUs (on DeepSpeed's CPU accelerator 160 MiB of process overhead
               instead, measured by bench/plan.py)
@@ -48,9 +56,10 @@ CUDA_CONTEXT_BYTES = 1 << 30
 # DeepSpeed's shared-memory collective buffer (69 MB) and engine, torch's CPU allocator
 # cache, pages of the memory-mapped shards. Measured by bench/plan.py (docs/results.md).
 CPU_PROCESS_BYTES = 160 << 20
-DEFAULT_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size and allgather_bucket_size (elements)
+DEFAULT_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size (elements)
 DEFAULT_PREFETCH = 5e7  # DeepSpeed's stage3_prefetch_bucket_size (elements)
 DEFAULT_LIVE = 1e9  # DeepSpeed's stage3_max_live_parameters (elements)
+DEFAULT_SUB_GROUP = 1e9  # DeepSpeed's sub_group_size (elements)
 RAMP_SEGMENTS = 4
 
 
@@ -81,7 +90,7 @@ class Layout:
                 f"--set model.activation_checkpointing={str(self.activation_checkpointing).lower()}")
 
 
-def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout) -> dict[str, float]:
+def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) -> dict[str, float]:
     """The memory breakdown of the rank holding the embeddings (module docstring)."""
     h, L, V, s, b = m.d_model, m.n_layer, m.vocab_size, m.seq_len, lay.micro_batch
     T, P, D, Z = lay.tensor_parallel, lay.pipeline_stages, lay.data_parallel, lay.zero_stage
@@ -90,7 +99,13 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout) -> dict[str, float]:
     params = L * block / (T * P) + (V + s) * h + 2 * h  # the embeddings stay whole under TP
     mixed = w == 2
     weights = params * w / (D if Z == 3 else 1)
-    grads = params * w / (D if Z >= 2 else 1) + (params * 4 / D if Z >= 1 else 0)
+    zero = cfg.deepspeed.get("zero_optimization", {})
+    if Z == 0:  # DeepSpeed's bf16/fp16 optimizer keeps an fp32 copy of every gradient
+        grads = params * w + (params * 4 if mixed else 0)
+    elif Z < 3:  # the 16-bit gradients (ZeRO-2: a share) until the step turns them into fp32 ones
+        grads = max(params * w / (D if Z == 2 else 1), params * 4 / D)
+    else:  # the 16-bit share stays; the fp32 one exists one sub-group at a time
+        grads = params * w / D + 4 * min(params / D, zero.get("sub_group_size", DEFAULT_SUB_GROUP))
     optimizer = params * (8 + (4 if mixed or Z >= 1 else 0)) / (D if Z >= 1 else 1)
 
     act_w = 2 if mixed else 4
@@ -105,16 +120,12 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout) -> dict[str, float]:
     last_stage = layers * stored + working + logits
     activations = max(first_stage, last_stage)
 
-    zero = cfg.deepspeed.get("zero_optimization", {})
-    if Z == 3:  # the prefetch bucket, the parameters gathered at once, the gradient reduce bucket
+    bucket = zero.get("reduce_bucket_size", DEFAULT_BUCKET)
+    buffers = (bucket if on_gpu and Z >= 1 else min(bucket, params)) * w
+    if Z == 3:  # the prefetch bucket and the parameters gathered at once
         prefetch = min(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH), params)
         live = min(zero.get("stage3_max_live_parameters", DEFAULT_LIVE), params)
-        reduce_bucket = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params)
-        buffers = (prefetch + live + reduce_bucket) * w
-    else:
-        reduce_bucket = min(zero.get("reduce_bucket_size", DEFAULT_BUCKET), params)
-        gather_bucket = min(zero.get("allgather_bucket_size", DEFAULT_BUCKET), params) if Z else 0
-        buffers = (reduce_bucket + gather_bucket) * w
+        buffers += (prefetch + live) * w
     out = {"params": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "buffers": buffers}
     out["allowance"] = ALLOCATOR_SHARE * sum(out.values())
     out["total"] = sum(out.values())
@@ -162,7 +173,7 @@ def comm_time(cfg: Config, m: GPTConfig, lay: Layout, batch_tokens: float, gpus_
 def plan(cfg: Config, m: GPTConfig, lay: Layout, device_memory: float, peak_flops: float, mfu: float = 0.4,
          gpus_per_node: int = 8, on_gpu: bool = True, links: Links = Links()) -> dict:
     """The planner's answer for one layout, as launch/plan.py --json writes it."""
-    memory = per_rank_bytes(cfg, m, lay)
+    memory = per_rank_bytes(cfg, m, lay, on_gpu)
     fixed = CUDA_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES
     memory["allowance"] += fixed
     memory["total"] += fixed

@@ -25,11 +25,13 @@ def model_states(parts: dict) -> float:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("gpt3-*.yaml")), ids=lambda p: p.stem)
-def test_model_states_match_deepspeeds_estimators(path):
-    """bf16 on 16 data-parallel ranks, every GPT-3 config: ZeRO-2 is DeepSpeed's 2N + 18N/G
-    exactly; ZeRO-3 is its 18N/G plus the 16-bit parameters' own partition, which its
-    estimator leaves out (it counts the largest layer gathered instead, which the planner
-    counts under buffers)."""
+def test_model_states_against_deepspeeds_estimators(path):
+    """bf16 on 16 data-parallel ranks, every GPT-3 config, term by term. ZeRO-2: DeepSpeed's
+    2N + 18N/G less the 16-bit gradient share, which its engine frees as it makes the fp32
+    one (its estimator counts both): within 5%. ZeRO-3: its 18N/G plus the 16-bit parameter
+    share its estimator leaves out, less the fp32 gradients beyond one sub-group (the
+    engine makes them a sub-group at a time); its largest layer gathered the planner counts
+    under buffers. What the engine allocates: tests/e2e/test_plan_memory.py."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -39,18 +41,19 @@ def test_model_states_match_deepspeeds_estimators(path):
     _, zero2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
     _, zero3, largest = estimate_zero3_model_states_mem_needs(n, 12 * m.d_model**2, num_gpus_per_node=8,
                                                                num_nodes=2, cpu_offload=False)
-    for stage, expected in ((2, zero2), (3, zero3 - largest + 2 * n / gpus)):
-        lay = Layout(stage, 1, 1, gpus, 1, True)
-        ours = model_states(per_rank_bytes(cfg, m, lay))
-        assert ours == pytest.approx(expected, rel=1e-6), stage
-        assert ours == pytest.approx(zero2 if stage == 2 else zero3 - largest, rel=0.12)  # within DeepSpeed's terms
+    share = n / gpus
+    expected = {2: zero2 - 2 * share, 3: zero3 - largest + 2 * share - 4 * max(0.0, share - 1e9)}
+    ours = {z: model_states(per_rank_bytes(cfg, m, Layout(z, 1, 1, gpus, 1, True))) for z in (2, 3)}
+    for stage in (2, 3):
+        assert ours[stage] == pytest.approx(expected[stage], rel=1e-6), stage
+    assert ours[2] == pytest.approx(zero2, rel=0.05)
 
 
 def test_each_layout_moves_its_part():
     cfg, m = config()
     at = {z: per_rank_bytes(cfg, m, Layout(z, 1, 1, 8, 1, True)) for z in range(4)}
-    assert at[1]["optimizer"] < at[0]["optimizer"] and at[1]["grads"] == pytest.approx(at[0]["grads"] + 4 * (
-        at[0]["params"] / 2) / 8)  # ZeRO-1 adds the fp32 gradient of its partition
+    assert at[1]["optimizer"] < at[0]["optimizer"] and at[1]["grads"] == pytest.approx(at[0]["params"])
+    assert at[0]["grads"] == pytest.approx(3 * at[0]["params"])  # bf16 and DeepSpeed's fp32 copy
     assert at[2]["grads"] < at[1]["grads"] and at[3]["params"] < at[2]["params"]
     assert at[3]["total"] < at[2]["total"] < at[1]["total"] < at[0]["total"]
     tp = per_rank_bytes(cfg, m, Layout(1, 8, 1, 1, 1, True))
