@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
+# The demo's model: `make demo DEMO_CONFIG=configs/tiny-cpu-llama.yaml DEMO_RUN=runs/demo/run-llama`
+# trains the llama architecture on the same data instead.
+DEMO_CONFIG ?= configs/tiny-cpu.yaml
+DEMO_RUN    ?= $(DEMO)/run
 PYTEST_ARGS ?=
 # A stalled download fails after 60 s and is retried, instead of hanging the install.
 PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off --timeout 60 --retries 3
@@ -30,12 +34,12 @@ $(STAMP): setup.py $(wildcard csrc/*)
 demo: install
 	$(BIN)/python launch/train_tokenizer.py --input builtin:stdlib --vocab-size 8192 --out $(DEMO)/tokenizer
 	$(BIN)/python launch/prepare_data.py --tokenizer $(DEMO)/tokenizer --input builtin:stdlib --out $(DEMO)/data
-	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny-cpu.yaml --resume none
-	$(BIN)/python launch/plot.py $(DEMO)/run
-	$(BIN)/python launch/export_hf.py $(DEMO)/run --tokenizer $(DEMO)/tokenizer --out $(DEMO)/hf
-	$(BIN)/python launch/generate.py --checkpoint $(DEMO)/run --tokenizer $(DEMO)/tokenizer --prompt "def main(" \
+	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py --config $(DEMO_CONFIG) --set run.dir=$(DEMO_RUN) --resume none
+	$(BIN)/python launch/plot.py $(DEMO_RUN)
+	$(BIN)/python launch/export_hf.py $(DEMO_RUN) --tokenizer $(DEMO)/tokenizer --out $(DEMO_RUN)-hf
+	$(BIN)/python launch/generate.py --checkpoint $(DEMO_RUN) --tokenizer $(DEMO)/tokenizer --prompt "def main(" \
 		--temperature 0.8 --top-k 40 --seed 1 --max-new-tokens 48
-	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO)/run --tokenizer $(DEMO)/tokenizer --input $(DEMO)/data
+	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO_RUN) --tokenizer $(DEMO)/tokenizer --input $(DEMO)/data
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -16,7 +16,9 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
   optimizer   AdamW's two fp32 moments and the fp32 master weights where they are a copy
               (bf16, or any ZeRO stage), a 1/D share under ZeRO 1-3
   activations per micro-batch and layer s*b*h*(10 + 24/T) in 2-byte units (Korthikanti et
-              al. 2022, without the s^2 attention scores, which SDPA does not keep), twice
+              al. 2022, without the s^2 attention scores, which SDPA does not keep; the
+              MLP's 16 of the 24 scale with its width, and SwiGLU's gate|up and product
+              keep twice a GELU MLP's per hidden unit: 8 + 8f/h for width f), twice
               that in fp32; with activation checkpointing only each block's input plus one
               block's working set; P micro-batches in flight on a pipeline's first stage
               (1F1B); the logits in the training dtype and in fp32 for the cross-entropy and
@@ -49,6 +51,7 @@ from dataclasses import asdict, dataclass
 
 from megatrain.config import Config
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
+from megatrain.model.gpt import block_params
 
 ALLOCATOR_SHARE = 0.10
 CUDA_CONTEXT_BYTES = 1 << 30
@@ -95,8 +98,7 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     h, L, V, s, b = m.d_model, m.n_layer, m.vocab_size, m.seq_len, lay.micro_batch
     T, P, D, Z = lay.tensor_parallel, lay.pipeline_stages, lay.data_parallel, lay.zero_stage
     w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
-    block = 12 * h * h + 13 * h
-    params = L * block / (T * P) + (V + s) * h + 2 * h  # the embeddings stay whole under TP
+    params = _params_per_rank(m, T, P)
     mixed = w == 2
     weights = params * w / (D if Z == 3 else 1)
     zero = cfg.deepspeed.get("zero_optimization", {})
@@ -109,7 +111,9 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     optimizer = params * (8 + (4 if mixed or Z >= 1 else 0)) / (D if Z >= 1 else 1)
 
     act_w = 2 if mixed else 4
-    per_layer = s * b * h * (10 + 24 / T) * act_w / 2
+    # Split by tensor parallelism: q, k, v and attention's output (8), the MLP's hidden
+    # activations (4 x width/h: GELU's input and output, or SwiGLU's gate|up, product).
+    per_layer = s * b * h * (10 + (8 + 4 * (2 if m.gated else 1) * m.ffn_hidden / h) / T) * act_w / 2
     stored = s * b * h * act_w if lay.activation_checkpointing else per_layer
     layers = math.ceil(L / P)
     micro_batches = _micro_batches(cfg, lay, cfg.schedule.batch_final_tokens)
@@ -130,6 +134,12 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     out["allowance"] = ALLOCATOR_SHARE * sum(out.values())
     out["total"] = sum(out.values())
     return out
+
+
+def _params_per_rank(m: GPTConfig, T: int, P: int) -> float:
+    """The parameters of the rank holding the embeddings: its share of the blocks (split by
+    tensor parallelism and pipeline stages), the embeddings and head whole."""
+    return m.n_layer * sum(block_params(m)) / (T * P) + param_count(m) - m.n_layer * sum(block_params(m))
 
 
 def _micro_batches(cfg: Config, lay: Layout, batch_tokens: float) -> int:
@@ -164,7 +174,7 @@ def comm_time(cfg: Config, m: GPTConfig, lay: Layout, batch_tokens: float, gpus_
     activation = m.seq_len * lay.micro_batch * m.d_model * w
     tp = 4 * math.ceil(m.n_layer / P) * micro_batches * ring(T, activation, links.intra_node)
     dp_link = links.intra_node if lay.world <= gpus_per_node else links.inter_node
-    shard = (m.n_layer * (12 * m.d_model**2 + 13 * m.d_model) / (T * P) + (m.vocab_size + m.seq_len) * m.d_model) * w
+    shard = _params_per_rank(m, T, P) * w
     dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
     pipe = 2 * (P - 1) * micro_batches * activation / links.inter_node if P > 1 else 0.0
     return tp + dp + pipe

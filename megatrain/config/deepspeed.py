@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 from megatrain.config.schema import Config
-from megatrain.model.tensor_parallel import autotp_config
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -40,8 +39,6 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                        "weight_decay": o.weight_decay}}
-    if cfg.parallel.tensor_parallel > 1:
-        ds["tensor_parallel"] = autotp_config(cfg.parallel.tensor_parallel)
     if t.precision == "bf16-autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if t.precision == "fp16":

@@ -37,6 +37,10 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    arch: Literal["gpt3", "llama"] = "gpt3"
+    """gpt3: learned positions, LayerNorm, a 4x GELU MLP, biases, tied embeddings. llama:
+    rotary positions, RMSNorm, a SwiGLU MLP, no biases, grouped-query attention
+    (megatrain/model/gpt.py)."""
     n_layer: int = 12
     """Transformer blocks."""
     n_head: int = 12
@@ -47,8 +51,26 @@ class ModelConfig:
     """Vocabulary size; None takes the tokenizer's from the data manifest."""
     dropout: float = 0.0
     """Dropout on embeddings, attention and residuals. GPT-3-scale pretraining uses none."""
-    bias: bool = True
-    """Biases in linear layers and LayerNorms, as in GPT-2/3."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention; 1 = multi-query); must divide n_head.
+    None: n_head (every query head its own)."""
+    ffn_hidden: int | None = None
+    """The MLP's hidden width. None: 4 d_model (gpt3); Llama's rule for llama, 2/3 of
+    4 d_model rounded up to a multiple of ffn_multiple_of."""
+    ffn_multiple_of: int = 256
+    """llama: the multiple its default ffn_hidden is rounded up to."""
+    rope_theta: float = 10000.0
+    """llama: the rotary embedding's base (Llama 2: 10000; Llama 3: 500000)."""
+    norm_eps: float = 1.0e-5
+    """Epsilon of the LayerNorms (gpt3) or RMSNorms (llama)."""
+    bias: bool | None = None
+    """Biases in linear layers and LayerNorms. None: the architecture's (gpt3 yes, llama no)."""
+    tie_embeddings: bool = True
+    """The output projection is the token embedding table (GPT-3); false gives the head its
+    own matrix (Llama 2/3)."""
+    qk_norm: bool = False
+    """RMSNorm on the queries and keys of each head before attention (OLMo 2, Qwen3): keeps
+    attention logits from growing, a common source of loss spikes."""
     init_std: float = 0.02
     """Standard deviation of the GPT-2 initialisation."""
     activation_checkpointing: bool = False
@@ -62,6 +84,15 @@ class ModelConfig:
             yield "model.dropout", f"must be in [0, 1), got {self.dropout}"
         if self.vocab_size is not None and self.vocab_size <= 0:
             yield "model.vocab_size", "must be positive"
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            yield "model.n_kv_head", f"({self.n_kv_head}) must be a positive divisor of model.n_head ({self.n_head})"
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            yield "model.ffn_hidden", "must be positive"
+        yield from _at_least(self, "model", ffn_multiple_of=1)
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            yield "model.rope_theta" if self.rope_theta <= 0 else "model.norm_eps", "must be positive"
+        if self.arch == "gpt3" and not self.tie_embeddings:
+            yield "model.tie_embeddings", "GPT-3 ties its embeddings (untied heads are for arch: llama)"
 
 
 @dataclass
@@ -151,11 +182,14 @@ class OptimConfig:
     """Decoupled weight decay; not applied to biases, norms or embeddings."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    z_loss: float = 0.0
+    """Coefficient of the auxiliary loss z_loss * mean(log(Z)^2), Z the output softmax's
+    normaliser (PaLM: 1e-4; OLMo 2 uses it against spikes); logged as `z_loss`. 0: off."""
 
     def problems(self, cfg: Config) -> Problems:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             yield "optim.betas", f"must be two numbers in [0, 1), got {self.betas}"
-        yield from _at_least(self, "optim", lr=0, grad_clip=0)
+        yield from _at_least(self, "optim", lr=0, grad_clip=0, z_loss=0)
 
     def clips(self, cfg: Config) -> bool:
         """Whether the optimizer (FusedAdamWClip) does the clipping. Not under ZeRO-3, where
@@ -237,6 +271,11 @@ class ParallelConfig:
                 "then do not match their partitions); use parallel.zero_stage=2 or 1")
         if tp > 1 and cfg.model.n_head % tp:
             yield f"parallel.tensor_parallel={tp}", f"must divide model.n_head ({cfg.model.n_head}): heads are split"
+        elif tp > 1 and cfg.model.n_kv_head and cfg.model.n_kv_head % tp:
+            yield f"parallel.tensor_parallel={tp}", (f"must divide model.n_kv_head ({cfg.model.n_kv_head}): key/value "
+                                                     "heads are split too")
+        if tp > 1 and cfg.model.ffn_hidden and cfg.model.ffn_hidden % tp:
+            yield f"parallel.tensor_parallel={tp}", f"must divide model.ffn_hidden ({cfg.model.ffn_hidden})"
         if self.pipeline_stages > 1 and self.zero_stage > 1:
             yield f"parallel.zero_stage={self.zero_stage}", (
                 f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline "

@@ -1,11 +1,18 @@
-"""GPT-3 (Brown et al. 2020), as a plain PyTorch module.
+"""GPT-3 (Brown et al. 2020) and a Llama-style decoder, as one plain PyTorch module.
 
-Pre-LayerNorm transformer decoder with learned positions, a 4x GELU MLP, input and
-output embeddings tied, GPT-2 initialisation (normal 0.02, residual projections
-scaled by 1/sqrt(2 n_layer)) and causal attention through
-torch.nn.functional.scaled_dot_product_attention. GPT-3's alternating sparse
-attention is left out, as in every open reproduction.
+`arch: gpt3` (the default): pre-LayerNorm transformer decoder with learned positions, a
+4x GELU MLP, biases, input and output embeddings tied, GPT-2 initialisation (normal
+0.02, residual projections scaled by 1/sqrt(2 n_layer)) and causal attention through
+torch.nn.functional.scaled_dot_product_attention. GPT-3's alternating sparse attention
+is left out, as in every open reproduction.
 
+`arch: llama` (Touvron et al. 2023): the same skeleton with RMSNorm, rotary position
+embeddings in attention (Su et al. 2021, in Hugging Face's layout: dimension i turns with
+i + d_head/2), a SwiGLU MLP (Shazeer 2020; gate and up projections packed in one matrix),
+no biases, grouped-query attention (`n_kv_head` key/value heads, each shared by
+n_head / n_kv_head query heads; 1 is multi-query), the output head optionally untied.
+
+Either can normalise queries and keys per head (`qk_norm`, RMSNorm; OLMo 2, Qwen3).
 The pieces (`Embedding`, `Block`, `Head`) are separate modules so the pipeline
 version (megatrain/model/pipeline.py) can lay the same model out over stages.
 """
@@ -21,7 +28,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-SHAPE = ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "bias")  # what the weights' shapes follow
+# What rebuilding the model needs, stored in checkpoints; keys a checkpoint lacks (written
+# before they existed) take their defaults.
+SHAPE = ("arch", "vocab_size", "seq_len", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "bias",
+         "tie_embeddings", "qk_norm", "rope_theta", "norm_eps")
+ARCHS = ("gpt3", "llama")
+
+
+def llama_ffn_hidden(d_model: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4 d_model (the same parameters as a 4x MLP with two
+    matrices), rounded up to a multiple of `multiple_of`."""
+    return multiple_of * math.ceil(int(2 * 4 * d_model / 3) / multiple_of)
 
 
 @dataclass
@@ -33,38 +50,107 @@ class GPTConfig:
     n_layer: int
     n_head: int
     d_model: int
-    dropout: float = 0.0
+    arch: str = "gpt3"
+    n_kv_head: int | None = None  # None: n_head (no grouping)
+    ffn_hidden: int | None = None  # None: 4 d_model (gpt3), llama_ffn_hidden (llama)
     bias: bool = True
+    tie_embeddings: bool = True
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    z_loss: float = 0.0
     init_std: float = 0.02
     activation_checkpointing: bool = False
     init_seed: int = 0
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.d_model if self.arch == "gpt3" else llama_ffn_hidden(self.d_model)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def rotary(self) -> bool:
+        return self.arch == "llama"
+
+    @property
+    def gated(self) -> bool:
+        """SwiGLU: the MLP's first matrix holds the gate and up projections."""
+        return self.arch == "llama"
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int) -> GPTConfig:
         """From a run config (megatrain.config.Config) and the vocabulary it trains with."""
         m = cfg.model
+        ffn_hidden = m.ffn_hidden or (llama_ffn_hidden(m.d_model, m.ffn_multiple_of) if m.arch == "llama" else None)
         return cls(vocab_size=vocab_size, seq_len=cfg.train.seq_len, n_layer=m.n_layer, n_head=m.n_head,
-                   d_model=m.d_model, dropout=m.dropout, bias=m.bias, init_std=m.init_std,
-                   activation_checkpointing=m.activation_checkpointing, init_seed=cfg.run.seed)
+                   d_model=m.d_model, arch=m.arch, n_kv_head=m.n_kv_head, ffn_hidden=ffn_hidden,
+                   bias=m.bias if m.bias is not None else m.arch == "gpt3", tie_embeddings=m.tie_embeddings,
+                   qk_norm=m.qk_norm, rope_theta=m.rope_theta, norm_eps=m.norm_eps, dropout=m.dropout,
+                   z_loss=cfg.optim.z_loss, init_std=m.init_std, activation_checkpointing=m.activation_checkpointing, init_seed=cfg.run.seed)
 
     @classmethod
     def from_shape(cls, shape: dict) -> GPTConfig:
-        return cls(**{k: shape[k] for k in SHAPE})
+        return cls(**{k: shape[k] for k in SHAPE if k in shape})
 
     def shape(self) -> dict:
         return {k: getattr(self, k) for k in SHAPE}
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 at least (as Hugging Face's Llama and Qwen3 do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    """The architecture's normalisation over the last `dim` features."""
+    if cfg.arch == "llama":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rotate(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
+    """Rotary position embedding of x [B, heads, T, d_head] for positions start..start+T:
+    dimension i and i + d_head/2 turn together by angle position * theta^(-2i/d_head)."""
+    d, dtype = x.shape[-1], torch.promote_types(x.dtype, torch.float32)  # angles in fp32 at least
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=x.device).to(dtype) / d))
+    positions = torch.arange(start, start + x.shape[2], device=x.device, dtype=dtype)
+    angles = torch.outer(positions, inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class Positions(nn.Module):
-    """Learned position embeddings added to the token embeddings, then dropout."""
+    """Learned position embeddings added to the token embeddings (gpt3; a rotary model
+    turns queries and keys in attention instead), then dropout."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.wpe = None if cfg.rotary else nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return self.drop(x + self.wpe(torch.arange(start, start + x.shape[1], device=x.device)))
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + x.shape[1], device=x.device))
+        return self.drop(x)
 
 
 class Embedding(nn.Module):
@@ -85,9 +171,16 @@ class Embedding(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.head_dim = cfg.d_model // cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        if cfg.n_head % cfg.n_kv_head:
+            raise ValueError(f"n_head {cfg.n_head} is not a multiple of n_kv_head {cfg.n_kv_head}")
+        self.head_dim = cfg.head_dim
+        self.group = cfg.n_head // cfg.n_kv_head  # query heads per key/value head
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.rope_theta = cfg.rope_theta if cfg.rotary else None
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -95,36 +188,51 @@ class CausalSelfAttention(nn.Module):
         """`cache` (generation): keys and values of the positions before x, extended in place."""
         B, T, _ = x.shape
         qkv = self.qkv(x)
-        C = qkv.shape[-1] // 3  # d_model, or under tensor parallelism this rank's share of the heads
-        q, k, v = qkv.split(C, dim=2)
-        q, k, v = (t.view(B, T, C // self.head_dim, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # All heads, or under tensor parallelism this rank's share (whole heads, q|k|v each cut).
+        kv = qkv.shape[-1] // (self.head_dim * (self.group + 2)) * self.head_dim
+        q, k, v = qkv.split([self.group * kv, kv, kv], dim=2)
+        q, k, v = (t.view(B, T, t.shape[-1] // self.head_dim, self.head_dim) for t in (q, k, v))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        start = cache["k"].shape[2] if cache else 0
+        if self.rope_theta is not None:
+            q, k = rotate(q, start, self.rope_theta), rotate(k, start, self.rope_theta)
         if cache is not None:
             if cache:  # one new position attends to every cached one: no mask
                 assert T == 1, "after the prompt, decode one position at a time"
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
+        if self.group > 1:  # each key/value head serves `group` query heads
+            k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
         causal = T > 1
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, q.shape[1] * self.head_dim)))
 
 
 class MLP(nn.Module):
+    """gpt3: proj(gelu(fc x)); llama (SwiGLU): proj(silu(gate x) * up x), gate|up packed in fc."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.gated = cfg.gated
+        self.fc = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.ffn_hidden, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = self.fc(x).chunk(2, dim=-1)  # under tensor parallelism, this rank's share of each
+            return self.drop(self.proj(F.silu(gate) * up))
         return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = norm(cfg, cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln2 = norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
@@ -133,14 +241,16 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
-    """Final LayerNorm; the projection to the vocabulary is the tied embedding."""
+    """Final norm, then the projection to the vocabulary: the tied embedding, or its own."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = norm(cfg, cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, embedding: Embedding) -> torch.Tensor:
-        return embedding.unembed(self.ln_f(x))
+        x = self.ln_f(x)
+        return embedding.unembed(x) if self.lm_head is None else self.lm_head(x)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -148,16 +258,43 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+class LMLoss:
+    """The training loss: lm_loss, plus z_loss * mean(log(Z)^2) when z_loss > 0 (PaLM's
+    auxiliary loss; Z is the output softmax's normaliser, log Z = logsumexp of the logits),
+    which keeps the logits from drifting; only where gradients are computed (training), so
+    evaluation scores the cross-entropy alone. The z terms (without the coefficient) of
+    the micro-batches since the last `take_z()` are kept, detached, for the metrics."""
+
+    def __init__(self, z_loss: float = 0.0):
+        self.z_loss = z_loss
+        self.z_sum, self.z_count = None, 0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = lm_loss(logits, targets)
+        if not self.z_loss or not torch.is_grad_enabled():  # evaluation scores the cross-entropy alone
+            return loss
+        z = logits.float().logsumexp(dim=-1).pow(2).mean()
+        self.z_sum = z.detach() if self.z_sum is None else self.z_sum + z.detach()
+        self.z_count += 1
+        return loss + self.z_loss * z
+
+    def take_z(self) -> tuple[torch.Tensor | None, int]:
+        """(sum of the kept z terms, on the logits' device, or None; how many), then forgets them."""
+        out = (self.z_sum, self.z_count)
+        self.z_sum, self.z_count = None, 0
+        return out
+
+
 def _init_rule(name: str, cfg: GPTConfig) -> tuple[float | None, float, int]:
     """GPT-2 initialisation of one parameter, by its name in GPT: (fill value, or None for
-    a normal draw; its std; its generator's seed). Biases 0, LayerNorm scales 1, residual
+    a normal draw; its std; its generator's seed). Biases 0, norm scales 1, residual
     projections (attn.proj, mlp.proj) N(0, 0.02/sqrt(2 n_layer)), every other weight
     N(0, 0.02). Each parameter draws from its own generator, seeded by init_seed and its
     name, so any layout of the same model (one process, a pipeline cut anywhere, ZeRO-3
     partitions) starts from the same numbers."""
     if name.endswith(".bias"):
         return 0.0, 0.0, 0
-    if ".ln" in name or name.startswith("ln"):
+    if ".ln" in name or name.startswith("ln") or "_norm." in name:
         return 1.0, 0.0, 0
     residual = name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
     std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std
@@ -203,6 +340,7 @@ class GPT(nn.Module):
         if cfg.d_model % cfg.n_head:
             raise ValueError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
         self.cfg = cfg
+        self.loss_fn = LMLoss(cfg.z_loss)
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = Head(cfg)
@@ -221,7 +359,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, caches[i] if caches is not None else None)
         logits = self.head(x, self.embed)
-        return logits if targets is None else lm_loss(logits, targets)
+        return logits if targets is None else self.loss_fn(logits, targets)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -267,27 +405,42 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, t
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def block_params(cfg: GPTConfig) -> tuple[int, int]:
+    """(matmul weights, other parameters) of one block."""
+    d, f, gate = cfg.d_model, cfg.ffn_hidden, 2 if cfg.gated else 1
+    qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+    weights = d * qkv + d * d + d * gate * f + f * d
+    biases = qkv + d + gate * f + d if cfg.bias else 0
+    return weights, biases + 2 * norm_params(cfg, d) + (2 * cfg.head_dim if cfg.qk_norm else 0)
+
+
+def norm_params(cfg: GPTConfig, dim: int) -> int:
+    return dim * (2 if cfg.arch == "gpt3" and cfg.bias else 1)
+
+
 def matmul_params(cfg: GPTConfig) -> int:
     """Parameters that take part in matmuls for every token: the blocks, the final norm,
-    and the output projection (the tied token table, used as a matmul by the head).
-    The embedding lookups are not matmuls."""
-    per_block = 12 * cfg.d_model**2 + (13 if cfg.bias else 2) * cfg.d_model
-    final_norm = (2 if cfg.bias else 1) * cfg.d_model
-    return cfg.n_layer * per_block + final_norm + cfg.vocab_size * cfg.d_model
+    and the output projection (its own, or the tied token table used as a matmul by the
+    head). The embedding lookups are not matmuls."""
+    return cfg.n_layer * sum(block_params(cfg)) + norm_params(cfg, cfg.d_model) + cfg.vocab_size * cfg.d_model
 
 
 def param_count(cfg: GPTConfig) -> int:
-    """Parameters of the model (the tied table counted once)."""
-    return matmul_params(cfg) + cfg.seq_len * cfg.d_model
+    """Parameters of the model (a tied table counted once)."""
+    positions = 0 if cfg.rotary else cfg.seq_len * cfg.d_model
+    input_table = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
+    return matmul_params(cfg) + positions + input_table
 
 
 def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per token as in PaLM's appendix B: 6N + 12 * L * H * Q * T, with
-    N = matmul_params and H * Q = d_model (the attention score and value matmuls)."""
+    N = matmul_params and H * Q = d_model (the attention score and value matmuls, per
+    query head: grouped keys and values do not change them)."""
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
 
 
 def recompute_flops_per_token(cfg: GPTConfig) -> float:
     """FLOPs per token that activation checkpointing adds: the blocks' forward pass again
-    (a third of their training FLOPs: 2 x 12 d^2 per layer, and 4 L d T for attention)."""
-    return 24.0 * cfg.n_layer * cfg.d_model**2 + 4.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    (a third of their training FLOPs: 2 x the block's matmul weights per layer, and 4 L d T
+    for attention)."""
+    return 2.0 * cfg.n_layer * block_params(cfg)[0] + 4.0 * cfg.n_layer * cfg.d_model * cfg.seq_len

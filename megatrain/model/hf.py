@@ -1,14 +1,22 @@
-"""megatrain's GPT as Hugging Face's GPT2LMHeadModel: the same architecture (learned
-positions, pre-LayerNorm blocks, tanh GELU = "gelu_new", a 4x MLP, tied embeddings,
-biases), so export is a renaming plus GPT-2's Conv1D layout ([in, out]: the transpose of
-nn.Linear's weight). The fused q|k|v projection keeps its order. A model trained without
-biases exports zero biases (GPT-2 always has them).
+"""megatrain's models as Hugging Face classes with the same architecture, so export is a
+renaming (`to_hf` picks the class):
+
+- gpt3 -> GPT2LMHeadModel (learned positions, pre-LayerNorm blocks, tanh GELU =
+  "gelu_new", a 4x MLP, tied embeddings, biases), plus GPT-2's Conv1D layout ([in, out]:
+  the transpose of nn.Linear's weight). The fused q|k|v projection keeps its order. A model
+  trained without biases exports zero biases (GPT-2 always has them).
+- llama -> LlamaForCausalLM: q|k|v and gate|up are cut into Llama's separate projections.
+  Both rotate dimension i with i + d_head/2 (`rotate_half`), so q and k need no permutation.
+- llama with qk_norm -> Qwen3ForCausalLM: Llama's layout plus RMSNorm on each head's
+  queries and keys before the rotation, as megatrain's.
+A gpt3 model with qk_norm has no transformers class: its export is refused.
 """
 
 from __future__ import annotations
 
 import torch
 
+from megatrain.errors import UserError
 from megatrain.model.gpt import GPTConfig
 
 # GPT name -> GPT-2 name inside transformer.h.{i}; Conv1D weights are transposed.
@@ -50,4 +58,75 @@ def to_gpt2(sd: dict[str, torch.Tensor], cfg: GPTConfig, eos_id: int):
     missing, unexpected = model.load_state_dict(to_gpt2_state_dict(sd, cfg), strict=False)
     if unexpected or any(not k.endswith("attn.bias") and not k.endswith("attn.masked_bias") for k in missing):
         raise RuntimeError(f"GPT-2 mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+# GPT name -> Llama/Qwen3 name inside model.layers.{i} (weights cut from a fused one are separate).
+_LLAMA_BLOCK = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm", "attn.proj": "self_attn.o_proj",
+                "mlp.proj": "mlp.down_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+
+
+def hf_class_name(cfg: GPTConfig) -> str:
+    """The transformers class a model of `cfg` exports to (UserError if none has its architecture)."""
+    if cfg.arch == "gpt3":
+        if cfg.qk_norm:
+            raise UserError("a gpt3 model with model.qk_norm has no Hugging Face class (GPT-2 has no QK-norm); "
+                            "train arch: llama with qk_norm to export it (as Qwen3ForCausalLM)")
+        return "GPT2LMHeadModel"
+    if cfg.qk_norm:
+        if cfg.bias:
+            raise UserError("a llama model with model.qk_norm and biases has no Hugging Face class (Qwen3's MLP has "
+                            "no biases)")
+        return "Qwen3ForCausalLM"
+    return "LlamaForCausalLM"
+
+
+def llama_config(cfg: GPTConfig, eos_id: int):
+    import transformers
+
+    kind = hf_class_name(cfg).removesuffix("ForCausalLM")
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                  head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.seq_len,
+                  rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_dropout=0.0,
+                  bos_token_id=eos_id, eos_token_id=eos_id)
+    if kind == "Llama":
+        return transformers.LlamaConfig(mlp_bias=cfg.bias, **common)
+    return transformers.Qwen3Config(use_sliding_window=False, **common)
+
+
+def to_llama_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """GPT's parameters (arch llama) under LlamaForCausalLM's (or Qwen3ForCausalLM's) names."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    out = {"model.embed_tokens.weight": sd["embed.wte.weight"], "model.norm.weight": sd["head.ln_f.weight"],
+           "lm_head.weight": sd["embed.wte.weight"] if cfg.tie_embeddings else sd["head.lm_head.weight"]}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            if f"{ours}attn.qkv.{kind}" in sd:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[f"{ours}attn.qkv.{kind}"].split([q, kv, kv]),
+                                      strict=True):
+                    out[f"{theirs}self_attn.{name}.{kind}"] = part
+            if f"{ours}mlp.fc.{kind}" in sd:
+                gate, up = sd[f"{ours}mlp.fc.{kind}"].chunk(2)
+                out[f"{theirs}mlp.gate_proj.{kind}"], out[f"{theirs}mlp.up_proj.{kind}"] = gate, up
+            for mine, hf in _LLAMA_BLOCK.items():
+                if f"{ours}{mine}.{kind}" in sd:
+                    out[f"{theirs}{hf}.{kind}"] = sd[f"{ours}{mine}.{kind}"]
+    return out
+
+
+def to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig, eos_id: int):
+    """The transformers model (fp32, eval mode) of `cfg`'s architecture with these weights."""
+    if cfg.arch == "gpt3":
+        hf_class_name(cfg)  # refuses what GPT-2 cannot hold
+        return to_gpt2(sd, cfg, eos_id)
+    import transformers
+
+    model = getattr(transformers, hf_class_name(cfg))(llama_config(cfg, eos_id))
+    theirs = to_llama_state_dict(sd, cfg)
+    missing, unexpected = model.load_state_dict(theirs, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
+        raise RuntimeError(f"{hf_class_name(cfg)} mapping is incomplete: missing {missing}, unexpected {unexpected}")
     return model.eval()

@@ -3,12 +3,13 @@
 Layers, in order (the index is the layer number in checkpoints: layer_NN-model_states.pt):
 
     0          token embedding       TiedLayerSpec "wte" (nn.Embedding)
-    1          positions + dropout   gpt.Positions
+    1          positions + dropout   gpt.Positions (a rotary model: dropout only)
     2..L+1     transformer blocks    gpt.Block
-    L+2        final LayerNorm       nn.LayerNorm
-    L+3        output projection     the same "wte" table, used as x @ wte.T (tied)
+    L+2        final norm            nn.LayerNorm, or gpt.RMSNorm
+    L+3        output projection     the same "wte" table, used as x @ wte.T (tied);
+                                     untied, its own nn.Linear
 
-The input and output embeddings are one TiedLayerSpec: the first and last stages each
+Tied input and output embeddings are one TiedLayerSpec: the first and last stages each
 hold a copy and DeepSpeed all-reduces its gradient between them (the copy on the
 later stage is marked ds_pipe_replicated, so norms count it once). Parameters are
 initialised through `canonical_name`, their name in the plain GPT, so a pipeline of
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatrain.model.gpt import Block, GPTConfig, Positions, init_parameter, lm_loss
+from megatrain.model.gpt import Block, GPTConfig, LMLoss, Positions, RMSNorm, init_parameter
 
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform", "blocks": "type:Block"}
 
@@ -33,13 +34,19 @@ def _unembed(table: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
 def pipeline_layers(cfg: GPTConfig) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    return [
-        TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, tied_weight_attr="weight"),
-        LayerSpec(Positions, cfg),
-        *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)],
-        LayerSpec(nn.LayerNorm, cfg.d_model, bias=cfg.bias),
-        TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=_unembed, tied_weight_attr="weight"),
-    ]
+    if cfg.tie_embeddings:
+        embedding = TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, tied_weight_attr="weight")
+        output = TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=_unembed,
+                               tied_weight_attr="weight")
+    else:
+        embedding = LayerSpec(nn.Embedding, cfg.vocab_size, cfg.d_model)
+        output = LayerSpec(nn.Linear, cfg.d_model, cfg.vocab_size, bias=False)
+    if cfg.arch == "llama":
+        final_norm = LayerSpec(RMSNorm, cfg.d_model, cfg.norm_eps)
+    else:
+        final_norm = LayerSpec(nn.LayerNorm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+    return [embedding, LayerSpec(Positions, cfg), *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)], final_norm,
+            output]
 
 
 def canonical_name(name: str, n_layer: int) -> str:
@@ -60,6 +67,8 @@ def canonical_name(name: str, n_layer: int) -> str:
         return f"blocks.{layer - 2}.{rest}"
     if layer == 2 + n_layer:
         return f"head.ln_f.{rest}"
+    if layer == 3 + n_layer:  # an untied output projection
+        return f"head.lm_head.{rest}"
     raise ValueError(f"no GPT parameter for pipeline layer {layer} ({name})")
 
 
@@ -78,7 +87,7 @@ def build_pipeline(cfg: GPTConfig, num_stages: int, partition_method: str = "par
 
     if partition_method not in PARTITION_METHODS:
         raise ValueError(f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}")
-    module = GPTPipeline(layers=pipeline_layers(cfg), num_stages=num_stages, loss_fn=lm_loss,
+    module = GPTPipeline(layers=pipeline_layers(cfg), num_stages=num_stages, loss_fn=LMLoss(cfg.z_loss),
                          partition_method=PARTITION_METHODS[partition_method],
                          activation_checkpoint_interval=activation_checkpoint_interval)
     if init_weights:

@@ -7,7 +7,10 @@ MLP's first layer are split by output columns (each rank keeps whole attention h
 a slice of the MLP's hidden units, biases split with them), attention's output
 projection and the MLP's second layer by input rows (their biases, the LayerNorms and the
 tied embedding stay whole on every rank: replicated). q|k|v is three sub-parameters: rank
-r keeps rows r of q, of k and of v, so its heads stay whole.
+r keeps part r of q, of k and of v, so its heads stay whole; with grouped-query attention
+k and v are narrower than q (whole key/value heads per rank: n_kv_head must divide by the
+size). SwiGLU's packed gate|up is two sub-parameters the same way. An untied output
+head stays whole.
 """
 
 from __future__ import annotations
@@ -16,47 +19,58 @@ import re
 
 import torch
 
-# (pattern of a weight's name, AutoTP partition type, sub-parameter shape)
-SPECS = (
-    (r".*\.attn\.qkv\.weight$", "column", [3, -1]),
-    (r".*\.attn\.proj\.weight$", "row", None),
-    (r".*\.mlp\.fc\.weight$", "column", None),
-    (r".*\.mlp\.proj\.weight$", "row", None),
-)
+from megatrain.model.gpt import GPTConfig
 
 
-def autotp_config(size: int) -> dict:
+def specs(cfg: GPTConfig) -> list[tuple[str, str, tuple[int, ...] | None]]:
+    """(pattern of a weight's name, AutoTP partition type, sub-parameter sizes along the
+    split dimension or None for one) for each split weight of `cfg`'s model."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    return [
+        (r".*\.attn\.qkv\.weight$", "column", (q, kv, kv)),
+        (r".*\.attn\.proj\.weight$", "row", None),
+        (r".*\.mlp\.fc\.weight$", "column", (cfg.ffn_hidden, cfg.ffn_hidden) if cfg.gated else None),
+        (r".*\.mlp\.proj\.weight$", "row", None),
+    ]
+
+
+def autotp_config(size: int, cfg: GPTConfig) -> dict:
     """DeepSpeed's `tensor_parallel` section for `size` ranks."""
-    specs = [{"patterns": [pattern], "partition_type": kind, **({"shape": shape, "partition_dim": 0} if shape else {})}
-             for pattern, kind, shape in SPECS]
-    return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": specs}}
+    out = []
+    for pattern, kind, sizes in specs(cfg):
+        spec = {"patterns": [pattern], "partition_type": kind}
+        if sizes:  # equal sub-parameters as a count, unequal ones (grouped-query q|k|v) by size
+            spec.update(shape=[len(sizes) if len(set(sizes)) == 1 else list(sizes), -1], partition_dim=0)
+        out.append(spec)
+    return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": out}}
 
 
-def split_of(name: str) -> tuple[int, int] | None:
-    """(dimension, sub-parameters) along which parameter `name` is split, or None if every
-    rank keeps it whole."""
-    for pattern, kind, shape in SPECS:
+def split_of(name: str, cfg: GPTConfig) -> tuple[int, tuple[int, ...] | None] | None:
+    """(dimension, sub-parameter sizes or None) along which parameter `name` is split, or
+    None if every rank keeps it whole."""
+    for pattern, kind, sizes in specs(cfg):
         weight = re.fullmatch(pattern, name)
         bias = name.endswith(".bias") and re.fullmatch(pattern, name.removesuffix(".bias") + ".weight")
         if weight or (bias and kind == "column"):
-            return (0 if kind == "column" else 1), (shape[0] if shape else 1)
+            return (0 if kind == "column" else 1), sizes
     return None
 
 
-def shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+def shard(name: str, full: torch.Tensor, rank: int, size: int, cfg: GPTConfig) -> torch.Tensor:
     """Rank `rank`'s part of whole parameter `name` (the tensor itself when replicated)."""
-    split = split_of(name)
+    split = split_of(name, cfg)
     if split is None or size == 1:
         return full
-    dim, parts = split
-    return torch.cat([sub.chunk(size, dim)[rank] for sub in full.chunk(parts, dim)], dim)
+    dim, sizes = split
+    return torch.cat([sub.chunk(size, dim)[rank] for sub in full.split(sizes or full.shape[dim], dim)], dim)
 
 
-def gather(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+def gather(name: str, shards: list[torch.Tensor], cfg: GPTConfig) -> torch.Tensor:
     """Whole parameter `name` from every rank's part, in rank order (shard's inverse)."""
-    split = split_of(name)
+    split = split_of(name, cfg)
     if split is None or len(shards) == 1:
         return shards[0]
-    dim, parts = split
-    pieces = [s.chunk(parts, dim) for s in shards]
-    return torch.cat([torch.cat([p[i] for p in pieces], dim) for i in range(parts)], dim)
+    dim, sizes = split
+    local = [n // len(shards) for n in sizes] if sizes else [shards[0].shape[dim]]
+    pieces = [s.split(local, dim) for s in shards]
+    return torch.cat([torch.cat([p[i] for p in pieces], dim) for i in range(len(local))], dim)

@@ -1,5 +1,5 @@
 """One consolidated fp32 state dict from any megatrain checkpoint, for the plain GPT, as
-a safetensors file or a Hugging Face GPT2LMHeadModel directory.
+a safetensors file or a Hugging Face directory (megatrain/model/hf.py).
 
     sd, cfg = consolidate("runs/x/checkpoints/step-00001000")
     model = GPT(cfg); model.load_state_dict(sd)
@@ -144,13 +144,14 @@ def load_consolidated(path: str | Path) -> GPT:
 
 def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path,
               dtype: torch.dtype = torch.float32) -> Path:
-    """A Hugging Face directory: GPT2LMHeadModel (config.json, model.safetensors,
+    """A Hugging Face directory: GPT2LMHeadModel, or LlamaForCausalLM / Qwen3ForCausalLM
+    for the llama architecture (megatrain/model/hf.py) (config.json, model.safetensors,
     generation_config.json with eos = megatrain's end-of-document id) and the tokenizer as
     a fast tokenizer with the same ids (tokenizer/hf.py). Written under a temporary name
     and renamed: nothing half-written at `out`."""
     import shutil
 
-    from megatrain.model.hf import to_gpt2
+    from megatrain.model import hf
     from tokenizer import Tokenizer
     from tokenizer.hf import to_hf
     from tokenizer.tokenizer import SPECIAL_IDS
@@ -160,9 +161,9 @@ def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path,
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf = to_gpt2(model.state_dict(), model.cfg, eos_id=SPECIAL_IDS["eod"]).to(dtype)
-    hf.generation_config.pad_token_id = SPECIAL_IDS["eod"]
-    hf.save_pretrained(tmp)
+    exported = hf.to_hf(model.state_dict(), model.cfg, eos_id=SPECIAL_IDS["eod"]).to(dtype)
+    exported.generation_config.pad_token_id = SPECIAL_IDS["eod"]
+    exported.save_pretrained(tmp)
     to_hf(tok, model_max_length=model.cfg.seq_len).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

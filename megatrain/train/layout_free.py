@@ -36,7 +36,7 @@ import torch
 
 from megatrain.errors import UserError
 from megatrain.files import file_sha256, write_atomically
-from megatrain.model import canonical_name, tensor_parallel
+from megatrain.model import GPTConfig, canonical_name, tensor_parallel
 from megatrain.train.checkpoint import MANIFEST, Checkpointer
 
 FORMAT = "megatrain-layout-free/1"
@@ -73,13 +73,14 @@ def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int
     named = [{_key(key, n_layer, pipeline): t.detach().to(torch.float32) for key, t in part.items()}
              for part, _ in parts]
     if tp > 1:  # each tensor-parallel rank's shards, gathered into whole parameters
+        model = GPTConfig.from_shape(state["model_shape"])
         tensors = {}
         for key in named[0]:
             name, shards = key.partition("/")[2], [part[key] for part in named]
-            if tensor_parallel.split_of(name) is None and not all(torch.equal(shards[0], s) for s in shards):
+            if tensor_parallel.split_of(name, model) is None and not all(torch.equal(shards[0], s) for s in shards):
                 raise UserError(f"{ckpt}: the tensor-parallel ranks hold different copies of {key}, which every "
                                 "rank keeps whole: the checkpoint is inconsistent")
-            tensors[key] = tensor_parallel.gather(name, shards).clone()
+            tensors[key] = tensor_parallel.gather(name, shards, model).clone()
         return tensors, parts[0][1]
     tensors: dict[str, torch.Tensor] = {}
     for part in named:
@@ -273,7 +274,8 @@ def load_into(module, path: Path) -> int:
 
         def full(kind: str, name: str) -> torch.Tensor:
             """The parameter as this rank holds it whole: under tensor parallelism its shard."""
-            return tensor_parallel.shard(name, f.get_tensor(f"{kind}/{name}"), module.tp_rank, module.tp_size)
+            return tensor_parallel.shard(name, f.get_tensor(f"{kind}/{name}"), module.tp_rank, module.tp_size,
+                                         module.model_cfg)
 
         with torch.no_grad():
             if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3

@@ -20,7 +20,7 @@ import torch
 
 from megatrain.config import Config, deepspeed_config
 from megatrain.errors import UserError
-from megatrain.model import GPTConfig
+from megatrain.model import GPTConfig, tensor_parallel
 from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
 from megatrain.train.build import build_model
@@ -59,7 +59,10 @@ class TrainModule:
         self.tp_size = par.tensor_parallel
         self.dp_size = self.world // (par.pipeline_stages * self.tp_size)
         self.grad_accum = grad_accum
+        self.model_cfg = model_cfg
         ds_config = deepspeed_config(cfg, self.dp_size, grad_accum)
+        if self.tp_size > 1:  # AutoTP with megatrain's specs, which follow the model's shape
+            ds_config["tensor_parallel"] = tensor_parallel.autotp_config(self.tp_size, model_cfg)
         # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
         model = build_model(cfg, model_cfg, ds_config, dist.collective_device())
         groups, self.client_optimizer = build_optimizer(cfg, model)
@@ -114,11 +117,21 @@ class TrainModule:
     def step(self, next_micro_batch: Callable[[], MicroBatch]) -> tuple[float, float | None]:
         """One optimizer step over `grad_accum` micro-batches per rank: (loss averaged over
         the global batch, pre-clip global gradient norm or None)."""
+        loss_fn = self.engine.module.loss_fn
         if self.pipeline:
             # DeepSpeed's schedule runs the micro-batches; every rank draws them (the first
             # stage uses the inputs, the last the targets).
             batches = [next_micro_batch() for _ in range(self.grad_accum)]
             loss = float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
+            if loss_fn.z_loss:  # the z terms are on the last stage: mean over its ranks
+                z_sum, count = loss_fn.take_z()
+                device = dist.collective_device()
+                mine = torch.stack([z_sum.to(device, torch.float64) if count else torch.zeros((), dtype=torch.float64,
+                                                                                                device=device),
+                                    torch.tensor(float(count), dtype=torch.float64, device=device)])
+                z_mean, counted = dist.all_reduce_mean(mine)
+                self.z_loss = z_mean / counted
+                loss -= loss_fn.z_loss * self.z_loss
             return loss, self._grad_norm()
         # The losses stay on the device (float64, as a host sum would be) until one
         # all-reduce after the step: one host sync per step, not one per micro-batch.
@@ -139,7 +152,13 @@ class TrainModule:
             loss_sum += loss.detach().to(loss_sum)
         if self.norm_source != "measured":
             grad_norm = self._grad_norm()
-        return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
+        if not loss_fn.z_loss:
+            return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
+        z_sum = loss_fn.take_z()[0].to(loss_sum)
+        # The logged loss is the cross-entropy alone; the z term is its own metric.
+        loss, self.z_loss = dist.all_reduce_mean(torch.stack([loss_sum - loss_fn.z_loss * z_sum, z_sum])
+                                                 / self.grad_accum)
+        return loss, grad_norm
 
     def _measured_norm(self) -> float:
         """The global norm of whole gradients (ZeRO-0); under tensor parallelism the shards'
@@ -167,6 +186,8 @@ class TrainModule:
     def step_stats(self) -> dict:
         """What the engine really did in the last step, for the metrics row."""
         row = {"micro_batches": self.engine.micro_batches} if self.pipeline else {}
+        if self.engine.module.loss_fn.z_loss:
+            row["z_loss"] = self.z_loss  # mean log(Z)^2 over the global batch, before the coefficient
         if isinstance(self.client_optimizer, FusedAdamWClip):
             row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
         if self.fp16:

@@ -213,8 +213,9 @@ class Trainer:
 
     def _check_shape(self, path: Path, saved: dict) -> None:
         shape = self.model_cfg.shape()
-        if saved["model_shape"] != shape:
-            diff = {k: (saved["model_shape"].get(k), v) for k, v in shape.items() if saved["model_shape"].get(k) != v}
+        theirs = GPTConfig.from_shape(saved["model_shape"]).shape()  # older checkpoints lack newer keys
+        if theirs != shape:
+            diff = {k: (theirs[k], v) for k, v in shape.items() if theirs[k] != v}
             raise UserError(f"{path}: the checkpoint is for another model shape "
                             + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items()))
 

@@ -122,8 +122,9 @@ def test_pipeline_names_map_onto_gpt():
         ["ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
          "ln2.weight", "ln2.bias", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight", "mlp.proj.bias"]]
     assert {canonical_name(n, 3) for n in layer_names} == gpt_names
+    assert canonical_name("6.weight", 3) == "head.lm_head.weight"  # an untied output projection
     with pytest.raises(ValueError):
-        canonical_name("6.weight", 3)
+        canonical_name("7.weight", 3)
 
 
 @pytest.mark.parametrize("numel", [1, 15, 16, 17, 1000, 4099, 2**16 + 7])
@@ -172,22 +173,38 @@ def test_sampling_keeps_to_top_k_and_top_p():
 
 
 def test_tensor_parallel_shards_keep_whole_heads_and_gather_back():
-    """q|k|v is split per sub-parameter: rank r keeps heads r of q, k and v; row-parallel
-    weights split by input columns; everything else stays whole. gather inverts shard."""
+    """q|k|v is split per sub-parameter: rank r keeps heads r of q, k and v (grouped-query:
+    k and v narrower than q); SwiGLU's gate|up likewise; row-parallel weights split by input
+    columns; everything else stays whole. gather inverts shard."""
     from megatrain.model import tensor_parallel as tp
 
     d = 8
+    cfg = GPTConfig(vocab_size=16, seq_len=4, n_layer=4, n_head=4, d_model=d)
     qkv = torch.arange(3 * d * d, dtype=torch.float32).reshape(3 * d, d)
-    shards = [tp.shard("blocks.0.attn.qkv.weight", qkv, r, 2) for r in range(2)]
+    shards = [tp.shard("blocks.0.attn.qkv.weight", qkv, r, 2, cfg) for r in range(2)]
     q, k, v = qkv.chunk(3)
     assert torch.equal(shards[1], torch.cat([q[d // 2:], k[d // 2:], v[d // 2:]]))
     proj = torch.randn(d, d)
-    assert torch.equal(tp.shard("blocks.0.attn.proj.weight", proj, 1, 2), proj[:, d // 2:])
-    assert tp.split_of("blocks.0.attn.proj.bias") is None and tp.split_of("blocks.0.mlp.fc.bias") == (0, 1)
-    assert tp.split_of("embed.wte.weight") is None and tp.split_of("blocks.1.ln1.weight") is None
+    assert torch.equal(tp.shard("blocks.0.attn.proj.weight", proj, 1, 2, cfg), proj[:, d // 2:])
+    assert tp.split_of("blocks.0.attn.proj.bias", cfg) is None and tp.split_of("blocks.0.mlp.fc.bias", cfg) == (0, None)
+    assert tp.split_of("embed.wte.weight", cfg) is None and tp.split_of("blocks.1.ln1.weight", cfg) is None
     for name, full in [("blocks.0.attn.qkv.weight", qkv), ("blocks.0.attn.qkv.bias", torch.randn(3 * d)),
                        ("blocks.0.attn.proj.weight", proj), ("blocks.3.mlp.fc.weight", torch.randn(4 * d, d)),
                        ("blocks.3.mlp.proj.weight", torch.randn(d, 4 * d)), ("head.ln_f.weight", torch.randn(d))]:
-        assert torch.equal(tp.gather(name, [tp.shard(name, full, r, 4) for r in range(4)]), full), name
-    ds = tp.autotp_config(2)
+        assert torch.equal(tp.gather(name, [tp.shard(name, full, r, 4, cfg) for r in range(4)], cfg), full), name
+    # llama: 4 query heads of 2 dims sharing 2 key/value heads, a SwiGLU of 12 packed as gate|up.
+    llama = GPTConfig(vocab_size=16, seq_len=4, n_layer=1, n_head=4, d_model=d, arch="llama", n_kv_head=2,
+                      ffn_hidden=12)
+    qkv = torch.randn(d + 2 * 4, d)
+    q, k, v = qkv.split([d, 4, 4])
+    assert torch.equal(tp.shard("blocks.0.attn.qkv.weight", qkv, 1, 2, llama), torch.cat([q[4:], k[2:], v[2:]]))
+    fc = torch.randn(24, d)
+    gate, up = fc.chunk(2)
+    assert torch.equal(tp.shard("blocks.0.mlp.fc.weight", fc, 0, 2, llama), torch.cat([gate[:6], up[:6]]))
+    for name, full in [("blocks.0.attn.qkv.weight", qkv), ("blocks.0.mlp.fc.weight", fc)]:
+        assert torch.equal(tp.gather(name, [tp.shard(name, full, r, 2, llama) for r in range(2)], llama), full)
+    specs = {s["patterns"][0]: s for s in tp.autotp_config(2, llama)["partition_config"]["layer_specs"]}
+    assert specs[r".*\.attn\.qkv\.weight$"]["shape"] == [[d, 4, 4], -1]
+    assert specs[r".*\.mlp\.fc\.weight$"]["shape"] == [2, -1]
+    ds = tp.autotp_config(2, cfg)
     assert ds["autotp_size"] == 2 and not ds["partition_config"]["use_default_specs"]
