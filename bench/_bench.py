@@ -86,14 +86,14 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
 
 
-def stdlib_data(work: Path, vocab_size: int = 4096, sample_bytes: int = int(3e6)) -> Path:
+def stdlib_data(work: Path, vocab_size: int = 4096, sample_bytes: int = int(3e6), valid_fraction: float = 0.0) -> Path:
     """A tokenizer trained on the running interpreter's stdlib and its shards, under `work`."""
     from megatrain.data import prepare_dataset
     from tokenizer import TrainerOptions, train_tokenizer
 
     train_tokenizer(["builtin:stdlib"], work / "tok", TrainerOptions(vocab_size=vocab_size, sample_bytes=sample_bytes),
                     progress=False)
-    prepare_dataset(work / "tok", ["builtin:stdlib"], work / "data", valid_fraction=0.0, progress=False)
+    prepare_dataset(work / "tok", ["builtin:stdlib"], work / "data", valid_fraction=valid_fraction, progress=False)
     return work / "data"
 
 

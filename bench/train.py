@@ -1,6 +1,6 @@
 """Training throughput: megatrain against a bare PyTorch loop on the same model and data.
 
-Rows per model (tiny-cpu, ~20M parameters) and precision (fp32, bf16): a bare loop
+Rows per model (tiny-cpu; ~20M parameters as GPT-3 and as llama) and precision (fp32, bf16): a bare loop
 (torch AdamW fused=True, clip_grad_norm_, gradient accumulation, no DeepSpeed; bf16
 through torch.autocast) and megatrain's Trainer with ZeRO-0 and ZeRO-1, one rank, in
 train.precision fp32, or bf16 and bf16-autocast, timed round-robin in one process.
@@ -45,6 +45,11 @@ MODELS = {
     "gpt-20m": (["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.seq_len=256",
                  "train.micro_batch=4", "schedule.batch_final_tokens=2048", "schedule.batch_ramp_tokens=0"],
                 ["train.micro_batch=1", "schedule.batch_final_tokens=256"]),
+    # The llama architecture at the same size: 6 query heads sharing 2 key/value heads, SwiGLU.
+    "llama-20m": (["model.arch=llama", "model.n_kv_head=2", "model.n_layer=10", "model.d_model=384",
+                   "model.n_head=6", "train.seq_len=256", "train.micro_batch=4", "schedule.batch_final_tokens=2048",
+                   "schedule.batch_ramp_tokens=0"],
+                  ["train.micro_batch=1", "schedule.batch_final_tokens=256"]),
 }
 
 
@@ -66,11 +71,10 @@ def megatrain_run(cfg_overrides: list[str], zero: int, steps: int, peak: float, 
 
 def bare_run(cfg_overrides: list[str], steps: int, data_dir: Path) -> list[float]:
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", cfg_overrides)
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     data = TokenDataset(data_dir, t.seq_len)
     torch.manual_seed(cfg.run.seed)
-    model = GPT(GPTConfig(vocab_size=data.manifest["vocab_size"], seq_len=t.seq_len, n_layer=m.n_layer,
-                          n_head=m.n_head, d_model=m.d_model))
+    model = GPT(GPTConfig.from_config(cfg, data.manifest["vocab_size"]))
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
     sampler = ResumableSampler(len(data), seed=cfg.run.seed)
@@ -110,8 +114,7 @@ def main():
             overrides = base + [f"train.precision={prec}", f"data.path={data_dir}"] + (bf16_batch if prec == "bf16" else [])
             cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
             vocab = TokenDataset(data_dir, cfg.train.seq_len).manifest["vocab_size"]
-            fpt = flops_per_token(GPTConfig(vocab_size=vocab, seq_len=cfg.train.seq_len, n_layer=cfg.model.n_layer,
-                                            n_head=cfg.model.n_head, d_model=cfg.model.d_model))
+            fpt = flops_per_token(GPTConfig.from_config(cfg, vocab))
             batch_tokens = BatchSchedule.from_config(cfg, dp_size=1)(0)
             variants = {"bare PyTorch loop": lambda o=overrides: bare_run(o, args.steps + 1, data_dir)[1:]}
             # bf16 rows: DeepSpeed's bf16 mode and bf16-autocast (the bare loop's own strategy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,10 +127,14 @@ def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs)
     launcher = str(Path(sys.executable).parent / "deepspeed")
     script = [str(REPO / "launch" / "pretrain.py"), "--config", str(TINY_CONFIG), "--set", f"run.dir={run}",
               "--set", f"data.path={small_data}", "--set", "parallel.zero_stage=1"]
+    # Each "node" would take every core of this machine (one local rank each): give each rank
+    # the one core it has under one launcher, and with it the same arithmetic.
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2))}
     nodes = [subprocess.Popen([launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
                                "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
                                "--master_port", str(port), *script],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for rank in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "done:" in outputs[0]
