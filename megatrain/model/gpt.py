@@ -53,7 +53,7 @@ class GPTConfig:
     arch: str = "gpt3"
     n_kv_head: int | None = None  # None: n_head (no grouping)
     ffn_hidden: int | None = None  # None: 4 d_model (gpt3), llama_ffn_hidden (llama)
-    bias: bool = True
+    bias: bool | None = None  # None: the architecture's (gpt3 yes, llama no)
     tie_embeddings: bool = True
     qk_norm: bool = False
     rope_theta: float = 10000.0
@@ -67,6 +67,8 @@ class GPTConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
+        if self.bias is None:
+            self.bias = self.arch == "gpt3"
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.ffn_hidden is None:
@@ -91,10 +93,10 @@ class GPTConfig:
         m = cfg.model
         ffn_hidden = m.ffn_hidden or (llama_ffn_hidden(m.d_model, m.ffn_multiple_of) if m.arch == "llama" else None)
         return cls(vocab_size=vocab_size, seq_len=cfg.train.seq_len, n_layer=m.n_layer, n_head=m.n_head,
-                   d_model=m.d_model, arch=m.arch, n_kv_head=m.n_kv_head, ffn_hidden=ffn_hidden,
-                   bias=m.bias if m.bias is not None else m.arch == "gpt3", tie_embeddings=m.tie_embeddings,
-                   qk_norm=m.qk_norm, rope_theta=m.rope_theta, norm_eps=m.norm_eps, dropout=m.dropout,
-                   z_loss=cfg.optim.z_loss, init_std=m.init_std, activation_checkpointing=m.activation_checkpointing, init_seed=cfg.run.seed)
+                   d_model=m.d_model, arch=m.arch, n_kv_head=m.n_kv_head, ffn_hidden=ffn_hidden, bias=m.bias,
+                   tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+                   dropout=m.dropout, z_loss=cfg.optim.z_loss, init_std=m.init_std,
+                   activation_checkpointing=m.activation_checkpointing, init_seed=cfg.run.seed)
 
     @classmethod
     def from_shape(cls, shape: dict) -> GPTConfig:

@@ -123,15 +123,14 @@ class TrainModule:
             # stage uses the inputs, the last the targets).
             batches = [next_micro_batch() for _ in range(self.grad_accum)]
             loss = float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
-            if loss_fn.z_loss:  # the z terms are on the last stage: mean over its ranks
+            if loss_fn.z_loss:  # the z terms are on the last stage's ranks: their mean
                 z_sum, count = loss_fn.take_z()
-                device = dist.collective_device()
-                mine = torch.stack([z_sum.to(device, torch.float64) if count else torch.zeros((), dtype=torch.float64,
-                                                                                                device=device),
-                                    torch.tensor(float(count), dtype=torch.float64, device=device)])
-                z_mean, counted = dist.all_reduce_mean(mine)
+                z_and_count = torch.zeros(2, dtype=torch.float64, device=dist.collective_device())
+                if count:
+                    z_and_count[0], z_and_count[1] = z_sum.to(z_and_count), count
+                z_mean, counted = dist.all_reduce_mean(z_and_count)
                 self.z_loss = z_mean / counted
-                loss -= loss_fn.z_loss * self.z_loss
+                loss -= loss_fn.z_loss * self.z_loss  # the logged loss is the cross-entropy alone
             return loss, self._grad_norm()
         # The losses stay on the device (float64, as a host sum would be) until one
         # all-reduce after the step: one host sync per step, not one per micro-batch.

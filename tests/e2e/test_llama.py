@@ -1,8 +1,8 @@
 """The llama architecture through the real launcher: the tiny model (grouped-query
 attention, an untied head, z-loss) learns on 2 ranks under ZeRO-1, and ZeRO-3, a 2-stage
-pipeline and tensor parallelism follow the same trajectory; it resumes exactly; it exports
-to LlamaForCausalLM with the same logits and greedy text; generate.py and evaluate.py
-take it as they take GPT-3."""
+pipeline and tensor parallelism follow the same trajectory; it resumes exactly, and on
+another layout; it trains in bf16; it exports to LlamaForCausalLM with the same logits and
+greedy text; generate.py and evaluate.py take it as they take GPT-3."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from megatrain.train.metrics import read_metrics
 
 LLAMA = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.tie_embeddings=false",
          "optim.z_loss=1e-4", "train.max_steps=12", "checkpoint.every_steps=6", "train.eval_every=6"]
-LAYOUTS = {"zero3": (2, ["parallel.zero_stage=3"]),
+LAYOUTS = {"zero3": (2, ["parallel.zero_stage=3", "model.activation_checkpointing=true"]),
            "pipe2": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
            "tp2": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"])}
 
@@ -40,8 +40,9 @@ def test_tiny_llama_learns_and_logs_its_z_loss(llama_run):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_layout_follows_the_same_trajectory(llama_run, tmp_path, small_data, layout):
     """The same global batch of 512 tokens split as 2 data-parallel ranks (the reference),
-    ZeRO-3 partitions, two pipeline stages (the untied head on the last) or two
-    tensor-parallel ranks (q|k|v cut as 4 query and 2 key/value heads, SwiGLU's gate|up)."""
+    ZeRO-3 partitions (with activation checkpointing), two pipeline stages (the untied head
+    on the last) or two tensor-parallel ranks (q|k|v cut as 4 query and 2 key/value heads,
+    SwiGLU's gate|up)."""
     nproc, sets = LAYOUTS[layout]
     pretrain(tmp_path / "run", small_data, *LLAMA, *sets, nproc=nproc)
     assert train_losses(tmp_path / "run") == pytest.approx(train_losses(llama_run), rel=1e-5)
@@ -53,6 +54,22 @@ def test_tiny_llama_resumes_exactly(llama_run, tmp_path, small_data):
     run = copy_until(llama_run, tmp_path / "run", step=6)
     pretrain(run, small_data, *LLAMA, "parallel.zero_stage=1")
     assert train_losses(run) == train_losses(llama_run)  # bitwise
+
+
+def test_tiny_llama_resumes_on_another_layout(llama_run, tmp_path, small_data):
+    """Checkpoint 6 of the 2-rank ZeRO-1 run continued on 2 tensor-parallel ranks under
+    ZeRO-2: the layout-free form cuts q|k|v and gate|up into their shards."""
+    run = copy_until(llama_run, tmp_path / "run", step=6)
+    proc = pretrain(run, small_data, *LLAMA, "parallel.tensor_parallel=2", "parallel.zero_stage=2")
+    assert "resharded step-00000006 from 2 data-parallel rank(s), ZeRO-1 to tensor-parallel 2" in proc.stdout
+    assert train_losses(run) == pytest.approx(train_losses(llama_run), rel=1e-5)
+
+
+def test_tiny_llama_trains_in_bf16(tmp_path, small_data):
+    run = tmp_path / "run"
+    pretrain(run, small_data, *LLAMA, "train.precision=bf16", "checkpoint.every_steps=0", nproc=0)
+    losses = train_losses(run)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
 
 
 def test_export_generate_and_evaluate(llama_run, small_data, small_tokenizer, tmp_path):

@@ -108,6 +108,16 @@ def test_activation_checkpointing_on_gpu(tmp_path, small_data):
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["hfu"] > rows[-1]["mfu"]
 
 
+def test_llama_with_z_loss_and_qk_norm_on_gpu(tmp_path, small_data):
+    """The llama architecture in bf16 on one GPU (rotary angles, RMSNorm in fp32, the z term
+    kept on the device): the loss falls and the z-loss metric is logged."""
+    run = tmp_path / "run"
+    pretrain(run, small_data, "model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.qk_norm=true",
+             "optim.z_loss=1e-4", "train.precision=bf16", "train.max_steps=10", nproc=1)
+    rows = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert rows[-1]["loss"] < rows[0]["loss"] and all(r["z_loss"] > 0 for r in rows)
+
+
 def test_collectives_and_losses_live_on_the_device():
     from megatrain.train import distributed as dist
 
