@@ -120,11 +120,17 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def norm(cfg: GPTConfig, dim: int) -> nn.Module:
-    """The architecture's normalisation over the last `dim` features."""
+def norm_spec(cfg: GPTConfig, dim: int) -> tuple[type[nn.Module], tuple, dict]:
+    """(class, args, kwargs) of the architecture's normalisation over the last `dim`
+    features (the pipeline's layer specs take them apart)."""
     if cfg.arch == "llama":
-        return RMSNorm(dim, cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm, (dim, cfg.norm_eps), {}
+    return nn.LayerNorm, (dim,), {"eps": cfg.norm_eps, "bias": cfg.bias}
+
+
+def norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    cls, args, kwargs = norm_spec(cfg, dim)
+    return cls(*args, **kwargs)
 
 
 def rotate(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ Layers, in order (the index is the layer number in checkpoints: layer_NN-model_s
     0          token embedding       TiedLayerSpec "wte" (nn.Embedding)
     1          positions + dropout   gpt.Positions (a rotary model: dropout only)
     2..L+1     transformer blocks    gpt.Block
-    L+2        final norm            nn.LayerNorm, or gpt.RMSNorm
+    L+2        final norm            gpt.norm_spec: nn.LayerNorm, or gpt.RMSNorm
     L+3        output projection     the same "wte" table, used as x @ wte.T (tied);
                                      untied, its own nn.Linear
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatrain.model.gpt import Block, GPTConfig, LMLoss, Positions, RMSNorm, init_parameter
+from megatrain.model.gpt import Block, GPTConfig, LMLoss, Positions, init_parameter, norm_spec
 
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform", "blocks": "type:Block"}
 
@@ -41,12 +41,9 @@ def pipeline_layers(cfg: GPTConfig) -> list:
     else:
         embedding = LayerSpec(nn.Embedding, cfg.vocab_size, cfg.d_model)
         output = LayerSpec(nn.Linear, cfg.d_model, cfg.vocab_size, bias=False)
-    if cfg.arch == "llama":
-        final_norm = LayerSpec(RMSNorm, cfg.d_model, cfg.norm_eps)
-    else:
-        final_norm = LayerSpec(nn.LayerNorm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-    return [embedding, LayerSpec(Positions, cfg), *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)], final_norm,
-            output]
+    norm, args, kwargs = norm_spec(cfg, cfg.d_model)
+    return [embedding, LayerSpec(Positions, cfg), *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)],
+            LayerSpec(norm, *args, **kwargs), output]
 
 
 def canonical_name(name: str, n_layer: int) -> str:
