@@ -8,7 +8,7 @@ device, how long the token budget takes; and a search over layouts (docs/plannin
 Per rank, for the rank that holds the embeddings (the first pipeline stage, or any rank):
   params      the weights in the training dtype (ZeRO-3: a 1/D share)
   grads       the larger of the two moments of a step, as DeepSpeed 0.19 allocates them (each
-              checked against a live engine by tests/unit/test_plan.py): ZeRO-0 the
+              checked against a live engine by tests/e2e/test_plan_memory.py): ZeRO-0 the
               gradients, plus an fp32 copy with bf16/fp16; ZeRO-1/2 the 16-bit gradients
               (ZeRO-2: a 1/D share) during the backward pass, or at the step the fp32
               gradients of the partition that replace them; ZeRO-3 the 16-bit share plus
@@ -139,7 +139,8 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
 def _params_per_rank(m: GPTConfig, T: int, P: int) -> float:
     """The parameters of the rank holding the embeddings: its share of the blocks (split by
     tensor parallelism and pipeline stages), the embeddings and head whole."""
-    return m.n_layer * sum(block_params(m)) / (T * P) + param_count(m) - m.n_layer * sum(block_params(m))
+    blocks = m.n_layer * sum(block_params(m))
+    return blocks / (T * P) + param_count(m) - blocks
 
 
 def _micro_batches(cfg: Config, lay: Layout, batch_tokens: float) -> int:

@@ -48,10 +48,24 @@ def test_yaml_plus_overrides():
      "parallel.tensor_parallel=2 cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP training "
      "supports ZeRO 0-2"),
     ("train=3", "train must be a mapping"),
+    ("model={arch: llama, n_head: 4, n_kv_head: 3}", "model.n_kv_head (3) must be a positive divisor of model.n_head (4)"),
+    ("model.tie_embeddings=false", "model.tie_embeddings GPT-3 ties its embeddings"),
+    ("model.arch=mamba", "model.arch must be 'gpt3' | 'llama'"),
+    ("optim.z_loss=-1", "optim.z_loss must be >= 0"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(UserError) as e:
         load_config(TINY_CONFIG, BASE + [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("model, message", [
+    ("model={arch: llama, n_head: 4, n_kv_head: 1}", "parallel.tensor_parallel=2 must divide model.n_kv_head (1)"),
+    ("model={arch: llama, n_head: 4, ffn_hidden: 33}", "parallel.tensor_parallel=2 must divide model.ffn_hidden (33)"),
+])
+def test_tensor_parallel_must_split_whole_kv_heads_and_mlp_units(model, message):
+    with pytest.raises(UserError) as e:
+        load_config(TINY_CONFIG, BASE + ["parallel.tensor_parallel=2", model])
     assert message in str(e.value)
 
 

@@ -105,3 +105,28 @@ def test_cli_json_and_bad_input(tmp_path, small_data):
                           "per GPU; the fewest that can: --gpus 64")):
         proc = run_script("plan.py", "--config", GPT3_13B, "--gpus", 8, *bad, check=False)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+
+
+def test_llama_counts_its_own_parameters_and_widths():
+    """configs/llama-1b.yaml: one rank's weights are the model's (GQA's narrow k|v, SwiGLU's
+    three matrices, the untied head) in bf16; tensor parallelism splits only the blocks; its
+    FLOPs follow the same matmul weights."""
+    import torch
+
+    from megatrain.model import GPT, flops_per_token, matmul_params
+
+    cfg = load_config(REPO / "configs" / "llama-1b.yaml", [])
+    m = GPTConfig.from_config(cfg, 32000)
+    one = per_rank_bytes(cfg, m, Layout(0, 1, 1, 1, 1, True))
+    assert one["params"] == 2 * param_count(m) and param_count(m) == pytest.approx(1.10e9, rel=0.01)
+    tp = per_rank_bytes(cfg, m, Layout(1, 2, 1, 1, 1, True))
+    embeddings = 2 * m.vocab_size * m.d_model + m.d_model  # input table, output head, final norm
+    assert tp["params"] / 2 == pytest.approx((param_count(m) - embeddings) / 2 + embeddings)
+    # The 6N of the FLOPs: every weight a token meets in a matmul, counted on a small built model.
+    small = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=16, arch="llama", n_kv_head=2,
+                      ffn_hidden=40, tie_embeddings=False)
+    model = GPT(small)
+    linear = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
+    norms = sum(p.numel() for n, p in model.named_parameters() if "ln" in n)
+    assert matmul_params(small) == linear + norms
+    assert flops_per_token(small) > 6 * linear
