@@ -25,7 +25,9 @@ from megatrain.errors import UserError
 
 
 def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+    """The type of each field (class variables are not keys)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in fields}
 
 
 def _all_keys(cls, prefix: str = "") -> list[str]:
@@ -132,6 +134,15 @@ def _build(cls, raw: dict, prefix: str, sources: dict) -> Any:
     return cls(**kwargs)
 
 
+def _dotted_keys(raw: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in raw.items():
+        keys.append(prefix + str(name))
+        if isinstance(value, dict) and not prefix and dataclasses.is_dataclass(_hints(Config).get(name)):
+            keys.extend(_dotted_keys(value, f"{prefix}{name}."))
+    return keys
+
+
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
@@ -170,6 +181,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _set_dotted(raw, key, value)
         sources[key] = f"--set {key}"
     cfg = _build(Config, raw, "", sources)
+    cfg.explicit_keys = frozenset(_dotted_keys(raw))
     for key, message in cfg.problems():  # the first problem, as one line
         raise UserError(f"{source}: {key} {message}")
     return cfg

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 
@@ -75,6 +75,14 @@ class ModelConfig:
     """Standard deviation of the GPT-2 initialisation."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
+    init_from: str | None = None
+    """Start from trained weights instead of random ones (continued pretraining): a megatrain
+    run or checkpoint directory (any layout), a consolidated .safetensors file, or a Hugging
+    Face directory (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM). The source sets the
+    model's shape; used when the run has no checkpoint of its own (docs/continued-pretraining.md)."""
+    init_from_vocab: Literal["match", "resize"] = "match"
+    """match: the source's vocabulary must be the data's tokenizer's; resize: take it anyway,
+    shared rows kept, new rows the mean embedding."""
 
     def problems(self, cfg: Config) -> Problems:
         yield from _at_least(self, "model", n_layer=1, n_head=1, d_model=1)
@@ -98,11 +106,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | list[dict] = ""
-    """A directory made by launch/prepare_data.py, or a blend: a list of {path: DIR, weight: W}."""
+    """A directory made by launch/prepare_data.py, or a blend: a list of {path: DIR, weight: W}
+    (optionally name: N; default the directory's name), W >= 0 summing to more than 0."""
+    stages: list[dict] = field(default_factory=list)
+    """A curriculum over a blend: [{tokens: T, weights: {name: W, ...}}, ...], T increasing;
+    from T tokens on, these weights (sources left out: 0). data.path's weights hold from 0
+    (megatrain/schedule/mixture.py)."""
+    stage_shape: Literal["stepwise", "linear"] = "stepwise"
+    """stepwise: each stage's weights hold until the next stage; linear: the weights move
+    linearly from one stage's start to the next's."""
     valid: dict[str, str] = field(default_factory=dict)
     """Named validation sets, {name: a prepared data directory (its valid/ split)}, each
     logged as its own loss, perplexity and bits per byte. Empty: the valid/ split of every
-    data.path source, named after its directory."""
+    data.path source, under the source's name."""
     seed: int | None = None
     """Seeds the sample order and the blend; None uses run.seed."""
     skip: list[list[int]] = field(default_factory=list)
@@ -111,27 +127,53 @@ class DataConfig:
     spike (the spike guard does this by itself; this is the manual form)."""
 
     def valid_sets(self) -> dict[str, str]:
-        """data.valid, or one set per data.path source, named after its directory."""
+        """data.valid, or one set per data.path source, under its name."""
         if self.valid:
             return dict(self.valid)
-        sets: dict[str, str] = {}
-        for i, (path, _) in enumerate(self.sources()):
-            name = Path(path).name or path
-            sets[f"{name}-{i}" if name in sets else name] = path
-        return sets
+        return {name: path for name, path, _ in self.named_sources()}
 
     def sources(self) -> list[tuple[str, float]]:
         """data.path as a list of (directory, weight)."""
-        if isinstance(self.path, str):
-            return [(self.path, 1.0)]
-        return [(item["path"], float(item.get("weight", 1.0))) for item in self.path]
+        return [(path, weight) for _, path, weight in self.named_sources()]
+
+    def named_sources(self) -> list[tuple[str, str, float]]:
+        """data.path as a list of (name, directory, weight); a name defaults to the
+        directory's, made unique with the source's number."""
+        items = [{"path": self.path}] if isinstance(self.path, str) else self.path
+        out, names = [], set()
+        for i, item in enumerate(items):
+            name = item.get("name") or Path(item["path"]).name or item["path"]
+            name = f"{name}-{i}" if name in names else name
+            names.add(name)
+            out.append((name, item["path"], float(item.get("weight", 1.0))))
+        return out
 
     def problems(self, cfg: Config) -> Problems:
         if not self.path:
             yield "data.path", "must name a prepared data directory (launch/prepare_data.py)"
+            return
         for i, item in enumerate(self.path if isinstance(self.path, list) else []):
-            if set(item) - {"path", "weight"} or "path" not in item:
-                yield f"data.path[{i}]", f"must be {{path: DIR, weight: W}}, got {item!r}"
+            if set(item) - {"path", "weight", "name"} or "path" not in item:
+                yield f"data.path[{i}]", f"must be {{path: DIR, weight: W, name: N (optional)}}, got {item!r}"
+                return
+        names = [name for name, _, _ in self.named_sources()]
+        if len(set(names)) != len(names):
+            yield "data.path", f"source names must differ, got {names}"
+        for i, stage in enumerate(self.stages):
+            if set(stage) != {"tokens", "weights"} or not isinstance(stage["weights"], dict):
+                yield f"data.stages[{i}]", f"must be {{tokens: T, weights: {{name: W, ...}}}}, got {stage!r}"
+                return
+            unknown = set(stage["weights"]) - set(names)
+            if unknown:
+                yield f"data.stages[{i}].weights", (f"names unknown source(s) {sorted(unknown)}; the sources are "
+                                                    f"{names} (data.path)")
+                return
+        from megatrain.schedule.mixture import MixtureSchedule  # the schedule checks its own keyframes
+
+        try:
+            MixtureSchedule.from_config(cfg)
+        except (ValueError, TypeError) as e:
+            yield "data.stages" if self.stages else "data.path", f"is not a valid mixture: {e}"
         if not all(len(x) == 2 and min(x) >= 0 for x in self.skip):
             yield "data.skip", f"must be [[position, samples], ...] with non-negative numbers, got {self.skip!r}"
 
@@ -182,6 +224,8 @@ class OptimConfig:
     """Decoupled weight decay; not applied to biases, norms or embeddings."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    init_from_state: bool = False
+    """With model.init_from a megatrain checkpoint: also take its AdamW moments and step count."""
     z_loss: float = 0.0
     """Coefficient of the auxiliary loss z_loss * mean(log(Z)^2), Z the output softmax's
     normaliser (PaLM: 1e-4; OLMo 2 uses it against spikes); logged as `z_loss`. 0: off."""
@@ -220,6 +264,10 @@ class ScheduleConfig:
     batch_steps: list[list[int]] | None = None
     """Instead of the ramp, [[tokens, batch_tokens], ...] starting at 0 tokens: from each token
     count on, that global batch (Megatron's step schedule)."""
+    init_from: Literal["reset", "keep"] = "reset"
+    """With model.init_from: reset counts steps and tokens from 0 (the LR warms up again over
+    warmup_tokens and decays to decay_tokens counted from the new start; the batch ramps
+    again); keep continues from a megatrain checkpoint's step and tokens."""
 
     def problems(self, cfg: Config) -> Problems:
         yield from _at_least(self, "schedule", batch_final_tokens=1, batch_start_tokens=1, batch_ramp_tokens=0)
@@ -373,6 +421,8 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     deepspeed: dict = field(default_factory=dict)
     """Raw DeepSpeed JSON merged on top of the generated config, for experts."""
+    explicit_keys: ClassVar[frozenset[str]] = frozenset()
+    """(Not a key.) The dotted keys the file or --set gave, as load_config read them."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,6 @@
-"""`BlendedDataset`: several datasets mixed in fixed proportions, deterministically.
+"""`BlendedDataset`: several datasets mixed in given proportions, deterministically,
+the proportions fixed or changing with the tokens drawn (a mixture schedule,
+megatrain/schedule/mixture.py).
 
 Samples come in rounds of ROUND slots. In every round dataset d fills round(w_d *
 ROUND) slots (largest remainder, so the counts add up), spread evenly through the
@@ -7,9 +9,19 @@ and perm_e is a seeded permutation per pass over d: a heavily weighted small dat
 repeats (a new order each pass), a lightly weighted big one is sampled evenly across
 all its shards rather than from the front. Sample i is computed directly (O(ROUND)
 memory), so the blend is as resumable as a single dataset.
+
+With a schedule, positions are cut into segments at the stage boundaries; rounds start
+again at each segment's start, and a round takes the weights of its segment (stepwise)
+or of its middle position (linear). How many draws each dataset had before a position
+is then a sum over the segments and rounds before it (prefix sums, computed once), so
+sample i is still a pure function of i. A scheduled blend is read in order of position
+(`ordered`: the sampler must not shuffle positions, which are the schedule's clock);
+each dataset is still drawn in its own shuffled order.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -19,13 +31,23 @@ from megatrain.errors import UserError
 ROUND = 10_000
 
 
-def _round_pattern(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _round_counts(weights: np.ndarray, slots: int = ROUND) -> np.ndarray:
+    """Slots per dataset in a round of `slots` (largest remainder), for one weight vector
+    [D] or one per round [R, D]."""
+    exact = np.atleast_2d(weights) * slots
+    counts = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - counts), axis=1, kind="stable")
+    rank = np.empty_like(order)  # each dataset's place in the order of remainders
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
+    counts += rank < (slots - counts.sum(axis=1))[:, None]  # the largest remainders get one more
+    return counts if np.ndim(weights) == 2 else counts[0]
+
+
+@lru_cache(maxsize=64)
+def _round_pattern(weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per round: how many slots each dataset gets, and for each slot its dataset and
     the draw number within the round (smoothest interleave: greedy on the deficit)."""
-    exact = weights * ROUND
-    counts = np.floor(exact).astype(np.int64)
-    for d in np.argsort(-(exact - counts), kind="stable")[: ROUND - counts.sum()]:
-        counts[d] += 1
+    counts = _round_counts(np.array(weights))
     dataset_of = np.empty(ROUND, dtype=np.int64)
     draw_of = np.empty(ROUND, dtype=np.int64)
     taken = np.zeros(len(weights), dtype=np.int64)
@@ -36,14 +58,49 @@ def _round_pattern(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return counts, dataset_of, draw_of
 
 
+class _Segment:
+    """Positions [start, end) of a blend with weights moving from w0 to w1 (equal: fixed)."""
+
+    def __init__(self, start: int, end: int | None, w0: np.ndarray, w1: np.ndarray):
+        self.start, self.end, self.w0, self.w1 = start, end, w0, w1
+        self.fixed = np.array_equal(w0, w1)
+        self.base = np.zeros(len(w0), dtype=np.int64)  # draws of each dataset before this segment
+        if not self.fixed:  # draws before each round of the segment
+            rounds = -(-(end - start) // ROUND)
+            counts = _round_counts(np.stack([self.weights(j) for j in range(rounds)]))
+            self.before_round = np.concatenate([np.zeros((1, len(w0)), np.int64), np.cumsum(counts, axis=0)])
+
+    def weights(self, j: int) -> np.ndarray:
+        """Round j's weights: the segment's, or those at the round's middle position."""
+        if self.fixed:
+            return self.w0
+        length = self.end - self.start
+        f = (min((j + 0.5) * ROUND, (j * ROUND + length) / 2)) / length
+        return (1 - f) * self.w0 + f * self.w1
+
+    def pattern(self, j: int):
+        return _round_pattern(tuple(self.weights(j).tolist()))
+
+    def draws_before(self, j: int) -> np.ndarray:
+        """Draws of each dataset in this segment's rounds before round j."""
+        return j * self.pattern(0)[0] if self.fixed else self.before_round[j]
+
+    def total_draws(self) -> np.ndarray:
+        rounds, rest = divmod(self.end - self.start, ROUND)
+        partial = np.bincount(self.pattern(rounds)[1][:rest], minlength=len(self.w0)) if rest else 0
+        return self.draws_before(rounds) + partial
+
+
 class BlendedDataset:
-    def __init__(self, datasets_and_weights, seed: int = 0, num_samples: int | None = None):
+    def __init__(self, datasets_and_weights, seed: int = 0, num_samples: int | None = None, schedule=None):
+        """`datasets_and_weights`: [(dataset, weight)]; `schedule`: a MixtureSchedule over the
+        same datasets, in the same order, instead of the fixed weights."""
         if not datasets_and_weights:
             raise UserError("a blend needs at least one dataset")
         self.datasets = [d for d, _ in datasets_and_weights]
         weights = np.array([float(w) for _, w in datasets_and_weights])
-        if (weights <= 0).any() or not np.isfinite(weights).all():
-            raise UserError(f"blend weights must be positive numbers, got {weights.tolist()}")
+        if (weights < 0).any() or not np.isfinite(weights).all() or not weights.sum() > 0:
+            raise UserError(f"blend weights must be non-negative numbers with a positive sum, got {weights.tolist()}")
         seq_lens = {d.seq_len for d in self.datasets}
         if len(seq_lens) != 1:
             raise UserError(f"blended datasets have different seq_len: {sorted(seq_lens)}")
@@ -57,18 +114,46 @@ class BlendedDataset:
         self.weights = weights / weights.sum()
         self.seed = seed
         self.num_samples = num_samples if num_samples is not None else sum(len(d) for d in self.datasets)
-        self._counts, self._dataset_of, self._draw_of = _round_pattern(self.weights)
+        self.schedule = schedule if schedule is not None and schedule.staged else None
+        parts = self.schedule.segments(self.seq_len) if self.schedule else [(0, None, self.weights, self.weights)]
+        self._segments = [_Segment(*part) for part in parts]
+        for prev, seg in zip(self._segments, self._segments[1:], strict=False):
+            seg.base = prev.base + prev.total_draws()
+        self._starts = np.array([s.start for s in self._segments], dtype=np.int64)
         self._perms: dict[tuple[int, int], Permutation] = {}
+
+    @property
+    def ordered(self) -> bool:
+        """Positions are the schedule's clock: read them in order, not shuffled."""
+        return self.schedule is not None
 
     def __len__(self) -> int:
         return self.num_samples
 
+    def sources(self, indices) -> np.ndarray:
+        """The dataset number of each blend index."""
+        return self._draws(indices)[0]
+
+    def _draws(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset number, its draw number) for blend indices."""
+        indices = np.asarray(indices, dtype=np.int64)
+        which, draws = np.empty_like(indices), np.empty_like(indices)
+        segment_of = np.searchsorted(self._starts, indices, side="right") - 1
+        for s in np.unique(segment_of):
+            seg, in_seg = self._segments[s], segment_of == s
+            rounds, slots = np.divmod(indices[in_seg] - seg.start, ROUND)
+            w, k = np.empty_like(slots), np.empty_like(slots)
+            for j in np.unique(rounds):
+                m = rounds == j
+                _, dataset_of, draw_of = seg.pattern(int(j))
+                w[m] = dataset_of[slots[m]]
+                k[m] = (seg.base + seg.draws_before(int(j)))[w[m]] + draw_of[slots[m]]
+            which[in_seg], draws[in_seg] = w, k
+        return which, draws
+
     def locate(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """(dataset number, sample index within it) for blend indices."""
-        indices = np.asarray(indices, dtype=np.int64)
-        rounds, slots = np.divmod(indices, ROUND)
-        which = self._dataset_of[slots]
-        draws = rounds * self._counts[which] + self._draw_of[slots]
+        which, draws = self._draws(indices)
         samples = np.empty_like(draws)
         for d in np.unique(which):
             mask = which == d
@@ -90,7 +175,7 @@ class BlendedDataset:
         return self._perms[key]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < self.num_samples:
+        if not 0 <= i < (self.num_samples if not self.ordered else np.iinfo(np.int64).max):
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
         which, sample = self.locate([i])
         return self.datasets[int(which[0])][int(sample[0])]

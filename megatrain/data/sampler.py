@@ -10,6 +10,8 @@ k * world_size samples are dealt round-robin: rank r gets global positions
 consumed + r, consumed + r + world_size, ... The global batch is therefore the same set
 of samples whatever the world size or micro-batch size, which is what lets a run
 resume on a different number of ranks, and lets 1 rank and 2 ranks be compared.
+Without `shuffle` the positions are the dataset's own indices (a blend whose mixture
+changes with position, megatrain/data/blend.py, shuffles each source itself).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from megatrain.errors import UserError
 
 
 class ResumableSampler:
-    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
         if num_samples <= 0:
             raise UserError(f"the dataset has no samples (num_samples={num_samples})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.num_samples, self.seed = num_samples, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.consumed = 0
         self.skipped: list[list[int]] = []  # [[position, samples], ...] in the order skipped
         self.last_positions = np.empty(0, dtype=np.int64)  # global positions of the last next()
@@ -44,6 +46,8 @@ class ResumableSampler:
     def at(self, positions) -> np.ndarray:
         """Dataset indices at global positions (a pure function of the seed)."""
         positions = np.asarray(positions, dtype=np.int64)
+        if not self.shuffle:
+            return positions
         out = np.empty_like(positions)
         epochs = positions // self.num_samples
         for epoch in np.unique(epochs):

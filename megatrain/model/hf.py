@@ -10,9 +10,17 @@ renaming (`to_hf` picks the class):
 - llama with qk_norm -> Qwen3ForCausalLM: Llama's layout plus RMSNorm on each head's
   queries and keys before the rotation, as megatrain's.
 A gpt3 model with qk_norm has no transformers class: its export is refused.
+
+Import is the same renaming backwards (`read_hf_shape`, `read_hf_weights`): a Hugging
+Face directory of one of these classes (config.json and safetensors or PyTorch weights,
+sharded or not), read from disk, never downloaded. A class whose arithmetic differs from
+megatrain's (another activation, RoPE scaling, untied GPT-2) is refused in one line.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -29,8 +37,8 @@ def gpt2_config(cfg: GPTConfig, eos_id: int):
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_inner=4 * cfg.d_model, activation_function="gelu_new",
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                      n_head=cfg.n_head, n_inner=cfg.ffn_hidden, activation_function="gelu_new",
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
                       tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id)
 
 
@@ -130,3 +138,141 @@ def to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig, eos_id: int):
     if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
         raise RuntimeError(f"{hf_class_name(cfg)} mapping is incomplete: missing {missing}, unexpected {unexpected}")
     return model.eval()
+
+
+# --- import ----------------------------------------------------------------------------------
+
+SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "Qwen3ForCausalLM")
+
+
+def _hf_config(path: Path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise UserError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not valid JSON ({e})") from None
+    classes = config.get("architectures") or []
+    if len(classes) != 1 or classes[0] not in SUPPORTED:
+        raise UserError(f"{file}: " + (f"{', '.join(classes)} cannot be imported" if classes else
+                                       "names no model class (architectures)") + f"; supported: {', '.join(SUPPORTED)}")
+    return config
+
+
+def read_hf_shape(path: str | Path) -> dict:
+    """GPTConfig.shape() of a Hugging Face directory's model (config.json only)."""
+    c = _hf_config(Path(path))
+    kind, file = c["architectures"][0], Path(path) / "config.json"
+
+    def refuse(what: str):
+        raise UserError(f"{file}: {kind} with {what} computes differently from megatrain's model; not importable")
+
+    if kind == "GPT2LMHeadModel":
+        if c.get("activation_function", "gelu_new") != "gelu_new":
+            refuse(f"activation_function {c['activation_function']!r} (megatrain's GELU is the tanh form, gelu_new)")
+        if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True):
+            refuse("another attention scaling")
+        if not c.get("tie_word_embeddings", True):
+            refuse("untied embeddings")
+        return {"arch": "gpt3", "vocab_size": c["vocab_size"], "seq_len": c["n_positions"], "n_layer": c["n_layer"],
+                "n_head": c["n_head"], "n_kv_head": c["n_head"], "d_model": c["n_embd"],
+                "ffn_hidden": c.get("n_inner") or 4 * c["n_embd"], "bias": True, "tie_embeddings": True,
+                "qk_norm": False, "rope_theta": 10000.0, "norm_eps": c.get("layer_norm_epsilon", 1e-5)}
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+    if c.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {c['hidden_act']!r}")
+    d, heads = c["hidden_size"], c["num_attention_heads"]
+    if c.get("head_dim", d // heads) * heads != d:
+        refuse(f"head_dim {c['head_dim']} x {heads} heads != hidden_size {d}")
+    bias = bool(c.get("attention_bias", False))
+    if kind == "LlamaForCausalLM" and bool(c.get("mlp_bias", False)) != bias:
+        refuse("attention_bias and mlp_bias differing")
+    if kind == "Qwen3ForCausalLM" and (bias or c.get("use_sliding_window")):
+        refuse("attention biases or sliding-window attention")
+    return {"arch": "llama", "vocab_size": c["vocab_size"], "seq_len": c.get("max_position_embeddings", 2048),
+            "n_layer": c["num_hidden_layers"], "n_head": heads, "n_kv_head": c.get("num_key_value_heads", heads),
+            "d_model": d, "ffn_hidden": c["intermediate_size"], "bias": bias,
+            "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qk_norm": kind == "Qwen3ForCausalLM",
+            "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            "norm_eps": c.get("rms_norm_eps", 1e-6)}
+
+
+def read_hf_tokenizer_sha(path: str | Path) -> str | None:
+    """The megatrain tokenizer an exported model's ids are from (export_hf records it)."""
+    return _hf_config(Path(path)).get("megatrain_tokenizer_sha256")
+
+
+def _hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's weights: model.safetensors, its sharded index, or
+    pytorch_model.bin (loaded weights-only)."""
+    from safetensors.torch import load_file
+
+    for index_name, load in (("model.safetensors.index.json", load_file),
+                             ("pytorch_model.bin.index.json", lambda f: torch.load(f, weights_only=True))):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (path / s).is_file()]
+            if missing:
+                raise UserError(f"{path}: partial directory: {', '.join(missing)} listed in {index_name} is missing")
+            return {k: v for s in shards for k, v in load(str(path / s)).items()}
+    if (path / "model.safetensors").is_file():
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", weights_only=True)
+    raise UserError(f"{path}: partial directory: config.json but no weights (model.safetensors, "
+                    "pytorch_model.bin or a sharded index)")
+
+
+def read_hf_weights(path: str | Path, cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """The directory's weights by GPT's names (fp32), for the model `cfg` (read_hf_shape)."""
+    from megatrain.model.gpt import GPT
+
+    path = Path(path)
+    theirs = {k: v.to(torch.float32) for k, v in _hf_tensors(path).items()}
+    with torch.device("meta"):
+        names = [name for name, _ in GPT(cfg, init_weights=False).named_parameters()]
+    rule = _from_gpt2 if cfg.arch == "gpt3" else _from_llama
+    mapping = {ours: rule(ours, cfg) for ours in names}
+    missing = sorted({n for sources, _ in mapping.values() for n in sources if n not in theirs})
+    if missing:
+        raise UserError(f"{path}: partial directory: the weights lack {', '.join(missing[:3])}"
+                        + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return {ours: join([theirs[n] for n in sources]) for ours, (sources, join) in mapping.items()}
+
+
+def _same(tensors):
+    return tensors[0]
+
+
+def _from_gpt2(name: str, cfg: GPTConfig):
+    """(GPT-2 names, how to make GPT's parameter `name` of them): to_gpt2_state_dict backwards."""
+    top = {"embed.wte.weight": "transformer.wte.weight", "embed.positions.wpe.weight": "transformer.wpe.weight",
+           "head.ln_f.weight": "transformer.ln_f.weight", "head.ln_f.bias": "transformer.ln_f.bias"}
+    if name in top:
+        return [top[name]], _same
+    _, i, rest = name.split(".", 2)
+    ours, kind = rest.rsplit(".", 1)
+    theirs = f"transformer.h.{i}.{_BLOCK[ours]}.{kind}"
+    if ours in _CONV1D and kind == "weight":
+        return [theirs], lambda ts: ts[0].t().contiguous()
+    return [theirs], _same
+
+
+def _from_llama(name: str, cfg: GPTConfig):
+    """(Llama/Qwen3 names, how to make GPT's parameter `name` of them): to_llama_state_dict backwards."""
+    top = {"embed.wte.weight": "model.embed_tokens.weight", "head.ln_f.weight": "model.norm.weight",
+           "head.lm_head.weight": "lm_head.weight"}
+    if name in top:
+        return [top[name]], _same
+    _, i, rest = name.split(".", 2)
+    ours, kind = rest.rsplit(".", 1)
+    layer = f"model.layers.{i}."
+    if ours == "attn.qkv":
+        return [f"{layer}self_attn.{n}.{kind}" for n in ("q_proj", "k_proj", "v_proj")], torch.cat
+    if ours == "mlp.fc":
+        return [f"{layer}mlp.gate_proj.{kind}", f"{layer}mlp.up_proj.{kind}"], torch.cat
+    return [f"{layer}{_LLAMA_BLOCK[ours]}.{kind}"], _same

@@ -1,6 +1,6 @@
 """Micro-batches for the loop: the datasets of a run config, the global sample position
 (the sampler deals it round-robin over data-parallel ranks, so saving, resuming and
-skipping are arithmetic), and `data.skip`."""
+skipping are arithmetic), `data.skip`, and the tokens trained on from each source."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from megatrain.config import Config
 from megatrain.data import BlendedDataset, ResumableSampler, TokenDataset
 from megatrain.errors import UserError
+from megatrain.schedule.mixture import MixtureSchedule
 from megatrain.train import distributed as dist
 
 
@@ -17,7 +18,8 @@ def build_datasets(cfg: Config):
     """Training samples (one dataset or a blend), {name: validation samples}, vocab size."""
     seq_len = cfg.train.seq_len
     datasets = [(TokenDataset(path, seq_len, split="train"), weight) for path, weight in cfg.data.sources()]
-    train = datasets[0][0] if len(datasets) == 1 else BlendedDataset(datasets, seed=data_seed(cfg))
+    train = datasets[0][0] if len(datasets) == 1 else BlendedDataset(datasets, seed=data_seed(cfg),
+                                                                     schedule=MixtureSchedule.from_config(cfg))
     vocab = max(d.manifest["vocab_size"] for d, _ in datasets)
     valid = {}
     for name, path in cfg.data.valid_sets().items():
@@ -49,14 +51,20 @@ def to_micro_batch(tokens: np.ndarray, device) -> tuple[torch.Tensor, torch.Tens
 
 class TrainBatches:
     """This rank's training micro-batches, in the global order. Stateful: the sampler's
-    position and record of skips, and how many data.skip entries were applied."""
+    position and record of skips, how many data.skip entries were applied, and the
+    samples trained on from each source (every rank counts the whole global batch's:
+    the sources of a position are arithmetic, so no collective is needed)."""
 
     def __init__(self, cfg: Config, dataset, dp_rank: int, dp_size: int, device):
         self.dataset, self.device = dataset, device
-        self.micro_batch = cfg.train.micro_batch
-        self.sampler = ResumableSampler(len(dataset), seed=data_seed(cfg), rank=dp_rank, world_size=dp_size)
+        self.micro_batch, self.seq_len = cfg.train.micro_batch, cfg.train.seq_len
+        self.sampler = ResumableSampler(len(dataset), seed=data_seed(cfg), rank=dp_rank, world_size=dp_size,
+                                        shuffle=not getattr(dataset, "ordered", False))
         self.skips = sorted((p, n) for p, n in cfg.data.skip)
         self.skip_index = 0  # data.skip entries applied so far
+        self.source_names = [name for name, _, _ in cfg.data.named_sources()]
+        self.source_samples = np.zeros(len(self.source_names), dtype=np.int64)
+        self.mixture = MixtureSchedule.from_config(cfg) if isinstance(dataset, BlendedDataset) else None
 
     @property
     def consumed(self) -> int:
@@ -74,14 +82,47 @@ class TrainBatches:
 
     def tokens(self) -> np.ndarray:
         """Host tokens of this rank's next micro-batch ([micro_batch, seq_len + 1])."""
+        every_rank = self.consumed + np.arange(self.micro_batch * self.sampler.world_size)
+        if isinstance(self.dataset, BlendedDataset):
+            self.source_samples += np.bincount(self.dataset.sources(self.sampler.at(every_rank)),
+                                               minlength=len(self.source_samples))
+        else:
+            self.source_samples[0] += len(every_rank)
         return self.dataset.batch(self.sampler.next(self.micro_batch))
+
+    def metrics(self) -> dict:
+        """For a blend's metrics row: tokens trained on from each source so far, and the
+        mixture's stage."""
+        if self.mixture is None:
+            return {}
+        row = {"source_tokens": {name: int(n) * self.seq_len
+                                 for name, n in zip(self.source_names, self.source_samples, strict=True)}}
+        if self.mixture.staged:  # the stage of the last sample drawn
+            row["mixture_stage"] = self.mixture.stage(max(self.consumed - 1, 0) * self.seq_len)
+        return row
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         return to_micro_batch(self.tokens(), self.device)
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "skip_index": self.skip_index}
+        state = {"sampler": self.sampler.state_dict(), "skip_index": self.skip_index,
+                 "source_samples": dict(zip(self.source_names, self.source_samples.tolist(), strict=True))}
+        if self.mixture is not None:
+            state["mixture"] = _describe(self.mixture)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        mixture = _describe(self.mixture) if self.mixture is not None else None
+        if "mixture" in state and state["mixture"] != mixture:
+            raise UserError(f"the data mixture changed since the checkpoint ({state.get('mixture')} then, {mixture} "
+                            "now): the sample order would not continue; start a new run from the checkpoint with "
+                            "model.init_from instead")
         self.sampler.load_state_dict(state["sampler"])
         self.skip_index = state["skip_index"]
+        saved = state.get("source_samples", {})  # (checkpoints before per-source counts: from 0)
+        self.source_samples[:] = [saved.get(name, 0) for name in self.source_names]
+
+
+def _describe(mixture: MixtureSchedule) -> dict:
+    return {"sources": list(mixture.names), "shape": mixture.shape,
+            "stages": [[t, list(w)] for t, w in mixture.keyframes]}

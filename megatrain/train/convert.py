@@ -76,8 +76,8 @@ def load_model(source: str | Path, tokenizer=None) -> GPT:
     tokenizer hash when that data is at hand, else by vocabulary size)."""
     sd, cfg, state = consolidate_any(source)
     if tokenizer is not None:
-        for path in _data_paths(state):
-            sha = _manifest_tokenizer(path)
+        for path in data_paths(state):
+            sha = manifest_tokenizer(path)
             if sha is not None and sha != tokenizer.sha256:
                 raise UserError(f"{tokenizer.source}: not the tokenizer the run's data ({path}) was made with")
         if tokenizer.vocab_size > cfg.vocab_size:
@@ -88,12 +88,20 @@ def load_model(source: str | Path, tokenizer=None) -> GPT:
     return model.eval()
 
 
-def _data_paths(state: dict) -> list[str]:
+def tokenizer_of(state: dict) -> str | None:
+    """The tokenizer hash of a checkpoint's data (megatrain.json records it; older ones: by
+    the data's manifest, when that data is at hand)."""
+    return state.get("tokenizer_sha256") or next((s for p in data_paths(state) if (s := manifest_tokenizer(p))), None)
+
+
+def data_paths(state: dict) -> list[str]:
+    """The data directories of a checkpoint's run (megatrain.json's config)."""
     path = state.get("config", {}).get("data", {}).get("path", "")
     return [path] if isinstance(path, str) else [item["path"] for item in path]
 
 
-def _manifest_tokenizer(path: str) -> str | None:
+def manifest_tokenizer(path: str) -> str | None:
+    """The tokenizer hash of a prepared data directory's manifest, if it is at hand."""
     for manifest in (Path(path) / "train" / "manifest.json", Path(path) / "manifest.json"):
         if manifest.is_file():
             try:
@@ -107,10 +115,13 @@ def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
     """One safetensors file of fp32 weights; the model's shape rides in its header."""
     from safetensors.torch import save
 
-    sd, cfg, _ = consolidate_any(ckpt)
+    sd, cfg, state = consolidate_any(ckpt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "config": json.dumps(cfg.__dict__), "source": str(Path(ckpt).resolve())}
+    sha = tokenizer_of(state)
+    if sha:
+        meta["tokenizer_sha256"] = sha
     write_atomically(out, save(sd, metadata=meta))
     return out
 
@@ -163,6 +174,7 @@ def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path,
     shutil.rmtree(tmp, ignore_errors=True)
     exported = hf.to_hf(model.state_dict(), model.cfg, eos_id=SPECIAL_IDS["eod"]).to(dtype)
     exported.generation_config.pad_token_id = SPECIAL_IDS["eod"]
+    exported.config.megatrain_tokenizer_sha256 = tok.sha256  # an import checks the data's tokenizer against it
     exported.save_pretrained(tmp)
     to_hf(tok, model_max_length=model.cfg.seq_len).save_pretrained(tmp)
     if out.exists():

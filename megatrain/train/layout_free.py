@@ -262,8 +262,9 @@ def ensure(ckpt: Path) -> tuple[Path, bool]:
 
 
 def load_into(module, path: Path) -> int:
-    """Every rank: set the master weights, the model's weights and the moments of `module`'s
-    engine (any layout) from a layout-free file; returns the optimizer step count."""
+    """Every rank: set the master weights, the model's weights and (when the file has them)
+    the moments of `module`'s engine (any layout) from a layout-free file; returns the
+    optimizer step count. A file of weights alone leaves the optimizer as new."""
     from safetensors import safe_open
 
     engine, opt = module.engine, module.engine.optimizer
@@ -271,6 +272,7 @@ def load_into(module, path: Path) -> int:
     with safe_open(str(path), "pt") as f:
         step = int(f.metadata()["optimizer_step"])
         named = [(canonical_name(n, n_layer) if module.pipeline else n, p) for n, p in engine.module.named_parameters()]
+        moments = MOMENTS if f"{MOMENTS[0]}/{named[0][0]}" in f.keys() else ()
 
         def full(kind: str, name: str) -> torch.Tensor:
             """The parameter as this rank holds it whole: under tensor parallelism its shard."""
@@ -279,9 +281,9 @@ def load_into(module, path: Path) -> int:
 
         with torch.no_grad():
             if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-                _load_zero3(opt, module.base_optimizer, named, full, step)
+                _load_zero3(opt, module.base_optimizer, named, full, step, moments)
             elif any(getattr(p, "_hp_mapping", None) is not None for _, p in named):  # ZeRO-1/2
-                _load_zero12(opt, module.base_optimizer, named, full, step)
+                _load_zero12(opt, module.base_optimizer, named, full, step, moments)
             else:  # ZeRO-0: whole parameters, masters either the model's own or DeepSpeed's fp32 copies
                 masters = {}
                 if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
@@ -291,31 +293,33 @@ def load_into(module, path: Path) -> int:
                     p.copy_(full("param", name))
                     hp = masters.get(id(p), p)
                     hp.copy_(full("param", name))
-                    state = _adam_state(module.base_optimizer, hp, step)
-                    for kind in MOMENTS:
-                        state[kind].copy_(full(kind, name))
+                    if moments:
+                        state = _adam_state(module.base_optimizer, hp, step)
+                        for kind in moments:
+                            state[kind].copy_(full(kind, name))
     return step
 
 
-def _load_zero12(opt, base, named, full, step: int) -> None:
-    for flat in opt.single_partition_of_fp32_groups:
-        _adam_state(base, flat, step)
-    opt._hp_optimizer_states_linked = False  # link each parameter's fragment to the new state tensors
-    opt._lazy_init_hp_params_optimizer_state()
+def _load_zero12(opt, base, named, full, step: int, moments) -> None:
+    if moments:
+        for flat in opt.single_partition_of_fp32_groups:
+            _adam_state(base, flat, step)
+        opt._hp_optimizer_states_linked = False  # link each parameter's fragment to the new state tensors
+        opt._lazy_init_hp_params_optimizer_state()
     for name, p in named:
         p.copy_(full("param", name))  # every rank holds whole model weights
         if p._hp_mapping is not None:
             p.set_full_hp_param(full("param", name))
-            for kind in MOMENTS:
+            for kind in moments:
                 p.set_full_hp_param(full(kind, name), kind)
 
 
-def _load_zero3(opt, base, named, full, step: int) -> None:
-    for flat in opt.fp32_partitioned_groups_flat:
+def _load_zero3(opt, base, named, full, step: int, moments) -> None:
+    for flat in opt.fp32_partitioned_groups_flat if moments else ():
         _adam_state(base, flat, step)
     for name, p in named:
         opt.set_full_hp_param(full("param", name), p)
-        for kind in MOMENTS:
+        for kind in moments:
             opt.set_full_hp_param(full(kind, name), p, kind)
     for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True):
         lp.copy_(hp)  # the model's own partitions, gathered on use

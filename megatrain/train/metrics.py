@@ -60,7 +60,8 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
             prefix = f"valid/{row['set']}/" if row.get("kind") == "valid" else "train/"
-            self._wandb.log({prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"},
+            flat = {**row, **{f"source_tokens/{k}": v for k, v in row.get("source_tokens", {}).items()}}
+            self._wandb.log({prefix + k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"},
                             step=row["step"])
 
     def event(self, name: str, **fields) -> None:

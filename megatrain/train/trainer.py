@@ -22,7 +22,7 @@ from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_f
 from megatrain.plan import Layout, human, plan, search
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
-from megatrain.train import layout_free
+from megatrain.train import init_from, layout_free
 from megatrain.train.batches import TrainBatches, build_datasets
 from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, LogMetrics, Preemption
 from megatrain.train.checkpoint import Checkpointer
@@ -40,10 +40,15 @@ class Trainer:
         t = cfg.train
         dp_size = init_layout(cfg)
         train_data, valid_sets, data_vocab = build_datasets(cfg)
-        vocab = cfg.model.vocab_size or data_vocab
-        if vocab < data_vocab:
-            raise UserError(f"model.vocab_size={vocab} is smaller than the tokenizer's {data_vocab}")
-        self.model_cfg = GPTConfig.from_config(cfg, vocab)
+        # Continued pretraining: the model's shape (and its weights, at a fresh start) from model.init_from.
+        self.source = init_from.open_source(cfg.model.init_from) if cfg.model.init_from else None
+        if self.source is not None:
+            self.model_cfg = init_from.model_config(cfg, self.source, data_vocab, train_data.tokenizer_sha256)
+        else:
+            self.model_cfg = GPTConfig.from_config(cfg, cfg.model.vocab_size or data_vocab)
+        if self.model_cfg.vocab_size < data_vocab:
+            raise UserError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's {data_vocab}")
+        self.tokenizer_sha256 = train_data.tokenizer_sha256
         self.log = RunLog(cfg, enabled=dist.is_main())
         self._check_plan()
         self.progress = Progress()
@@ -135,6 +140,7 @@ class Trainer:
 
     def _checkpoint_meta(self) -> dict:
         return {"step": self.progress.step, "model_shape": self.model_cfg.shape(), "layout": self._layout(),
+                "tokenizer_sha256": self.tokenizer_sha256,
                 "batch_unit_tokens": self.batch_schedule.unit_tokens,
                 "precision": self.cfg.train.precision, "config": self.cfg.to_dict()}
 
@@ -228,11 +234,41 @@ class Trainer:
             if resume not in ("auto", "none"):
                 raise UserError(f"{resume}: no usable checkpoint")
             self.log.truncate_after(0)  # a fresh start: rows of an earlier run in this directory go
+            if self.source is not None:
+                self._start_from(self.source)
             return
         self.load_checkpoint(path)
         self.log.truncate_after(self.progress.step)
         self.log.event("resume", checkpoint=str(path), step=self.progress.step, tokens=self.progress.tokens)
         self.log.print(f"resumed from {path} at step {self.progress.step} ({self.progress.tokens} tokens)")
+
+    def _start_from(self, source: init_from.Source) -> None:
+        """Collective: a fresh run's weights from model.init_from, and by config the source's
+        optimizer state (optim.init_from_state) and schedule position (schedule.init_from).
+        Rank 0 writes them in the layout-free form, every rank loads its part, the file goes."""
+        cfg = self.cfg
+        path = self.run_dir / ".init-from.safetensors"
+        failed = None
+        if dist.is_main():
+            try:
+                init_from.write_start(source, self.model_cfg, path, moments=cfg.optim.init_from_state)
+            except UserError as e:
+                failed = e
+        if dist.any_rank([failed is not None])[0]:  # also the barrier after the write
+            raise failed or UserError(f"model.init_from={source.path}: rank 0 could not read it")
+        optimizer_step = layout_free.load_into(self.module, path)
+        dist.barrier()
+        if dist.is_main():
+            path.unlink()
+        if cfg.schedule.init_from == "keep":
+            self.progress.step, self.progress.tokens = source.progress["step"], source.progress["tokens"]
+            self.module.set_engine_counters(self.progress.step, self.progress.tokens // cfg.train.seq_len)
+        taken = "weights" + (f", optimizer state (step {optimizer_step})" if cfg.optim.init_from_state else "")
+        self.log.print(f"started from the {source.describe()}: {taken}; schedule position "
+                       + (f"kept (step {self.progress.step}, {self.progress.tokens:,} tokens)"
+                          if cfg.schedule.init_from == "keep" else "reset (warmup from 0 tokens)"))
+        self.log.event("init_from", source=str(source.path), kind=source.kind, optimizer_step=optimizer_step,
+                       step=self.progress.step, tokens=self.progress.tokens)
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -257,7 +293,7 @@ class Trainer:
         tokens_per_s = self.batch_tokens / dt
         row = {"kind": "train", "step": self.progress.step, "tokens": self.progress.tokens, "loss": loss, "lr": lr,
                "batch_tokens": self.batch_tokens, "grad_accum": self.module.grad_accum, "grad_norm": grad_norm,
-               "tokens_per_s": tokens_per_s, "step_time": dt, **self.module.step_stats()}
+               "tokens_per_s": tokens_per_s, "step_time": dt, **self.module.step_stats(), **self.batches.metrics()}
         if self.peak_flops:  # model FLOPs (6N + attention); hardware FLOPs add recomputation
             peak = self.peak_flops * self.module.world
             row.update(mfu=self.flops_per_token * tokens_per_s / peak, mfu_peak=self.peak_source)

@@ -27,7 +27,7 @@ def test_yaml_plus_overrides():
     assert load_config(TINY_CONFIG, BASE + ["data.path=[{path: x/a}, {path: y/a}]"]).data.valid_sets() == {
         "a": "x/a", "a-1": "y/a"}
     assert load_config(None, BASE).to_dict() == Config(**{}).to_dict() | {
-        "data": {"path": "somewhere", "valid": {}, "seed": None, "skip": []},
+        "data": {**Config().to_dict()["data"], "path": "somewhere"},
         "train": {**Config().to_dict()["train"], "max_steps": 10}}
 
 

@@ -252,3 +252,77 @@ def test_blend_proportions_and_determinism(small_data):
     assert np.array_equal(blend[5], [train, valid][which[5]][samples[5]])
     with pytest.raises(UserError, match="positive"):
         BlendedDataset([(train, 0)])
+
+
+def _each_source_drawn_in_order(blend, positions):
+    """Every dataset's draws, in position order, are 0, 1, 2, ...: none left out or repeated."""
+    which, draws = blend._draws(positions)
+    for d in range(len(blend.datasets)):
+        assert np.array_equal(draws[which == d], np.arange((which == d).sum())), d
+
+
+@pytest.mark.parametrize("shape", ["stepwise", "linear"])
+def test_mixture_schedule_moves_the_share_at_its_boundaries_and_stays_a_function_of_position(small_data, shape):
+    from megatrain.data.blend import ROUND
+    from megatrain.schedule.mixture import MixtureSchedule
+
+    seq_len = 32
+    train = TokenDataset(small_data, seq_len=seq_len, split="train")
+    valid = TokenDataset(small_data, seq_len=seq_len, split="valid")
+    # 0.7/0.3 until 30K samples, then 0.2/0.8 (linear: moving between them), 1.0/0 from 70K samples
+    frames = ((0, (0.7, 0.3)), (30_000 * seq_len, (2.0, 8.0)), (70_000 * seq_len + 5, (1.0, 0.0)))
+    schedule = MixtureSchedule(("train", "valid"), frames, shape)
+    blend = BlendedDataset([(train, 0.7), (valid, 0.3)], seed=1, schedule=schedule)
+    assert blend.ordered
+    positions = np.arange(100_000)
+    which = blend.sources(positions)
+    _each_source_drawn_in_order(blend, positions)
+    for start in range(0, 100_000, ROUND):  # the measured share of each round is the schedule's mean over it
+        window = which[start:start + ROUND]
+        expected = np.mean([schedule(p * seq_len)[1] for p in range(start, start + ROUND)])
+        assert abs(np.mean(window == 1) - expected) < 0.002, (start, expected)
+    if shape == "stepwise":  # the boundary falls where the schedule says, to the sample
+        assert np.mean(which[29_000:30_000] == 1) == pytest.approx(0.3, abs=0.002)
+        assert np.mean(which[30_000:31_000] == 1) == pytest.approx(0.8, abs=0.002)
+        assert not (which[70_001:] == 1).any() and (which[69_000:70_001] == 1).any()  # 70K x 32 + 5: sample 70001
+    # resumable: any position alone gives what the run in order gave; rows come from the named dataset
+    probe = np.array([0, 29_999, 30_000, 45_678, 70_000, 70_001, 99_999])
+    w, s = blend.locate(probe)
+    assert np.array_equal(w, which[probe])
+    for row, (d, i) in zip(blend.batch(probe), zip(w, s, strict=True), strict=True):
+        assert np.array_equal(row, [train, valid][d][i])
+    again = BlendedDataset([(train, 0.7), (valid, 0.3)], seed=1, schedule=schedule)
+    assert np.array_equal(again.batch(probe[::-1]), blend.batch(probe)[::-1])
+
+
+def test_an_unstaged_schedule_is_the_fixed_blend(small_data):
+    from megatrain.schedule.mixture import MixtureSchedule
+
+    train = TokenDataset(small_data, seq_len=32, split="train")
+    valid = TokenDataset(small_data, seq_len=32, split="valid")
+    fixed = BlendedDataset([(train, 0.3), (valid, 0.7)], seed=0)
+    single = BlendedDataset([(train, 0.3), (valid, 0.7)], seed=0,
+                            schedule=MixtureSchedule(("t", "v"), ((0, (0.3, 0.7)),)))
+    assert not single.ordered
+    assert all(np.array_equal(a, b) for a, b in zip(fixed.locate(range(30_000)), single.locate(range(30_000)),
+                                                    strict=True))
+
+
+@pytest.mark.parametrize("stages, message", [
+    ("[{tokens: 500, weights: {a: 1}}, {tokens: 100, weights: {b: 1}}]",
+     "data.stages is not a valid mixture: stage boundaries must increase: 100 tokens comes after 500"),
+    ("[{tokens: 500, weights: {a: 0, b: 0}}]", "data.stages is not a valid mixture: the weights of the stage at 500 "
+                                               "tokens must be non-negative and sum to a positive number, got [0.0, 0.0]"),
+    ("[{tokens: 500, weights: {a: 1, c: 1}}]", "data.stages[0].weights names unknown source(s) ['c']; the sources "
+                                               "are ['a', 'b'] (data.path)"),
+    ("[{tokens: 500, weight: {a: 1}}]", "data.stages[0] must be {tokens: T, weights: {name: W, ...}}"),
+])
+def test_bad_mixture_stages_are_one_line_errors(stages, message):
+    from megatrain.config import load_config
+
+    with pytest.raises(UserError) as e:
+        load_config(None, ["train.max_steps=1", "data.path=[{path: x/a, weight: 1}, {path: y/b, weight: 1}]",
+                           f"data.stages={stages}"])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="data.path is not a valid mixture: the weights of the stage at 0 tokens"):
+        load_config(None, ["train.max_steps=1", "data.path=[{path: x/a, weight: 0}, {path: y/b, weight: 0}]"])

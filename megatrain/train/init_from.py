@@ -1,0 +1,176 @@
+"""Starting a new run from trained weights (`model.init_from`): continued pretraining.
+
+The source is a megatrain checkpoint of any layout (or a run directory: its newest
+intact checkpoint), a consolidated .safetensors file (launch/convert_checkpoint.py), or
+a Hugging Face directory of GPT2LMHeadModel, LlamaForCausalLM or Qwen3ForCausalLM
+(megatrain/model/hf.py), read offline. The run gets the source's model shape; its step
+counter, optimizer state and schedules start afresh unless `optim.init_from_state`
+(the AdamW moments and step count of a megatrain checkpoint) or `schedule.init_from:
+keep` (its steps and tokens, so LR and batch continue) say otherwise.
+
+    source = open_source("runs/base")                        # every rank: the shape, cheaply
+    model_cfg = model_config(cfg, source, data_vocab, data_tokenizer)
+    write_start(source, model_cfg, path, moments=True)      # rank 0: the layout-free form
+    layout_free.load_into(module, path)                       # every rank takes its slices
+
+Vocabulary: the source must have the data's tokenizer (same size and, where the source
+records it, the same tokenizer hash). `model.init_from_vocab: resize` takes a source of
+another vocabulary anyway: the embedding (and an untied head) keep the rows they share
+and new rows start as the mean of the source's rows (Hewitt 2021: a new token then
+predicts like an average one instead of at random).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatrain.config import Config
+from megatrain.errors import UserError
+from megatrain.model import GPT, GPTConfig, hf
+from megatrain.train import convert, layout_free
+from megatrain.train.checkpoint import Checkpointer
+
+# model.* keys that are the source's to say; one set in the config must agree.
+SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "bias", "tie_embeddings", "qk_norm",
+              "rope_theta", "norm_eps")
+VOCAB_ROWS = ("embed.wte.weight", "head.lm_head.weight")
+
+
+@dataclass
+class Source:
+    path: Path
+    kind: str  # "checkpoint" | "consolidated" | "huggingface"
+    shape: dict  # GPTConfig.shape()
+    tokenizer_sha256: str | None = None  # the tokenizer its ids are from, where recorded
+    progress: dict | None = None  # a checkpoint's {"step", "tokens"}
+
+    def describe(self) -> str:
+        return {"checkpoint": "megatrain checkpoint", "consolidated": "consolidated file",
+                "huggingface": "Hugging Face model"}[self.kind] + f" {self.path}"
+
+
+def open_source(path: str | Path) -> Source:
+    """What `path` is and the model it holds (reads metadata only)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory (model.init_from)")
+    if path.is_file():
+        meta = _safetensors_meta(path)
+        if meta.get("format") != convert.FORMAT:
+            raise UserError(f"{path}: not a consolidated megatrain checkpoint (launch/convert_checkpoint.py writes "
+                            "them)")
+        return Source(path, "consolidated", GPTConfig(**json.loads(meta["config"])).shape(),
+                      meta.get("tokenizer_sha256"))
+    if (path / "config.json").is_file():
+        return Source(path, "huggingface", hf.read_hf_shape(path), hf.read_hf_tokenizer_sha(path))
+    ckpt, _ = convert.checkpoint_of(path)  # a checkpoint, or a run directory's newest intact one
+    state = Checkpointer.read_state(ckpt)
+    progress = state["state"]["progress"]
+    return Source(ckpt, "checkpoint", GPTConfig.from_shape(state["model_shape"]).shape(), convert.tokenizer_of(state),
+                  {"step": progress["step"], "tokens": progress["tokens"]})
+
+
+def _safetensors_meta(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a safetensors file ({e})") from None
+
+
+def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: str | None) -> GPTConfig:
+    """The run's model: the source's shape, with the run's vocabulary and context. Sets
+    cfg.model's shape keys to the source's (config.yaml then says what trains); refuses a
+    config that sets one otherwise, a vocabulary that is not the data's (unless resized),
+    and options the source cannot serve."""
+    m, where = cfg.model, f"model.init_from={source.path}"
+    theirs = source.shape
+    for key in SHAPE_KEYS:
+        ours = getattr(m, key)
+        if f"model.{key}" in cfg.explicit_keys and ours is not None and ours != theirs[key]:
+            raise UserError(f"{where}: model.{key} is {ours} in the config, {theirs[key]} in the source; leave it out "
+                            "(the source sets the shape) or start from another source")
+    if source.kind != "checkpoint" and cfg.optim.init_from_state:
+        raise UserError(f"{where}: optim.init_from_state needs a megatrain checkpoint (a {source.describe()} has no "
+                        "optimizer state)")
+    if source.kind != "checkpoint" and cfg.schedule.init_from == "keep":
+        raise UserError(f"{where}: schedule.init_from=keep needs a megatrain checkpoint (a {source.describe()} has "
+                        "no schedule position)")
+    if theirs["arch"] == "gpt3" and cfg.train.seq_len > theirs["seq_len"]:
+        raise UserError(f"{where}: the source has learned positions for {theirs['seq_len']} tokens, "
+                        f"train.seq_len={cfg.train.seq_len} is longer")
+    vocab = _vocab(cfg, source, data_vocab, data_tokenizer)
+    for key in SHAPE_KEYS:
+        setattr(m, key, theirs[key])
+    m.vocab_size = vocab
+    return GPTConfig.from_config(cfg, vocab)
+
+
+def _vocab(cfg: Config, source: Source, data_vocab: int, data_tokenizer: str | None) -> int:
+    """The run's vocabulary size; refuses one that does not match the source's (unless resized)."""
+    theirs = source.shape["vocab_size"]
+    wanted = cfg.model.vocab_size or (theirs if theirs >= data_vocab else data_vocab)
+    other_tokenizer = source.tokenizer_sha256 and data_tokenizer and source.tokenizer_sha256 != data_tokenizer
+    if cfg.model.init_from_vocab == "resize":
+        return cfg.model.vocab_size or data_vocab
+    if theirs != wanted or other_tokenizer:
+        what = (f"was made with another tokenizer ({source.tokenizer_sha256[:12]}) than the data's "
+                f"({data_tokenizer[:12]})" if other_tokenizer and theirs == wanted
+                else f"has {theirs} tokens, the run {wanted} (the data's tokenizer: {data_vocab})")
+        raise UserError(f"model.init_from={source.path}: its vocabulary {what}; model.init_from_vocab=resize starts "
+                        "from it anyway (shared rows kept, new rows the mean embedding)")
+    return wanted
+
+
+def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) -> Path:
+    """The run's starting weights (and, with `moments`, the source's AdamW state) in the
+    layout-free form, which any layout loads (layout_free.load_into)."""
+    from safetensors.torch import save
+
+    from megatrain.files import write_atomically
+
+    step = 0
+    if source.kind == "checkpoint":
+        tensors, saved_step = layout_free.read(source.path, moments=moments)
+        step = saved_step if moments else 0
+    elif source.kind == "consolidated":
+        from safetensors.torch import load_file
+
+        tensors = {f"param/{k}": v.to(torch.float32) for k, v in load_file(str(source.path)).items()}
+    else:
+        tensors = {f"param/{k}": v for k, v in hf.read_hf_weights(source.path, GPTConfig.from_shape(source.shape))
+                   .items()}
+    tensors = fit(tensors, model_cfg)
+    with torch.device("meta"):
+        expected = dict(GPT(model_cfg, init_weights=False).named_parameters())
+    kinds = layout_free.KINDS if moments else layout_free.KINDS[:1]
+    for name, p in expected.items():
+        for kind in kinds:
+            t = tensors.get(f"{kind}/{name}")
+            if t is None or t.shape != p.shape:
+                raise UserError(f"{source.path}: {kind}/{name} is "
+                                + ("missing" if t is None else f"{list(t.shape)}, the model needs {list(p.shape)}"))
+    keep = {f"{kind}/{name}": tensors[f"{kind}/{name}"].contiguous() for name in expected for kind in kinds}
+    write_atomically(out, save(keep, metadata={"format": layout_free.FORMAT, "optimizer_step": str(step)}))
+    return out
+
+
+def fit(tensors: dict[str, torch.Tensor], model_cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Source tensors made to fit the run: the vocabulary rows resized (new rows of weights:
+    the mean row; of moments: zero), learned positions cut to the run's context."""
+    out = dict(tensors)
+    for key, t in tensors.items():
+        kind, _, name = key.partition("/")
+        if name in VOCAB_ROWS and t.shape[0] != model_cfg.vocab_size:
+            rows = min(t.shape[0], model_cfg.vocab_size)
+            fill = t.mean(0, keepdim=True) if kind == "param" else torch.zeros_like(t[:1])
+            out[key] = torch.cat([t[:rows], fill.expand(model_cfg.vocab_size - rows, -1)])
+        elif name == "embed.positions.wpe.weight":
+            out[key] = t[:model_cfg.seq_len]
+    return out
