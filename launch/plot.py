@@ -18,7 +18,7 @@ from _cli import run
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="a run directory with metrics.jsonl")
-    p.add_argument("--schedule", metavar="CONFIG", help="plot this config's LR and batch schedules instead")
+    p.add_argument("--schedule", metavar="CONFIG", help="plot this config's LR, batch and mixture schedules instead")
     p.add_argument("--json", metavar="FILE", help="with --schedule: also write the sampled points as JSON")
     p.add_argument("--dp", type=int, default=1, help="with --schedule: data-parallel ranks (batch rounding)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --schedule: config overrides")

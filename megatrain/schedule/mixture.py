@@ -48,7 +48,8 @@ class MixtureSchedule:
         names = tuple(name for name, _, _ in sources)
         frames = [(0, tuple(w for _, _, w in sources))]
         for stage in d.stages:
-            frames.append((int(stage["tokens"]), tuple(float(stage["weights"].get(n, 0.0)) for n in names)))
+            tokens = int(float(str(stage["tokens"]).replace("_", "")))  # YAML reads 2e11 as a string
+            frames.append((tokens, tuple(float(stage["weights"].get(n, 0.0)) for n in names)))
         return cls(names, tuple(frames), d.stage_shape)
 
     @property

@@ -99,3 +99,35 @@ def test_bad_directories_are_refused_in_one_line(tmp_path):
     (two / "config.json").write_text(json.dumps({**config, "n_layer": 3}))  # says 3 layers, holds 2
     with pytest.raises(UserError, match=r"partial directory: the weights lack transformer\.h\.2\."):
         read_hf_weights(two, GPTConfig.from_shape(read_hf_shape(two)))
+
+
+def test_init_from_refusals_each_one_line(tmp_path):
+    """model_config's checks of a source against the run's config (megatrain/train/init_from.py)."""
+    from megatrain.config import load_config
+    from megatrain.train.init_from import Source, model_config
+
+    shape = GPTConfig(vocab_size=VOCAB, seq_len=CONTEXT, n_layer=2, n_head=4, d_model=32).shape()
+    checkpoint = Source(tmp_path, "checkpoint", shape, "aaaa" * 16, {"step": 10, "tokens": 100})
+    hf_dir = Source(tmp_path, "huggingface", shape)
+
+    def config(*sets):
+        return load_config(None, ["data.path=d", "train.max_steps=1", f"train.seq_len={CONTEXT}", *sets])
+
+    cfg = config("model.dropout=0.1")  # not shape: the run's own
+    model = model_config(cfg, checkpoint, VOCAB, "aaaa" * 16)
+    assert (model.n_layer, model.d_model, model.dropout, cfg.model.n_layer) == (2, 32, 0.1, 2)
+    assert model_config(config("train.seq_len=16"), hf_dir, VOCAB, None).seq_len == 16  # shorter context: fine
+    for source, sets, data_tokenizer, message in [
+        (checkpoint, [], "bbbb" * 16, "its vocabulary was made with another tokenizer (aaaaaaaaaaaa) than the data's "
+                                      "(bbbbbbbbbbbb)"),
+        (checkpoint, ["model.arch=llama"], None, "model.arch is llama in the config, gpt3 in the source"),
+        (hf_dir, ["optim.init_from_state=true"], None, "optim.init_from_state needs a megatrain checkpoint"),
+        (hf_dir, ["schedule.init_from=keep"], None, "schedule.init_from=keep needs a megatrain checkpoint"),
+        (hf_dir, [f"train.seq_len={2 * CONTEXT}"], None, f"the source has learned positions for {CONTEXT} tokens, "
+                                                          f"train.seq_len={2 * CONTEXT} is longer"),
+    ]:
+        with pytest.raises(UserError) as e:
+            model_config(config(*sets), source, VOCAB, data_tokenizer)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    resized = model_config(config("model.init_from_vocab=resize"), checkpoint, VOCAB + 4, "bbbb" * 16)
+    assert resized.vocab_size == VOCAB + 4

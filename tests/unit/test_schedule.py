@@ -99,7 +99,9 @@ def test_gpt3_configs_carry_the_papers_schedule():
 def test_schedule_plot_and_json(tmp_path):
     out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
     run_script("plot.py", "--schedule", REPO / "configs" / "gpt3-125m.yaml", "--json", out_json, "--out", out_png,
-               "--dp", "1")  # 125m: micro batch 16 x 2048 = 32K tokens per rank
+               "--dp", "1",  # 125m: micro batch 16 x 2048 = 32K tokens per rank
+               "--set", "data.path=[{path: d/web, weight: 0.7}, {path: d/code, weight: 0.3}]",
+               "--set", "data.stages=[{tokens: 2e11, weights: {web: 0.3, code: 0.7}}]")
     data = json.loads(out_json.read_text())
     by_tokens = {p["tokens"]: p for p in data["points"]}
     assert by_tokens[0]["lr"] == 0.0
@@ -108,6 +110,9 @@ def test_schedule_plot_and_json(tmp_path):
     beyond = data["marks"]["beyond"]
     assert beyond > 300e9 and by_tokens[beyond]["lr"] == pytest.approx(6e-5)
     assert by_tokens[0]["batch_tokens"] == 32_768 and by_tokens[int(4e9)]["batch_tokens"] == 524_288
+    assert data["marks"]["mixture_stage_1"] == 200_000_000_000  # the curriculum: 0.7/0.3, then 0.3/0.7
+    assert by_tokens[0]["mixture"] == pytest.approx({"web": 0.7, "code": 0.3})
+    assert by_tokens[200_000_000_000]["mixture"] == pytest.approx({"web": 0.3, "code": 0.7})
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
