@@ -159,6 +159,9 @@ class DataConfig:
         names = [name for name, _, _ in self.named_sources()]
         if len(set(names)) != len(names):
             yield "data.path", f"source names must differ, got {names}"
+        if self.stages and len(names) < 2:
+            yield "data.stages", "need a blend of two or more sources in data.path"
+            return
         for i, stage in enumerate(self.stages):
             if set(stage) != {"tokens", "weights"} or not isinstance(stage["weights"], dict):
                 yield f"data.stages[{i}]", f"must be {{tokens: T, weights: {{name: W, ...}}}}, got {stage!r}"

@@ -324,5 +324,7 @@ def test_bad_mixture_stages_are_one_line_errors(stages, message):
         load_config(None, ["train.max_steps=1", "data.path=[{path: x/a, weight: 1}, {path: y/b, weight: 1}]",
                            f"data.stages={stages}"])
     assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="data.stages need a blend of two or more sources in data.path"):
+        load_config(None, ["train.max_steps=1", "data.path=x/a", "data.stages=[{tokens: 5, weights: {a: 1}}]"])
     with pytest.raises(UserError, match="data.path is not a valid mixture: the weights of the stage at 0 tokens"):
         load_config(None, ["train.max_steps=1", "data.path=[{path: x/a, weight: 0}, {path: y/b, weight: 0}]"])
