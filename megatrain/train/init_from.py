@@ -8,7 +8,7 @@ counter, optimizer state and schedules start afresh unless `optim.init_from_stat
 (the AdamW moments and step count of a megatrain checkpoint) or `schedule.init_from:
 keep` (its steps and tokens, so LR and batch continue) say otherwise.
 
-    source = open_source("runs/base")                        # every rank: the shape, cheaply
+    source = open_source("runs/base")      # every rank: the shape (a checkpoint: its checksums, in shares)
     model_cfg = model_config(cfg, source, data_vocab, data_tokenizer)
     write_start(source, model_cfg, path, moments=True)      # rank 0: the layout-free form
     layout_free.load_into(module, path)                       # every rank takes its slices
@@ -54,7 +54,8 @@ class Source:
 
 
 def open_source(path: str | Path) -> Source:
-    """What `path` is and the model it holds (reads metadata only)."""
+    """What `path` is and the model it holds (reads metadata, and verifies a checkpoint's
+    checksums; every rank calls it)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory (model.init_from)")
@@ -67,7 +68,15 @@ def open_source(path: str | Path) -> Source:
                       meta.get("tokenizer_sha256"))
     if (path / "config.json").is_file():
         return Source(path, "huggingface", hf.read_hf_shape(path), hf.read_hf_tokenizer_sha(path))
-    ckpt, _ = convert.checkpoint_of(path)  # a checkpoint, or a run directory's newest intact one
+    if not any((path / name).exists() for name in ("checkpoints", "megatrain.json", "manifest.json")):
+        raise UserError(f"{path}: neither a megatrain run or checkpoint directory nor a Hugging Face model directory "
+                        "(no config.json) (model.init_from)")
+    # A checkpoint, or a run directory's newest intact one. Collective under torch.distributed:
+    # every rank hashes its share of the files.
+    ckpt, verified = convert.checkpoint_of(path)
+    problem = None if verified else Checkpointer.verify_collectively(ckpt)
+    if problem:
+        raise UserError(f"{ckpt}: not a complete checkpoint: {problem}")
     state = Checkpointer.read_state(ckpt)
     progress = state["state"]["progress"]
     return Source(ckpt, "checkpoint", GPTConfig.from_shape(state["model_shape"]).shape(), convert.tokenizer_of(state),

@@ -5,6 +5,7 @@ the same logits, and exported again bit for bit; and the refusals, one line each
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_bad_directories_are_refused_in_one_line(tmp_path):
 def test_init_from_refusals_each_one_line(tmp_path):
     """model_config's checks of a source against the run's config (megatrain/train/init_from.py)."""
     from megatrain.config import load_config
-    from megatrain.train.init_from import Source, model_config
+    from megatrain.train.init_from import Source, model_config, open_source
 
     shape = GPTConfig(vocab_size=VOCAB, seq_len=CONTEXT, n_layer=2, n_head=4, d_model=32).shape()
     checkpoint = Source(tmp_path, "checkpoint", shape, "aaaa" * 16, {"step": 10, "tokens": 100})
@@ -131,3 +132,11 @@ def test_init_from_refusals_each_one_line(tmp_path):
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     resized = model_config(config("model.init_from_vocab=resize"), checkpoint, VOCAB + 4, "bbbb" * 16)
     assert resized.vocab_size == VOCAB + 4
+    for path, message in [(tmp_path / "nowhere", "no such file or directory (model.init_from)"),
+                          (tmp_path, "neither a megatrain run or checkpoint directory nor a Hugging Face model "
+                                     "directory (no config.json)"),
+                          (tmp_path / "x.safetensors", "not a safetensors file")]:
+        if path.suffix:
+            path.write_bytes(b"not safetensors")
+        with pytest.raises(UserError, match=re.escape(message)):
+            open_source(path)
