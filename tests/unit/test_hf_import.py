@@ -122,6 +122,8 @@ def test_init_from_refusals_each_one_line(tmp_path):
         (checkpoint, [], "bbbb" * 16, "its vocabulary was made with another tokenizer (aaaaaaaaaaaa) than the data's "
                                       "(bbbbbbbbbbbb)"),
         (checkpoint, ["model.arch=llama"], None, "model.arch is llama in the config, gpt3 in the source"),
+        (checkpoint, ["model.n_layer=3"], None, f"model.init_from={tmp_path}: model.n_layer is 3 in the config, 2 in "
+                                                "the source; leave it out (the source sets the shape)"),
         (hf_dir, ["optim.init_from_state=true"], None, "optim.init_from_state needs a megatrain checkpoint"),
         (hf_dir, ["schedule.init_from=keep"], None, "schedule.init_from=keep needs a megatrain checkpoint"),
         (hf_dir, [f"train.seq_len={2 * CONTEXT}"], None, f"the source has learned positions for {CONTEXT} tokens, "
