@@ -13,8 +13,8 @@ keep` (its steps and tokens, so LR and batch continue) say otherwise.
     write_start(source, model_cfg, path, moments=True)      # rank 0: the layout-free form
     layout_free.load_into(module, path)                       # every rank takes its slices
 
-Vocabulary: the source must have the data's tokenizer (same size and, where the source
-records it, the same tokenizer hash). `model.init_from_vocab: resize` takes a source of
+Vocabulary: the source must have the data's tokenizer (the same tokenizer hash where the
+source records one, else the same size). `model.init_from_vocab: resize` takes a source of
 another vocabulary anyway: the embedding (and an untied head) keep the rows they share
 and new rows start as the mean of the source's rows (Hewitt 2021: a new token then
 predicts like an average one instead of at random).
@@ -122,19 +122,22 @@ def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: s
 
 
 def _vocab(cfg: Config, source: Source, data_vocab: int, data_tokenizer: str | None) -> int:
-    """The run's vocabulary size; refuses one that does not match the source's (unless resized)."""
+    """The run's vocabulary size; refuses one that does not match the source's (unless
+    resized). Without both tokenizer hashes to compare, only equal sizes count as a match;
+    with the same tokenizer on record, the source's table may be padded beyond it."""
     theirs = source.shape["vocab_size"]
-    wanted = cfg.model.vocab_size or (theirs if theirs >= data_vocab else data_vocab)
-    other_tokenizer = source.tokenizer_sha256 and data_tokenizer and source.tokenizer_sha256 != data_tokenizer
     if cfg.model.init_from_vocab == "resize":
         return cfg.model.vocab_size or data_vocab
-    if theirs != wanted or other_tokenizer:
-        what = (f"was made with another tokenizer ({source.tokenizer_sha256[:12]}) than the data's "
-                f"({data_tokenizer[:12]})" if other_tokenizer and theirs == wanted
-                else f"has {theirs} tokens, the run {wanted} (the data's tokenizer: {data_vocab})")
-        raise UserError(f"model.init_from={source.path}: its vocabulary {what}; model.init_from_vocab=resize starts "
-                        "from it anyway (shared rows kept, new rows the mean embedding)")
-    return wanted
+    wanted = cfg.model.vocab_size or theirs
+    known = bool(source.tokenizer_sha256 and data_tokenizer)
+    if known and source.tokenizer_sha256 != data_tokenizer:
+        what = f"was made with another tokenizer ({source.tokenizer_sha256[:12]}) than the data's ({data_tokenizer[:12]})"
+    elif theirs != wanted or theirs < data_vocab or (not known and theirs != data_vocab):
+        what = f"has {theirs} tokens, the run {wanted} (the data's tokenizer: {data_vocab})"
+    else:
+        return wanted
+    raise UserError(f"model.init_from={source.path}: its vocabulary {what}; model.init_from_vocab=resize starts from "
+                    "it anyway (shared rows kept, new rows the mean embedding)")
 
 
 def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) -> Path:

@@ -125,15 +125,18 @@ def test_init_from_refusals_each_one_line(tmp_path):
         (checkpoint, ["model.n_layer=3"], None, f"model.init_from={tmp_path}: model.n_layer is 3 in the config, 2 in "
                                                 "the source; leave it out (the source sets the shape)"),
         (hf_dir, ["optim.init_from_state=true"], None, "optim.init_from_state needs a megatrain checkpoint"),
+        (hf_dir, [], None, f"its vocabulary has {VOCAB} tokens, the run {VOCAB} (the data's tokenizer: 50)"),
         (hf_dir, ["schedule.init_from=keep"], None, "schedule.init_from=keep needs a megatrain checkpoint"),
         (hf_dir, [f"train.seq_len={2 * CONTEXT}"], None, f"the source has learned positions for {CONTEXT} tokens, "
                                                           f"train.seq_len={2 * CONTEXT} is longer"),
     ]:
-        with pytest.raises(UserError) as e:
-            model_config(config(*sets), source, VOCAB, data_tokenizer)
+        with pytest.raises(UserError) as e:  # (the data's tokenizer has 50 tokens in the hash-less case)
+            model_config(config(*sets), source, VOCAB if source.tokenizer_sha256 or sets else 50, data_tokenizer)
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     resized = model_config(config("model.init_from_vocab=resize"), checkpoint, VOCAB + 4, "bbbb" * 16)
     assert resized.vocab_size == VOCAB + 4
+    padded = model_config(config(), checkpoint, VOCAB - 3, "aaaa" * 16)  # the same tokenizer: a padded table is fine
+    assert padded.vocab_size == VOCAB
     for path, message in [(tmp_path / "nowhere", "no such file or directory (model.init_from)"),
                           (tmp_path, "neither a megatrain run or checkpoint directory nor a Hugging Face model "
                                      "directory (no config.json)"),
