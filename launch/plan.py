@@ -19,6 +19,7 @@ from megatrain.errors import UserError
 from megatrain.files import write_atomically
 from megatrain.model import GPTConfig
 from megatrain.plan import Layout, Links, plan, search, smallest_fitting_gpus
+from megatrain.train.init_from import model_config, open_source
 
 from _cli import run
 
@@ -92,6 +93,10 @@ def main():
     memory, peak, source = device(args, cfg.train.precision)
     vocab, vocab_source = vocab_size(cfg, args.vocab_size)
     model = GPTConfig.from_config(cfg, vocab)
+    if cfg.model.init_from:  # continued pretraining: the model is the source's
+        start = open_source(cfg.model.init_from, verify=False)
+        model = model_config(cfg, start, start.shape["vocab_size"], None)
+        vocab, vocab_source = model.vocab_size, f"model.init_from {start.path}"
     print(f"{args.config}: {args.gpus} GPUs ({source}), vocabulary {vocab} ({vocab_source})")
     model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_stages
     if args.gpus < 1 or args.gpus % model_parallel:

@@ -306,6 +306,17 @@ class ParallelConfig:
     """With a pipeline: recompute activations every this many layers in the backward pass
     (0: none; model.activation_checkpointing sets 1)."""
 
+    def shape_problems(self, cfg: Config) -> Problems:
+        """The tensor-parallel size against the model's heads and MLP width."""
+        tp = self.tensor_parallel
+        if tp > 1 and cfg.model.n_head % tp:
+            yield f"parallel.tensor_parallel={tp}", f"must divide model.n_head ({cfg.model.n_head}): heads are split"
+        elif tp > 1 and cfg.model.n_kv_head and cfg.model.n_kv_head % tp:
+            yield f"parallel.tensor_parallel={tp}", (f"must divide model.n_kv_head ({cfg.model.n_kv_head}): key/value "
+                                                     "heads are split too")
+        if tp > 1 and cfg.model.ffn_hidden and cfg.model.ffn_hidden % tp:
+            yield f"parallel.tensor_parallel={tp}", f"must divide model.ffn_hidden ({cfg.model.ffn_hidden})"
+
     def problems(self, cfg: Config) -> Problems:
         if self.zero_stage not in (0, 1, 2, 3):
             yield "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
@@ -320,13 +331,8 @@ class ParallelConfig:
                 "cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP training supports ZeRO 0-2 (under "
                 "ZeRO-3 it partitions the whole model before AutoTP shards it, and its checkpoints' parameter shapes "
                 "then do not match their partitions); use parallel.zero_stage=2 or 1")
-        if tp > 1 and cfg.model.n_head % tp:
-            yield f"parallel.tensor_parallel={tp}", f"must divide model.n_head ({cfg.model.n_head}): heads are split"
-        elif tp > 1 and cfg.model.n_kv_head and cfg.model.n_kv_head % tp:
-            yield f"parallel.tensor_parallel={tp}", (f"must divide model.n_kv_head ({cfg.model.n_kv_head}): key/value "
-                                                     "heads are split too")
-        if tp > 1 and cfg.model.ffn_hidden and cfg.model.ffn_hidden % tp:
-            yield f"parallel.tensor_parallel={tp}", f"must divide model.ffn_hidden ({cfg.model.ffn_hidden})"
+        if not cfg.model.init_from:  # else checked once the source has given the shape (init_from.py)
+            yield from self.shape_problems(cfg)
         if self.pipeline_stages > 1 and self.zero_stage > 1:
             yield f"parallel.zero_stage={self.zero_stage}", (
                 f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline "

@@ -53,9 +53,9 @@ class Source:
                 "huggingface": "Hugging Face model"}[self.kind] + f" {self.path}"
 
 
-def open_source(path: str | Path) -> Source:
-    """What `path` is and the model it holds (reads metadata, and verifies a checkpoint's
-    checksums; every rank calls it)."""
+def open_source(path: str | Path, verify: bool = True) -> Source:
+    """What `path` is and the model it holds (reads metadata and, with `verify`, checks a
+    checkpoint's checksums: collective, every rank calls it)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory (model.init_from)")
@@ -73,7 +73,7 @@ def open_source(path: str | Path) -> Source:
                         "(no config.json) (model.init_from)")
     # A checkpoint, or a run directory's newest intact one. Collective under torch.distributed:
     # every rank hashes its share of the files.
-    ckpt, verified = convert.checkpoint_of(path)
+    ckpt, verified = convert.checkpoint_of(path) if verify else (Checkpointer(path, 1).latest() or path, True)
     problem = None if verified else Checkpointer.verify_collectively(ckpt)
     if problem:
         raise UserError(f"{ckpt}: not a complete checkpoint: {problem}")
@@ -118,6 +118,8 @@ def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: s
     for key in SHAPE_KEYS:
         setattr(m, key, theirs[key])
     m.vocab_size = vocab
+    for key, message in cfg.parallel.shape_problems(cfg):  # the layout against the source's shape
+        raise UserError(f"{where}: with the source's shape, {key} {message}")
     return GPTConfig.from_config(cfg, vocab)
 
 

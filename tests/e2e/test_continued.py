@@ -15,8 +15,8 @@ from helpers import STDLIB, copy_until, pretrain, train_losses
 
 from megatrain.data import prepare_dataset
 from megatrain.train import layout_free
-from megatrain.train.convert import export_hf, save_consolidated
 from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.convert import export_hf, save_consolidated
 from megatrain.train.metrics import read_events, read_metrics
 
 BOUNDARY = 5888  # tokens: sample 184, inside step 12 (16 samples of 32 tokens per step)

@@ -112,7 +112,8 @@ def test_init_from_refusals_each_one_line(tmp_path):
     hf_dir = Source(tmp_path, "huggingface", shape)
 
     def config(*sets):
-        return load_config(None, ["data.path=d", "train.max_steps=1", f"train.seq_len={CONTEXT}", *sets])
+        return load_config(None, ["data.path=d", "train.max_steps=1", f"train.seq_len={CONTEXT}",
+                                  f"model.init_from={tmp_path}", *sets])
 
     cfg = config("model.dropout=0.1")  # not shape: the run's own
     model = model_config(cfg, checkpoint, VOCAB, "aaaa" * 16)
@@ -125,6 +126,8 @@ def test_init_from_refusals_each_one_line(tmp_path):
         (checkpoint, ["model.n_layer=3"], None, f"model.init_from={tmp_path}: model.n_layer is 3 in the config, 2 in "
                                                 "the source; leave it out (the source sets the shape)"),
         (hf_dir, ["optim.init_from_state=true"], None, "optim.init_from_state needs a megatrain checkpoint"),
+        (hf_dir, ["parallel.tensor_parallel=8"], None, "with the source's shape, parallel.tensor_parallel=8 must divide "
+                                                        "model.n_head (4)"),
         (hf_dir, [], None, f"its vocabulary has {VOCAB} tokens, the run {VOCAB} (the data's tokenizer: 50)"),
         (hf_dir, ["schedule.init_from=keep"], None, "schedule.init_from=keep needs a megatrain checkpoint"),
         (hf_dir, [f"train.seq_len={2 * CONTEXT}"], None, f"the source has learned positions for {CONTEXT} tokens, "
