@@ -130,3 +130,19 @@ def test_llama_counts_its_own_parameters_and_widths():
     norms = sum(p.numel() for n, p in model.named_parameters() if "ln" in n)
     assert matmul_params(small) == linear + norms
     assert flops_per_token(small) > 6 * linear
+
+
+def test_plan_script_plans_the_model_of_model_init_from(tmp_path):
+    """launch/plan.py with model.init_from: the shape is the source's (a Hugging Face config here)."""
+    import transformers
+    from helpers import run_script
+
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                                                         bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "hf")
+    config = tmp_path / "continued.yaml"
+    config.write_text(f"model: {{init_from: {tmp_path / 'hf'}}}\ndata: {{path: d}}\n"
+                      "train: {seq_len: 64, micro_batch: 2, max_steps: 10}\n")
+    out = run_script("plan.py", "--config", config, "--gpus", "1", "--gpu", "h100").stdout
+    assert f"vocabulary 96 (model.init_from {tmp_path / 'hf'})" in out, out
+    with pytest.raises(AssertionError, match="model.n_layer is 2 in the config, 3 in the source"):
+        run_script("plan.py", "--config", config, "--gpus", "1", "--gpu", "h100", "--set", "model.n_layer=2")
