@@ -114,8 +114,9 @@ class BlendedDataset:
         self.weights = weights / weights.sum()
         self.seed = seed
         self.num_samples = num_samples if num_samples is not None else sum(len(d) for d in self.datasets)
-        self.schedule = schedule if schedule is not None and schedule.staged else None
-        parts = self.schedule.segments(self.seq_len) if self.schedule else [(0, None, self.weights, self.weights)]
+        self.schedule = schedule  # kept also when unstaged: a run's state records the mixture it drew with
+        staged = schedule is not None and schedule.staged
+        parts = schedule.segments(self.seq_len) if staged else [(0, None, self.weights, self.weights)]
         self._segments = [_Segment(*part) for part in parts]
         for prev, seg in zip(self._segments, self._segments[1:], strict=False):
             seg.base = prev.base + prev.total_draws()
@@ -125,7 +126,7 @@ class BlendedDataset:
     @property
     def ordered(self) -> bool:
         """Positions are the schedule's clock: read them in order, not shuffled."""
-        return self.schedule is not None
+        return self.schedule is not None and self.schedule.staged
 
     def __len__(self) -> int:
         return self.num_samples
@@ -175,7 +176,7 @@ class BlendedDataset:
         return self._perms[key]
 
     def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < (self.num_samples if not self.ordered else np.iinfo(np.int64).max):
+        if i < 0 or (i >= self.num_samples and not self.ordered):  # a staged blend has no end
             raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
         which, sample = self.locate([i])
         return self.datasets[int(which[0])][int(sample[0])]

@@ -52,6 +52,10 @@ class MixtureSchedule:
             frames.append((tokens, tuple(float(stage["weights"].get(n, 0.0)) for n in names)))
         return cls(names, tuple(frames), d.stage_shape)
 
+    def describe(self) -> dict:
+        """The schedule as JSON-ready lists (a run's state records it, to refuse a changed one)."""
+        return {"sources": list(self.names), "shape": self.shape, "stages": [[t, list(w)] for t, w in self.keyframes]}
+
     @property
     def staged(self) -> bool:
         return len(self.keyframes) > 1

@@ -62,9 +62,9 @@ class TrainBatches:
                                         shuffle=not getattr(dataset, "ordered", False))
         self.skips = sorted((p, n) for p, n in cfg.data.skip)
         self.skip_index = 0  # data.skip entries applied so far
-        self.source_names = [name for name, _, _ in cfg.data.named_sources()]
+        self.mixture = getattr(dataset, "schedule", None)  # a blend's MixtureSchedule (None: one dataset)
+        self.source_names = list(self.mixture.names) if self.mixture else []
         self.source_samples = np.zeros(len(self.source_names), dtype=np.int64)
-        self.mixture = MixtureSchedule.from_config(cfg) if isinstance(dataset, BlendedDataset) else None
 
     @property
     def consumed(self) -> int:
@@ -82,12 +82,10 @@ class TrainBatches:
 
     def tokens(self) -> np.ndarray:
         """Host tokens of this rank's next micro-batch ([micro_batch, seq_len + 1])."""
-        every_rank = self.consumed + np.arange(self.micro_batch * self.sampler.world_size)
-        if isinstance(self.dataset, BlendedDataset):
+        if self.mixture is not None:  # the sources of every rank's samples of this micro-batch
+            every_rank = self.consumed + np.arange(self.micro_batch * self.sampler.world_size)
             self.source_samples += np.bincount(self.dataset.sources(self.sampler.at(every_rank)),
                                                minlength=len(self.source_samples))
-        else:
-            self.source_samples[0] += len(every_rank)
         return self.dataset.batch(self.sampler.next(self.micro_batch))
 
     def metrics(self) -> dict:
@@ -108,11 +106,11 @@ class TrainBatches:
         state = {"sampler": self.sampler.state_dict(), "skip_index": self.skip_index,
                  "source_samples": dict(zip(self.source_names, self.source_samples.tolist(), strict=True))}
         if self.mixture is not None:
-            state["mixture"] = _describe(self.mixture)
+            state["mixture"] = self.mixture.describe()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        mixture = _describe(self.mixture) if self.mixture is not None else None
+        mixture = self.mixture.describe() if self.mixture is not None else None
         if "mixture" in state and state["mixture"] != mixture:
             raise UserError(f"the data mixture changed since the checkpoint ({state.get('mixture')} then, {mixture} "
                             "now): the sample order would not continue; start a new run from the checkpoint with "
@@ -122,7 +120,3 @@ class TrainBatches:
         saved = state.get("source_samples", {})  # (checkpoints before per-source counts: from 0)
         self.source_samples[:] = [saved.get(name, 0) for name in self.source_names]
 
-
-def _describe(mixture: MixtureSchedule) -> dict:
-    return {"sources": list(mixture.names), "shape": mixture.shape,
-            "stages": [[t, list(w)] for t, w in mixture.keyframes]}

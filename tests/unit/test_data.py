@@ -328,3 +328,29 @@ def test_bad_mixture_stages_are_one_line_errors(stages, message):
         load_config(None, ["train.max_steps=1", "data.path=x/a", "data.stages=[{tokens: 5, weights: {a: 1}}]"])
     with pytest.raises(UserError, match="data.path is not a valid mixture: the weights of the stage at 0 tokens"):
         load_config(None, ["train.max_steps=1", "data.path=[{path: x/a, weight: 0}, {path: y/b, weight: 0}]"])
+
+
+def test_a_resume_with_another_mixture_is_refused_in_one_line(small_data):
+    """The batches' state records the mixture it drew with (megatrain/train/batches.py)."""
+    import torch
+
+    from megatrain.config import load_config
+    from megatrain.train.batches import TrainBatches, build_datasets
+
+    def batches(stage_tokens: int) -> TrainBatches:
+        cfg = load_config(None, ["train.max_steps=1", "train.seq_len=32", "train.micro_batch=4",
+                                 f"data.path=[{{path: {small_data}, name: a}}, {{path: {small_data}, name: b}}]",
+                                 f"data.stages=[{{tokens: {stage_tokens}, weights: {{a: 1, b: 3}}}}]"])
+        return TrainBatches(cfg, build_datasets(cfg)[0], 0, 1, torch.device("cpu"))
+
+    first = batches(4096)
+    for _ in range(40):
+        first.next()
+    state = first.state_dict()
+    assert sum(state["source_samples"].values()) == 160 and state["source_samples"]["b"] > 40  # stage 2 from 128
+    again = batches(4096)
+    again.load_state_dict(state)
+    assert np.array_equal(again.tokens(), first.tokens())  # the same order from the same state
+    with pytest.raises(UserError, match="the data mixture changed since the checkpoint") as e:
+        batches(8192).load_state_dict(state)
+    assert "\n" not in str(e.value)

@@ -148,3 +148,13 @@ def test_init_from_refusals_each_one_line(tmp_path):
             path.write_bytes(b"not safetensors")
         with pytest.raises(UserError, match=re.escape(message)):
             open_source(path)
+
+
+def test_pytorch_bin_weights_are_read(tmp_path):
+    source = gpt2()
+    source.config.architectures = ["GPT2LMHeadModel"]  # as the model's own save_pretrained writes it
+    source.config.save_pretrained(tmp_path / "hf")
+    torch.save(source.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    ours = imported(tmp_path / "hf")
+    assert torch.equal(ours.state_dict()["blocks.1.attn.qkv.weight"],
+                       source.state_dict()["transformer.h.1.attn.c_attn.weight"].t())
