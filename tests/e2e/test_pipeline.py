@@ -143,8 +143,9 @@ def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs)
 
 def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
     """Built where they are kept (meta device, then each rank's device; ZeRO-3 partitioned
-    as built), the weights at step 0 equal those of the plain GPT built whole in one process,
-    bitwise, for ZeRO-1 (ZeRO-0 builds the same way), ZeRO-3 and a 2-stage pipeline."""
+    as built; tensor-parallel shards cut on the meta device), the weights at step 0 equal
+    those of the plain GPT built whole in one process, bitwise, for ZeRO-1 (ZeRO-0 builds
+    the same way), ZeRO-3, a 2-stage pipeline and 2 tensor-parallel ranks (gathered)."""
     from helpers import TINY_CONFIG
 
     from megatrain.config import load_config
@@ -152,7 +153,7 @@ def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
     cfg = load_config(TINY_CONFIG, [f"data.path={small_data}"])
     whole = None
     for name, layout in [("zero1", ["parallel.zero_stage=1"]), ("zero3", ["parallel.zero_stage=3"]),
-                         ("pipeline", PIPE)]:
+                         ("pipeline", PIPE), ("tp2", ["parallel.tensor_parallel=2", "parallel.zero_stage=1"])]:
         run = tmp_path / name
         pretrain(run, small_data, *layout, "train.max_steps=0", "train.eval_every=0")
         sd, model_cfg = consolidate(run / "checkpoints" / "step-00000000")
