@@ -12,7 +12,11 @@ bf16 rows use a smaller batch (the same for every row of a model) to keep the ru
 on CPUs without AVX-512 BF16, where bf16 matmuls are much slower than fp32 (with it,
 they are ~2x faster: compare the two matmul peaks the run prints).
 
-    python bench/train.py [--json FILE] [--steps 4] [--repeat 2]
+With --device cuda (one GPU; the data-sheet peak of megatrain/devices.py, no probe) both
+loops run there, bf16 keeps its batch, and gpt3-125m (GPT-3 Small's shape, 2048-token
+context) is the model to ask for.
+
+    python bench/train.py [--json FILE] [--steps 4] [--repeat 2] [--device cuda --models gpt3-125m --precisions bf16]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from megatrain.optim import param_groups
 from megatrain.schedule import BatchSchedule
 from megatrain.train import Trainer
 from megatrain.train.metrics import read_metrics
-from megatrain.train.mfu import measure_cpu_matmul_flops
+from megatrain.train.mfu import measure_cpu_matmul_flops, table_peak
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -50,6 +54,10 @@ MODELS = {
                    "model.n_head=6", "train.seq_len=256", "train.micro_batch=4", "schedule.batch_final_tokens=2048",
                    "schedule.batch_ramp_tokens=0"],
                   ["train.micro_batch=1", "schedule.batch_final_tokens=256"]),
+    # GPT-3 Small's blocks and context for a GPU (93M parameters with the 8192-token vocabulary
+    # trained here): 8 x 2048 tokens per micro-batch, 2 micro-batches per step.
+    "gpt3-125m": (["model.n_layer=12", "model.d_model=768", "model.n_head=12", "train.seq_len=2048",
+                   "train.micro_batch=8", "schedule.batch_final_tokens=32768", "schedule.batch_ramp_tokens=0"], []),
 }
 
 
@@ -69,12 +77,12 @@ def megatrain_run(cfg_overrides: list[str], zero: int, steps: int, peak: float, 
     return times
 
 
-def bare_run(cfg_overrides: list[str], steps: int, data_dir: Path) -> list[float]:
+def bare_run(cfg_overrides: list[str], steps: int, data_dir: Path, device: torch.device) -> list[float]:
     cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", cfg_overrides)
     t = cfg.train
     data = TokenDataset(data_dir, t.seq_len)
     torch.manual_seed(cfg.run.seed)
-    model = GPT(GPTConfig.from_config(cfg, data.manifest["vocab_size"]))
+    model = GPT(GPTConfig.from_config(cfg, data.manifest["vocab_size"])).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=True)
     sampler = ResumableSampler(len(data), seed=cfg.run.seed)
@@ -84,13 +92,15 @@ def bare_run(cfg_overrides: list[str], steps: int, data_dir: Path) -> list[float
     for _ in range(steps):
         t0 = time.perf_counter()
         for _ in range(gas):
-            batch = torch.from_numpy(data.batch(sampler.next(t.micro_batch))).long()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            batch = torch.from_numpy(data.batch(sampler.next(t.micro_batch))).to(device).long()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(batch[:, :-1], batch[:, 1:]) / gas
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -101,22 +111,31 @@ def main():
     p.add_argument("--repeat", type=int, default=2, help="round-robin passes over the rows")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: one GPU (megatrain through DeepSpeed's CUDA "
+                   "accelerator, which it finds by itself)")
     args = p.parse_args()
+    device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     data_dir = stdlib_data(work, vocab_size=8192, sample_bytes=int(5e6))  # as in make demo
-    peaks = {prec: measure_cpu_matmul_flops(dt, seconds=2.0) for prec, dt in
-             (("fp32", torch.float32), ("bf16", torch.bfloat16)) if prec in args.precisions}
+    if device.type == "cuda":  # the data sheet's dense peak (fp32 matmuls run as tf32 only when torch allows it)
+        fp32 = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+        peaks = {prec: table_peak(torch.cuda.get_device_name(device), dt)[0]
+                 for prec, dt in (("fp32", fp32), ("bf16", "bf16")) if prec in args.precisions}
+    else:
+        peaks = {prec: measure_cpu_matmul_flops(dt, seconds=2.0) for prec, dt in
+                 (("fp32", torch.float32), ("bf16", torch.bfloat16)) if prec in args.precisions}
 
     results, rows = [], []
     for model_name in args.models:
         base, bf16_batch = MODELS[model_name]
         for prec in args.precisions:
-            overrides = base + [f"train.precision={prec}", f"data.path={data_dir}"] + (bf16_batch if prec == "bf16" else [])
+            smaller = bf16_batch if prec == "bf16" and device.type == "cpu" else []
+            overrides = base + [f"train.precision={prec}", f"data.path={data_dir}"] + smaller
             cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", overrides)
             vocab = TokenDataset(data_dir, cfg.train.seq_len).manifest["vocab_size"]
             fpt = flops_per_token(GPTConfig.from_config(cfg, vocab))
             batch_tokens = BatchSchedule.from_config(cfg, dp_size=1)(0)
-            variants = {"bare PyTorch loop": lambda o=overrides: bare_run(o, args.steps + 1, data_dir)[1:]}
+            variants = {"bare PyTorch loop": lambda o=overrides: bare_run(o, args.steps + 1, data_dir, device)[1:]}
             # bf16 rows: DeepSpeed's bf16 mode and bf16-autocast (the bare loop's own strategy)
             for mode in [prec] + (["bf16-autocast"] if prec == "bf16" else []):
                 label = "" if mode == prec else f" {mode}"
@@ -135,11 +154,13 @@ def main():
                 results.append({"model": model_name, "precision": prec, "row": name, "tokens_per_s": tps,
                                 "mfu": mfu, "vs_bare": tps / bare_tps, "batch_tokens": batch_tokens})
                 rows.append([model_name, prec, name, batch_tokens, tps, f"{100 * mfu:.1f}%", f"{tps / bare_tps:.3f}x"])
-    print_table("training throughput, 1 rank (goal: megatrain >= 0.95x the bare loop)",
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print_table(f"training throughput, 1 rank on {where} (goal: megatrain >= 0.95x the bare loop)",
                 ["model", "precision", "row", "batch tokens", "tokens/s", "MFU", "vs bare"], rows)
-    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    print(("data-sheet" if device.type == "cuda" else "matmul") + " peak: "
+          + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
     shutil.rmtree(work, ignore_errors=True)
-    write_json(args.json, {"machine": machine(), "peak_flops": peaks, "rows": results})
+    write_json(args.json, {"machine": machine(), "device": where, "peak_flops": peaks, "rows": results})
 
 
 if __name__ == "__main__":

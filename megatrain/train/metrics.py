@@ -59,10 +59,7 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            prefix = f"valid/{row['set']}/" if row.get("kind") == "valid" else "train/"
-            flat = {**row, **{f"source_tokens/{k}": v for k, v in row.get("source_tokens", {}).items()}}
-            self._wandb.log({prefix + k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"},
-                            step=row["step"])
+            self._wandb.log(wandb_values(row), step=row["step"])
 
     def event(self, name: str, **fields) -> None:
         if not self.enabled:
@@ -90,6 +87,14 @@ class RunLog:
             self._bar.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def wandb_values(row: dict) -> dict:
+    """A metrics row as wandb keys: its numbers under train/ or valid/SET/, each source's
+    token count of a blend as train/source_tokens/NAME, strings and the step left out."""
+    prefix = f"valid/{row['set']}/" if row.get("kind") == "valid" else "train/"
+    flat = {**row, **{f"source_tokens/{k}": v for k, v in row.get("source_tokens", {}).items()}}
+    return {prefix + k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"}
 
 
 def _wandb_id(run_dir: Path) -> str:

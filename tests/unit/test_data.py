@@ -354,3 +354,13 @@ def test_a_resume_with_another_mixture_is_refused_in_one_line(small_data):
     with pytest.raises(UserError, match="the data mixture changed since the checkpoint") as e:
         batches(8192).load_state_dict(state)
     assert "\n" not in str(e.value)
+
+
+def test_a_blends_per_source_tokens_reach_wandb_as_one_key_per_source():
+    from megatrain.train.metrics import wandb_values
+
+    row = {"kind": "train", "step": 7, "loss": 2.5, "tokens": 4096, "mixture_stage": 1,
+           "source_tokens": {"old": 3072, "new": 1024}, "mfu_basis": "cpu-probe"}
+    assert wandb_values(row) == {"train/loss": 2.5, "train/tokens": 4096, "train/mixture_stage": 1,
+                                 "train/source_tokens/old": 3072, "train/source_tokens/new": 1024}
+    assert wandb_values({"kind": "valid", "set": "code", "step": 7, "loss": 3.0}) == {"valid/code/loss": 3.0}
