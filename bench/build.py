@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from helpers import REPO
+from helpers import DEEPSPEED, REPO
 
 from megatrain.train.distributed import free_port
 
@@ -78,7 +78,7 @@ def measure(config: str, layout: str) -> list[dict]:
     out = Path(tempfile.mkdtemp(prefix="bench-build-"))
     script = [str(Path(__file__).resolve()), "--worker", config, layout, "--out", str(out)]
     if LAYOUTS[layout][1] > 1:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(LAYOUTS[layout][1]),
+        cmd = [DEEPSPEED, "--num_gpus", str(LAYOUTS[layout][1]),
                "--master_port", str(free_port()), *script]
     else:
         cmd = [sys.executable, *script]

@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from helpers import DEEPSPEED
+
 from megatrain.train.distributed import free_port
 
 MODEL = ["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.micro_batch=4",
@@ -76,7 +78,7 @@ def main():
     for name, (ranks, sets) in LAYOUTS.items():
         full = [*MODEL, *sets, f"run.dir={work / 'run'}", f"data.path={data}", f"train.max_steps={args.steps}",
                 "train.max_tokens=null"]
-        launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+        launcher = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port",
                     str(free_port())] if ranks > 1 else [sys.executable]
         proc = subprocess.run([*launcher, __file__, "--child", *full], capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -32,6 +32,10 @@ from megatrain.train.metrics import read_events, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
+# The deepspeed launcher: beside the interpreter in a venv, else on PATH (`pip install --target DIR`
+# puts it in DIR/bin, as on the GPU machine: tests/gpu/on_device.sh).
+DEEPSPEED = next((str(p) for p in [Path(sys.executable).parent / "deepspeed"] if p.exists()),
+                 shutil.which("deepspeed") or "deepspeed")
 FAULTY_PRETRAIN = REPO / "tests" / "faulty_pretrain.py"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -108,7 +112,7 @@ def pretrain_command(config, sets: list[str], nproc: int = 2, resume: str = "aut
               *[a for s in sets for a in ("--set", s)]]
     if not nproc:
         return [sys.executable, *script]
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
+    return [DEEPSPEED, "--num_gpus", str(nproc),
             "--master_port", str(free_port()), *script]
 
 

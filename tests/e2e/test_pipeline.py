@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_CONFIG, copy_until, pretrain, train_losses
+from helpers import DEEPSPEED, REPO, TINY_CONFIG, copy_until, pretrain, train_losses
 
 from megatrain.data import TokenDataset
 from megatrain.model import GPT, GPTConfig
@@ -124,7 +124,7 @@ def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs)
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
     run = tmp_path / "run"
-    launcher = str(Path(sys.executable).parent / "deepspeed")
+    launcher = DEEPSPEED
     script = [str(REPO / "launch" / "pretrain.py"), "--config", str(TINY_CONFIG), "--set", f"run.dir={run}",
               "--set", f"data.path={small_data}", "--set", "parallel.zero_stage=1"]
     # Each "node" would take every core of this machine (one local rank each): give each rank

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import DEEPSPEED, REPO
 
 from megatrain.train.distributed import free_port
 
 
 def test_model_states_are_what_deepspeed_allocates(tmp_path, small_data):
     out = tmp_path / "allocated.json"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tests" / "allocated_model_states.py"),
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "tests" / "allocated_model_states.py"),
            "--data", str(small_data), "--run-dir", str(tmp_path / "runs"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
