@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python bench/tensor_parallel.py --json runs/bench/tensor_parallel.json
 	$(BIN)/python bench/plan.py --json runs/bench/plan.json
 	$(BIN)/python bench/build.py --json runs/bench/build.json
+	$(BIN)/python bench/convert.py --json runs/bench/convert.json
 	$(BIN)/python bench/generate.py --json runs/bench/generate.json
 
 # Random kills and loss spikes on a tiny 2-rank run, 20 trials (~20 minutes); not in CI.

@@ -25,6 +25,24 @@ def write_atomically(path: Path, data: str | bytes) -> None:
         raise
 
 
+def save_safetensors_atomically(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """A safetensors file written as write_atomically writes: straight from the tensors'
+    memory to the temp file (safetensors' save() would first build the whole file in
+    memory, twice)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomically(path: Path, obj) -> None:
     write_atomically(path, json.dumps(obj, indent=1) + "\n")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megatrain.errors import UserError
-from megatrain.files import write_atomically
+from megatrain.files import save_safetensors_atomically
 from megatrain.model import GPT, GPTConfig
 from megatrain.train import layout_free
 from megatrain.train.checkpoint import STATE, Checkpointer
@@ -113,8 +113,6 @@ def manifest_tokenizer(path: str) -> str | None:
 
 def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
     """One safetensors file of fp32 weights; the model's shape rides in its header."""
-    from safetensors.torch import save
-
     sd, cfg, state = consolidate_any(ckpt)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +120,7 @@ def save_consolidated(ckpt: str | Path, out: str | Path) -> Path:
     sha = tokenizer_of(state)
     if sha:
         meta["tokenizer_sha256"] = sha
-    write_atomically(out, save(sd, metadata=meta))
+    save_safetensors_atomically(out, sd, meta)
     return out
 
 

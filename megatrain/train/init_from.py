@@ -145,9 +145,7 @@ def _vocab(cfg: Config, source: Source, data_vocab: int, data_tokenizer: str | N
 def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) -> Path:
     """The run's starting weights (and, with `moments`, the source's AdamW state) in the
     layout-free form, which any layout loads (layout_free.load_into)."""
-    from safetensors.torch import save
-
-    from megatrain.files import write_atomically
+    from megatrain.files import save_safetensors_atomically
 
     step = 0
     if source.kind == "checkpoint":
@@ -171,7 +169,7 @@ def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) 
                 raise UserError(f"{source.path}: {kind}/{name} is "
                                 + ("missing" if t is None else f"{list(t.shape)}, the model needs {list(p.shape)}"))
     keep = {f"{kind}/{name}": tensors[f"{kind}/{name}"].contiguous() for name in expected for kind in kinds}
-    write_atomically(out, save(keep, metadata={"format": layout_free.FORMAT, "optimizer_step": str(step)}))
+    save_safetensors_atomically(out, keep, {"format": layout_free.FORMAT, "optimizer_step": str(step)})
     return out
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from megatrain.errors import UserError
-from megatrain.files import file_sha256, write_atomically
+from megatrain.files import file_sha256, save_safetensors_atomically, write_atomically
 from megatrain.model import GPTConfig, canonical_name, tensor_parallel
 from megatrain.train.checkpoint import MANIFEST, Checkpointer
 
@@ -80,7 +80,7 @@ def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int
             if tensor_parallel.split_of(name, model) is None and not all(torch.equal(shards[0], s) for s in shards):
                 raise UserError(f"{ckpt}: the tensor-parallel ranks hold different copies of {key}, which every "
                                 "rank keeps whole: the checkpoint is inconsistent")
-            tensors[key] = tensor_parallel.gather(name, shards, model).clone()
+            tensors[key] = _own(tensor_parallel.gather(name, shards, model))
         return tensors, parts[0][1]
     tensors: dict[str, torch.Tensor] = {}
     for part in named:
@@ -88,8 +88,16 @@ def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int
             if key in tensors and not torch.equal(tensors[key], t):  # the tied embedding's two copies
                 raise UserError(f"{ckpt}: the pipeline stages hold different copies of {key} (the tied "
                                 "embedding): the checkpoint is inconsistent")
-            tensors.setdefault(key, t.clone())
+            tensors.setdefault(key, _own(t))
     return tensors, parts[0][1]
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` with a storage of its own: a view into a larger buffer (a merged flat group, a
+    loaded checkpoint's flat state) is copied, a tensor that already owns its storage is
+    not, so the layout-free tensors never hold a model's worth twice."""
+    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone()
 
 
 def _key(key: str, n_layer: int, pipeline: bool) -> str:
@@ -156,7 +164,10 @@ def _zero_partitions(ckpt: Path, mp: int | None, kinds) -> tuple[dict[str, torch
             else:
                 merged = z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(
                     len(files), flats[kind], model_states, False))
-        out.update({f"{kind}/{k}": v for k, v in merged.items()})
+        # Each parameter copied out of the merged flat group now, so that one kind's merged
+        # groups at a time are in memory, not all three kinds' next to the copies.
+        out.update({f"{kind}/{k}": _own(v) for k, v in merged.items()})
+        del merged
     return out, (_step_of(step_states) if len(kinds) > 1 else None)
 
 
@@ -226,13 +237,11 @@ def write(ckpt: Path) -> Path:
     renamed when complete), then listed in the checkpoint's manifest, so that a checkpoint's
     verification covers it; a conversion interrupted at any point leaves no file that a
     resume would use."""
-    from safetensors.torch import save
-
     ckpt = Path(ckpt)
     tensors, step = read(ckpt)
     out = ckpt / FILE
     meta = {"format": FORMAT, "optimizer_step": str(step), "checkpoint_manifest": _manifest_sha(ckpt)}
-    write_atomically(out, save(tensors, metadata=meta))
+    save_safetensors_atomically(out, tensors, meta)
     manifest = json.loads((ckpt / MANIFEST).read_text())
     manifest["files"][FILE] = {"bytes": out.stat().st_size, "sha256": file_sha256(out)}
     write_atomically(ckpt / MANIFEST, json.dumps(manifest, indent=1))
