@@ -1,5 +1,6 @@
-"""Host memory of converting a checkpoint to its layout-free form on one process (what rank
-0 does when a run resumes on another layout; launch/convert_checkpoint.py --layout-free).
+"""Host memory of converting a checkpoint to its layout-free form on one process (what each
+rank does for its share when a run resumes on another layout; launch/convert_checkpoint.py
+--layout-free).
 
 Trains a GPT-3 Small-shaped model (vocabulary of the stdlib tokenizer) for one step on 2
 ranks under ZeRO-2, fp32, then converts its checkpoint in a fresh process and reports, in bytes per parameter, the

@@ -5,7 +5,8 @@ Layout of a run directory:
     checkpoints/step-00000100/   DeepSpeed's files (model, optimizer, per-rank shards)
         megatrain.json           the run's shared resumable state, model shape, layout and config
         megatrain-rank00000.pt   each rank's own resumable state (its RNG)
-        manifest.json            every file's size and sha256; written last
+        manifest.json            every file's size and sha256 (a file several ranks wrote:
+                                 each one's part); written last
     latest                       text file naming the newest complete checkpoint
 
 Writing: every rank writes into checkpoints/.tmp-step-N/; the ranks hash the files
@@ -144,7 +145,8 @@ class Checkpointer:
     @staticmethod
     def verify(path: Path, share: tuple[int, int] = (0, 1)) -> str | None:
         """None if the checkpoint is complete and intact, else what is wrong (naming the file).
-        `share` (i, n): hash only every n-th file from the i-th (see verify_collectively)."""
+        `share` (i, n): hash only every n-th of the hashed units (a file, or a part of one
+        that several ranks wrote: layout_free) from the i-th (see verify_collectively)."""
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             return f"{manifest_path}: missing (the checkpoint was not finished)"
@@ -152,13 +154,19 @@ class Checkpointer:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return f"{manifest_path}: damaged"
-        for k, (name, entry) in enumerate(manifest["files"].items()):
+        units = []  # (file, start, length, sha256)
+        for name, entry in manifest["files"].items():
             f = path / name
             if not f.is_file():
                 return f"{f}: missing"
             if f.stat().st_size != entry["bytes"]:
                 return f"{f}: {f.stat().st_size} bytes, expected {entry['bytes']} (truncated or altered)"
-            if k % share[1] == share[0] and file_sha256(f) != entry["sha256"]:
+            start = 0
+            for part in entry.get("parts", [entry]):
+                units.append((f, start, part["bytes"], part["sha256"]))
+                start += part["bytes"]
+        for f, start, length, sha in units[share[0]::share[1]]:
+            if file_sha256(f, start, length) != sha:
                 return f"{f}: sha256 does not match the manifest (altered)"
         return None
 

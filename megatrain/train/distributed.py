@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from megatrain.errors import UserError
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -115,6 +121,24 @@ def any_rank(flags: list[bool]) -> list[bool]:
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x > 0) for x in t.tolist()]
+
+
+def on_every_rank(work: Callable[[], T]) -> T:
+    """Collective: this rank's work(), returned once every rank has done its own. When it
+    raised on any rank, every rank raises (a UserError as one, with its message), so that no
+    rank is left waiting in a later collective for one that has given up."""
+    try:
+        result, failure = work(), None
+    except Exception as e:  # every rank is told, then this one raises it
+        result, failure = None, e
+    told = all_gather_object(None if failure is None else (isinstance(failure, UserError), str(failure)))
+    if failure is not None:
+        raise failure
+    for r, problem in enumerate(told):
+        if problem is not None:
+            user, message = problem
+            raise UserError(message) if user else RuntimeError(f"rank {r} failed: {message}")
+    return result
 
 
 def all_gather_object(obj) -> list:

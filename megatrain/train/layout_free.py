@@ -4,14 +4,15 @@ layout, loaded into the live engine of any other (docs/checkpoints.md, "Resuming
 another layout").
 
     tensors, step = read(ckpt)                 # {"param/NAME", "exp_avg/NAME", "exp_avg_sq/NAME": fp32}
-    path, converted = ensure(ckpt)             # CKPT/layout-free.safetensors, written once, atomically
+    deferred, step = read_deferred(ckpt)       # the same, each made when asked for: one at a time
+    path, converted = ensure(ckpt)             # CKPT/layout-free.safetensors, written once by all ranks, atomically
     load_into(module, path)                    # every rank takes its own slices
 
 Where a checkpoint keeps them:
   ZeRO 1-3 (and a pipeline's ZeRO-1, stage by stage)
         the fp32 partitions and, with the same flat layout, the moments, in the
-        *optim_states.pt files; merged by DeepSpeed's zero_to_fp32 (the moments through
-        the same merge as the weights);
+        *optim_states.pt files; each parameter reassembled from the ranks' pieces as
+        DeepSpeed's zero_to_fp32 reassembles the weights (the moments the same way);
   ZeRO-0
         the client optimizer's state in the model-states file, by position in its
         parameter groups: megatrain records the parameters' names in that order in each
@@ -27,15 +28,18 @@ shard again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import math
+import os
 import re
 from pathlib import Path
 
 import torch
 
 from megatrain.errors import UserError
-from megatrain.files import file_sha256, save_safetensors_atomically, write_atomically
+from megatrain.files import Deferred, SafetensorsFile, file_sha256, write_atomically
 from megatrain.model import GPTConfig, canonical_name, tensor_parallel
 from megatrain.train.checkpoint import MANIFEST, Checkpointer
 
@@ -51,6 +55,13 @@ MOMENTS = KINDS[1:]
 def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int | None]:
     """({"KIND/NAME": fp32 tensor}, optimizer step count) of a checkpoint directory, by GPT's
     names; without `moments`, the weights only (step None)."""
+    deferred, step = read_deferred(ckpt, moments)
+    return {key: d.make() for key, d in deferred.items()}, step
+
+
+def read_deferred(ckpt: Path, moments: bool = True) -> tuple[dict[str, Deferred], int | None]:
+    """As read, each tensor made only when asked for, from the checkpoint's files mapped
+    into memory: a model far larger than memory is converted one parameter at a time."""
     ckpt = Path(ckpt)
     state = Checkpointer.read_state(ckpt)
     n_layer = state["model_shape"]["n_layer"]
@@ -60,42 +71,68 @@ def read(ckpt: Path, moments: bool = True) -> tuple[dict[str, torch.Tensor], int
     kinds = KINDS if moments else KINDS[:1]
     # DeepSpeed's files are per model-parallel rank (mp_rank_NN): a pipeline stage, or a
     # tensor-parallel rank; with neither, one.
-    mp_ranks = list(range(stages * tp)) if stages * tp > 1 else [None]
+    mp_ranks = range(stages * tp)
     if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
         parts = [_zero_partitions(ckpt, mp, kinds) for mp in mp_ranks]
     else:
         # A pipeline's weights are in per-layer files that no stage owns: read them once.
         weights = _pipeline_weights(ckpt) if pipeline else None
-        parts = [_zero0(ckpt, mp or 0, kinds, weights) for mp in mp_ranks]
+        parts = [_zero0(ckpt, mp, kinds, weights) for mp in mp_ranks]
     if moments and len({step for _, step in parts}) != 1:
         raise UserError(f"{ckpt}: the optimizer's step counts disagree between parameters "
                         f"({sorted({step for _, step in parts})})")
-    named = [{_key(key, n_layer, pipeline): t.detach().to(torch.float32) for key, t in part.items()}
-             for part, _ in parts]
+    named = [{_key(key, n_layer, pipeline): d for key, d in part.items()} for part, _ in parts]
     if tp > 1:  # each tensor-parallel rank's shards, gathered into whole parameters
         model = GPTConfig.from_shape(state["model_shape"])
+        tensors = {key: _gathered(ckpt, key, [part[key] for part in named], model) for key in named[0]}
+    else:
         tensors = {}
-        for key in named[0]:
-            name, shards = key.partition("/")[2], [part[key] for part in named]
-            if tensor_parallel.split_of(name, model) is None and not all(torch.equal(shards[0], s) for s in shards):
-                raise UserError(f"{ckpt}: the tensor-parallel ranks hold different copies of {key}, which every "
-                                "rank keeps whole: the checkpoint is inconsistent")
-            tensors[key] = _own(tensor_parallel.gather(name, shards, model))
-        return tensors, parts[0][1]
-    tensors: dict[str, torch.Tensor] = {}
-    for part in named:
-        for key, t in part.items():
-            if key in tensors and not torch.equal(tensors[key], t):  # the tied embedding's two copies
-                raise UserError(f"{ckpt}: the pipeline stages hold different copies of {key} (the tied "
-                                "embedding): the checkpoint is inconsistent")
-            tensors.setdefault(key, _own(t))
-    return tensors, parts[0][1]
+        for part in named:
+            for key, d in part.items():  # a key twice: the tied embedding, kept by the first and last stage
+                tensors[key] = _one_of_equal(ckpt, key, tensors[key], d) if key in tensors else d
+    return {key: _fp32(d) for key, d in tensors.items()}, parts[0][1]
+
+
+def _fp32(d: Deferred) -> Deferred:
+    return Deferred(d.shape, torch.float32, lambda: _own(d.make().detach().to(torch.float32)))
+
+
+def _gathered(ckpt: Path, key: str, shards: list[Deferred], model: GPTConfig) -> Deferred:
+    """The whole parameter from the tensor-parallel ranks' shards; one that every rank keeps
+    whole is checked to be the same on all."""
+    name = key.partition("/")[2]
+    shape = tensor_parallel.gather(name, [torch.empty(d.shape, dtype=d.dtype, device="meta") for d in shards],
+                                   model).shape
+
+    def make():
+        made = [d.make() for d in shards]
+        if tensor_parallel.split_of(name, model) is None and not all(torch.equal(made[0], t) for t in made):
+            raise UserError(f"{ckpt}: the tensor-parallel ranks hold different copies of {key}, which every "
+                            "rank keeps whole: the checkpoint is inconsistent")
+        return tensor_parallel.gather(name, made, model)
+
+    return Deferred(tuple(shape), shards[0].dtype, make)
+
+
+def _one_of_equal(ckpt: Path, key: str, first: Deferred, second: Deferred) -> Deferred:
+    def make():
+        a = first.make()
+        if not torch.equal(a, second.make()):
+            raise UserError(f"{ckpt}: the pipeline stages hold different copies of {key} (the tied "
+                            "embedding): the checkpoint is inconsistent")
+        return a
+
+    return Deferred(first.shape, first.dtype, make)
+
+
+def _at_hand(t: torch.Tensor) -> Deferred:
+    """A tensor already read (from a file mapped into memory)."""
+    return Deferred(tuple(t.shape), t.dtype, lambda: t)
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
-    """`t` with a storage of its own: a view into a larger buffer (a merged flat group, a
-    loaded checkpoint's flat state) is copied, a tensor that already owns its storage is
-    not, so the layout-free tensors never hold a model's worth twice."""
+    """`t` with a storage of its own: a view into a larger buffer (a checkpoint's flat
+    partition) is copied, a tensor that already owns its storage is not."""
     whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     return t if whole else t.clone()
 
@@ -114,34 +151,34 @@ def _step_of(states) -> int:
     return found.pop()
 
 
-def _zero_partitions(ckpt: Path, mp: int | None, kinds) -> tuple[dict[str, torch.Tensor], int | None]:
-    """From ZeRO optimizer partitions (all of them, or one model-parallel rank's): each kind
-    of tensor is merged the way zero_to_fp32 merges the fp32 masters."""
+def _load(path: Path) -> dict:
+    """A DeepSpeed checkpoint file, its tensors mapped from the file rather than read."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _zero_partitions(ckpt: Path, mp: int, kinds) -> tuple[dict[str, Deferred], int | None]:
+    """From model-parallel rank `mp`'s ZeRO optimizer partitions: each kind of tensor is
+    reassembled the way zero_to_fp32 reassembles the fp32 masters."""
     from deepspeed.utils import zero_to_fp32 as z
 
-    if mp is None:
-        with _quiet():
-            model_states = z.parse_model_states(z.get_model_state_files(str(ckpt)))
-        pattern = "*zero_pp_rank_*_optim_states.pt"
-    else:
-        # A pipeline stage's model file carries no module weights (they are in layer_NN files),
-        # which parse_model_states reads for buffers; GPT has none, so the record is built
-        # from the file's parameter shapes directly (ZeRO-3 keeps one model file per rank).
-        meta_file = ckpt / f"mp_rank_{mp:02d}_model_states.pt"
-        if not meta_file.is_file():
-            meta_file = ckpt / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
-        meta = torch.load(meta_file, map_location="cpu", weights_only=False)
-        model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
-                                           shared_params=list(meta["shared_params"].items()),
-                                           ds_version=meta.get("ds_version"),
-                                           frozen_param_shapes=meta.get("frozen_param_shapes"),
-                                           frozen_param_fragments=meta.get("frozen_param_fragments"))]
-        pattern = f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"
-    files = sorted((str(p) for p in ckpt.glob(pattern)), key=z.natural_keys)
+    # The parameters' shapes, from the model-states file (ZeRO-3 keeps one per rank; a
+    # pipeline stage's has no module weights, which parse_model_states would read for
+    # buffers: GPT has none, so the record is built here).
+    meta_file = ckpt / f"mp_rank_{mp:02d}_model_states.pt"
+    if not meta_file.is_file():
+        meta_file = ckpt / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
+    meta = _load(meta_file)
+    model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
+                                       shared_params=list(meta["shared_params"].items()),
+                                       ds_version=meta.get("ds_version"),
+                                       frozen_param_shapes=meta.get("frozen_param_shapes"),
+                                       frozen_param_fragments=meta.get("frozen_param_fragments"))]
+    files = sorted((str(p) for p in ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")),
+                   key=z.natural_keys)
     flats: dict[str, list] = {k: [] for k in kinds}
     step_states = []
     for f in files:
-        sd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        sd = _load(f)["optimizer_state_dict"]
         zero_stage = int(sd["zero_stage"])
         masters = sd["single_partition_of_fp32_groups" if zero_stage <= 2 else "fp32_flat_groups"]
         base = sd["base_optimizer_state" if zero_stage <= 2 else "optimizer_state_dict"]
@@ -157,45 +194,70 @@ def _zero_partitions(ckpt: Path, mp: int | None, kinds) -> tuple[dict[str, torch
         paddings = sd.get("param_alignment_paddings")
     out = {}
     for kind in kinds:
-        with _quiet():
-            if zero_stage <= 2:
-                merged = z._get_fp32_state_dict_from_zero2_checkpoint(len(files), flats[kind], model_states, False,
-                                                                      paddings)
-            else:
-                merged = z.to_torch_tensor(z._get_fp32_state_dict_from_zero3_checkpoint(
-                    len(files), flats[kind], model_states, False))
-        # Each parameter copied out of the merged flat group now, so that one kind's merged
-        # groups at a time are in memory, not all three kinds' next to the copies.
-        out.update({f"{kind}/{k}": _own(v) for k, v in merged.items()})
-        del merged
+        if zero_stage <= 2:
+            params = _zero2_params(files[0], flats[kind], meta["param_shapes"], paddings)
+        else:
+            with _quiet():  # zero_to_fp32's merge for ZeRO-3 is lazy already: a GatheredTensor per parameter
+                gathered = z._get_fp32_state_dict_from_zero3_checkpoint(len(files), flats[kind], model_states, False)
+            params = {k: Deferred(tuple(g.shape), g.dtype, g.contiguous) for k, g in gathered.items()}
+        out.update({f"{kind}/{k}": d for k, d in params.items()})
     return out, (_step_of(step_states) if len(kinds) > 1 else None)
 
 
-def _zero0(ckpt: Path, mp: int, kinds, pipeline_weights: dict | None) -> tuple[dict[str, torch.Tensor], int | None]:
+def _zero2_params(file: str, flats: list[list[torch.Tensor]], param_shapes: list[dict], paddings) -> dict[str, Deferred]:
+    """Each parameter of ZeRO 1-2 partitions (rank -> flat group), made from the pieces
+    the ranks hold: zero_to_fp32's reassembly (each group's partitions end to end, the
+    parameters in order with their alignment padding), without concatenating whole groups."""
+    out = {}
+    for g, shapes in enumerate(param_shapes):
+        parts = [rank_groups[g] for rank_groups in flats]
+        starts = [0]
+        for part in parts:
+            starts.append(starts[-1] + part.numel())
+        if paddings is not None and len(paddings[g]) != len(shapes):
+            raise UserError(f"{file}: group {g} has {len(shapes)} parameters and {len(paddings[g])} paddings")
+        offset = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            n = math.prod(shape)
+            out[name] = Deferred(tuple(shape), parts[0].dtype,
+                                 functools.partial(_span, parts, starts, offset, n, tuple(shape)))
+            offset += n + (paddings[g][i] if paddings is not None else 0)
+        # ZeRO-2 pads each group to a multiple of 2 x ranks: what is left over is padding alone
+        align = 2 * len(parts)
+        if math.ceil(offset / align) != math.ceil(starts[-1] / align):
+            raise UserError(f"{file}: the parameters of group {g} take {offset} elements of its {starts[-1]}: "
+                            "the checkpoint does not match its model")
+    return out
+
+
+def _span(parts: list[torch.Tensor], starts: list[int], offset: int, n: int, shape: tuple) -> torch.Tensor:
+    """Elements [offset, offset + n) of the partitions laid end to end, as `shape`."""
+    pieces = [part[max(offset, lo) - lo:min(offset + n, hi) - lo]
+              for part, lo, hi in zip(parts, starts, starts[1:], strict=False) if max(offset, lo) < min(offset + n, hi)]
+    return torch.cat(pieces).view(shape)
+
+
+def _zero0(ckpt: Path, mp: int, kinds, pipeline_weights: dict | None) -> tuple[dict[str, Deferred], int | None]:
     """From a ZeRO-0 checkpoint: the module weights (a pipeline's, already read, else
     model-parallel rank `mp`'s), or with moments the client optimizer's state by the names
     megatrain recorded in its parameter order."""
     model_file = ckpt / f"mp_rank_{mp:02d}_model_states.pt"
-
-    def module_weights():
-        if pipeline_weights is not None:
-            return pipeline_weights
-        return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-
+    saved = _load(model_file)
+    weights = pipeline_weights if pipeline_weights is not None else saved["module"]
     if len(kinds) == 1:
-        return {f"param/{k}": v for k, v in module_weights().items()}, None
-    opt = torch.load(model_file, map_location="cpu", weights_only=False)["optimizer"]
+        return {f"param/{k}": _at_hand(v) for k, v in weights.items()}, None
+    opt = saved["optimizer"]
     names = _recorded_names(ckpt, mp)
     if "fp32_groups" in opt:  # bf16: DeepSpeed's fp32 copies are the masters
         states = opt["optimizer_state_dict"]["state"]
         masters = [t for group in opt["fp32_groups"] for t in group]
-        out = {f"param/{n}": t for n, t in zip(names, masters, strict=True)}
+        out = {f"param/{n}": _at_hand(t) for n, t in zip(names, masters, strict=True)}
     else:
         states = opt["state"]
-        out = {f"param/{k}": v for k, v in module_weights().items()}
+        out = {f"param/{k}": _at_hand(v) for k, v in weights.items()}
     for i, name in enumerate(names):
         for kind in MOMENTS:
-            out[f"{kind}/{name}"] = states[i][kind]
+            out[f"{kind}/{name}"] = _at_hand(states[i][kind])
     return out, _step_of(states[i] for i in range(len(names)))
 
 
@@ -204,7 +266,7 @@ def _pipeline_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     weights = {}
     for f in sorted(ckpt.glob("layer_*-model_states.pt")):
         layer = int(re.match(r"layer_(\d+)", f.name).group(1))
-        for name, t in torch.load(f, map_location="cpu", weights_only=False).items():
+        for name, t in _load(f).items():
             weights[f"{layer}.{name}"] = t
     return weights
 
@@ -228,24 +290,52 @@ def _quiet():
 # --- the file ----------------------------------------------------------------------------
 
 
-def _manifest_sha(ckpt: Path) -> str:
-    return file_sha256(ckpt / MANIFEST)
-
-
 def write(ckpt: Path) -> Path:
-    """CKPT/layout-free.safetensors from the checkpoint's own files (under a temporary name,
-    renamed when complete), then listed in the checkpoint's manifest, so that a checkpoint's
-    verification covers it; a conversion interrupted at any point leaves no file that a
-    resume would use."""
+    """Collective (or one process): CKPT/layout-free.safetensors from the checkpoint's own
+    files (write_shared), then listed in the checkpoint's manifest, by its parts' hashes, so
+    that a checkpoint's verification covers it (in parallel); a conversion interrupted or
+    failed at any point leaves no file that a resume would use."""
+    from megatrain.train import distributed as dist
+
     ckpt = Path(ckpt)
-    tensors, step = read(ckpt)
-    out = ckpt / FILE
-    meta = {"format": FORMAT, "optimizer_step": str(step), "checkpoint_manifest": _manifest_sha(ckpt)}
-    save_safetensors_atomically(out, tensors, meta)
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    manifest["files"][FILE] = {"bytes": out.stat().st_size, "sha256": file_sha256(out)}
-    write_atomically(ckpt / MANIFEST, json.dumps(manifest, indent=1))
-    return out
+    tensors, step = dist.on_every_rank(lambda: read_deferred(ckpt))
+    meta = {"format": FORMAT, "optimizer_step": str(step), "checkpoint_manifest": file_sha256(ckpt / MANIFEST)}
+    entry = write_shared(ckpt / FILE, tensors, meta, progress=f"{ckpt.name} to {FILE}")
+
+    def list_it():
+        if dist.is_main():
+            manifest = json.loads((ckpt / MANIFEST).read_text())
+            manifest["files"][FILE] = entry
+            write_atomically(ckpt / MANIFEST, json.dumps(manifest, indent=1))
+
+    dist.on_every_rank(list_it)
+    return ckpt / FILE
+
+
+def write_shared(path: Path, tensors: dict, metadata: dict[str, str], progress: str) -> dict:
+    """Collective (or one process): the safetensors file of `tensors` (Deferred ones made in
+    turn) at `path`, every rank writing and hashing its byte share of it (SafetensorsFile)
+    under a temporary name, renamed by rank 0 once every share is on disk. Returns its
+    manifest entry: {"bytes", "sha256"}, or with several shares {"bytes", "parts": [{"bytes",
+    "sha256"}, ...]}. A failure on any rank raises on every rank and leaves no file."""
+    from megatrain.train import distributed as dist
+
+    file = SafetensorsFile(tensors, metadata)
+    tmp = path.with_name(path.name + ".tmp")
+    ranks = dist.world_size()
+    if ranks > 1:
+        progress += f" (rank 0's share of {ranks})"
+    try:
+        dist.on_every_rank(lambda: file.create(tmp) if dist.is_main() else None)
+        mine = dist.on_every_rank(lambda: file.write_share(tmp, dist.rank(), ranks,
+                                                           progress if dist.is_main() else None))
+        parts = [part for part in dist.all_gather_object(mine) if part["bytes"]]
+        dist.on_every_rank(lambda: os.replace(tmp, path) if dist.is_main() else None)
+    except BaseException:
+        if dist.is_main():
+            tmp.unlink(missing_ok=True)
+        raise
+    return {"bytes": file.size, **(parts[0] if len(parts) == 1 else {"parts": parts})}
 
 
 def usable(ckpt: Path) -> bool:
@@ -255,15 +345,14 @@ def usable(ckpt: Path) -> bool:
 
 
 def ensure(ckpt: Path) -> tuple[Path, bool]:
-    """Collective: the checkpoint's layout-free file, written by rank 0 if it has none yet;
-    (path, whether it was converted now)."""
+    """Collective: the checkpoint's layout-free file, written by every rank (each its share)
+    if it has none yet; (path, whether it was converted now)."""
     from megatrain.train import distributed as dist
 
     # Rank 0 alone decides: another rank looking after rank 0 finished would see the file.
-    converted = dist.is_main() and not usable(ckpt)
+    converted = dist.any_rank([dist.is_main() and not usable(ckpt)])[0]
     if converted:
-        write(ckpt)
-    converted = dist.any_rank([converted])[0]  # also the barrier after the write
+        write(ckpt)  # its last step is collective: every rank returns after the file is listed
     return Path(ckpt) / FILE, converted
 
 

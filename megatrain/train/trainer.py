@@ -173,7 +173,7 @@ class Trainer:
 
     def _reshard(self, path: Path, saved: dict) -> dict:
         """Load a checkpoint of another layout: the masters, moments and step count through the
-        layout-free form (converted now by rank 0 unless done ahead of time); the per-rank
+        layout-free form (converted now by all ranks unless done ahead of time); the per-rank
         state (RNG) does not map between layouts and is seeded afresh from the step."""
         source, converted = layout_free.ensure(path)
         layout_free.load_into(self.module, source)

@@ -4,11 +4,13 @@ only the order of summation differs)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 from helpers import (
     LAUNCH,
     LAYOUTS,
@@ -74,6 +76,17 @@ def test_resume_on_another_layout_continues_exactly(uninterrupted, tmp_path, sma
     assert sorted(resumed) == list(steps)
     assert resumed == samples_by_step(source / "samples", steps=steps)
     assert Checkpointer.verify(ckpt) is None  # the layout-free file is covered by the manifest
+    if nproc == 2 and first != "pipe2-zero1":  # converted by both ranks, each writing and hashing its share
+        entry = json.loads((ckpt / "manifest.json").read_text())["files"][layout_free.FILE]
+        assert len(entry["parts"]) == 2 and sum(p["bytes"] for p in entry["parts"]) == entry["bytes"]
+        with open(ckpt / layout_free.FILE, "r+b") as f:  # one bit flipped in the second share
+            f.seek(entry["bytes"] - 1)
+            last = f.read(1)[0]
+            f.seek(entry["bytes"] - 1)
+            f.write(bytes([last ^ 1]))
+        problem = f"{ckpt / layout_free.FILE}: sha256 does not match the manifest (altered)"
+        assert Checkpointer.verify(ckpt) == problem
+        assert {Checkpointer.verify(ckpt, (0, 2)), Checkpointer.verify(ckpt, (1, 2))} == {None, problem}  # one rank's
 
 
 def test_zero3_checkpoint_resumes_without_zero(runs, tmp_path, small_data):
@@ -142,3 +155,17 @@ def test_supervisor_continues_with_the_ranks_left_in_the_hostfile(uninterrupted,
             in output)
     reference = train_losses(uninterrupted("2r-zero1") / "run")
     assert train_losses(run) == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (1, "bf16"), (3, "fp32")])
+def test_layout_free_weights_are_zero_to_fp32s(runs, stage, precision):
+    """The layout-free reader reassembles each parameter from the ranks' partitions itself
+    (one parameter at a time); DeepSpeed's zero_to_fp32, which reassembles whole groups, is
+    the reference: the same fp32 weights, bit for bit."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoints = runs(stage, precision) / "checkpoints"
+    ours, _ = layout_free.read(checkpoints / "step-00000006", moments=False)
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag="step-00000006")
+    assert sorted(ours) == sorted(f"param/{k}" for k in theirs)
+    assert all(torch.equal(ours[f"param/{k}"], t) for k, t in theirs.items())
