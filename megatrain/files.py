@@ -1,8 +1,10 @@
 """Writing files so that a crash never leaves a half-written one under the real name,
-and hashing them."""
+hashing them, and safetensors files read and written one tensor at a time (a model's
+state can be far larger than memory)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -36,8 +38,9 @@ def write_atomically(path: Path, data: str | bytes) -> None:
 
 @dataclass(frozen=True)
 class Deferred:
-    """A tensor known by its shape and dtype, made only when it is written: a file far
-    larger than memory is written one tensor at a time (save_safetensors_atomically)."""
+    """A tensor known by its shape and dtype, made only when it is needed: a file far
+    larger than memory is read (read_deferred_tensors) and written (SafetensorsFile) one
+    tensor at a time."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -140,6 +143,31 @@ def save_safetensors_atomically(path: Path, tensors: Mapping, metadata: dict[str
         tmp.unlink(missing_ok=True)
         raise
     return written["sha256"]
+
+
+def read_deferred_tensors(file: Path) -> dict[str, Deferred]:
+    """The tensors of a .safetensors file or a PyTorch weights file (loaded weights-only),
+    as fp32, each read from the file only when made: a file larger than memory is read one
+    tensor at a time."""
+    import torch
+
+    file = Path(file)
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        def read(key: str) -> torch.Tensor:
+            with safe_open(str(file), "pt") as f:
+                return f.get_tensor(key).to(torch.float32)
+
+        with safe_open(str(file), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        return {k: Deferred(shape, torch.float32, functools.partial(read, k)) for k, shape in shapes.items()}
+    try:  # mapped from the file; the legacy (non-zip) format cannot be, and is read whole
+        tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    return {k: Deferred(tuple(t.shape), torch.float32, functools.partial(t.to, torch.float32))
+            for k, t in tensors.items()}
 
 
 def _dtype_names() -> dict:

@@ -11,7 +11,8 @@ renaming (`to_hf` picks the class):
   queries and keys before the rotation, as megatrain's.
 A gpt3 model with qk_norm has no transformers class: its export is refused.
 
-Import is the same renaming backwards (`read_hf_shape`, `read_hf_weights`): a Hugging
+Import is the same renaming backwards (`read_hf_shape`, `read_hf_weights`, or
+`hf_weights_deferred`: each parameter read when made): a Hugging
 Face directory of one of these classes (config.json and safetensors or PyTorch weights,
 sharded or not), read from disk, never downloaded. A class whose arithmetic differs from
 megatrain's (another activation, RoPE scaling, untied GPT-2) is refused in one line.
@@ -19,12 +20,14 @@ megatrain's (another activation, RoPE scaling, untied GPT-2) is refused in one l
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
 
 from megatrain.errors import UserError
+from megatrain.files import Deferred, read_deferred_tensors
 from megatrain.model.gpt import GPTConfig
 
 # GPT name -> GPT-2 name inside transformer.h.{i}; Conv1D weights are transposed.
@@ -205,34 +208,35 @@ def read_hf_tokenizer_sha(path: str | Path) -> str | None:
     return _hf_config(Path(path)).get("megatrain_tokenizer_sha256")
 
 
-def _hf_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's weights: model.safetensors, its sharded index, or
-    pytorch_model.bin (loaded weights-only)."""
-    from safetensors.torch import load_file
-
-    for index_name, load in (("model.safetensors.index.json", load_file),
-                             ("pytorch_model.bin.index.json", lambda f: torch.load(f, weights_only=True))):
+def _hf_tensors(path: Path) -> dict[str, Deferred]:
+    """Every tensor of the directory's weights (as fp32, each read when made):
+    model.safetensors, its sharded index, or pytorch_model.bin (loaded weights-only)."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
                 raise UserError(f"{path}: partial directory: {', '.join(missing)} listed in {index_name} is missing")
-            return {k: v for s in shards for k, v in load(str(path / s)).items()}
-    if (path / "model.safetensors").is_file():
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", weights_only=True)
+            return {k: d for s in shards for k, d in read_deferred_tensors(path / s).items()}
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return read_deferred_tensors(path / name)
     raise UserError(f"{path}: partial directory: config.json but no weights (model.safetensors, "
                     "pytorch_model.bin or a sharded index)")
 
 
 def read_hf_weights(path: str | Path, cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """The directory's weights by GPT's names (fp32), for the model `cfg` (read_hf_shape)."""
+    return {name: d.make() for name, d in hf_weights_deferred(path, cfg).items()}
+
+
+def hf_weights_deferred(path: str | Path, cfg: GPTConfig) -> dict[str, Deferred]:
+    """As read_hf_weights, each parameter read from the directory's files when made."""
     from megatrain.model.gpt import GPT
 
     path = Path(path)
-    theirs = {k: v.to(torch.float32) for k, v in _hf_tensors(path).items()}
+    theirs = _hf_tensors(path)
     with torch.device("meta"):
         names = [name for name, _ in GPT(cfg, init_weights=False).named_parameters()]
     rule = _from_gpt2 if cfg.arch == "gpt3" else _from_llama
@@ -241,7 +245,15 @@ def read_hf_weights(path: str | Path, cfg: GPTConfig) -> dict[str, torch.Tensor]
     if missing:
         raise UserError(f"{path}: partial directory: the weights lack {', '.join(missing[:3])}"
                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    return {ours: join([theirs[n] for n in sources]) for ours, (sources, join) in mapping.items()}
+
+    def made(sources, join):
+        return join([theirs[n].make() for n in sources])
+
+    out = {}
+    for ours, (sources, join) in mapping.items():
+        shape = join([torch.empty(theirs[n].shape, device="meta") for n in sources]).shape
+        out[ours] = Deferred(tuple(shape), torch.float32, functools.partial(made, sources, join))
+    return out
 
 
 def _same(tensors):

@@ -10,7 +10,7 @@ keep` (its steps and tokens, so LR and batch continue) say otherwise.
 
     source = open_source("runs/base")      # every rank: the shape (a checkpoint: its checksums, in shares)
     model_cfg = model_config(cfg, source, data_vocab, data_tokenizer)
-    write_start(source, model_cfg, path, moments=True)      # rank 0: the layout-free form
+    write_start(source, model_cfg, path, moments=True)      # every rank: its share of the layout-free form
     layout_free.load_into(module, path)                       # every rank takes its slices
 
 Vocabulary: the source must have the data's tokenizer (the same tokenizer hash where the
@@ -22,6 +22,7 @@ predicts like an average one instead of at random).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 
 from megatrain.config import Config
 from megatrain.errors import UserError
+from megatrain.files import Deferred, read_deferred_tensors
 from megatrain.model import GPT, GPTConfig, hf
 from megatrain.train import convert, layout_free
 from megatrain.train.checkpoint import Checkpointer
@@ -143,20 +145,29 @@ def _vocab(cfg: Config, source: Source, data_vocab: int, data_tokenizer: str | N
 
 
 def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) -> Path:
-    """The run's starting weights (and, with `moments`, the source's AdamW state) in the
-    layout-free form, which any layout loads (layout_free.load_into)."""
-    from megatrain.files import save_safetensors_atomically
+    """Collective: the run's starting weights (and, with `moments`, the source's AdamW
+    state) in the layout-free form, which any layout loads (layout_free.load_into). Every
+    rank reads the source one tensor at a time and writes its share of the file
+    (layout_free.write_shared); a failure on any rank raises on every rank."""
+    from megatrain.train import distributed as dist
 
+    tensors, step = dist.on_every_rank(lambda: _start_tensors(source, model_cfg, moments))
+    layout_free.write_shared(out, tensors, {"format": layout_free.FORMAT, "optimizer_step": str(step)},
+                             progress=f"model.init_from to {out.name}")
+    return out
+
+
+def _start_tensors(source: Source, model_cfg: GPTConfig, moments: bool) -> tuple[dict[str, Deferred], int]:
+    """The source's tensors made to fit the run, by layout-free key (each made when it is
+    written), and the optimizer step count they come with."""
     step = 0
     if source.kind == "checkpoint":
-        tensors, saved_step = layout_free.read(source.path, moments=moments)
+        tensors, saved_step = layout_free.read_deferred(source.path, moments=moments)
         step = saved_step if moments else 0
     elif source.kind == "consolidated":
-        from safetensors.torch import load_file
-
-        tensors = {f"param/{k}": v.to(torch.float32) for k, v in load_file(str(source.path)).items()}
+        tensors = {f"param/{k}": d for k, d in read_deferred_tensors(source.path).items()}
     else:
-        tensors = {f"param/{k}": v for k, v in hf.read_hf_weights(source.path, GPTConfig.from_shape(source.shape))
+        tensors = {f"param/{k}": d for k, d in hf.hf_weights_deferred(source.path, GPTConfig.from_shape(source.shape))
                    .items()}
     tensors = fit(tensors, model_cfg)
     with torch.device("meta"):
@@ -164,25 +175,33 @@ def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) 
     kinds = layout_free.KINDS if moments else layout_free.KINDS[:1]
     for name, p in expected.items():
         for kind in kinds:
-            t = tensors.get(f"{kind}/{name}")
-            if t is None or t.shape != p.shape:
+            d = tensors.get(f"{kind}/{name}")
+            if d is None or d.shape != tuple(p.shape):
                 raise UserError(f"{source.path}: {kind}/{name} is "
-                                + ("missing" if t is None else f"{list(t.shape)}, the model needs {list(p.shape)}"))
-    keep = {f"{kind}/{name}": tensors[f"{kind}/{name}"].contiguous() for name in expected for kind in kinds}
-    save_safetensors_atomically(out, keep, {"format": layout_free.FORMAT, "optimizer_step": str(step)})
-    return out
+                                + ("missing" if d is None else f"{list(d.shape)}, the model needs {list(p.shape)}"))
+    return {f"{kind}/{name}": tensors[f"{kind}/{name}"] for name in expected for kind in kinds}, step
 
 
-def fit(tensors: dict[str, torch.Tensor], model_cfg: GPTConfig) -> dict[str, torch.Tensor]:
+def fit(tensors: dict[str, Deferred], model_cfg: GPTConfig) -> dict[str, Deferred]:
     """Source tensors made to fit the run: the vocabulary rows resized (new rows of weights:
     the mean row; of moments: zero), learned positions cut to the run's context."""
-    out = dict(tensors)
-    for key, t in tensors.items():
-        kind, _, name = key.partition("/")
-        if name in VOCAB_ROWS and t.shape[0] != model_cfg.vocab_size:
-            rows = min(t.shape[0], model_cfg.vocab_size)
-            fill = t.mean(0, keepdim=True) if kind == "param" else torch.zeros_like(t[:1])
-            out[key] = torch.cat([t[:rows], fill.expand(model_cfg.vocab_size - rows, -1)])
-        elif name == "embed.positions.wpe.weight":
-            out[key] = t[:model_cfg.seq_len]
+    out = {}
+    for key, d in tensors.items():
+        shape = _fitted(key, torch.empty(d.shape, dtype=d.dtype, device="meta"), model_cfg).shape
+        out[key] = Deferred(tuple(shape), d.dtype, functools.partial(_fitted_made, key, d, model_cfg))
     return out
+
+
+def _fitted_made(key: str, d: Deferred, model_cfg: GPTConfig) -> torch.Tensor:
+    return _fitted(key, d.make(), model_cfg)
+
+
+def _fitted(key: str, t: torch.Tensor, model_cfg: GPTConfig) -> torch.Tensor:
+    kind, _, name = key.partition("/")
+    if name in VOCAB_ROWS and t.shape[0] != model_cfg.vocab_size:
+        rows = min(t.shape[0], model_cfg.vocab_size)
+        fill = t.mean(0, keepdim=True) if kind == "param" else torch.zeros_like(t[:1])
+        return torch.cat([t[:rows], fill.expand(model_cfg.vocab_size - rows, -1)])
+    if name == "embed.positions.wpe.weight":
+        return t[:model_cfg.seq_len]
+    return t

@@ -245,17 +245,10 @@ class Trainer:
     def _start_from(self, source: init_from.Source) -> None:
         """Collective: a fresh run's weights from model.init_from, and by config the source's
         optimizer state (optim.init_from_state) and schedule position (schedule.init_from).
-        Rank 0 writes them in the layout-free form, every rank loads its part, the file goes."""
+        Every rank writes its share of them in the layout-free form, loads its part, the file goes."""
         cfg = self.cfg
         path = self.run_dir / ".init-from.safetensors"
-        failed = None
-        if dist.is_main():
-            try:
-                init_from.write_start(source, self.model_cfg, path, moments=cfg.optim.init_from_state)
-            except UserError as e:
-                failed = e
-        if dist.any_rank([failed is not None])[0]:  # also the barrier after the write
-            raise failed or UserError(f"model.init_from={source.path}: rank 0 could not read it")
+        init_from.write_start(source, self.model_cfg, path, moments=cfg.optim.init_from_state)
         optimizer_step = layout_free.load_into(self.module, path)
         dist.barrier()
         if dist.is_main():
