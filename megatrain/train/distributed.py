@@ -29,12 +29,19 @@ def free_port() -> int:
 
 def init_distributed() -> None:
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ:  # plain python: a world of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=True, verbose=False)
+        # Each rank on its own device before anything is allocated or sent (NCCL makes its
+        # communicators at the first collective): DeepSpeed sets it in its engine and in
+        # zero.Init, but the model is built (ZeRO 0-2, pipelines) and the ranks talk
+        # (init_from, a resume's conversion) before either; without it every rank of a
+        # node would build on device 0 and NCCL would refuse two ranks on one GPU.
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
         _unlink_shm_buffer()
         _share_cores()
 
