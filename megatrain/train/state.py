@@ -59,18 +59,20 @@ class Progress:
 
 
 class RNG:
-    """This rank's random generators: python, numpy, torch and (when present) CUDA."""
+    """This rank's random generators: python, numpy, torch and (when present) its own GPU's.
+    Only the rank's device: a rank resumed on a machine with fewer GPUs has no generator for
+    another's."""
 
     def state_dict(self) -> dict:
         return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state(state["cuda"])
 
     @staticmethod
     def seed(seed: int, rank: int) -> None:

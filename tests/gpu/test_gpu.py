@@ -125,3 +125,14 @@ def test_collectives_and_losses_live_on_the_device():
     t = torch.tensor([1.5, 2.5], dtype=torch.float64, device=dist.collective_device())
     assert dist.all_reduce_mean(t) == [1.5, 2.5]
     json.dumps(dist.all_reduce_mean([3.0]))  # plain floats come back
+
+
+def test_rng_state_is_the_ranks_own_gpu():
+    from megatrain.train.state import RNG
+
+    saved = RNG().state_dict()
+    drawn = torch.rand(5, device=CUDA)
+    RNG().load_state_dict(saved)
+    assert torch.equal(torch.rand(5, device=CUDA), drawn)
+    # one generator's state, not every visible GPU's (a resume on fewer GPUs per machine has no generator for them)
+    assert isinstance(saved["cuda"], torch.Tensor)
