@@ -3,6 +3,7 @@ distributed process leaves without interpreter finalization."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -27,6 +28,29 @@ def run(main: Callable[[], int | None]) -> None:
         print("interrupted", file=sys.stderr)
         code = 130
     _exit(int(code))
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of a script that runs a trained model (generate, evaluate)."""
+    p.add_argument("--device", help="where the model runs: cpu, cuda, cuda:N (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the weights' and activations' precision (bf16: half the memory, not the same figures)")
+
+
+def placement(args: argparse.Namespace) -> tuple:
+    """(torch.device, torch.dtype) from add_placement_args' options; a device that is not
+    here is a user error."""
+    import torch
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device}: only cpu and cuda are supported")
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
 
 def _exit(code: int) -> None:

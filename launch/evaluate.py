@@ -26,7 +26,7 @@ from megatrain.scoring import Scores, score_document
 from megatrain.train.convert import load_model
 from tokenizer import CorpusOptions, CorpusStats, Tokenizer, iter_pieces, resolve_inputs
 
-from _cli import run
+from _cli import add_placement_args, placement, run
 
 
 def parse_args():
@@ -37,6 +37,7 @@ def parse_args():
     p.add_argument("--stride", type=int, default=None, help="sliding-window step in tokens (default: the context)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_placement_args(p)
     return p.parse_args()
 
 
@@ -69,8 +70,9 @@ def main():
     args = parse_args()
     if args.stride is not None and args.stride < 1:
         raise UserError(f"--stride {args.stride}: must be at least 1")
+    device, dtype = placement(args)
     tok = Tokenizer.load(args.tokenizer)
-    model = load_model(args.checkpoint, tok)
+    model = load_model(args.checkpoint, tok, device, dtype)
     scores = Scores()
     for source, ids, nbytes in tqdm(documents(args.input, tok), desc="evaluate", unit="doc", disable=args.quiet):
         scores.add(source, score_document(model, ids, nbytes, tok.eod_id, args.stride))

@@ -19,7 +19,7 @@ import torch
 from megatrain.train.convert import load_model
 from tokenizer import Tokenizer
 
-from _cli import run
+from _cli import add_placement_args, placement, run
 
 
 def parse_args():
@@ -35,6 +35,7 @@ def parse_args():
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    add_placement_args(p)
     return p.parse_args()
 
 
@@ -54,16 +55,17 @@ class Stream:
 
 def main():
     args = parse_args()
+    device, dtype = placement(args)
     tok = Tokenizer.load(args.tokenizer)
-    model = load_model(args.checkpoint, tok)
+    model = load_model(args.checkpoint, tok, device, dtype)
     prompts = [args.prompt] if args.prompt is not None else Path(args.prompt_file).read_text().splitlines()
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tok.eod_id,
                     generator=generator)
     encoded = [prompt_ids(tok, p, model.cfg.seq_len) for p in prompts]
     if len(prompts) == 1 and args.num_samples == 1:  # stream it
         print(prompts[0], end="", flush=True)
-        model.generate(torch.tensor(encoded), args.max_new_tokens, on_token=Stream(tok), **sampling)
+        model.generate(torch.tensor(encoded, device=device), args.max_new_tokens, on_token=Stream(tok), **sampling)
         print()
         return
     by_length: dict[int, list[int]] = {}  # prompts of one length form one batch (no padding needed)
@@ -72,8 +74,8 @@ def main():
     samples: dict[int, list[list[int]]] = {}
     n = args.num_samples
     for length, members in by_length.items():
-        out = model.generate(torch.tensor([encoded[i] for i in members for _ in range(n)]), args.max_new_tokens,
-                             **sampling)
+        out = model.generate(torch.tensor([encoded[i] for i in members for _ in range(n)], device=device),
+                             args.max_new_tokens, **sampling)
         for k, i in enumerate(members):
             samples[i] = out[k * n:(k + 1) * n, length:].tolist()
     for i, prompt in enumerate(prompts):

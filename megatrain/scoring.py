@@ -57,7 +57,7 @@ def score_document(model, ids: list[int], nbytes: int, eod_id: int, stride: int 
     """The summed NLL of a document's tokens (see the module docstring)."""
     context = model.cfg.seq_len
     stride = min(stride or context, context)
-    tokens = torch.tensor([eod_id, *ids])
+    tokens = torch.tensor([eod_id, *ids], device=next(model.parameters()).device)
     n = len(ids)  # targets: tokens[1:]
     nll, done, begin = 0.0, 0, 0
     while done < n:

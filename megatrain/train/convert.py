@@ -70,10 +70,11 @@ def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTCon
     return sd, cfg, Checkpointer.read_state(path)
 
 
-def load_model(source: str | Path, tokenizer=None) -> GPT:
-    """The plain GPT (eval mode) of a run or checkpoint directory. With `tokenizer`, a
-    check that it is the one the run's data was made with (by the data manifest's
-    tokenizer hash when that data is at hand, else by vocabulary size)."""
+def load_model(source: str | Path, tokenizer=None, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> GPT:
+    """The plain GPT (eval mode) of a run or checkpoint directory, on `device` in `dtype`.
+    With `tokenizer`, a check that it is the one the run's data was made with (by the data
+    manifest's tokenizer hash when that data is at hand, else by vocabulary size)."""
     sd, cfg, state = consolidate_any(source)
     if tokenizer is not None:
         for path in data_paths(state):
@@ -85,7 +86,7 @@ def load_model(source: str | Path, tokenizer=None) -> GPT:
                             f"{cfg.vocab_size}: not the tokenizer its data was made with")
     model = GPT(cfg, init_weights=False)
     model.load_state_dict(sd)
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def tokenizer_of(state: dict) -> str | None:

@@ -14,7 +14,7 @@ from helpers import DEEPSPEED, REPO, TINY_CONFIG, copy_until, pretrain, train_lo
 
 from megatrain.data import TokenDataset
 from megatrain.model import GPT, GPTConfig
-from megatrain.train.convert import consolidate, load_consolidated
+from megatrain.train.convert import consolidate, load_consolidated, load_model
 from megatrain.train.distributed import free_port
 from megatrain.train.metrics import read_metrics
 
@@ -242,6 +242,17 @@ def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_t
     assert proc.returncode == 0, proc.stderr
     heads = [line for line in proc.stdout.splitlines() if line.startswith("--- prompt")]
     assert heads == [f"--- prompt {i}, sample {j}" for i in (1, 2, 3) for j in (1, 2)]
+    # --device and --dtype: the model's own greedy text in bf16; a device that is not here is one line
+    proc = subprocess.run([*script, "--prompt", "def parse(", "--device", "cpu", "--dtype", "bf16"],
+                          capture_output=True, text=True)
+    bf16 = load_model(run, tok, "cpu", torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    new = bf16.generate(torch.tensor([ids]), 12, temperature=0, eos_id=tok.eod_id)[0, len(ids):].tolist()
+    expected = "def parse(" + tok.decode([i for i in new if i != tok.eod_id])
+    assert proc.returncode == 0 and proc.stdout[proc.stdout.index("def parse("):] == expected + "\n", proc.stderr
+    if not torch.cuda.is_available():
+        proc = subprocess.run([*script, "--prompt", "x", "--device", "cuda"], capture_output=True, text=True)
+        assert proc.returncode == 2 and "no CUDA device here" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_evaluate_script_scores_documents_in_bits_per_byte(runs, small_tokenizer, small_data, tmp_path):
@@ -268,6 +279,13 @@ def test_evaluate_script_scores_documents_in_bits_per_byte(runs, small_tokenizer
                                                         / result["bytes"])
         assert 0 < result["bits_per_byte"] < 8 * 2  # better than nothing, on text the run trained on
         assert sum(f["documents"] for f in result["files"]) == result["documents"]
+    # in bf16 (half the memory): nearly the same figure
+    proc = subprocess.run([*script, "--input", str(small_data), "--json", str(tmp_path / "bf16.json"), "--dtype",
+                           "bf16"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    bf16 = json.loads((tmp_path / "bf16.json").read_text())
+    assert bf16["tokens"] == result["tokens"] and bf16["loss"] == pytest.approx(result["loss"], rel=0.02)
+    assert bf16["loss"] != result["loss"]  # it did run in bf16
     assert [f["path"] for f in json.loads((tmp_path / "eval.json").read_text())["files"]] == [str(small_data)]
     (tmp_path / "empty").mkdir()
     proc = subprocess.run([*script, "--input", str(tmp_path / "empty")], capture_output=True, text=True)

@@ -136,3 +136,23 @@ def test_rng_state_is_the_ranks_own_gpu():
     assert torch.equal(torch.rand(5, device=CUDA), drawn)
     # one generator's state, not every visible GPU's (a resume on fewer GPUs per machine has no generator for them)
     assert isinstance(saved["cuda"], torch.Tensor)
+
+
+def test_generate_and_evaluate_on_the_gpu(tmp_path, small_data, small_tokenizer):
+    """launch/generate.py and launch/evaluate.py take a GPU by default: greedy text and the
+    scores as on the CPU (fp32)."""
+    from helpers import run_script
+
+    run = tmp_path / "run"
+    pretrain(run, small_data, "train.max_steps=10", nproc=1)
+    common = ["--checkpoint", run, "--tokenizer", small_tokenizer]
+    gen = [*common, "--prompt", "def parse(", "--max-new-tokens", "12", "--temperature", "0"]
+    texts = [run_script("generate.py", *gen, *device).stdout.split("def parse(", 1)[1] for device in
+             ([], ["--device", "cpu"])]
+    assert texts[0] == texts[1]
+    scores = []
+    for device in ([], ["--device", "cpu"]):
+        out = tmp_path / f"eval{len(scores)}.json"
+        run_script("evaluate.py", *common, "--input", small_data, "--quiet", "--json", out, *device)
+        scores.append(json.loads(out.read_text()))
+    assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-4)
