@@ -8,6 +8,10 @@
     python launch/supervise.py --hostfile hosts --min-ranks 8 -- \
         deepspeed --hostfile hosts launch/pretrain.py --config configs/gpt3-1.3b.yaml --resume auto
 
+    # a run whose heartbeat stops for 30 minutes is taken as hung, stopped and relaunched
+    python launch/supervise.py --heartbeat runs/x/heartbeat --hang-timeout 1800 -- \
+        deepspeed --num_gpus 8 launch/pretrain.py --config c.yaml --set run.dir=runs/x --resume auto
+
 Exit 0, 2 (bad input) and 3 (too many loss spikes) end supervision; any other exit is
 retried after --delay seconds. SIGTERM/SIGINT are passed to the run (it checkpoints and
 exits 0) and end supervision.
@@ -28,8 +32,14 @@ def parse_args():
     p.add_argument("--hostfile", help="DeepSpeed hostfile the command launches on: re-read before every launch")
     p.add_argument("--min-ranks", type=int, default=1,
                    help="with --hostfile: stop instead of relaunching on fewer ranks than this")
+    p.add_argument("--heartbeat", help="the run's RUN_DIR/heartbeat, touched after every step (with --hang-timeout)")
+    p.add_argument("--hang-timeout", type=float, default=0.0,
+                   help="seconds without a heartbeat after which the run is taken as hung and relaunched (0: never); "
+                        "more than the longest checkpoint write plus evaluation, and than the start")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     args = p.parse_args()
+    if (args.heartbeat is None) != (args.hang_timeout <= 0):
+        p.error("--heartbeat and --hang-timeout go together")
     if args.cmd and args.cmd[0] == "--":
         args.cmd = args.cmd[1:]
     if not args.cmd:
@@ -40,7 +50,8 @@ def parse_args():
 def main():
     args = parse_args()
     return supervise(args.cmd, args.max_restarts, args.delay, log=lambda m: print(m, flush=True),
-                     hostfile=args.hostfile and Path(args.hostfile), min_ranks=args.min_ranks)
+                     hostfile=args.hostfile and Path(args.hostfile), min_ranks=args.min_ranks,
+                     heartbeat=args.heartbeat and Path(args.heartbeat), hang_timeout=args.hang_timeout)
 
 
 if __name__ == "__main__":

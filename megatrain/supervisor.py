@@ -15,6 +15,12 @@ the scheduler or an operator took it out, the run goes on with the ranks that ar
 resuming its checkpoint on the new layout (docs/checkpoints.md); fewer than `min_ranks`
 ends supervision. "{ranks}" in the command becomes the hostfile's rank count (for one node:
 `deepspeed --num_gpus {ranks} ...`; across nodes DeepSpeed reads the hostfile itself).
+
+With a `heartbeat` file (RUN_DIR/heartbeat, touched by the run after every step) and a
+`hang_timeout`, a run whose heartbeat has not moved for that long (counted from its launch
+at the earliest) is taken as hung, a collective waiting on a rank that will never come or
+a filesystem that stopped answering: its process group gets SIGTERM, SIGKILL after
+`hang_grace` seconds, and it is relaunched as after a crash.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from megatrain.errors import ExitCode, UserError
@@ -47,7 +54,8 @@ def hostfile_ranks(path: Path) -> dict[str, int]:
 
 
 def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
-              hostfile: Path | None = None, min_ranks: int = 1) -> int:
+              hostfile: Path | None = None, min_ranks: int = 1, heartbeat: Path | None = None,
+              hang_timeout: float = 0.0, hang_grace: float = 60.0) -> int:
     stop = {"signal": None}
     stopping = threading.Event()  # also ends a restart delay early
     child: subprocess.Popen | None = None
@@ -79,7 +87,7 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
                 launched_ranks = ranks
             launch = [a.replace("{ranks}", str(launched_ranks)) for a in cmd] if hostfile is not None else cmd
             child = subprocess.Popen(launch, start_new_session=True)
-            code = child.wait()
+            code = _wait(child, heartbeat, hang_timeout, hang_grace, stopping, log) if hang_timeout else child.wait()
             if stop["signal"] is not None:
                 log(f"supervise: stopped by {signal.Signals(stop['signal']).name}; the run exited {code}")
                 return code
@@ -92,6 +100,44 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _wait(child: subprocess.Popen, heartbeat: Path, hang_timeout: float, hang_grace: float,
+          stopping: threading.Event, log) -> int:
+    """The child's exit status; if its heartbeat stops for hang_timeout seconds, it is
+    stopped (SIGTERM to its group, SIGKILL after hang_grace) and its status returned. Once
+    a signal was passed on to it, it is left to write its checkpoint, however long."""
+    launched = time.time()
+    while True:
+        try:
+            return child.wait(timeout=min(10.0, hang_timeout / 4))
+        except subprocess.TimeoutExpired:
+            if stopping.is_set():
+                return child.wait()
+        try:
+            last = max(launched, heartbeat.stat().st_mtime)
+        except FileNotFoundError:
+            last = launched
+        if time.time() - last > hang_timeout:
+            break
+    log(f"supervise: the run hung: {heartbeat} not touched for {time.time() - last:.0f}s "
+        f"(--hang-timeout {hang_timeout:g}); stopping it")
+    _signal_group(child.pid, signal.SIGTERM)
+    try:
+        code = child.wait(timeout=hang_grace)
+    except subprocess.TimeoutExpired:
+        log(f"supervise: still running {hang_grace:g}s after SIGTERM; SIGKILL")
+        _signal_group(child.pid, signal.SIGKILL)
+        code = child.wait()
+    _signal_group(child.pid, signal.SIGKILL)  # ranks the launcher left behind, hung, holding their devices
+    return code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # nothing left in it
+        pass
 
 
 def _describe(code: int) -> str:

@@ -8,6 +8,8 @@ never reads these flags or passes a batch through a test hook.
     checkpoint_write     the rank's files are written, nothing published yet  -> SIGKILL
     checkpoint_publish   renamed, `latest` not yet replaced (rank 0)           -> SIGKILL
     nan_loss             step STEP's loss becomes NaN (real NaN gradients follow)
+    hang                 the rank stops after step STEP and never returns (SIGTERM
+                         does not end it: as a rank stuck inside a collective)
 With --fault-state DIR each fires only once across processes too (a supervised run that
 restarts does not crash again at the same point).
 --poison START:COUNT replaces the samples at global positions [START, START + COUNT) with
@@ -26,6 +28,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +162,23 @@ class NaNLoss(Callback):
         trainer.train_step = train_step
 
 
+class Hang(Callback):
+    """hang@N: after step N this rank sleeps for good; a signal's handler runs and the
+    sleep goes on, as for a rank blocked in a collective."""
+
+    name = "fault_hang"
+
+    def __init__(self, faults: Faults):
+        self.faults = faults
+
+    def on_step(self, trainer, row, flagged):
+        if self.faults.fires("hang", row["step"]):
+            print(f"[fault injection] rank {self.faults.rank}: hangs after step {row['step']}", flush=True)
+            while True:
+                time.sleep(3600)
+        return False
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--fault", action="append", default=[])
@@ -168,7 +188,7 @@ def main():
     args, rest = p.parse_known_args()
     faults = Faults(args.fault, args.fault_state)
     install_checkpoint_faults(faults)
-    callbacks = [NaNLoss(faults), *([Poison(args.poison)] if args.poison else []),
+    callbacks = [NaNLoss(faults), Hang(faults), *([Poison(args.poison)] if args.poison else []),
                  *([RecordSamples(args.record_samples)] if args.record_samples else [])]
     return pretrain.main(rest, callbacks=callbacks)
 

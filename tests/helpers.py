@@ -116,9 +116,9 @@ def pretrain_command(config, sets: list[str], nproc: int = 2, resume: str = "aut
             "--master_port", str(free_port()), *script]
 
 
-def supervise_command(cmd: list[str], max_restarts: int, delay: float = 0) -> list[str]:
+def supervise_command(cmd: list[str], max_restarts: int, delay: float = 0, *options: str) -> list[str]:
     return [sys.executable, str(LAUNCH / "supervise.py"), "--max-restarts", str(max_restarts),
-            "--delay", str(delay), "--", *cmd]
+            "--delay", str(delay), *options, "--", *cmd]
 
 
 def rank_processes(root_pid: int) -> list[psutil.Process]:

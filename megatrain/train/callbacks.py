@@ -1,5 +1,6 @@
 """Optional features around the loop, as callbacks (OLMo-core's pattern): logging,
-evaluation, checkpoint cadence and preemption here; spike recovery in spike_recovery.py.
+evaluation, checkpoint cadence, preemption and the heartbeat here; spike recovery in
+spike_recovery.py.
 
 Hooks, called in list order (docs/trainer.md has the table): on_start(trainer);
 flag(trainer, row) -> this rank's vote, ORed over all ranks in one collective;
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -145,4 +147,27 @@ class Preemption(Callback):
     def on_step(self, trainer, row, flagged):
         if flagged:
             trainer.outcome = "stopped"
+        return False
+
+
+class Heartbeat(Callback):
+    """Rank 0 touches RUN_DIR/heartbeat when the run has started and after every step
+    (after that step's evaluation and checkpoint), so that a watcher outside the run
+    (launch/supervise.py --hang-timeout) can tell a run that makes progress from a hung
+    one. Rank 0 alone suffices: a rank that hangs stops every other at the next collective."""
+
+    name = "heartbeat"
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def beat(self) -> None:
+        if self.enabled:
+            self.path.touch()  # the time is what is read, not the content
+
+    def on_start(self, trainer):
+        self.beat()
+
+    def on_step(self, trainer, row, flagged):
+        self.beat()
         return False

@@ -24,7 +24,7 @@ from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train import init_from, layout_free
 from megatrain.train.batches import TrainBatches, build_datasets
-from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, LogMetrics, Preemption
+from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, Heartbeat, LogMetrics, Preemption
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import RunLog
 from megatrain.train.mfu import CPU_PROBE, device_memory, peak_flops
@@ -63,7 +63,7 @@ class Trainer:
         self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)
         self.preemption = Preemption()
         self.callbacks = [self.recovery, self.metrics, self.evaluation, CheckpointEvery(cfg.checkpoint.every_steps),
-                          self.preemption, *callbacks]
+                          self.preemption, *callbacks, Heartbeat(self.run_dir / "heartbeat", dist.is_main())]
         self.state = ResumableState()
         self.state.register("progress", self.progress)
         self.state.register("data", self.batches)

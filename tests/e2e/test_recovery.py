@@ -172,6 +172,23 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     assert shm_buffers() <= shm_before  # killed ranks leave no shared memory behind either
 
 
+def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, small_data, baseline16):
+    """Rank 1 stops for good after step 6 (checkpoint 4 written); rank 0 waits on it in the
+    next collective, and the heartbeat stops. The supervisor takes the run as hung after
+    --hang-timeout, ends it and relaunches; the run resumes from step 4 and ends with the
+    losses of a run that never hung."""
+    run = tmp_path / "run"
+    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG],
+                                             faults=["hang@6:1"], fault_state=tmp_path / "faults"), 2, 0,
+                            "--heartbeat", str(run / "heartbeat"), "--hang-timeout", "60")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 1: hangs after step 6" in proc.stdout
+    assert f"supervise: the run hung: {run / 'heartbeat'} not touched for " in proc.stdout
+    assert proc.stdout.count("supervise: restart") == 1 and launches(run) == 2
+    assert train_losses(run) == train_losses(baseline16)
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, small_data, baseline16):
     run = tmp_path / "run"
     cmd = pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=100000"])

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,31 @@ def test_a_malformed_hostfile_is_one_line(tmp_path):
     hostfile.write_text("node-a slots=2\nnode-b 4\n")
     with pytest.raises(UserError, match=r"hosts:2: expected 'HOST slots=N', got 'node-b 4'"):
         hostfile_ranks(hostfile)
+
+
+def test_a_hung_run_is_stopped_and_relaunched(tmp_path):
+    """With a heartbeat and --hang-timeout: a run that keeps touching its heartbeat runs on
+    past the timeout; once the touches stop it is taken as hung, its process group gets
+    SIGTERM, and the rank it leaves behind (one that ignores SIGTERM, as a rank stuck in a
+    collective does) SIGKILL; the relaunch then finishes."""
+    beat, count, rank_pid, beaten = (tmp_path / n for n in ("heartbeat", "runs", "rank.pid", "beaten"))
+    code = f"""
+import os, pathlib, signal, subprocess, sys, time
+count = pathlib.Path({str(count)!r}); n = int(count.read_text()) if count.exists() else 0; count.write_text(str(n + 1))
+if n:  # the relaunch: one beat, done
+    pathlib.Path({str(beat)!r}).touch(); sys.exit(0)
+rank = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                         "time.sleep(1000)"])
+pathlib.Path({str(rank_pid)!r}).write_text(str(rank.pid))
+for _ in range(8):  # 2.4 s of progress: longer than the timeout, never silent for as long
+    pathlib.Path({str(beat)!r}).touch(); time.sleep(0.3)
+pathlib.Path({str(beaten)!r}).touch()
+time.sleep(1000)  # hung; SIGTERM ends this process (as DeepSpeed's launcher exits), not its rank
+"""
+    log = []
+    assert supervise([sys.executable, "-c", code], max_restarts=2, delay=0, log=log.append, heartbeat=beat,
+                     hang_timeout=1.0, hang_grace=1.0) == 0
+    assert count.read_text() == "2" and beaten.exists()  # relaunched once, and only after the beats stopped
+    assert any(m.startswith(f"supervise: the run hung: {beat} not touched for ") for m in log), log
+    status = Path(f"/proc/{rank_pid.read_text()}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()  # the left-behind rank is gone (or a zombie)
