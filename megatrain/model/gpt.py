@@ -19,6 +19,7 @@ version (megatrain/model/pipeline.py) can lay the same model out over stages.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from dataclasses import dataclass
@@ -297,8 +298,8 @@ def _init_rule(name: str, cfg: GPTConfig) -> tuple[float | None, float, int]:
     """GPT-2 initialisation of one parameter, by its name in GPT: (fill value, or None for
     a normal draw; its std; its generator's seed). Biases 0, norm scales 1, residual
     projections (attn.proj, mlp.proj) N(0, 0.02/sqrt(2 n_layer)), every other weight
-    N(0, 0.02). Each parameter draws from its own generator, seeded by init_seed and its
-    name, so any layout of the same model (one process, a pipeline cut anywhere, ZeRO-3
+    N(0, 0.02). Each parameter draws from its own generators, seeded by init_seed and its
+    name (one per INIT_PIECE elements), so any layout of the same model (one process, a pipeline cut anywhere, ZeRO-3
     partitions) starts from the same numbers."""
     if name.endswith(".bias"):
         return 0.0, 0.0, 0
@@ -309,29 +310,42 @@ def _init_rule(name: str, cfg: GPTConfig) -> tuple[float | None, float, int]:
     return None, std, cfg.init_seed * 1_000_003 + zlib.crc32(name.encode())
 
 
-def initial_value(name: str, shape, cfg: GPTConfig) -> torch.Tensor:
-    """One parameter's initial value as an fp32 host tensor (see _init_rule)."""
-    fill, std, seed = _init_rule(name, cfg)
-    if fill is not None:
-        return torch.full(shape, fill)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).mul_(std)
+# Elements of a parameter drawn from one generator: piece k of a parameter (its flattened
+# elements [k * INIT_PIECE, (k + 1) * INIT_PIECE)) has a generator of its own, so that a
+# ZeRO-3 rank draws only the pieces of its slice (a rank drawing all of a 175B model's
+# parameters on the host would take many minutes of one core), and the numbers stay the
+# same in every layout.
+INIT_PIECE = 1 << 22
 
 
-def initial_value_pieces(name: str, shape, cfg: GPTConfig, piece: int = 1 << 22):
-    """initial_value(name, shape, cfg), flattened, as (offset, values) pieces of about
-    `piece` elements, so a large parameter is never whole in memory. The same numbers:
-    torch's CPU normal sampler works in blocks of 16, so pieces that are multiples of 16,
-    the last one at least 16 long, draw exactly what one call draws (tested)."""
+def initial_value(name: str, shape, cfg: GPTConfig, piece: int = INIT_PIECE) -> torch.Tensor:
+    """One parameter's initial value as an fp32 host tensor (see _init_rule and INIT_PIECE)."""
+    pieces = [values for _, values in initial_value_pieces(name, shape, cfg, piece=piece)]
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(shape)
+
+
+def initial_value_pieces(name: str, shape, cfg: GPTConfig, start: int = 0, stop: int | None = None,
+                         piece: int = INIT_PIECE):
+    """The pieces of initial_value(name, shape, cfg), flattened, that overlap its elements
+    [start, stop), as (offset, values), each drawn from its own generator: a large parameter
+    is never whole in memory, and only the pieces asked for are drawn."""
     fill, std, seed = _init_rule(name, cfg)
-    gen = torch.Generator().manual_seed(seed)
-    numel, offset, piece = math.prod(shape), 0, max(16, piece // 16 * 16)
-    while offset < numel:
-        n = piece if numel - offset > piece + 15 else numel - offset
+    numel = math.prod(shape)
+    stop = numel if stop is None else min(stop, numel)
+    for k in range(start // piece, -(-stop // piece) if stop > start else 0):
+        offset = k * piece
+        n = min(piece, numel - offset)
         if fill is not None:
             yield offset, torch.full((n,), fill)
         else:
+            # piece 0 from the parameter's own seed: a parameter of one piece draws as one randn call
+            gen = torch.Generator().manual_seed(seed if k == 0 else _piece_seed(seed, k))
             yield offset, torch.randn(n, generator=gen, dtype=torch.float32).mul_(std)
-        offset += n
+
+
+def _piece_seed(seed: int, k: int) -> int:
+    """A seed for piece k > 0 that no parameter's own seed is likely to equal."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{k}".encode()).digest()[:8], "little") >> 1
 
 
 def init_parameter(name: str, param: torch.Tensor, cfg: GPTConfig) -> None:

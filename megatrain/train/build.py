@@ -7,7 +7,7 @@ model is first cut by AutoTP, so a rank allocates only its shards. No rank build
 whole fp32 model on the host. Every parameter is then drawn from its own (seed, name)
 generator (gpt.initial_value), one at a time on the host, so the initial weights are the
 same numbers in every layout: a tensor-parallel rank keeps its shard of the whole
-parameter's value, and under ZeRO-3 each rank draws a parameter in pieces and keeps only
+parameter's value, and under ZeRO-3 each rank draws only the pieces (gpt.INIT_PIECE) of
 its slice.
 """
 
@@ -32,10 +32,10 @@ def build_model(cfg: Config, model_cfg: GPTConfig, ds_config: dict, device: torc
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = GPT(model_cfg, init_weights=False)
         with torch.no_grad():
-            for name, param in model.named_parameters():  # each rank writes its own slice: no gather
+            for name, param in model.named_parameters():  # each rank draws and writes its own slice: no gather
                 part = param.ds_tensor.view(-1)
                 lo = dist.rank() * part.numel()  # this rank's elements of the flattened parameter
-                for offset, values in initial_value_pieces(name, param.ds_shape, model_cfg):
+                for offset, values in initial_value_pieces(name, param.ds_shape, model_cfg, lo, lo + part.numel()):
                     a, b = max(lo, offset), min(lo + part.numel(), offset + values.numel())
                     if a < b:
                         part[a - lo:b - lo].copy_(values[a - offset:b - offset])
