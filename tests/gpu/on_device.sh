@@ -24,7 +24,8 @@ phase() {  # name, seconds, command...: run under a limit, say how it ended
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "$name: exit $? after ${SECONDS}s"
 }
-phase gpu-tests 240 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
+# -v: a line per test as it ends, so a phase cut short still says what passed (quick tests first)
+phase gpu-tests 240 python3 -m pytest -v -m gpu tests/gpu -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml"
 # DeepSpeed builds its FusedAdam just in time (nvcc) before the first row: room for it.
 phase optimizer 100 python3 bench/optimizer.py --device cuda --json "$OUT/optimizer.json"
 phase train 150 python3 bench/train.py --device cuda --models gpt3-125m --precisions bf16 --steps 4 --repeat 1 \

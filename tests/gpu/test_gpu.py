@@ -73,6 +73,26 @@ def test_cuda_kernel_past_2_to_the_31_elements():
     torch.cuda.empty_cache()
 
 
+def test_collectives_and_losses_live_on_the_device():
+    from megatrain.train import distributed as dist
+
+    assert dist.collective_device().type == "cuda"
+    t = torch.tensor([1.5, 2.5], dtype=torch.float64, device=dist.collective_device())
+    assert dist.all_reduce_mean(t) == [1.5, 2.5]
+    json.dumps(dist.all_reduce_mean([3.0]))  # plain floats come back
+
+
+def test_rng_state_is_the_ranks_own_gpu():
+    from megatrain.train.state import RNG
+
+    saved = RNG().state_dict()
+    drawn = torch.rand(5, device=CUDA)
+    RNG().load_state_dict(saved)
+    assert torch.equal(torch.rand(5, device=CUDA), drawn)
+    # one generator's state, not every visible GPU's (a resume on fewer GPUs per machine has no generator for them)
+    assert isinstance(saved["cuda"], torch.Tensor)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_trainer_bf16_on_one_gpu(stage, tmp_path, small_data):
     """20 steps through the launcher on one GPU: the loss falls; the MFU comes from the
@@ -116,26 +136,6 @@ def test_llama_with_z_loss_and_qk_norm_on_gpu(tmp_path, small_data):
              "optim.z_loss=1e-4", "train.precision=bf16", "train.max_steps=10", nproc=1)
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert rows[-1]["loss"] < rows[0]["loss"] and all(r["z_loss"] > 0 for r in rows)
-
-
-def test_collectives_and_losses_live_on_the_device():
-    from megatrain.train import distributed as dist
-
-    assert dist.collective_device().type == "cuda"
-    t = torch.tensor([1.5, 2.5], dtype=torch.float64, device=dist.collective_device())
-    assert dist.all_reduce_mean(t) == [1.5, 2.5]
-    json.dumps(dist.all_reduce_mean([3.0]))  # plain floats come back
-
-
-def test_rng_state_is_the_ranks_own_gpu():
-    from megatrain.train.state import RNG
-
-    saved = RNG().state_dict()
-    drawn = torch.rand(5, device=CUDA)
-    RNG().load_state_dict(saved)
-    assert torch.equal(torch.rand(5, device=CUDA), drawn)
-    # one generator's state, not every visible GPU's (a resume on fewer GPUs per machine has no generator for them)
-    assert isinstance(saved["cuda"], torch.Tensor)
 
 
 def test_generate_and_evaluate_on_the_gpu(tmp_path, small_data, small_tokenizer):
