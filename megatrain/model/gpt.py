@@ -298,9 +298,9 @@ def _init_rule(name: str, cfg: GPTConfig) -> tuple[float | None, float, int]:
     """GPT-2 initialisation of one parameter, by its name in GPT: (fill value, or None for
     a normal draw; its std; its generator's seed). Biases 0, norm scales 1, residual
     projections (attn.proj, mlp.proj) N(0, 0.02/sqrt(2 n_layer)), every other weight
-    N(0, 0.02). Each parameter draws from its own generators, seeded by init_seed and its
-    name (one per INIT_PIECE elements), so any layout of the same model (one process, a pipeline cut anywhere, ZeRO-3
-    partitions) starts from the same numbers."""
+    N(0, 0.02). Each parameter draws from its own generators (one per INIT_PIECE
+    elements), seeded by init_seed and its name, so any layout of the same model (one
+    process, a pipeline cut anywhere, ZeRO-3 partitions) starts from the same numbers."""
     if name.endswith(".bias"):
         return 0.0, 0.0, 0
     if ".ln" in name or name.startswith("ln") or "_norm." in name:
