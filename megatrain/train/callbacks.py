@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -151,19 +152,23 @@ class Preemption(Callback):
 
 
 class Heartbeat(Callback):
-    """Rank 0 touches RUN_DIR/heartbeat when the run has started and after every step
-    (after that step's evaluation and checkpoint), so that a watcher outside the run
-    (launch/supervise.py --hang-timeout) can tell a run that makes progress from a hung
-    one. Rank 0 alone suffices: a rank that hangs stops every other at the next collective."""
+    """Rank 0 touches RUN_DIR/heartbeat when the run has started and after steps (after
+    their evaluation and checkpoint; at most once a second: a hang is judged in minutes),
+    so that a watcher outside the run (launch/supervise.py --hang-timeout) can tell a run
+    that makes progress from a hung one. Rank 0 alone suffices: a rank that hangs stops
+    every other at the next collective."""
 
     name = "heartbeat"
+    EVERY_S = 1.0
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = Path(path), enabled
+        self.last = -math.inf
 
     def beat(self) -> None:
-        if self.enabled:
+        if self.enabled and time.monotonic() - self.last >= self.EVERY_S:
             self.path.touch()  # the time is what is read, not the content
+            self.last = time.monotonic()
 
     def on_start(self, trainer):
         self.beat()

@@ -133,7 +133,7 @@ def test_initial_values_are_drawn_by_pieces_and_a_rank_draws_only_its_own(numel)
     the whole value is its pieces end to end, a ZeRO-3 rank asking for a range of elements
     gets exactly the pieces that overlap it, for weights and for fills; a parameter of one
     piece is the plain one-call draw (the values of the small models are as they were)."""
-    from megatrain.model.gpt import initial_value, initial_value_pieces
+    from megatrain.model.gpt import _init_rule, initial_value, initial_value_pieces
 
     cfg = GPTConfig(vocab_size=50, seq_len=8, n_layer=2, n_head=2, d_model=8, init_seed=3)
     for name in ("blocks.0.mlp.fc.weight", "blocks.1.attn.proj.weight", "blocks.0.ln1.weight", "head.ln_f.bias"):
@@ -148,25 +148,14 @@ def test_initial_values_are_drawn_by_pieces_and_a_rank_draws_only_its_own(numel)
                 for o, v in got:
                     assert torch.equal(v, whole[o:o + v.numel()])
         if "weight" in name and "ln" not in name:
-            one_call = torch.randn(numel, generator=torch.Generator().manual_seed(_seed(name, cfg)))
-            assert torch.equal(initial_value(name, (numel,), cfg), one_call * whole.new_tensor(_std(name, cfg)))
+            _, std, seed = _init_rule(name, cfg)
+            one_call = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(initial_value(name, (numel,), cfg), one_call * whole.new_tensor(std))
             if numel > 16:  # separate generators: not one stream cut into pieces
                 assert not torch.equal(initial_value(name, (numel,), cfg, piece=16), initial_value(name, (numel,), cfg))
     shape = (37, 29)  # a matrix is its flattened draw
     assert torch.equal(initial_value("blocks.0.mlp.fc.weight", shape, cfg, piece=100).flatten(),
                        initial_value("blocks.0.mlp.fc.weight", (37 * 29,), cfg, piece=100))
-
-
-def _seed(name, cfg):
-    from megatrain.model.gpt import _init_rule
-
-    return _init_rule(name, cfg)[2]
-
-
-def _std(name, cfg):
-    from megatrain.model.gpt import _init_rule
-
-    return _init_rule(name, cfg)[1]
 
 
 def test_generation_with_and_without_the_kv_cache_is_the_same():

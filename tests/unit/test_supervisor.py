@@ -108,3 +108,18 @@ time.sleep(1000)  # hung; SIGTERM ends this process (as DeepSpeed's launcher exi
     assert any(m.startswith(f"supervise: the run hung: {beat} not touched for ") for m in log), log
     status = Path(f"/proc/{rank_pid.read_text()}/status")
     assert not status.exists() or "State:\tZ" in status.read_text()  # the left-behind rank is gone (or a zombie)
+
+
+def test_the_heartbeat_is_touched_by_rank_0_at_most_once_a_second(tmp_path):
+    from megatrain.train.callbacks import Heartbeat
+
+    path = tmp_path / "heartbeat"
+    Heartbeat(path, enabled=False).on_start(None)  # not rank 0
+    assert not path.exists()
+    beat = Heartbeat(path, enabled=True)
+    beat.on_start(None)
+    os.utime(path, (0, 0))
+    assert beat.on_step(None, {}, False) is False and path.stat().st_mtime == 0  # within the second: no I/O
+    beat.last -= Heartbeat.EVERY_S
+    beat.on_step(None, {}, False)
+    assert path.stat().st_mtime > 0
