@@ -36,10 +36,14 @@ def parse_args():
     p.add_argument("--hang-timeout", type=float, default=0.0,
                    help="seconds without a heartbeat after which the run is taken as hung and relaunched (0: never); "
                         "more than the longest checkpoint write plus evaluation, and than the start")
+    p.add_argument("--hang-grace", type=float, default=60.0,
+                   help="seconds between the SIGTERM to a hung run and the SIGKILL to what is left of it")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     args = p.parse_args()
     if (args.heartbeat is None) != (args.hang_timeout <= 0):
         p.error("--heartbeat and --hang-timeout go together")
+    if args.hang_grace < 0:
+        p.error("--hang-grace must be >= 0")
     if args.cmd and args.cmd[0] == "--":
         args.cmd = args.cmd[1:]
     if not args.cmd:
@@ -51,7 +55,7 @@ def main():
     args = parse_args()
     return supervise(args.cmd, args.max_restarts, args.delay, log=lambda m: print(m, flush=True),
                      hostfile=args.hostfile and Path(args.hostfile), min_ranks=args.min_ranks,
-                     heartbeat=args.heartbeat and Path(args.heartbeat), hang_timeout=args.hang_timeout)
+                     heartbeat=args.heartbeat and Path(args.heartbeat), hang_timeout=args.hang_timeout, hang_grace=args.hang_grace)
 
 
 if __name__ == "__main__":

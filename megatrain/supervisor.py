@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from megatrain.errors import ExitCode, UserError
 
 FINAL_EXITS = {ExitCode.OK: "finished", ExitCode.BAD_INPUT: "bad input",
@@ -105,8 +107,9 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
 def _wait(child: subprocess.Popen, heartbeat: Path, hang_timeout: float, hang_grace: float,
           stopping: threading.Event, log) -> int:
     """The child's exit status; if its heartbeat stops for hang_timeout seconds, it is
-    stopped (SIGTERM to its group, SIGKILL after hang_grace) and its status returned. Once
-    a signal was passed on to it, it is left to write its checkpoint, however long."""
+    stopped (SIGTERM to its group, SIGKILL to what is left of the group after hang_grace)
+    and its status returned. Once a signal was passed on to it, it is left to write its
+    checkpoint, however long."""
     launched = time.time()
     while True:
         try:
@@ -123,14 +126,27 @@ def _wait(child: subprocess.Popen, heartbeat: Path, hang_timeout: float, hang_gr
     log(f"supervise: the run hung: {heartbeat} not touched for {time.time() - last:.0f}s "
         f"(--hang-timeout {hang_timeout:g}); stopping it")
     _signal_group(child.pid, signal.SIGTERM)
-    try:
-        code = child.wait(timeout=hang_grace)
-    except subprocess.TimeoutExpired:
+    # The whole group gets the grace, not only the child: DeepSpeed's runner exits at once
+    # on SIGTERM while its launcher is still ending the ranks.
+    deadline = time.time() + hang_grace
+    while (child.poll() is None or _group_alive(child.pid)) and time.time() < deadline:
+        time.sleep(0.2)
+    if child.poll() is None or _group_alive(child.pid):
         log(f"supervise: still running {hang_grace:g}s after SIGTERM; SIGKILL")
-        _signal_group(child.pid, signal.SIGKILL)
-        code = child.wait()
-    _signal_group(child.pid, signal.SIGKILL)  # ranks the launcher left behind, hung, holding their devices
-    return code
+        _signal_group(child.pid, signal.SIGKILL)  # ranks left behind, hung, holding their devices
+    return child.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live process is left in group `pgid` (zombies, which a container's init may
+    never reap, do not count)."""
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return False
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -180,11 +180,13 @@ def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, 
     run = tmp_path / "run"
     cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG],
                                              faults=["hang@6:1"], fault_state=tmp_path / "faults"), 2, 0,
-                            "--heartbeat", str(run / "heartbeat"), "--hang-timeout", "60")
+                            "--heartbeat", str(run / "heartbeat"), "--hang-timeout", "60", "--hang-grace", "5")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 1: hangs after step 6" in proc.stdout
     assert f"supervise: the run hung: {run / 'heartbeat'} not touched for " in proc.stdout
+    # DeepSpeed's launcher gives each rank 30 s to end on SIGTERM; the hung ones are killed after the grace
+    assert "supervise: still running 5s after SIGTERM; SIGKILL" in proc.stdout
     assert proc.stdout.count("supervise: restart") == 1 and launches(run) == 2
     assert train_losses(run) == train_losses(baseline16)
 

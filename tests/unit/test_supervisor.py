@@ -106,8 +106,33 @@ time.sleep(1000)  # hung; SIGTERM ends this process (as DeepSpeed's launcher exi
                      hang_timeout=1.0, hang_grace=1.0) == 0
     assert count.read_text() == "2" and beaten.exists()  # relaunched once, and only after the beats stopped
     assert any(m.startswith(f"supervise: the run hung: {beat} not touched for ") for m in log), log
+    assert "supervise: still running 1s after SIGTERM; SIGKILL" in log  # the group's grace, not the child's
     status = Path(f"/proc/{rank_pid.read_text()}/status")
     assert not status.exists() or "State:\tZ" in status.read_text()  # the left-behind rank is gone (or a zombie)
+
+
+def test_a_hung_runs_ranks_get_the_grace_after_its_launcher_exits(tmp_path):
+    """DeepSpeed's runner dies at once on SIGTERM while its ranks are still ending: the
+    ranks get the grace too (a rank that takes 0.5 s to end on SIGTERM ends by itself, no
+    SIGKILL)."""
+    count, ended = tmp_path / "runs", tmp_path / "ended"
+    rank = (f"import pathlib, signal, sys, time\n"
+            f"def end(*_): time.sleep(0.5); pathlib.Path({str(ended)!r}).touch(); sys.exit(0)\n"
+            f"signal.signal(signal.SIGTERM, end)\n"
+            f"while True: time.sleep(1)")
+    code = f"""
+import pathlib, subprocess, sys, time
+count = pathlib.Path({str(count)!r}); n = int(count.read_text()) if count.exists() else 0; count.write_text(str(n + 1))
+if n:
+    sys.exit(0)
+subprocess.Popen([sys.executable, "-c", {rank!r}])
+time.sleep(1000)  # no heartbeat at all: hung from the start
+"""
+    log = []
+    assert supervise([sys.executable, "-c", code], max_restarts=1, delay=0, log=log.append,
+                     heartbeat=tmp_path / "heartbeat", hang_timeout=1.0, hang_grace=30.0) == 0
+    assert ended.exists() and count.read_text() == "2"
+    assert not any("SIGKILL" in m for m in log), log
 
 
 def test_the_heartbeat_is_touched_by_rank_0_at_most_once_a_second(tmp_path):
