@@ -13,8 +13,8 @@
         deepspeed --num_gpus 8 launch/pretrain.py --config c.yaml --set run.dir=runs/x --resume auto
 
 Exit 0, 2 (bad input) and 3 (too many loss spikes) end supervision; any other exit is
-retried after --delay seconds. SIGTERM/SIGINT are passed to the run (it checkpoints and
-exits 0) and end supervision.
+retried after --delay seconds. SIGTERM/SIGINT are passed to the run's ranks (they checkpoint
+and exit 0) and end supervision; a second one goes to the whole run.
 """
 
 import argparse

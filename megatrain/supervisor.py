@@ -7,7 +7,7 @@ restart cannot fix (megatrain.errors.ExitCode): 2 (bad input) and 3 (the loss ke
 spiking: the run gave up on purpose). Any other exit (a crash, a rank killed by the kernel, a node lost) is
 retried after `delay` seconds, up to `max_restarts` times; with `--resume auto` the
 run continues from its newest intact checkpoint. SIGTERM/SIGINT to the supervisor go
-to the whole process group (the ranks checkpoint and exit) and end supervision.
+to the ranks (they checkpoint and exit) and end supervision once the run has exited.
 
 With a `hostfile` (DeepSpeed's format, "HOST slots=N" per line; the same file the command
 passes to the launcher), it is read again before every launch: when a node was lost and
@@ -55,6 +55,23 @@ def hostfile_ranks(path: Path) -> dict[str, int]:
     return hosts
 
 
+def rank_processes(pid: int) -> list[psutil.Process]:
+    """The training ranks below process `pid`: the processes DeepSpeed's launcher started
+    with --local_rank (as it does unless told --no_local_rank)."""
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in procs if any(a.startswith("--local_rank=") for a in _cmdline(p))]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
               hostfile: Path | None = None, min_ranks: int = 1, heartbeat: Path | None = None,
               hang_timeout: float = 0.0, hang_grace: float = 60.0) -> int:
@@ -65,10 +82,23 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
     launched_ranks = 0  # ranks in the hostfile at the last launch
 
     def forward(signum, frame):
+        first = stop["signal"] is None
         stop["signal"] = signum
         stopping.set()
         if child is not None and child.poll() is None:
-            os.killpg(child.pid, signum)
+            # The first signal goes to the ranks themselves: they agree with the others, write
+            # their checkpoint however long it takes and exit 0, and the launcher with them.
+            # Signalled, DeepSpeed's launcher would kill its ranks 30 s later. Without local
+            # ranks (still starting; across nodes, where pdsh starts them) and on a second
+            # signal, the whole process group gets it.
+            ranks = rank_processes(child.pid) if first else []
+            for rank in ranks:
+                try:
+                    rank.send_signal(signum)
+                except psutil.NoSuchProcess:
+                    pass
+            if not ranks:
+                _signal_group(child.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -25,6 +25,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from megatrain.supervisor import rank_processes
 from megatrain.train import layout_free
 from megatrain.train.checkpoint import Checkpointer, checkpoint_step
 from megatrain.train.distributed import free_port
@@ -119,23 +120,6 @@ def pretrain_command(config, sets: list[str], nproc: int = 2, resume: str = "aut
 def supervise_command(cmd: list[str], max_restarts: int, delay: float = 0, *options: str) -> list[str]:
     return [sys.executable, str(LAUNCH / "supervise.py"), "--max-restarts", str(max_restarts),
             "--delay", str(delay), *options, "--", *cmd]
-
-
-def rank_processes(root_pid: int) -> list[psutil.Process]:
-    """The training ranks below a launcher (or a supervisor): the processes that DeepSpeed's
-    launcher started with --local_rank."""
-    try:
-        procs = psutil.Process(root_pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [p for p in procs if any(a.startswith("--local_rank=") for a in _cmdline(p))]
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
 
 
 def launches(run_dir: Path) -> int:

@@ -210,6 +210,26 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, small_data, baseline16)
     assert train_losses(run) == train_losses(baseline16)
 
 
+def test_sigterm_to_the_supervisor_reaches_the_ranks_and_the_run_exits_0(tmp_path, small_data):
+    """The supervisor passes SIGTERM to the ranks, not to DeepSpeed's launcher (which would
+    die at once and kill its ranks 30 s later): they checkpoint, the launcher exits 0, and
+    supervision ends with that 0."""
+    run = tmp_path / "run"
+    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG,
+                                                           "train.max_steps=100000"]), 3)
+    sup = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while _last_step(run) < 3 and sup.poll() is None:
+        time.sleep(0.05)
+    sup.send_signal(signal.SIGTERM)
+    output = sup.communicate(timeout=120)[0]
+    assert sup.returncode == 0, output[-3000:]
+    assert "supervise: stopped by SIGTERM; the run exited 0" in output
+    assert "received SIGTERM: stopping after this step with a checkpoint" in output
+    latest = Checkpointer(run, keep=9).latest()
+    assert latest.name == f"step-{_last_step(run):08d}" and Checkpointer.verify(latest) is None
+    assert read_events(run)[-1]["outcome"] == "stopped"
+
+
 def test_flipped_byte_is_detected_and_the_previous_checkpoint_used(tmp_path, small_data, baseline16):
     run = copy_until(baseline16, tmp_path / "run", step=16)
     shard = run / "checkpoints" / "step-00000016" / "mp_rank_00_model_states.pt"

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,31 @@ def test_sigterm_during_the_restart_delay_is_not_lost(tmp_path):
         timer.cancel()
     assert code == 1 and runs.read_text() == "x"  # one run, no restart
     assert log[-1] == "supervise: stopped by SIGTERM before restart 1"
+
+
+def test_sigterm_goes_to_the_ranks_and_the_run_ends_by_itself(tmp_path):
+    """SIGTERM to the supervisor reaches the ranks (the processes with --local_rank), not
+    the launcher: DeepSpeed's launcher would kill them 30 s later. The rank writes its
+    "checkpoint" and exits 0, the launcher with it, and supervision ends with that 0."""
+    ready, written = tmp_path / "ready", tmp_path / "written"
+    rank = (f"import pathlib, signal, sys, time\n"
+            f"def end(*_): time.sleep(0.5); pathlib.Path({str(written)!r}).touch(); sys.exit(0)\n"
+            f"signal.signal(signal.SIGTERM, end)\n"
+            f"pathlib.Path({str(ready)!r}).touch()\n"
+            f"while True: time.sleep(1)")
+    launcher = (f"import subprocess, sys; "  # dies at once on SIGTERM, as DeepSpeed's runner does
+                f"sys.exit(subprocess.call([sys.executable, '-c', {rank!r}, '--local_rank=0']))")
+
+    def signal_when_ready():
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_when_ready, daemon=True).start()
+    log = []
+    assert supervise([sys.executable, "-c", launcher], max_restarts=3, delay=0, log=log.append) == 0
+    assert written.exists()
+    assert log == ["supervise: stopped by SIGTERM; the run exited 0"]
 
 
 def test_hostfile_is_read_before_every_launch(tmp_path):
