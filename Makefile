@@ -50,7 +50,6 @@ test-gpu: install
 
 # Benchmarks: run with nothing else on the machine; each prints a table and writes JSON.
 bench: install
-	$(PIP_INSTALL) -q tokenizers  # HF reference row only
 	$(BIN)/python bench/tokenizer.py --json runs/bench/tokenizer.json
 	$(BIN)/python bench/data.py --json runs/bench/data.json
 	$(BIN)/python bench/train.py --json runs/bench/train.json

@@ -40,11 +40,13 @@ install_requires = [
     "sentencepiece==0.2.3",
     "pyarrow==26.0.1",  # token shards: Arrow IPC, memory-mapped
     "wandb==0.31.0",  # optional logging, offline by default
-    "numpy",
-    "pyyaml",  # run configs
-    "tqdm",  # progress bars for long work
-    "psutil",  # the planner's memory on a CPU accelerator (available RAM); DeepSpeed needs it too
-    "matplotlib",  # launch/plot.py draws curves.png
+    "numpy==2.4.6",
+    "pyyaml==6.0.4",  # run configs
+    "tqdm==4.70.1",  # progress bars for long work
+    # the planner's memory on a CPU accelerator (available RAM); the supervisor finds the
+    # ranks it signals; DeepSpeed needs it too
+    "psutil==7.2.2",
+    "matplotlib==3.11.2",  # launch/plot.py draws curves.png
     # The ecosystem's formats, for models that leave megatrain: safetensors for weights
     # (launch/convert_checkpoint.py), transformers for Hugging Face export (launch/export_hf.py).
     "safetensors==0.8.0",
@@ -53,16 +55,13 @@ install_requires = [
 
 extras_require = {
     "dev": [
-        "pytest",
+        "pytest==9.2.0",
         # A hung collective in a multi-rank test fails that test (pytest.ini: timeout)
         # instead of using up CI's time.
-        "pytest-timeout",
-        "ruff",
-        "hypothesis",  # property tests for the tokenizer's round trip
-        # (psutil, a dependency of the package, also finds rank processes to kill in tests/helpers.py)
+        "pytest-timeout==2.4.0",
+        "ruff==0.17.6",
+        "hypothesis==6.170.17",  # property tests for the tokenizer's round trip
     ],
-    # HF tokenizers is a reference row in bench/tokenizer.py, nothing more.
-    "bench": ["tokenizers"],
 }
 
 setup(

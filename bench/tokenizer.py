@@ -74,12 +74,6 @@ def main():
         corpora["tinyshakespeare"] = ([str(shakespeare)], CorpusOptions(txt_documents="paragraph"))
     else:
         print(f"note: {shakespeare} not found; tinyshakespeare rows skipped")
-    try:
-        import tokenizers  # noqa: F401
-        have_hf = True
-    except ImportError:
-        have_hf = False
-        print("note: HF tokenizers not installed (pip install tokenizers); reference rows skipped")
 
     rows, results = [], []
     for name, (inputs, corpus_options) in corpora.items():
@@ -89,16 +83,15 @@ def main():
             kwargs = options.sentencepiece_kwargs()
 
             fns = {"raw": partial(raw_sentencepiece, sentences, kwargs),
-                   "ours": partial(train_tokenizer, inputs, work / "out", options, corpus_options, progress=False)}
-            if have_hf:
-                fns["hf"] = partial(hf_train, sentences, vocab)
+                   "ours": partial(train_tokenizer, inputs, work / "out", options, corpus_options, progress=False),
+                   "hf": partial(hf_train, sentences, vocab)}  # tokenizers comes with transformers
             t = interleaved_medians(fns, args.repeat)
-            t_raw, t_ours, t_hf = t["raw"], t["ours"], t.get("hf")
+            t_raw, t_ours, t_hf = t["raw"], t["ours"], t["hf"]
             mb = sum(len(s.encode()) for s in sentences) / 1e6
             row = {"corpus": name, "vocab": vocab, "sample_mb": mb, "megatrain_s": t_ours,
                    "sentencepiece_s": t_raw, "ratio": t_ours / t_raw, "hf_tokenizers_s": t_hf}
             results.append(row)
-            rows.append([name, vocab, mb, t_ours, t_raw, f"{t_ours / t_raw:.3f}x", "-" if t_hf is None else t_hf])
+            rows.append([name, vocab, mb, t_ours, t_raw, f"{t_ours / t_raw:.3f}x", t_hf])
     print_table("tokenizer training (median seconds; goal: ratio <= 1.10x)",
                 ["corpus", "vocab", "MB", "megatrain", "sentencepiece", "ratio", "hf tokenizers (ref)"], rows)
     shutil.rmtree(work, ignore_errors=True)
