@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megatrain.errors import UserError
@@ -78,6 +79,47 @@ def test_sigterm_goes_to_the_ranks_and_the_run_ends_by_itself(tmp_path):
     assert supervise([sys.executable, "-c", launcher], max_restarts=3, delay=0, log=log.append) == 0
     assert written.exists()
     assert log == ["supervise: stopped by SIGTERM; the run exited 0"]
+
+
+def test_sigterm_goes_to_the_whole_run_without_local_ranks_or_the_second_time(tmp_path):
+    """Without a --local_rank process below the launcher (ranks still starting, or on other
+    nodes through pdsh) the first SIGTERM goes to the whole process group; with one, the
+    first goes to the rank alone and a second to the whole group."""
+    plain = "import time; time.sleep(1000)"  # no ranks: SIGTERM ends it
+    log = []
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    assert supervise([sys.executable, "-c", plain], max_restarts=3, delay=0, log=log.append) == -signal.SIGTERM
+    assert log == ["supervise: stopped by SIGTERM; the run exited -15"]
+
+    got, launcher_pid = tmp_path / "got", tmp_path / "launcher"  # a line per SIGTERM; it ends at the second
+    rank = (f"import os, pathlib, signal, sys, time\n"
+            f"def note(*_):\n"
+            f"    with open({str(got)!r}, 'a') as f: f.write('SIGTERM\\n')\n"
+            f"    if pathlib.Path({str(got)!r}).read_text().count('SIGTERM') == 2: sys.exit(0)\n"
+            f"signal.signal(signal.SIGTERM, note)\n"
+            f"pathlib.Path({str(got)!r}).touch()\n"
+            f"pathlib.Path({str(launcher_pid)!r}).write_text(str(os.getppid()))\n"
+            f"for _ in range(60): time.sleep(1)")
+    launcher = f"import subprocess, sys; subprocess.call([sys.executable, '-c', {rank!r}, '--local_rank=0'])"
+    launcher_lived = []
+
+    def signal_twice():
+        while not launcher_pid.exists() or not launcher_pid.read_text():
+            time.sleep(0.05)
+        launcher = psutil.Process(int(launcher_pid.read_text()))
+        os.kill(os.getpid(), signal.SIGTERM)  # the rank alone
+        while got.read_text().count("SIGTERM") < 1:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        launcher_lived.append(launcher.is_running() and launcher.status() != psutil.STATUS_ZOMBIE)
+        if launcher_lived[0]:  # (else supervision has ended and the signal would reach pytest)
+            os.kill(os.getpid(), signal.SIGTERM)  # the whole group: the launcher too
+
+    threading.Thread(target=signal_twice, daemon=True).start()
+    log = []
+    assert supervise([sys.executable, "-c", launcher], max_restarts=3, delay=0, log=log.append) == -signal.SIGTERM
+    assert launcher_lived == [True] and got.read_text().count("SIGTERM") == 2
+    assert log == ["supervise: stopped by SIGTERM; the run exited -15"]
 
 
 def test_hostfile_is_read_before_every_launch(tmp_path):
