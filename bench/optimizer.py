@@ -1,7 +1,7 @@
 """Optimizer step speed: megatrain's fused AdamW + clip against torch and DeepSpeed.
 
 fp32 parameters in a handful of tensors (25M on the CPU with all its threads; 1G on a
-GPU, where smaller steps measure launch latency). Rows, timed round-robin in one run
+GPU, where smaller steps measure launch latency, or what its memory holds). Rows, timed round-robin in one run
 (median of --repeat; on a GPU each step is synchronised):
   megatrain_fused          FusedAdamWClip.step() through the compiled op (norm + clip + update)
   torch_fused_clip         clip_grad_norm_ + torch.optim.AdamW(fused=True)
@@ -26,6 +26,7 @@ import torch
 from megatrain.optim import FusedAdamWClip, fused_op_available
 
 HYPER = dict(lr=6e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+ROWS = 5  # the most setup_rows makes
 
 
 def make_tensors(n_params: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -50,6 +51,16 @@ def rmw_bandwidth(device: torch.device, n: int = 64 << 20, repeat: int = 7) -> f
     a, b = torch.randn(n, device=device), torch.randn(n, device=device)
     times = interleaved_medians({"add": synchronised(lambda: b.add_(a), device)}, repeat=repeat, warmup=2)
     return 12 * n / times["add"]
+
+
+def default_params(device: torch.device) -> int:
+    """25M on a CPU; on a GPU 1e9, or fewer where the device cannot hold every row at once
+    (each row keeps parameters, gradients and two moments, 16 B per parameter, and the rows
+    are built before they are timed round-robin): an 80 GB device takes ~0.7e9."""
+    if device.type != "cuda":
+        return int(25e6)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(1e9, 0.7 * free / (16 * ROWS)))
 
 
 def setup_rows(n_params: int, device: torch.device) -> dict:
@@ -90,11 +101,11 @@ def setup_rows(n_params: int, device: torch.device) -> dict:
 def main():
     p = arg_parser(__doc__)
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the CUDA kernel on the current GPU")
-    p.add_argument("--params", type=float, default=None, help="parameters (default 25e6 on cpu, 1e9 on cuda)")
+    p.add_argument("--params", type=float, default=None, help="parameters (default 25e6 on cpu, up to 1e9 on cuda as memory allows)")
     p.add_argument("--repeat", type=int, default=7)
     args = p.parse_args()
     device = torch.device(args.device)
-    n = int(args.params or (1e9 if device.type == "cuda" else 25e6))
+    n = int(args.params or default_params(device))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     rows = setup_rows(n, device)
     times = interleaved_medians(rows, repeat=args.repeat, warmup=2)
