@@ -23,6 +23,7 @@ from megatrain.errors import UserError
 from megatrain.model import GPTConfig, tensor_parallel
 from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
+from megatrain.train import loss_scale
 from megatrain.train.build import build_model
 from megatrain.train.optimizer import attach, build_optimizer, is_tensor_parallel
 
@@ -190,8 +191,17 @@ class TrainModule:
         if isinstance(self.client_optimizer, FusedAdamWClip):
             row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
         if self.fp16:
-            row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", float("nan")))
+            row["loss_scale"] = loss_scale.current(self.engine.optimizer)
         return row
+
+    def loss_scale_state(self) -> dict | None:
+        """fp16's dynamic loss scale (the same on every rank), for a checkpoint; None without one."""
+        return loss_scale.state(self.engine.optimizer)
+
+    def load_loss_scale_state(self, saved: dict | None) -> bool:
+        """After a reshard (DeepSpeed's own load restores it on the same layout): whether a
+        saved fp16 loss scale was carried over."""
+        return loss_scale.load_state(self.engine.optimizer, saved)
 
     @property
     def overflow(self) -> bool:
@@ -262,7 +272,7 @@ class TrainModule:
             if out is None or out.shape != t.shape or out.dtype != t.dtype:
                 out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
             tensors[key] = out.copy_(t.detach(), non_blocking=pinned)
-        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        scaler = loss_scale.holder(self.engine.optimizer)
         return {"tensors": tensors,
                 "engine_counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
                 "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None}
@@ -281,6 +291,6 @@ class TrainModule:
                     raise RuntimeError(f"rollback point has no copy of {key}: the model changed since it was taken")
         for name, value in snapshot["engine_counters"].items():
             setattr(self.engine, name, value)
-        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        scaler = loss_scale.holder(self.engine.optimizer)
         if scaler is not None and snapshot["loss_scaler"] is not None:
             vars(scaler).update(copy.deepcopy(snapshot["loss_scaler"]))

@@ -142,7 +142,8 @@ class Trainer:
         return {"step": self.progress.step, "model_shape": self.model_cfg.shape(), "layout": self._layout(),
                 "tokenizer_sha256": self.tokenizer_sha256,
                 "batch_unit_tokens": self.batch_schedule.unit_tokens,
-                "precision": self.cfg.train.precision, "config": self.cfg.to_dict()}
+                "precision": self.cfg.train.precision, "config": self.cfg.to_dict(),
+                "loss_scale": self.module.loss_scale_state()}
 
     def save_checkpoint(self) -> Path:
         """Collective: DeepSpeed's state and every registered state, as step-N."""
@@ -173,18 +174,20 @@ class Trainer:
 
     def _reshard(self, path: Path, saved: dict) -> dict:
         """Load a checkpoint of another layout: the masters, moments and step count through the
-        layout-free form (converted now by all ranks unless done ahead of time); the per-rank
-        state (RNG) does not map between layouts and is seeded afresh from the step."""
+        layout-free form (converted now by all ranks unless done ahead of time), and fp16's loss
+        scale; the per-rank state (RNG) does not map between layouts and is seeded afresh from
+        the step."""
         source, converted = layout_free.ensure(path)
         layout_free.load_into(self.module, source)
         step = saved["state"]["progress"]["step"]
         self.module.set_engine_counters(step, saved["state"]["progress"]["tokens"] // self.cfg.train.seq_len)
         RNG.seed(self.cfg.run.seed + step, self._rng_index())
+        carried = self.module.load_loss_scale_state(saved.get("loss_scale"))
         old, new = _describe_layout(saved["layout"]), _describe_layout(self._layout())
         how = "converted to the layout-free form now" if converted else "from its layout-free form"
         self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
         self.log.event("reshard", checkpoint=str(path), source_layout=saved["layout"], layout=self._layout(),
-                       converted=converted)
+                       converted=converted, loss_scale=carried)
         return {}
 
     def _keep_global_batch(self, path: Path, saved: dict) -> None:
