@@ -17,7 +17,8 @@ Where a checkpoint keeps them:
         the client optimizer's state in the model-states file, by position in its
         parameter groups: megatrain records the parameters' names in that order in each
         rank's megatrain-rankNNNNN.pt ("optimizer_params"); the masters are the module
-        weights (fp32) or DeepSpeed's fp32 copies (bf16).
+        weights (fp32) or DeepSpeed's fp32 copies (bf16, fp16), under fp16 with DeepSpeed's
+        FusedAdam one flat fp32 tensor per parameter group (its moments likewise).
 A pipeline's names map back to GPT's (canonical_name); the tied embedding is kept by the
 first and the last stage, and both copies are checked to be equal before one is taken.
 Tensor-parallel ranks' shards are gathered into whole parameters (model/tensor_parallel.py);
@@ -247,8 +248,12 @@ def _zero0(ckpt: Path, mp: int, kinds, pipeline_weights: dict | None) -> tuple[d
     if len(kinds) == 1:
         return {f"param/{k}": _at_hand(v) for k, v in weights.items()}, None
     opt = saved["optimizer"]
-    names = _recorded_names(ckpt, mp)
-    if "fp32_groups" in opt:  # bf16: DeepSpeed's fp32 copies are the masters
+    groups = _recorded_groups(ckpt, mp)
+    names = [n for group in groups for n in group]
+    if "fp32_groups_flat" in opt:  # fp16 with DeepSpeed's FusedAdam (FP16_Optimizer)
+        states = opt["optimizer_state_dict"]["state"]
+        return _split_flat(ckpt, groups, opt["fp32_groups_flat"], states, weights), _step_of(states.values())
+    if "fp32_groups" in opt:  # bf16, and fp16 with another optimizer: DeepSpeed's fp32 copies are the masters
         states = opt["optimizer_state_dict"]["state"]
         masters = [t for group in opt["fp32_groups"] for t in group]
         out = {f"param/{n}": _at_hand(t) for n, t in zip(names, masters, strict=True)}
@@ -271,11 +276,31 @@ def _pipeline_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _recorded_names(ckpt: Path, mp: int) -> list[str]:
+def _split_flat(ckpt: Path, groups: list[list[str]], flats, states, weights) -> dict[str, Deferred]:
+    """Each parameter's master and moments, cut from its group's flat tensors (the group's
+    parameters one after another, as DeepSpeed flattens them) and shaped as its weight."""
+    out = {}
+    for index, (group, flat) in enumerate(zip(groups, flats, strict=True)):
+        offset = 0
+        for name in group:
+            shape = weights[name].shape
+            n = math.prod(shape)
+            out[f"param/{name}"] = _at_hand(flat.narrow(0, offset, n).view(shape))
+            for kind in MOMENTS:
+                out[f"{kind}/{name}"] = _at_hand(states[index][kind].narrow(0, offset, n).view(shape))
+            offset += n
+        if offset != flat.numel():
+            raise UserError(f"{ckpt}: parameter group {index}'s flat fp32 master holds {flat.numel()} values, "
+                            f"its parameters {offset}")
+    return out
+
+
+def _recorded_groups(ckpt: Path, mp: int) -> list[list[str]]:
+    """The names of the ZeRO-0 optimizer's parameters, group by group, in its order."""
     for f in sorted(ckpt.glob("megatrain-rank*.pt")):
         record = torch.load(f, map_location="cpu", weights_only=False).get("optimizer_params")
         if record is not None and record["mp_rank"] == mp:
-            return [n for group in record["groups"] for n in group]
+            return record["groups"]
     raise UserError(f"{ckpt}: its ZeRO-0 optimizer state has no parameter names (written before megatrain "
                     "recorded them): resume it on the layout that wrote it")
 
@@ -382,6 +407,8 @@ def load_into(module, path: Path) -> int:
                 _load_zero3(opt, module.base_optimizer, named, full, step, moments)
             elif any(getattr(p, "_hp_mapping", None) is not None for _, p in named):  # ZeRO-1/2
                 _load_zero12(opt, module.base_optimizer, named, full, step, moments)
+            elif hasattr(opt, "fp32_groups_flat"):  # ZeRO-0, fp16 with DeepSpeed's FusedAdam
+                _load_flat(opt, module.base_optimizer, named, full, step, moments)
             else:  # ZeRO-0: whole parameters, masters either the model's own or DeepSpeed's fp32 copies
                 masters = {}
                 if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
@@ -410,6 +437,24 @@ def _load_zero12(opt, base, named, full, step: int, moments) -> None:
             p.set_full_hp_param(full("param", name))
             for kind in moments:
                 p.set_full_hp_param(full(kind, name), kind)
+
+
+def _load_flat(opt, base, named, full, step: int, moments) -> None:
+    """DeepSpeed's FP16_Optimizer: each group's fp16 parameters are views of one flat buffer,
+    their masters and moments one flat fp32 tensor each, in the same order. The masters
+    are set, not only the fp16 weights: those are copied from the masters after each step."""
+    name_of = {id(p): name for name, p in named}
+    for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat, strict=True):
+        state = _adam_state(base, flat, step) if moments else {}
+        offset = 0
+        for lp in lps:
+            name, n = name_of[id(lp)], lp.numel()
+            value = full("param", name)
+            lp.copy_(value)
+            flat.narrow(0, offset, n).copy_(value.reshape(-1))
+            for kind in moments:
+                state[kind].narrow(0, offset, n).copy_(full(kind, name).reshape(-1))
+            offset += n
 
 
 def _load_zero3(opt, base, named, full, step: int, moments) -> None:

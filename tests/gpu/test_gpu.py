@@ -129,19 +129,21 @@ def test_activation_checkpointing_on_gpu(tmp_path, small_data):
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["hfu"] > rows[-1]["mfu"]
 
 
-def test_fp16_and_its_loss_scale_across_a_reshard_on_gpu(tmp_path, small_data):
-    """fp16 on one GPU under ZeRO-0 (DeepSpeed's FP16 optimizers keep the scale in another
-    form than ZeRO 1-3's): the loss falls and the scale is logged; starting at 2^24, overflows
-    bring it down in the first steps, and a resume from step 10 on ZeRO-1 goes on from the
-    scale reached, not from 2^24 again."""
+@pytest.mark.parametrize("optimizer", ["fused_adamw", "adamw"])
+def test_fp16_and_its_loss_scale_across_a_reshard_on_gpu(optimizer, tmp_path, small_data):
+    """fp16 on one GPU under ZeRO-0, where DeepSpeed wraps megatrain's optimizer in its
+    FP16_UnfusedOptimizer and its own FusedAdam (optim.name=adamw) in FP16_Optimizer, which
+    keeps flat fp32 masters: the loss falls and the scale is logged; starting at 2^24,
+    overflows bring it down in the first steps, and a resume from step 10 on ZeRO-1 goes on
+    from the scale reached, not from 2^24 again, and from the masters (the same losses)."""
     run = tmp_path / "run"
     sets = ["train.precision=fp16", "train.max_steps=20", "checkpoint.every_steps=10",
-            "deepspeed.fp16.initial_scale_power=24"]
+            "deepspeed.fp16.initial_scale_power=24", f"optim.name={optimizer}"]
     pretrain(run, small_data, "parallel.zero_stage=0", *sets, nproc=1)
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
-    scales = [r["loss_scale"] for r in rows]
+    scales, losses = [r["loss_scale"] for r in rows], [r["loss"] for r in rows]
     assert all(math.isfinite(s) for s in scales) and scales[9] < 2**24, scales
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert losses[-1] < losses[0]
     proc = pretrain(run, small_data, "parallel.zero_stage=1", *sets, nproc=1,
                     resume=str(run / "checkpoints" / "step-00000010"))
     assert "to 1 data-parallel rank(s), ZeRO-1" in proc.stdout
@@ -149,6 +151,7 @@ def test_fp16_and_its_loss_scale_across_a_reshard_on_gpu(tmp_path, small_data):
     # ZeRO-1's scaler has hysteresis (ZeRO-0's has none to carry): an overflow at step 11
     # would not move it yet, so step 11 logs the scale carried over
     assert resumed[10]["step"] == 11 and resumed[10]["loss_scale"] == scales[9]
+    assert [r["loss"] for r in resumed] == pytest.approx(losses, rel=1e-2)
 
 
 def test_llama_with_z_loss_and_qk_norm_on_gpu(tmp_path, small_data):
