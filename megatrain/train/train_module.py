@@ -242,13 +242,24 @@ class TrainModule:
 
         for i, p in enumerate(self.engine.module.parameters()):
             add(f"module.{i}", p.data)
+        for key, p, state in self._optimizer_states():
+            add(f"opt.param.{key}", p.data)
+            for name, value in state.items():
+                if torch.is_tensor(value):
+                    add(f"opt.state.{key}.{name}", value)
+        return found
+
+    def _state_counts(self) -> dict[str, tuple[dict, str]]:
+        """Optimizer state kept as plain numbers (DeepSpeed's own Adams count steps in an
+        int), by key: the dict that holds each and its name there."""
+        return {f"opt.state.{key}.{name}": (state, name) for key, _, state in self._optimizer_states()
+                for name, value in state.items() if isinstance(value, int | float) and not isinstance(value, bool)}
+
+    def _optimizer_states(self):
+        """(position key, parameter, its optimizer state) for each of the optimizer's parameters."""
         for gi, group in enumerate(self.base_optimizer.param_groups):
             for pi, p in enumerate(group["params"]):
-                add(f"opt.param.{gi}.{pi}", p.data)
-                for name, value in self.base_optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(value):
-                        add(f"opt.state.{gi}.{pi}.{name}", value)
-        return found
+                yield f"{gi}.{pi}", p, self.base_optimizer.state.get(p, {})
 
     def snapshot_bytes(self) -> int:
         """Host bytes of one capture, the AdamW moments included before they exist (they
@@ -274,6 +285,7 @@ class TrainModule:
             tensors[key] = out.copy_(t.detach(), non_blocking=pinned)
         scaler = loss_scale.holder(self.engine.optimizer)
         return {"tensors": tensors,
+                "counts": {key: state[name] for key, (state, name) in self._state_counts().items()},
                 "engine_counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
                 "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None}
 
@@ -289,6 +301,8 @@ class TrainModule:
                     t.zero_()
                 else:
                     raise RuntimeError(f"rollback point has no copy of {key}: the model changed since it was taken")
+        for key, (state, name) in self._state_counts().items():
+            state[name] = snapshot["counts"].get(key, 0)  # made after the point: as a fresh optimizer's
         for name, value in snapshot["engine_counters"].items():
             setattr(self.engine, name, value)
         scaler = loss_scale.holder(self.engine.optimizer)

@@ -39,14 +39,15 @@ def rollbacks(run) -> list[dict]:
     return [e for e in read_events(run) if e["event"] == "rollback"]
 
 
-def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout):
+def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout, rel: float = 0.0):
     [rb] = rollbacks(run)
     restored = rb["restored_step"]
     assert rb["position"] == restored * 16  # the sampler position at the rollback point
     clean = tmp_path / "skipped-from-the-start"
     pretrain(clean, small_data, *GUARD, *layout, f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]")
     assert not rollbacks(clean)  # the run that never saw the poison has no spike
-    assert train_losses(run) == train_losses(clean)  # step for step: the rollback restored everything
+    # step for step: the rollback restored everything
+    assert train_losses(run) == (pytest.approx(train_losses(clean), rel=rel) if rel else train_losses(clean))
     # and both end at the same sample position, having skipped the same stretch
     final = [Checkpointer.read_state(Checkpointer(r, keep=9).latest())["state"]["data"]["sampler"] for r in (run, clean)]
     assert final[0] == final[1] and final[0]["skipped"] == [[rb["position"], rb["skipped_samples"]]]
@@ -76,9 +77,13 @@ def test_poisoned_data_is_rolled_back_and_skipped(tmp_path, small_data, layout, 
 
 
 def test_non_finite_loss_takes_the_same_path(tmp_path, small_data):
+    """With DeepSpeed's own AdamW (optim.name=adamw), whose step count is a plain int that the
+    rollback point carries too (else the steps after it differ by ~1e-5). Its CPU kernel keeps
+    the betas' powers as a running product that a step count set back recomputes, so the
+    runs agree to 1e-6, not bitwise (DeepSpeed's GPU kernel takes the powers from the count)."""
     run = tmp_path / "run"
-    pretrain(run, small_data, *GUARD, faults=["nan_loss@23"])
-    rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path)
+    pretrain(run, small_data, *GUARD, "optim.name=adamw", faults=["nan_loss@23"])
+    rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, "optim.name=adamw", rel=1e-6)
     assert rb["step"] == 23 and rb["began"] == 23 and math.isnan(rb["loss"]) and rb["restored_step"] == 20
 
 
