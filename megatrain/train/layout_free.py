@@ -254,16 +254,29 @@ def _zero0(ckpt: Path, mp: int, kinds, pipeline_weights: dict | None) -> tuple[d
         states = opt["optimizer_state_dict"]["state"]
         return _split_flat(ckpt, groups, opt["fp32_groups_flat"], states, weights), _step_of(states.values())
     if "fp32_groups" in opt:  # bf16, and fp16 with another optimizer: DeepSpeed's fp32 copies are the masters
-        states = opt["optimizer_state_dict"]["state"]
+        base = opt["optimizer_state_dict"]
         masters = [t for group in opt["fp32_groups"] for t in group]
         out = {f"param/{n}": _at_hand(t) for n, t in zip(names, masters, strict=True)}
     else:
-        states = opt["state"]
+        base = opt
         out = {f"param/{k}": _at_hand(v) for k, v in weights.items()}
+    states = base["state"]
     for i, name in enumerate(names):
         for kind in MOMENTS:
             out[f"{kind}/{name}"] = _at_hand(states[i][kind])
-    return out, _step_of(states[i] for i in range(len(names)))
+    return out, _step_of(_counted_states(states, groups, base["param_groups"]))
+
+
+def _counted_states(states, groups: list[list[str]], param_groups: list[dict]) -> list[dict]:
+    """The parameters' states that hold the step count. DeepSpeed's FusedAdam (its groups
+    carry a "step") counts each group's steps in its last parameter's state alone and leaves
+    the others' at 0; other optimizers count in every parameter's."""
+    counted, start = [], 0
+    for group, param_group in zip(groups, param_groups, strict=True):
+        indices = range(start, start + len(group))
+        counted += [states[indices[-1]]] if "step" in param_group and indices else [states[i] for i in indices]
+        start += len(group)
+    return counted
 
 
 def _pipeline_weights(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -169,3 +169,17 @@ def test_layout_free_weights_are_zero_to_fp32s(runs, stage, precision):
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag="step-00000006")
     assert sorted(ours) == sorted(f"param/{k}" for k in theirs)
     assert all(torch.equal(ours[f"param/{k}"], t) for k, t in theirs.items())
+
+
+def test_deepspeed_adamw_zero0_checkpoint_resumes_on_another_layout(tmp_path, small_data):
+    """DeepSpeed's own AdamW (optim.name=adamw) under ZeRO-0 counts each parameter group's
+    steps in its last parameter's state only (the others stay at 0): the count is read from
+    there. 2 ranks ZeRO-0 -> 1 rank ZeRO-2 from step 3, against the uninterrupted run."""
+    sets = ["optim.name=adamw", "train.max_steps=6", "checkpoint.every_steps=3", "train.eval_every=0"]
+    source = tmp_path / "source"
+    pretrain(source, small_data, *sets, "parallel.zero_stage=0")
+    run = copy_until(source, tmp_path / "run", step=3)
+    proc = pretrain(run, small_data, *sets, "parallel.zero_stage=2", nproc=1)
+    assert "resharded step-00000003 from 2 data-parallel rank(s), ZeRO-0 to 1 data-parallel rank(s), ZeRO-2" \
+        in proc.stdout
+    assert train_losses(run) == pytest.approx(train_losses(source), rel=1e-5)
