@@ -42,6 +42,7 @@ import torch
 from megatrain.errors import UserError
 from megatrain.files import Deferred, SafetensorsFile, file_sha256, write_atomically
 from megatrain.model import GPTConfig, canonical_name, tensor_parallel
+from megatrain.optim import FusedAdamWClip
 from megatrain.train.checkpoint import MANIFEST, Checkpointer
 
 FORMAT = "megatrain-layout-free/1"
@@ -490,9 +491,11 @@ def _adam_state(base, tensor: torch.Tensor, step: int) -> dict:
             state[kind] = torch.zeros_like(tensor, dtype=torch.float32, memory_format=torch.contiguous_format)
     # (ZeRO-3 empties the base optimizer's groups between steps: then the first stands for all)
     group = next((g for g in base.param_groups if any(p is tensor for p in g["params"])), base.param_groups[0])
-    if "step" in group:  # DeepSpeed's FusedAdam counts steps per group
+    if "step" in group:  # DeepSpeed's FusedAdam, once it has stepped, starts new states' counts from here
         group["step"] = step
-    else:  # FusedAdamWClip, torch's AdamW: a float tensor (on the device when the kernel is fused)
-        device = tensor.device if group.get("fused") or not isinstance(base, torch.optim.AdamW) else "cpu"
+    if isinstance(base, torch.optim.AdamW | FusedAdamWClip):  # a float tensor, on the device when fused
+        device = tensor.device if group.get("fused") or isinstance(base, FusedAdamWClip) else "cpu"
         state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+    else:  # DeepSpeed's own Adams count in a plain int (a GPU tensor would be read back every step)
+        state["step"] = step
     return state
