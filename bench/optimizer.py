@@ -1,8 +1,9 @@
 """Optimizer step speed: megatrain's fused AdamW + clip against torch and DeepSpeed.
 
-fp32 parameters in a handful of tensors (25M on the CPU with all its threads; 1G on a
-GPU, where smaller steps measure launch latency, or what its memory holds). Rows, timed round-robin in one run
-(median of --repeat; on a GPU each step is synchronised):
+fp32 parameters in a handful of tensors (25M on the CPU with all its threads; on a GPU
+1G, where smaller steps measure launch latency, or fewer where its memory cannot hold every
+row). Rows, timed round-robin in one run (median of --repeat; on a GPU each step is
+synchronised):
   megatrain_fused          FusedAdamWClip.step() through the compiled op (norm + clip + update)
   torch_fused_clip         clip_grad_norm_ + torch.optim.AdamW(fused=True)
   torch_fused_noclip       torch.optim.AdamW(fused=True) alone (a reference: it cannot clip)

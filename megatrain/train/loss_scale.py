@@ -6,7 +6,7 @@ DynamicLossScaler with hysteresis under fp16, a static LossScaler otherwise) and
 or without a pipeline) keep a `loss_scale_config` and have no `cur_scale`. The state is the
 same on every rank (the ranks agree on an overflow before the scale moves), so a checkpoint
 stores it once and a resume on another layout carries it over instead of starting again
-from the initial scale and skipping steps to find it.
+from the initial scale and skipping steps to find it; a rollback point keeps it likewise.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 _STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # the parts that move
 
 
-def holder(optimizer):
+def _holder(optimizer):
     """The object that holds the optimizer's loss scale, or None."""
     for name in ("loss_scaler", "loss_scale_config"):
         found = getattr(optimizer, name, None)
@@ -25,7 +25,7 @@ def holder(optimizer):
 
 def current(optimizer) -> float:
     """The scale the last step used (nan without one)."""
-    found = holder(optimizer)
+    found = _holder(optimizer)
     return float(found.cur_scale) if found is not None else float("nan")
 
 
@@ -35,7 +35,7 @@ def _dynamic(found) -> bool:
 
 def state(optimizer) -> dict | None:
     """The dynamic scale's state as plain numbers (for megatrain.json), or None without one."""
-    found = holder(optimizer)
+    found = _holder(optimizer)
     if found is None or not _dynamic(found):
         return None
     return {k: getattr(found, k) for k in _STATE if hasattr(found, k)}
@@ -45,7 +45,7 @@ def load_state(optimizer, saved: dict | None) -> bool:
     """Set the dynamic scale from `state()`'s output, of either form (a field this form lacks
     is ignored, one the other lacked keeps its value); False, changing nothing, when nothing
     was saved or this optimizer has no dynamic scale (fp16 resumed as bf16)."""
-    found = holder(optimizer)
+    found = _holder(optimizer)
     if not saved or found is None or not _dynamic(found):
         return False
     for k, v in saved.items():

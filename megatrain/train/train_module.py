@@ -12,7 +12,6 @@ answer to "where does the grad norm come from", hides pipeline vs data parallel 
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
@@ -199,8 +198,8 @@ class TrainModule:
         return loss_scale.state(self.engine.optimizer)
 
     def load_loss_scale_state(self, saved: dict | None) -> bool:
-        """After a reshard (DeepSpeed's own load restores it on the same layout): whether a
-        saved fp16 loss scale was carried over."""
+        """After a reshard (DeepSpeed's own load restores it on the same layout) or a rollback:
+        whether a saved fp16 loss scale was set."""
         return loss_scale.load_state(self.engine.optimizer, saved)
 
     @property
@@ -271,8 +270,9 @@ class TrainModule:
         return total
 
     def capture(self, reuse: dict | None = None) -> dict:
-        """A host copy of this rank's training tensors, the engine's counters and its loss
-        scaler (ZeRO 0-2; ZeRO-3 keeps parameters in DeepSpeed-private partitions). From a
+        """A host copy of this rank's training tensors, the optimizer's step counts kept as
+        plain numbers, the engine's counters and the fp16 loss scale (ZeRO 0-2; ZeRO-3 keeps
+        parameters in DeepSpeed-private partitions). From a
         GPU the copies go into pinned memory without blocking (the stream orders them before
         the next step's writes); `reuse`: an older capture whose buffers to overwrite."""
         pinned = self.device.type == "cuda"
@@ -283,11 +283,10 @@ class TrainModule:
             if out is None or out.shape != t.shape or out.dtype != t.dtype:
                 out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
             tensors[key] = out.copy_(t.detach(), non_blocking=pinned)
-        scaler = loss_scale.holder(self.engine.optimizer)
         return {"tensors": tensors,
                 "counts": {key: state[name] for key, (state, name) in self._state_counts().items()},
                 "engine_counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
-                "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None}
+                "loss_scale": self.loss_scale_state()}
 
     def restore(self, snapshot: dict) -> None:
         """Copy a snapshot back in place. Optimizer state created after it (the moments
@@ -305,6 +304,4 @@ class TrainModule:
             state[name] = snapshot["counts"].get(key, 0)  # made after the point: as a fresh optimizer's
         for name, value in snapshot["engine_counters"].items():
             setattr(self.engine, name, value)
-        scaler = loss_scale.holder(self.engine.optimizer)
-        if scaler is not None and snapshot["loss_scaler"] is not None:
-            vars(scaler).update(copy.deepcopy(snapshot["loss_scaler"]))
+        self.load_loss_scale_state(snapshot["loss_scale"])
