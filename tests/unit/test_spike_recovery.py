@@ -70,6 +70,27 @@ def test_snapshot_restore_round_trip(world_of_one, tmp_path, small_data):
     assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
 
 
+def test_a_point_before_the_first_step_resets_what_came_after(world_of_one, tmp_path, small_data):
+    """A point taken before any step holds no moments and no step counts. DeepSpeed's own
+    AdamW (optim.name=adamw) keeps its counts as plain ints that appear at the first step:
+    restoring the point sets them to 0 and the moments to zeros, a fresh optimizer's state,
+    and training on repeats the first steps' losses."""
+    trainer, _ = _train(tmp_path / "run", small_data, "train.max_steps=0", "spike.enabled=false", "optim.name=adamw")
+    point = trainer.snapshot()
+    trainer.cfg.train.max_steps, trainer.outcome = 2, None
+    trainer.fit()
+    counts = [k for k, (state, name) in trainer.module._state_counts().items() if state[name] == 2]
+    assert counts  # the optimizer kept its step counts as ints; each is at 2 now
+    trainer.restore(point)
+    assert all(state[name] == 0 for state, name in trainer.module._state_counts().values())
+    moments = {k: t for k, t in trainer.module._state_tensors().items() if k.startswith("opt.state.")}
+    assert moments and all(not t.any() for t in moments.values())
+    trainer.outcome = None
+    trainer.fit()
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert len(losses) == 4 and losses[2:] == losses[:2]
+
+
 def test_rollback_points_stay_within_the_host_memory_budget(world_of_one, tmp_path, small_data, capsys):
     """A budget too small for one point: the start line says so, and a NaN rolls back to the
     newest disk checkpoint instead; a budget for one point keeps one."""
