@@ -80,7 +80,7 @@ def test_a_point_before_the_first_step_resets_what_came_after(world_of_one, tmp_
     trainer.cfg.train.max_steps, trainer.outcome = 2, None
     trainer.fit()
     counts = [k for k, (state, name) in trainer.module._state_counts().items() if state[name] == 2]
-    assert counts  # the optimizer kept its step counts as ints; each is at 2 now
+    assert counts  # plain ints (FusedAdam: in each group's last parameter's state), at 2 now
     trainer.restore(point)
     assert all(state[name] == 0 for state, name in trainer.module._state_counts().values())
     moments = {k: t for k, t in trainer.module._state_tensors().items() if k.startswith("opt.state.")}
