@@ -37,7 +37,8 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
     if o.clips(cfg) and cfg.parallel.zero_stage in (1, 2):
         ds["zero_optimization"]["compute_grad_norm"] = False
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+        # lr 0 until the trainer sets it before the first step (train/optimizer.py: CONSTRUCTION_LR).
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "betas": list(o.betas), "eps": o.eps,
                                                        "weight_decay": o.weight_decay}}
     if t.precision == "bf16-autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}

@@ -86,7 +86,11 @@ def build_pipeline(cfg: GPTConfig, num_stages: int, partition_method: str = "par
         raise ValueError(f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}")
     module = GPTPipeline(layers=pipeline_layers(cfg), num_stages=num_stages, loss_fn=LMLoss(cfg.z_loss),
                          partition_method=PARTITION_METHODS[partition_method],
-                         activation_checkpoint_interval=activation_checkpoint_interval)
+                         activation_checkpoint_interval=activation_checkpoint_interval,
+                         # Blocks only: DeepSpeed's default checkpoints every layer with parameters,
+                         # the embedding too, whose int64 input under its reentrant checkpoint leaves
+                         # nothing on the first stage that requires grad (backward then fails).
+                         checkpointable_layers=[Block.__name__])
     if init_weights:
         for name, param in module.named_parameters():
             init_parameter(canonical_name(name, cfg.n_layer), param, cfg)

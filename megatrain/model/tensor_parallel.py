@@ -6,7 +6,8 @@ Megatron's layout (Shoeybi et al. 2019): in each block the fused q|k|v projectio
 MLP's first layer are split by output columns (each rank keeps whole attention heads and
 a slice of the MLP's hidden units, biases split with them), attention's output
 projection and the MLP's second layer by input rows (their biases, the LayerNorms and the
-tied embedding stay whole on every rank: replicated). q|k|v is three sub-parameters: rank
+tied embedding stay whole on every rank: replicated; QK-norm's scales too, their
+gradients summed over the group). q|k|v is three sub-parameters: rank
 r keeps part r of q, of k and of v, so its heads stay whole; with grouped-query attention
 k and v are narrower than q (whole key/value heads per rank: n_kv_head must divide by the
 size). SwiGLU's packed gate|up is two sub-parameters the same way. An untied output
@@ -34,6 +35,14 @@ def specs(cfg: GPTConfig) -> list[tuple[str, str, tuple[int, ...] | None]]:
     ]
 
 
+def summed_gradients(cfg: GPTConfig) -> list[str]:
+    """Patterns of parameters every rank keeps whole but applies to its own heads alone:
+    QK-norm's scales (one per head dimension, shared by all heads). Each rank's gradient is
+    the sum over its heads only, so the group sums them (AutoTP's grad_allreduce hook, as
+    Hugging Face's replicated_with_grad_allreduce) and the copies stay equal."""
+    return [r".*\.attn\.[qk]_norm\.weight$"] if cfg.qk_norm else []
+
+
 def autotp_config(size: int, cfg: GPTConfig) -> dict:
     """DeepSpeed's `tensor_parallel` section for `size` ranks."""
     out = []
@@ -42,6 +51,7 @@ def autotp_config(size: int, cfg: GPTConfig) -> dict:
         if sizes:  # equal sub-parameters as a count, unequal ones (grouped-query q|k|v) by size
             spec.update(shape=[len(sizes) if len(set(sizes)) == 1 else list(sizes), -1], partition_dim=0)
         out.append(spec)
+    out += [{"patterns": [p], "partition_type": "skip", "grad_allreduce": True} for p in summed_gradients(cfg)]
     return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": out}}
 
 

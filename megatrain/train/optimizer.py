@@ -38,6 +38,12 @@ from megatrain.optim import FusedAdamWClip, param_groups
 from megatrain.train import distributed as dist
 
 DS_OPTIMIZER = {"adamw"}  # names DeepSpeed builds itself from its JSON config
+# The learning rate every optimizer is built with; the trainer sets the schedule's before each
+# step. DeepSpeed's ZeRO-0 fp16/bf16 wrappers (FP16_UnfusedOptimizer, FP16_Optimizer) step the
+# optimizer once at construction with zero gradients, to create its state: at lr 0 that step
+# moves no weight (decoupled weight decay included), and forget_construction_step() then drops
+# the state it made, so the first real update counts as step 1.
+CONSTRUCTION_LR = 0.0
 
 
 def uses_single_group(cfg: Config) -> bool:
@@ -51,12 +57,18 @@ def build_optimizer(cfg: Config, model: nn.Module):
     if o.name in DS_OPTIMIZER:
         return groups, None
     if o.name == "torch_adamw":
-        return groups, torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+        return groups, torch.optim.AdamW(groups, lr=CONSTRUCTION_LR, betas=tuple(o.betas), eps=o.eps, fused=True)
     if uses_single_group(cfg):
         groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": 0.0}]
     max_norm = o.grad_clip if cfg.optim.clips(cfg) else 0.0  # ZeRO-3: DeepSpeed clips
-    return groups, FusedAdamWClip(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+    return groups, FusedAdamWClip(groups, lr=CONSTRUCTION_LR, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                   max_grad_norm=max_norm)
+
+
+def forget_construction_step(base_optimizer) -> None:
+    """After deepspeed.initialize: drop optimizer state a wrapper's construction step made
+    (its step count and zero moments); a fresh optimizer has none, and makes it at its first step."""
+    base_optimizer.state.clear()
 
 
 def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:

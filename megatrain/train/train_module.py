@@ -13,6 +13,7 @@ answer to "where does the grad norm come from", hides pipeline vs data parallel 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,7 @@ from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
 from megatrain.train import loss_scale
 from megatrain.train.build import build_model
-from megatrain.train.optimizer import attach, build_optimizer, is_tensor_parallel
+from megatrain.train.optimizer import attach, build_optimizer, forget_construction_step, is_tensor_parallel
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 
@@ -88,6 +89,7 @@ class TrainModule:
         # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
         self.base_optimizer = (self.client_optimizer if self.client_optimizer is not None
                                else getattr(self.engine.optimizer, "optimizer", self.engine.optimizer))
+        forget_construction_step(self.base_optimizer)
         # Where the pre-clip global norm comes from: our kernel when it clips; else we measure
         # it (data parallel with fp32 weights, where DeepSpeed does not report it); else DeepSpeed.
         if isinstance(self.client_optimizer, FusedAdamWClip) and cfg.optim.clips(cfg):
@@ -118,6 +120,9 @@ class TrainModule:
         """One optimizer step over `grad_accum` micro-batches per rank: (loss averaged over
         the global batch, pre-clip global gradient norm or None)."""
         loss_fn = self.engine.module.loss_fn
+        skipped_before = self.engine.skipped_steps
+        if self.norm_source == "optimizer":  # stays None when DeepSpeed skips our step (an overflow)
+            self.client_optimizer.last_grad_norm = None
         if self.pipeline:
             # DeepSpeed's schedule runs the micro-batches; every rank draws them (the first
             # stage uses the inputs, the last the targets).
@@ -131,7 +136,7 @@ class TrainModule:
                 z_mean, counted = dist.all_reduce_mean(z_and_count)
                 self.z_loss = z_mean / counted
                 loss -= loss_fn.z_loss * self.z_loss  # the logged loss is the cross-entropy alone
-            return loss, self._grad_norm()
+            return loss, self._grad_norm(skipped_before)
         # The losses stay on the device (float64, as a host sum would be) until one
         # all-reduce after the step: one host sync per step, not one per micro-batch.
         loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=dist.collective_device()), None
@@ -150,7 +155,7 @@ class TrainModule:
             self.engine.step()
             loss_sum += loss.detach().to(loss_sum)
         if self.norm_source != "measured":
-            grad_norm = self._grad_norm()
+            grad_norm = self._grad_norm(skipped_before)
         if not loss_fn.z_loss:
             return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
         z_sum = loss_fn.take_z()[0].to(loss_sum)
@@ -174,9 +179,18 @@ class TrainModule:
         torch.distributed.all_reduce(squares, group=groups.get_tensor_model_parallel_group())
         return float(squares.sqrt())
 
-    def _grad_norm(self) -> float | None:
+    def _grad_norm(self, skipped_before: int) -> float | None:
+        """The step's pre-clip norm. A step DeepSpeed skipped (fp16 overflow, or a non-finite
+        bf16 gradient under ZeRO 1-2: its wrappers check before calling the optimizer) has an
+        infinite one, whatever the source last reported; a step our kernel skipped (it checks
+        the norm itself) is counted in DeepSpeed's skipped_steps, which checkpoints keep."""
+        if self.engine.skipped_steps > skipped_before:
+            return math.inf
         if self.norm_source == "optimizer":
-            return float(self.client_optimizer.last_grad_norm)
+            norm = float(self.client_optimizer.last_grad_norm)
+            if not math.isfinite(norm):
+                self.engine.skipped_steps += 1
+            return norm
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return None
@@ -187,8 +201,7 @@ class TrainModule:
         row = {"micro_batches": self.engine.micro_batches} if self.pipeline else {}
         if self.engine.module.loss_fn.z_loss:
             row["z_loss"] = self.z_loss  # mean log(Z)^2 over the global batch, before the coefficient
-        if isinstance(self.client_optimizer, FusedAdamWClip):
-            row["skipped_steps"] = int(self.client_optimizer.skipped_steps)  # non-finite norms, cumulative
+        row["skipped_steps"] = self.engine.skipped_steps  # updates left out for a non-finite gradient, cumulative
         if self.fp16:
             row["loss_scale"] = loss_scale.current(self.engine.optimizer)
         return row

@@ -46,6 +46,15 @@ def test_pipeline_bf16_trains(tmp_path, small_data, precision):
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05
 
 
+def test_pipeline_with_activation_checkpointing(p2_run, tmp_path, small_data):
+    """The blocks are recomputed in the backward pass, the embedding is not (its int64 input
+    under DeepSpeed's reentrant checkpoint left nothing on the first stage requiring grad,
+    and the backward raised): the same losses as without, and the hardware does more."""
+    pretrain(tmp_path / "run", small_data, *PIPE, "model.activation_checkpointing=true", "checkpoint.every_steps=0")
+    assert train_losses(tmp_path / "run") == train_losses(p2_run)
+    assert all(r["hfu"] > r["mfu"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train")
+
+
 def test_pipeline_times_data_parallel_four_processes(tmp_path, small_data, runs):
     """P=2 x DP=2 on 4 processes (oversubscribed on 2 cores): trains, and on the same global
     batch follows the same trajectory."""

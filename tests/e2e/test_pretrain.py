@@ -205,6 +205,20 @@ def test_zero3_non_finite_gradients_skip_the_whole_step(tmp_path, small_data):
     assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))
 
 
+def test_a_step_deepspeed_skips_logs_an_infinite_norm(tmp_path, small_data):
+    """bf16 under ZeRO-1 with megatrain's fused clip: DeepSpeed finds the NaN gradients of
+    steps 1 and 3 and skips them without calling the optimizer. The very first step has no
+    earlier norm to fall back on (it raised), a later one must not log the step before's:
+    both log an infinite norm and count as skipped; training goes on (spike guard off)."""
+    run = tmp_path / "run"
+    pretrain(run, small_data, "parallel.zero_stage=1", "train.precision=bf16", "spike.enabled=false",
+             "train.max_steps=4", "checkpoint.every_steps=0", "train.eval_every=0", faults=["nan_loss@1", "nan_loss@3"])
+    rows = [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert [r["grad_norm"] for r in rows][0::2] == [math.inf, math.inf]
+    assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["loss"]) for r in rows[1::2])
+    assert [r["skipped_steps"] for r in rows] == [1, 1, 2, 2]
+
+
 def test_named_validation_sets_each_get_loss_and_bits_per_byte(tmp_path, small_data):
     """data.valid with two named sets: each is logged at every evaluation with its loss,
     perplexity and bits per byte (from the tokens per byte prepare_data recorded), and

@@ -86,3 +86,18 @@ def test_tp2_measured_norm_and_deepspeed_clipping(tmp_path, small_data):
     norms = [[r["grad_norm"] for r in rs] for rs in rows]
     assert norms[0] == pytest.approx(norms[1], rel=1e-5) and min(norms[1]) < 0.6 < max(norms[1])
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+
+
+def test_tp2_with_qk_norm_follows_one_process(tmp_path, small_data):
+    """QK-norm's scales are whole on every rank but each rank applies them to its own heads:
+    their gradients are summed over the group, so the copies stay equal (the checkpoint
+    converts: layout_free.read refuses copies that differ) and the run follows the losses
+    and grad norms of one process, state included."""
+    llama = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.tie_embeddings=false",
+             "model.qk_norm=true", "train.eval_every=0", "checkpoint.every_steps=6"]
+    pretrain(tmp_path / "tp", small_data, *llama, "parallel.tensor_parallel=2", "parallel.zero_stage=1")
+    pretrain(tmp_path / "one", small_data, *llama, nproc=0)
+    rows = [[r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("tp", "one")]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+    assert [r["grad_norm"] for r in rows[0]] == pytest.approx([r["grad_norm"] for r in rows[1]], rel=1e-5)
+    assert_same_state(flat_state(tmp_path / "tp", 6), flat_state(tmp_path / "one", 6), rel=1e-5)

@@ -1,0 +1,65 @@
+"""The train module and the model as DeepSpeed gets them, built in a fresh process as a
+world of one (a spawned process: the test process never starts a process group):
+what DeepSpeed's wrappers do at construction, and the pipeline built on the meta device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.multiprocessing as mp
+from helpers import TINY_CONFIG
+
+
+def _in_a_world_of_one(fn, *args) -> dict:
+    """fn(*args) in a spawned process (plain python: a world of one); what it returned."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        mp.start_processes(_run, args=(fn, args, str(out)), nprocs=1, start_method="spawn")
+        return json.loads(out.read_text())
+
+
+def _run(_rank: int, fn, args, out: str) -> None:
+    from pathlib import Path
+
+    Path(out).write_text(json.dumps(fn(*args)))
+
+
+def _module(data: str, *sets: str):
+    from megatrain.config import load_config
+    from megatrain.model import GPTConfig
+    from megatrain.train.train_module import TrainModule, init_layout
+
+    cfg = load_config(TINY_CONFIG, [f"data.path={data}", *sets])
+    init_layout(cfg)
+    return TrainModule(cfg, GPTConfig.from_config(cfg, 1024), grad_accum=1)
+
+
+def _after_construction(data: str, optimizer: str) -> dict:
+    import torch
+
+    from megatrain.model.gpt import initial_value
+
+    module = _module(data, "parallel.zero_stage=0", "train.precision=bf16", f"optim.name={optimizer}")
+    opt = module.engine.optimizer  # FP16_UnfusedOptimizer: fp32 masters of the bf16 weights
+    masters = [hp for group in opt.fp32_groups for hp in group]
+    names = [n for group in module.optimizer_params for n in group]
+    shapes = dict((n, p.shape) for n, p in module.engine.module.named_parameters())
+    # the masters are made from the bf16 weights: the initial values rounded to bf16
+    moved = [n for n, hp in zip(names, masters, strict=True)
+             if not torch.equal(hp, initial_value(n, shapes[n], module.model_cfg).bfloat16().float())]
+    return {"wrapper": type(opt).__name__, "states": len(module.base_optimizer.state), "moved": moved}
+
+
+@pytest.mark.parametrize("optimizer", ["fused_adamw", "torch_adamw"])
+def test_zero0_bf16_starts_at_step_zero_from_the_initial_weights(small_data, optimizer):
+    """DeepSpeed's FP16_UnfusedOptimizer (ZeRO-0 in bf16) steps the optimizer once at
+    construction with zero gradients: that step must neither decay the weights nor count,
+    or the first real update would use t=2 bias corrections."""
+    got = _in_a_world_of_one(_after_construction, str(small_data), optimizer)
+    assert got["wrapper"] == "FP16_UnfusedOptimizer"
+    assert got["states"] == 0  # no step count, no moments: the first update is step 1
+    assert got["moved"] == []  # the fp32 masters are the initial values, bitwise
