@@ -1,13 +1,16 @@
 """Process-group set-up and the few collectives the trainer needs.
 
-Under the `deepspeed` launcher RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the
-environment; a plain `python launch/pretrain.py` is a world of one, for which we fill
-them in before DeepSpeed looks (it would otherwise try MPI discovery).
+Under the `deepspeed` launcher (and torchrun) RANK, WORLD_SIZE, MASTER_ADDR/PORT come from
+the environment. MPI-style launchers (mpirun, srun; `deepspeed --launcher
+openmpi|mvapich|slurm`) say who each process is in their own variables: we map those
+(launcher_environment). A plain `python launch/pretrain.py` is a world of one, for which
+we fill them in before DeepSpeed looks (it would otherwise try MPI discovery).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +34,7 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:  # plain python: a world of one
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    os.environ.update(launcher_environment(os.environ))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_init_required=True, verbose=False)
         # Each rank on its own device before anything is allocated or sent (NCCL makes its
@@ -44,6 +45,77 @@ def init_distributed() -> None:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
         _unlink_shm_buffer()
         _share_cores()
+
+
+# What MPI-style launchers tell each process: (rank, world size, local rank, local size).
+_MPI_VARIABLES = {
+    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    "MPICH / Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+}
+
+
+def launcher_environment(env) -> dict[str, str]:
+    """The variables torch.distributed needs (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE,
+    MASTER_ADDR, MASTER_PORT) that `env` lacks: none under the deepspeed launcher or
+    torchrun; from an MPI launcher's or srun's own variables; else a world of one. Without
+    a MASTER_ADDR, srun's first node is rank 0's; other MPI launchers leave it to DeepSpeed's
+    MPI discovery (mpi4py), or it is a one-line error."""
+    if "RANK" in env:
+        return {}
+    found = _mpi_world(env)
+    if found is None:  # plain python
+        return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port())}
+    launcher, out = found
+    if "MASTER_ADDR" not in env and launcher == "srun":
+        out["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    if "MASTER_ADDR" not in env and "MASTER_ADDR" not in out:
+        import importlib.util
+
+        if importlib.util.find_spec("mpi4py") is not None:
+            return {}  # DeepSpeed's MPI discovery sets every variable from MPI itself
+        raise UserError(f"{launcher} started {out['WORLD_SIZE']} processes and MASTER_ADDR is not set: export "
+                        "MASTER_ADDR (rank 0's host) and MASTER_PORT to every process, or install mpi4py "
+                        "(DeepSpeed then discovers them through MPI)")
+    if "MASTER_PORT" not in env:  # a port of the job's own under Slurm: two jobs may share a node
+        out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 40000 if "SLURM_JOB_ID" in env else 29500)
+    return out
+
+
+def _mpi_world(env) -> tuple[str, dict[str, str]] | None:
+    """(launcher, RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_SIZE) when an MPI launcher or srun started
+    more than one process; None otherwise (SLURM_NTASKS alone is also set in a batch script)."""
+    for launcher, names in _MPI_VARIABLES.items():
+        if int(env.get(names[1], 1)) > 1:
+            return launcher, dict(zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE"),
+                                      (env.get(n, "0") for n in names), strict=True))
+    if int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:  # srun's own step
+        per_node = _expand_counts(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]))
+        return "srun", {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+                        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+                        "LOCAL_SIZE": str(per_node[int(env.get("SLURM_NODEID", 0))])}
+    return None
+
+
+def _expand_counts(text: str) -> list[int]:
+    """Slurm's per-node counts: "4(x2),3" -> [4, 4, 3]."""
+    out = []
+    for item in text.split(","):
+        count, _, times = item.partition("(x")
+        out += [int(count)] * int(times.rstrip(")") or 1)
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[003-006,9],login1" -> "gpu003"."""
+    first = re.match(r"[^,\[]*(\[[^\]]*\])?[^,]*", nodelist).group(0)
+    prefix, _, rest = first.partition("[")
+    if not rest:
+        return first
+    ranges, _, suffix = rest.partition("]")
+    return prefix + re.split(r"[-,]", ranges)[0] + suffix
 
 
 def _share_cores() -> None:

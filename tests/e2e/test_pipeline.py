@@ -150,6 +150,28 @@ def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs)
     assert train_losses(run) == train_losses(runs(1, "fp32"))
 
 
+def test_an_mpi_style_launch_is_one_world(tmp_path, small_data, runs):
+    """Two plain python processes given what mpirun gives each (Open MPI's variables, no
+    RANK; MASTER_ADDR/PORT exported) train as one 2-rank world: the losses of the deepspeed
+    launcher's 2 ranks, and one checkpoint with both ranks' files (each had been a world of
+    one, both writing one run directory)."""
+    run, port = tmp_path / "run", free_port()
+    script = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY_CONFIG), "--set",
+              f"run.dir={run}", "--set", f"data.path={small_data}", "--set", "parallel.zero_stage=1"]
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")}
+    ranks = [subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**base, "OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_SIZE": "2",
+                                   "OMPI_COMM_WORLD_LOCAL_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    outputs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert "2 rank(s), ZeRO-1" in outputs[0]
+    assert train_losses(run) == train_losses(runs(1, "fp32"))
+    assert sorted(p.name for p in (run / "checkpoints" / "step-00000006").glob("megatrain-rank*.pt")) == [
+        "megatrain-rank00000.pt", "megatrain-rank00001.pt"]
+
+
 def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
     """Built where they are kept (meta device, then each rank's device; ZeRO-3 partitioned
     as built; tensor-parallel shards cut on the meta device), the weights at step 0 equal
