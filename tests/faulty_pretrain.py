@@ -10,6 +10,10 @@ never reads these flags or passes a batch through a test hook.
     nan_loss             step STEP's loss becomes NaN (real NaN gradients follow)
     hang                 the rank stops after step STEP and never returns (SIGTERM
                          does not end it: as a rank stuck inside a collective)
+    stale_listing        at checkpoint STEP the rank's listing of the files lags: it
+                         sees every other one (a network filesystem's attribute cache)
+    own_run_dir          (STEP 0) the rank's run.dir is RUN_DIR.nodeRANK: a node-local
+                         path, not the directory the other ranks write
 With --fault-state DIR each fires only once across processes too (a supervised run that
 restarts does not crash again at the same point).
 --poison START:COUNT replaces the samples at global positions [START, START + COUNT) with
@@ -39,6 +43,7 @@ sys.path.insert(0, str(REPO / "launch"))
 import pretrain  # noqa: E402  (launch/pretrain.py)
 
 from megatrain.train.callbacks import Callback  # noqa: E402
+from megatrain.train import checkpoint  # noqa: E402
 from megatrain.train.checkpoint import Checkpointer, checkpoint_step  # noqa: E402
 
 from _cli import run  # noqa: E402
@@ -86,6 +91,21 @@ def install_checkpoint_faults(faults: Faults) -> None:
         point_latest(self, final)
 
     Checkpointer._write, Checkpointer._point_latest = _write, _point_latest
+    listing = checkpoint._listing
+
+    def _listing(directory):
+        files = listing(directory)
+        return files[::2] if faults.fires("stale_listing", checkpoint_step(Path(directory.name[5:]))) else files
+
+    checkpoint._listing = _listing
+
+
+def own_run_dir(faults: Faults, argv: list[str]) -> list[str]:
+    """own_run_dir@0: this rank's run.dir becomes RUN_DIR.nodeRANK."""
+    if not faults.fires("own_run_dir", 0):
+        return argv
+    run_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("run.dir="))
+    return [*argv, "--set", f"run.dir={run_dir}.node{faults.rank}"]
 
 
 class Poison(Callback):
@@ -190,7 +210,7 @@ def main():
     install_checkpoint_faults(faults)
     callbacks = [NaNLoss(faults), Hang(faults), *([Poison(args.poison)] if args.poison else []),
                  *([RecordSamples(args.record_samples)] if args.record_samples else [])]
-    return pretrain.main(rest, callbacks=callbacks)
+    return pretrain.main(own_run_dir(faults, rest), callbacks=callbacks)
 
 
 if __name__ == "__main__":

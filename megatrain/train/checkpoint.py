@@ -15,7 +15,8 @@ replaces `latest` with os.replace (atomic). A crash at any point leaves `latest`
 previous complete checkpoint; stale .tmp-* directories are removed by the next save.
 Reading: a checkpoint is used only if its manifest lists every file with the right
 size and sha256; otherwise the next older one is tried, with a warning naming the bad
-file. The run directory must be on a filesystem every rank sees (as for DeepSpeed).
+file. The run directory must be on a filesystem every rank sees (as for DeepSpeed):
+`check_shared` refuses one that is not, at start.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import uuid
 from pathlib import Path
 
 import torch
@@ -37,6 +40,22 @@ MANIFEST = "manifest.json"
 STATE = "megatrain.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _listing(directory: Path) -> list[str]:
+    """The files under `directory` this rank sees, relative to it."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def _hash_share(directory: Path, seen_by: list[list[str]], rank: int) -> dict[str, dict]:
+    """{file: {"bytes", "sha256"}} for this rank's share of every file any rank listed: each
+    file goes, in turn, to one of the ranks that listed it."""
+    owners: dict[str, list[int]] = {}
+    for r, files in enumerate(seen_by):
+        for f in files:
+            owners.setdefault(f, []).append(r)
+    mine = [f for i, f in enumerate(sorted(owners)) if owners[f][i % len(owners[f])] == rank]
+    return {f: {"bytes": (directory / f).stat().st_size, "sha256": file_sha256(directory / f)} for f in mine}
 
 
 def step_tag(step: int) -> str:
@@ -94,13 +113,13 @@ class Checkpointer:
 
     def _publish(self, step: int, tmp: Path, final: Path) -> Path:
         """The ranks hash the files between them; rank 0 writes the manifest and renames
-        the directory to its final name."""
+        the directory to its final name. Every file any rank sees is listed, and hashed by a
+        rank that saw it: on a network filesystem a rank's listing can lag the files other
+        ranks wrote (attribute caching), never its own."""
         dist.barrier()
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        mine = {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)}
-                for i, f in enumerate(files) if i % dist.world_size() == dist.rank()}
+        seen_by = dist.all_gather_object(_listing(tmp))
         entries = {}
-        for part in dist.all_gather_object(mine):
+        for part in dist.all_gather_object(_hash_share(tmp, seen_by, dist.rank())):
             entries.update(part)
         if dist.is_main():
             manifest = {"format": FORMAT, "step": step, "files": dict(sorted(entries.items()))}
@@ -109,6 +128,30 @@ class Checkpointer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
         return final
+
+    def check_shared(self) -> None:
+        """Collective, at start: every rank sees the files rank 0 writes in the run directory
+        (each rank writes its checkpoint files there and rank 0 publishes them). A directory
+        that is not shared (a node-local path) is refused in one line, before any checkpoint
+        is written or looked for: otherwise every checkpoint would fail its verification and
+        `--resume auto` would start again from step 0."""
+        if dist.world_size() == 1:
+            return
+        probe = self.run_dir / dist.all_gather_object(f".shared-{uuid.uuid4().hex}")[0]  # rank 0's name
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(probe, "")
+        dist.barrier()
+        sees = dist.all_gather_object((socket.gethostname(), probe.is_file()))
+        dist.barrier()
+        if dist.is_main():
+            probe.unlink()
+        blind = [(r, host) for r, (host, seen) in enumerate(sees) if not seen]
+        if blind:
+            rank, host = blind[0]
+            raise UserError(f"run.dir={self.run_dir}: rank {rank} (on {host}) does not see the files rank 0 writes "
+                            f"there{f' (nor do {len(blind) - 1} other ranks)' if len(blind) > 1 else ''}; every rank "
+                            "writes checkpoints into it: put it on a filesystem all nodes share")
 
     def _point_latest(self, final: Path) -> None:
         """Rank 0: `latest` names the new checkpoint (atomically), then old ones are pruned."""

@@ -49,6 +49,9 @@ class Trainer:
         if self.model_cfg.vocab_size < data_vocab:
             raise UserError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's {data_vocab}")
         self.tokenizer_sha256 = train_data.tokenizer_sha256
+        self.run_dir = Path(cfg.run.dir)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
+        self.checkpointer.check_shared()  # before anything is written there
         self.log = RunLog(cfg, enabled=dist.is_main())
         self._check_plan()
         self.progress = Progress()
@@ -56,8 +59,6 @@ class Trainer:
         self.batch_schedule = BatchSchedule.from_config(cfg, dp_size)
         self.module = TrainModule(cfg, self.model_cfg, self.batch_schedule.micro_batches(0))
         self.batches = TrainBatches(cfg, train_data, self.module.dp_rank, self.module.dp_size, self.module.device)
-        self.run_dir = Path(cfg.run.dir)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
         self.recovery = SpikeRecovery(cfg.spike, t.seq_len, in_memory=cfg.parallel.zero_stage != 3)
         self.metrics = LogMetrics(t.log_every)
         self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)

@@ -124,6 +124,34 @@ def test_damaged_checkpoint_falls_back_to_previous(runs, tmp_path, small_data):
     assert train_losses(run) == train_losses(runs(1, "fp32"))
 
 
+def test_a_lagging_listing_still_hashes_every_file(runs, tmp_path, small_data):
+    """Rank 1's listing of checkpoint 3 sees every other file (a network filesystem's cache
+    lagging): the manifest still lists and hashes every file of the checkpoint, each by a
+    rank that saw it, and the checkpoint verifies and resumes."""
+    run = tmp_path / "run"
+    pretrain(run, small_data, "parallel.zero_stage=1", faults=["stale_listing@3:1"])
+    ckpt = run / "checkpoints" / "step-00000003"
+    listed = json.loads((ckpt / "manifest.json").read_text())["files"]
+    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk and len(on_disk) >= 5
+    assert Checkpointer.verify(ckpt) is None
+    resumed = copy_until(run, tmp_path / "resumed", step=3)
+    pretrain(resumed, small_data, "parallel.zero_stage=1")
+    assert train_losses(resumed) == train_losses(runs(1, "fp32"))
+
+
+def test_a_run_dir_a_rank_does_not_share_is_refused(runs, tmp_path, small_data):
+    """Rank 1's run.dir is a path of its own (as a node-local directory would be): refused in
+    one line naming the rank, exit 2, before anything is written; the run's files as they were."""
+    run = copy_until(runs(1, "fp32"), tmp_path / "run", step=3)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = pretrain(run, small_data, "parallel.zero_stage=1", check=False, faults=["own_run_dir@0:1"])
+    assert proc.returncode == 2
+    assert (f"error: run.dir={run}: rank 1 (on " in proc.stderr and "does not see the files rank 0 writes there; "
+            "every rank writes checkpoints into it: put it on a filesystem all nodes share" in proc.stderr)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_changed_model_shape_is_refused(runs, tmp_path, small_data):
     """(A changed layout is resumed: tests/e2e/test_reshard.py.)"""
     run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
