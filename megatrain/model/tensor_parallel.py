@@ -66,13 +66,29 @@ def split_of(name: str, cfg: GPTConfig) -> tuple[int, tuple[int, ...] | None] | 
     return None
 
 
-def shard(name: str, full: torch.Tensor, rank: int, size: int, cfg: GPTConfig) -> torch.Tensor:
-    """Rank `rank`'s part of whole parameter `name` (the tensor itself when replicated)."""
+def shard_ranges(name: str, shape, rank: int, size: int, cfg: GPTConfig) -> tuple[int, list[tuple[int, int]]] | None:
+    """(dimension, [(start, stop), ...]): the slices of whole parameter `name` (of `shape`)
+    that rank `rank`'s shard is made of, one per sub-parameter, in order; None when every
+    rank keeps it whole. A reader can take just these (layout_free.load_into)."""
     split = split_of(name, cfg)
     if split is None or size == 1:
-        return full
+        return None
     dim, sizes = split
-    return torch.cat([sub.chunk(size, dim)[rank] for sub in full.split(sizes or full.shape[dim], dim)], dim)
+    ranges, offset = [], 0
+    for n in sizes or (shape[dim],):
+        part = n // size
+        ranges.append((offset + rank * part, offset + (rank + 1) * part))
+        offset += n
+    return dim, ranges
+
+
+def shard(name: str, full: torch.Tensor, rank: int, size: int, cfg: GPTConfig) -> torch.Tensor:
+    """Rank `rank`'s part of whole parameter `name` (the tensor itself when replicated)."""
+    cut = shard_ranges(name, full.shape, rank, size, cfg)
+    if cut is None:
+        return full
+    dim, ranges = cut
+    return torch.cat([full.narrow(dim, a, b - a) for a, b in ranges], dim)
 
 
 def gather(name: str, shards: list[torch.Tensor], cfg: GPTConfig) -> torch.Tensor:

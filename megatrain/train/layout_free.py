@@ -401,7 +401,9 @@ def ensure(ckpt: Path) -> tuple[Path, bool]:
 def load_into(module, path: Path) -> int:
     """Every rank: set the master weights, the model's weights and (when the file has them)
     the moments of `module`'s engine (any layout) from a layout-free file; returns the
-    optimizer step count. A file of weights alone leaves the optimizer as new."""
+    optimizer step count. A file of weights alone leaves the optimizer as new. Each rank
+    reads only what it keeps: its tensor-parallel shards, its ZeRO-3 slices, its ZeRO 1-2
+    fragments of the moments (the model's weights it holds whole)."""
     from safetensors import safe_open
 
     engine, opt = module.engine, module.engine.optimizer
@@ -410,50 +412,79 @@ def load_into(module, path: Path) -> int:
         step = int(f.metadata()["optimizer_step"])
         named = [(canonical_name(n, n_layer) if module.pipeline else n, p) for n, p in engine.module.named_parameters()]
         moments = MOMENTS if f"{MOMENTS[0]}/{named[0][0]}" in f.keys() else ()
-
-        def full(kind: str, name: str) -> torch.Tensor:
-            """The parameter as this rank holds it whole: under tensor parallelism its shard."""
-            return tensor_parallel.shard(name, f.get_tensor(f"{kind}/{name}"), module.tp_rank, module.tp_size,
-                                         module.model_cfg)
-
+        part = _Parts(f, module)
         with torch.no_grad():
             if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-                _load_zero3(opt, module.base_optimizer, named, full, step, moments)
+                _load_zero3(opt, module.base_optimizer, named, part, step, moments)
             elif any(getattr(p, "_hp_mapping", None) is not None for _, p in named):  # ZeRO-1/2
-                _load_zero12(opt, module.base_optimizer, named, full, step, moments)
+                _load_zero12(opt, module.base_optimizer, named, part, step, moments)
             elif hasattr(opt, "fp32_groups_flat"):  # ZeRO-0, fp16 with DeepSpeed's FusedAdam
-                _load_flat(opt, module.base_optimizer, named, full, step, moments)
+                _load_flat(opt, module.base_optimizer, named, part, step, moments)
             else:  # ZeRO-0: whole parameters, masters either the model's own or DeepSpeed's fp32 copies
                 masters = {}
                 if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
                     masters = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
                                for lp, hp in zip(lps, hps, strict=True)}
                 for name, p in named:
-                    p.copy_(full("param", name))
+                    value = part.shard("param", name)
+                    p.copy_(value)
                     hp = masters.get(id(p), p)
-                    hp.copy_(full("param", name))
+                    hp.copy_(value)
                     if moments:
                         state = _adam_state(module.base_optimizer, hp, step)
                         for kind in moments:
-                            state[kind].copy_(full(kind, name))
+                            state[kind].copy_(part.shard(kind, name))
     return step
 
 
-def _load_zero12(opt, base, named, full, step: int, moments) -> None:
+class _Parts:
+    """This rank's parts of the tensors of an open layout-free file, read by slices: a
+    parameter's tensor-parallel shard, or a flat range of it (the whole parameter is never
+    read for either, except a flat range of a shard, read as the shard)."""
+
+    def __init__(self, f, module):
+        self.f, self.tp_rank, self.tp_size, self.model_cfg = f, module.tp_rank, module.tp_size, module.model_cfg
+
+    def shard(self, kind: str, name: str) -> torch.Tensor:
+        """Parameter `name` as this rank holds it: whole, or its tensor-parallel shard."""
+        key = f"{kind}/{name}"
+        cut = tensor_parallel.shard_ranges(name, self.f.get_slice(key).get_shape(), self.tp_rank, self.tp_size,
+                                           self.model_cfg)
+        if cut is None:
+            return self.f.get_tensor(key)
+        dim, ranges = cut
+        sliced = self.f.get_slice(key)
+        return torch.cat([sliced[a:b] if dim == 0 else sliced[:, a:b] for a, b in ranges], dim)
+
+    def flat(self, kind: str, name: str, start: int, n: int) -> torch.Tensor:
+        """Elements [start, start + n) of the flattened shard; with no tensor parallelism,
+        only the rows they lie in are read."""
+        key = f"{kind}/{name}"
+        shape = self.f.get_slice(key).get_shape()
+        if self.tp_size > 1 or len(shape) == 0:
+            return self.shard(kind, name).reshape(-1).narrow(0, start, n)
+        row = math.prod(shape[1:])
+        first, last = start // row, -(-(start + n) // row)
+        return self.f.get_slice(key)[first:last].reshape(-1).narrow(0, start - first * row, n)
+
+
+def _load_zero12(opt, base, named, part: _Parts, step: int, moments) -> None:
     if moments:
         for flat in opt.single_partition_of_fp32_groups:
             _adam_state(base, flat, step)
         opt._hp_optimizer_states_linked = False  # link each parameter's fragment to the new state tensors
         opt._lazy_init_hp_params_optimizer_state()
     for name, p in named:
-        p.copy_(full("param", name))  # every rank holds whole model weights
-        if p._hp_mapping is not None:
-            p.set_full_hp_param(full("param", name))
+        value = part.shard("param", name)
+        p.copy_(value)  # every rank holds whole model weights
+        if p._hp_mapping is not None:  # this rank's fragment of the masters and moments
+            address = p._hp_mapping.lp_fragment_address
+            p._hp_mapping.get_hp_fragment().copy_(value.reshape(-1).narrow(0, address.start, address.numel))
             for kind in moments:
-                p.set_full_hp_param(full(kind, name), kind)
+                p._hp_mapping.get_hp_fragment(kind).copy_(part.flat(kind, name, address.start, address.numel))
 
 
-def _load_flat(opt, base, named, full, step: int, moments) -> None:
+def _load_flat(opt, base, named, part: _Parts, step: int, moments) -> None:
     """DeepSpeed's FP16_Optimizer: each group's fp16 parameters are views of one flat buffer,
     their masters and moments one flat fp32 tensor each, in the same order. The masters
     are set, not only the fp16 weights: those are copied from the masters after each step."""
@@ -463,21 +494,35 @@ def _load_flat(opt, base, named, full, step: int, moments) -> None:
         offset = 0
         for lp in lps:
             name, n = name_of[id(lp)], lp.numel()
-            value = full("param", name)
+            value = part.shard("param", name)
             lp.copy_(value)
             flat.narrow(0, offset, n).copy_(value.reshape(-1))
             for kind in moments:
-                state[kind].narrow(0, offset, n).copy_(full(kind, name).reshape(-1))
+                state[kind].narrow(0, offset, n).copy_(part.shard(kind, name).reshape(-1))
             offset += n
 
 
-def _load_zero3(opt, base, named, full, step: int, moments) -> None:
+def _load_zero3(opt, base, named, part: _Parts, step: int, moments) -> None:
+    """Each rank sets its own partition of every parameter (DeepSpeed's local setters): the
+    last rank's is padded when the ranks do not divide a parameter's elements."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
     for flat in opt.fp32_partitioned_groups_flat if moments else ():
         _adam_state(base, flat, step)
     for name, p in named:
-        opt.set_full_hp_param(full("param", name), p)
+        size = p.ds_tensor.numel()  # the partition, padded
+        start = torch.distributed.get_rank(group=p.ds_process_group) * size
+        n = max(0, min(size, p.ds_numel - start))
+
+        def local(kind: str) -> torch.Tensor:
+            out = torch.zeros(size, dtype=torch.float32)
+            if n:  # (a rank past a small parameter's end holds padding alone)
+                out[:n] = part.flat(kind, name, start, n)
+            return out
+
+        safe_set_local_fp32_param(p, local("param"))
         for kind in moments:
-            opt.set_full_hp_param(full(kind, name), p, kind)
+            safe_set_local_optimizer_state(p, local(kind), kind)
     for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True):
         lp.copy_(hp)  # the model's own partitions, gathered on use
 

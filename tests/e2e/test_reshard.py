@@ -183,3 +183,19 @@ def test_deepspeed_adamw_zero0_checkpoint_resumes_on_another_layout(tmp_path, sm
     assert "resharded step-00000003 from 2 data-parallel rank(s), ZeRO-0 to 1 data-parallel rank(s), ZeRO-2" \
         in proc.stdout
     assert train_losses(run) == pytest.approx(train_losses(source), rel=1e-5)
+
+
+def test_three_zero3_ranks_take_padded_partitions(tmp_path, small_data):
+    """3 ranks under ZeRO-3 do not divide most parameters (d_model 32): each rank's partition
+    is padded, and the last rank's slice ends inside it (it read past the parameter's end).
+    2 ranks ZeRO-1 -> 3 ranks ZeRO-3 from step 3 (a global batch of 768 tokens both split),
+    against the uninterrupted run, state included."""
+    sets = ["schedule.batch_final_tokens=768", "train.max_steps=6", "checkpoint.every_steps=3", "train.eval_every=0"]
+    source = tmp_path / "source"
+    pretrain(source, small_data, *sets, "parallel.zero_stage=1")
+    run = copy_until(source, tmp_path / "run", step=3)
+    proc = pretrain(run, small_data, *sets, "parallel.zero_stage=3", nproc=3)
+    assert "resharded step-00000003 from 2 data-parallel rank(s), ZeRO-1 to 3 data-parallel rank(s), ZeRO-3" \
+        in proc.stdout
+    assert train_losses(run) == pytest.approx(train_losses(source), rel=1e-5)
+    assert_same_state(flat_state(run, 6), flat_state(source, 6), rel=1e-5)
