@@ -8,11 +8,19 @@ CPU kernel always, the CUDA kernel too when the installed torch has CUDA and nvc
 found (MEGATRAIN_CPU_ONLY=1 skips it).
 """
 
+import importlib.util
 import os
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+# The architectures (SASS for each, PTX for the newest), from the package's own file, by path:
+# megatrain is not importable yet.
+_spec = importlib.util.spec_from_file_location(
+    "cuda_arches", os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatrain", "optim", "cuda_arches.py"))
+cuda_arches = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cuda_arches)
 
 
 def fused_adamw_extension():
@@ -21,8 +29,7 @@ def fused_adamw_extension():
     cxx = ["-O3", "-fno-math-errno", "-fopenmp", "-std=c++17"]
     cpu_sources = ["csrc/fused_adamw_cpu.cpp"]
     if torch.version.cuda and CUDA_HOME and not os.environ.get("MEGATRAIN_CPU_ONLY"):
-        arches = os.environ.get("MEGATRAIN_CUDA_ARCHES", "80;90").split(";")
-        nvcc = ["-O3", "-std=c++17"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
+        nvcc = ["-O3", "-std=c++17", *cuda_arches.gencode_flags(cuda_arches.arches())]
         return CUDAExtension(
             "megatrain._fused_adamw",
             cpu_sources + ["csrc/fused_adamw_cuda_binding.cpp", "csrc/fused_adamw_cuda.cu"],

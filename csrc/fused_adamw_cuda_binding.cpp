@@ -1,7 +1,9 @@
 // CUDA implementations of torch.ops.megatrain.sum_squares and adamw_clip_step_ (schemas
 // in fused_adamw_cpu.cpp). Tensors are grouped by dtype and handed to the kernels in
-// fused_adamw_cuda.cu on the current stream; nothing here waits for the device.
+// fused_adamw_cuda.cu on the current stream of their device (a guard makes it current: the
+// caller's current device may be another); nothing here waits for the device.
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
@@ -15,19 +17,23 @@ namespace {
 using megatrain::cuda::DType;
 using megatrain::cuda::TensorRef;
 
-DType dtype_of(const at::Tensor& t) {
+DType dtype_of(const at::Tensor& t, const at::Device& device) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
               "megatrain fused AdamW: tensors must be float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.is_cuda() && t.is_contiguous(), "megatrain fused AdamW (CUDA): tensors must be contiguous CUDA tensors");
+  TORCH_CHECK(t.device() == device, "megatrain fused AdamW (CUDA): every tensor must be on one device, got ",
+              t.device(), " and ", device);
   return t.scalar_type() == at::kFloat ? megatrain::cuda::F32 : megatrain::cuda::BF16;
 }
 
 at::Tensor sum_squares_cuda(at::TensorList tensors) {
   TORCH_CHECK(!tensors.empty(), "megatrain fused AdamW: sum_squares needs at least one tensor");
+  const at::Device device = tensors[0].device();
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto opts = tensors[0].options().dtype(at::kFloat);
   std::map<DType, std::vector<TensorRef>> groups;
-  for (const auto& t : tensors) groups[dtype_of(t)].push_back({nullptr, t.data_ptr(), nullptr, nullptr, t.numel(), 0, 0});
+  for (const auto& t : tensors) groups[dtype_of(t, device)].push_back({nullptr, t.data_ptr(), nullptr, nullptr, t.numel(), 0, 0});
   at::Tensor total = at::zeros({1}, opts);
   for (auto& [dtype, refs] : groups) {
     const auto n = megatrain::cuda::count_chunks(refs.data(), (int)refs.size());
@@ -49,9 +55,13 @@ void adamw_clip_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && lrs.size() == n &&
                   weight_decays.size() == n,
               "megatrain fused AdamW: every list must have one entry per parameter tensor");
-  TORCH_CHECK(step.is_cuda() && step.scalar_type() == at::kFloat && skipped.is_cuda() &&
-                  skipped.scalar_type() == at::kLong && norm_sq.is_cuda(),
-              "megatrain fused AdamW (CUDA): step (float32), skipped (int64) and norm_sq must be CUDA tensors");
+  TORCH_CHECK(n > 0, "megatrain fused AdamW: adamw_clip_step_ needs at least one tensor");
+  const at::Device device = params[0].device();
+  TORCH_CHECK(step.device() == device && skipped.device() == device && norm_sq.device() == device &&
+                  step.scalar_type() == at::kFloat && skipped.scalar_type() == at::kLong,
+              "megatrain fused AdamW (CUDA): step (float32), skipped (int64) and norm_sq must be on the parameters' "
+              "device ", device);
+  const c10::cuda::CUDAGuard guard(device);
   auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor scalars = at::empty({(int64_t)sizeof(megatrain::StepScalars)}, norm_sq.options().dtype(at::kByte));
   auto* s = reinterpret_cast<megatrain::StepScalars*>(scalars.data_ptr());
@@ -64,7 +74,9 @@ void adamw_clip_step_cuda(at::TensorList params, at::TensorList grads, at::Tenso
     TORCH_CHECK(grads[i].numel() == params[i].numel() && exp_avgs[i].numel() == params[i].numel() &&
                     exp_avg_sqs[i].numel() == params[i].numel(),
                 "megatrain fused AdamW: tensor ", i, " has mismatched sizes");
-    groups[{dtype_of(params[i]), dtype_of(grads[i])}].push_back(
+    TORCH_CHECK(exp_avgs[i].device() == device && exp_avg_sqs[i].device() == device,
+                "megatrain fused AdamW (CUDA): moments must be on the parameters' device ", device);
+    groups[{dtype_of(params[i], device), dtype_of(grads[i], device)}].push_back(
         {params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
          params[i].numel(), (float)lrs[i], (float)weight_decays[i]});
   }

@@ -198,8 +198,16 @@ def _warn_fallback() -> None:
 def fused_op_disagrees(device: torch.device, op_step=None) -> str | None:
     """Run the fused op (or `op_step`, same signature) and the torch path for two steps of
     one small random problem on `device`: None if the updates and moments agree to 1e-4
-    relative (a wrong kernel is off by far more), else what differs.
+    relative (a wrong kernel is off by far more), else what differs, or what the op raised
+    (a GPU it has no kernel image for: "no kernel image is available for execution").
     Its own generator: the run's random state is untouched."""
+    try:
+        return _compare_with_torch(device, op_step)
+    except RuntimeError as e:  # the torch path does not raise here: the op did
+        return f"it raised {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+
+
+def _compare_with_torch(device: torch.device, op_step) -> str | None:
     sizes = (1, 7, 1000, 4099)
 
     def problem():  # small params (their rounding stays far below an update), clipped gradients, zero moments

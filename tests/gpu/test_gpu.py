@@ -59,6 +59,17 @@ def test_cuda_kernel_skips_a_non_finite_step():
     assert torch.equal(p.detach(), torch.ones_like(p)) and int(opt.skipped_steps) == 1
 
 
+def test_cuda_binding_refuses_tensors_on_two_devices():
+    """The binding makes the parameters' device current and refuses moments elsewhere (one
+    line, not a launch on the wrong device)."""
+    p, g = torch.zeros(8, device=CUDA), torch.ones(8, device=CUDA)
+    m, v = torch.zeros(8), torch.zeros(8)  # on the host
+    step, skipped = torch.zeros((), device=CUDA), torch.zeros((), dtype=torch.int64, device=CUDA)
+    with pytest.raises(RuntimeError, match="moments must be on the parameters' device"):
+        torch.ops.megatrain.adamw_clip_step_([p], [g], [m], [v], [1e-3], [0.0], 0.9, 0.95, 1e-8,
+                                             torch.ones(1, device=CUDA), 1.0, step, skipped)
+
+
 def test_cuda_kernel_past_2_to_the_31_elements():
     """A tensor of more than 2^31 elements (indexing in 64 bits), when memory allows."""
     n = 2**31 + 5

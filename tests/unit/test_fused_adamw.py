@@ -308,3 +308,30 @@ def test_the_op_checks_itself_against_the_torch_path(caplog):
     finally:
         fused_adamw.fused_op_disagrees = original
     assert any("disagrees with the torch path" in r.getMessage() for r in caplog.records)
+
+
+def test_an_op_that_cannot_launch_falls_back_to_the_torch_path(caplog):
+    """A GPU the op has no kernel image for (built for sm_80/sm_90, run on a later one
+    without the PTX) raises at the first launch: the self-check catches it, says so, and the
+    optimizer trains on the torch path instead of crashing the run."""
+    from megatrain.optim import fused_adamw
+
+    cpu = torch.device("cpu")
+
+    def no_image(*args):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
+
+    assert fused_adamw.fused_op_disagrees(cpu, no_image) == (
+        "it raised RuntimeError: CUDA error: no kernel image is available for execution on the device")
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = FusedAdamWClip([p], lr=0.1, weight_decay=0.0)
+    original = fused_adamw.fused_op_disagrees
+    fused_adamw.fused_op_disagrees = lambda device: original(device, no_image)
+    try:
+        with caplog.at_level("ERROR"):
+            p.grad = torch.ones(3)
+            opt.step()  # on the torch path
+    finally:
+        fused_adamw.fused_op_disagrees = original
+    assert not opt.uses_fused_op_on(cpu) and torch.all(p < 1)
+    assert any("no kernel image" in r.getMessage() for r in caplog.records)
