@@ -78,8 +78,12 @@ def build_pipeline(cfg: GPTConfig, num_stages: int, partition_method: str = "par
 
     class GPTPipeline(PipelineModule):
         def to(self, *args, **kwargs):
-            if any(p.is_meta for p in self.parameters()):  # nothing to move yet
-                return self
+            """On the meta device a move waits for the parameters to be allocated (DeepSpeed
+            moves the stage while building it); a cast applies at once, so the stage is
+            allocated in the training dtype (not in fp32 first)."""
+            if any(p.is_meta for p in self.parameters()):
+                _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+                return super().to(dtype=dtype) if dtype is not None else self
             return super().to(*args, **kwargs)
 
     if partition_method not in PARTITION_METHODS:

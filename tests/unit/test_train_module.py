@@ -63,3 +63,30 @@ def test_zero0_bf16_starts_at_step_zero_from_the_initial_weights(small_data, opt
     assert got["wrapper"] == "FP16_UnfusedOptimizer"
     assert got["states"] == 0  # no step count, no moments: the first update is step 1
     assert got["moved"] == []  # the fp32 masters are the initial values, bitwise
+
+
+def _pipeline_dtypes() -> dict:
+    import torch
+
+    from megatrain.model import GPTConfig, build_pipeline
+    from megatrain.train import distributed as dist
+
+    dist.init_distributed()
+    cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=8)
+    with torch.device("meta"):
+        stage = build_pipeline(cfg, 1, init_weights=False)
+    moved = stage.to("cpu")  # what DeepSpeed does while the parameters are still on meta: waits
+    cast = stage.to(torch.bfloat16)
+    return {"moved": sorted({str(p.device) for p in moved.parameters()}),
+            "cast": sorted({str(p.dtype) for p in cast.parameters()}), "same": cast is stage,
+            "checkpointable": [stage._is_checkpointable([layer]) for layer in stage.forward_funcs]}
+
+
+def test_a_pipeline_on_meta_takes_casts_and_waits_for_moves():
+    """build.py casts the meta model to the training dtype before allocating it: a pipeline
+    stage kept that cast waiting with the move, and was allocated in fp32 first. Only the
+    blocks are checkpointable (the embedding's int64 input under the reentrant checkpoint)."""
+    got = _in_a_world_of_one(_pipeline_dtypes)
+    assert got["moved"] == ["meta"] and got["cast"] == ["torch.bfloat16"] and got["same"]
+    # embedding, positions, 2 blocks, final norm, output projection
+    assert got["checkpointable"] == [False, False, True, True, False, False]
