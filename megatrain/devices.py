@@ -16,12 +16,16 @@ class GPU:
     tflops: dict  # matmul dtype -> dense TFLOP/s
 
 
-# NVIDIA A100 (2020), H100 (2023), H200 (2024) and L40S (2023) data sheets; dense, no sparsity.
-# The first pattern that matches a device name wins.
+# NVIDIA A100 (2020), H100 (2023), H100 NVL and H200 (2024) and L40S (2023) data sheets; dense,
+# no sparsity (the sheets' sparse figures halved). The first pattern that matches a device
+# name wins: the NVL cards ("NVIDIA H200 NVL", 600 W PCIe) come before the SXM parts they
+# share a name with.
 GPUS = [
     GPU("h100-pcie", "H100 PCIe", r"H100.*PCIe", 80, {"bf16": 756, "fp16": 756, "tf32": 378, "fp32": 51}),
+    GPU("h100-nvl", "H100 NVL", r"H100 NVL", 94, {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60}),
     GPU("h100", "H100 SXM", r"H100 (SXM|80GB HBM3)", 80, {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
-    GPU("h200", "H200", r"H200", 141, {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
+    GPU("h200-nvl", "H200 NVL", r"H200 NVL", 141, {"bf16": 835, "fp16": 835, "tf32": 418, "fp32": 60}),
+    GPU("h200", "H200 SXM", r"H200", 141, {"bf16": 989, "fp16": 989, "tf32": 495, "fp32": 67}),
     GPU("a100-40gb", "A100 40GB", r"A100.*40GB", 40, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
     GPU("a100", "A100", r"A100", 80, {"bf16": 312, "fp16": 312, "tf32": 156, "fp32": 19.5}),
     GPU("l40s", "L40S", r"L40S", 48, {"bf16": 362, "fp16": 362, "tf32": 183, "fp32": 91.6}),

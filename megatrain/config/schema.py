@@ -202,7 +202,11 @@ class TrainConfig:
     log_every: int = 1
     """Optimizer steps between console updates (metrics.jsonl gets every step)."""
     peak_flops: float | None = None
-    """Peak FLOP/s of one device for MFU; None measures a matmul once at start."""
+    """Peak FLOP/s of one device for MFU; None: the GPU's data sheet (a CPU: a matmul timed at start)."""
+    tf32: bool = False
+    """On GPUs, run fp32 matmuls (train.precision fp32, and what bf16-autocast leaves in fp32)
+    on the tensor cores in TF32 (a 10-bit mantissa; 7x the fp32 peak on an H100); the MFU
+    peak is then the TF32 one. Off: full fp32, PyTorch's default."""
 
     def problems(self, cfg: Config) -> Problems:
         yield from _at_least(self, "train", seq_len=1, micro_batch=1, eval_every=0, eval_samples=0)

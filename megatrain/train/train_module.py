@@ -55,6 +55,8 @@ class TrainModule:
         import deepspeed
 
         t, par = cfg.train, cfg.parallel
+        if t.tf32:  # before anything runs (PyTorch's default is full-fp32 matmuls)
+            torch.backends.cuda.matmul.allow_tf32 = True
         self.world = dist.world_size()
         self.pipeline = par.pipeline_stages > 1
         self.tp_size = par.tensor_parallel

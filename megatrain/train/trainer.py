@@ -89,7 +89,7 @@ class Trainer:
         layout = (f"{world} ranks: {stages} pipeline x {tp} tensor x {dp_size} data parallel" if stages * tp > 1
                   else f"{world} rank(s)")
         self.log.print(f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
-                       f"{layout}, ZeRO-{cfg.parallel.zero_stage}, {t.precision}; "
+                       f"{layout}, ZeRO-{cfg.parallel.zero_stage}, {self._precision_text()}; "
                        f"global batch {self.batch_tokens} tokens ({self.module.grad_accum} x {t.micro_batch} x "
                        f"{t.seq_len} x {dp_size}); "
                        + (f"MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank ({self.peak_source})"
@@ -97,6 +97,14 @@ class Trainer:
         for note in self.batch_schedule.rounding_notes():  # the schedule departs from the config: say so
             self.log.print(f"schedule: {note}")
             self.log.event("batch_rounded", note=note)
+
+    def _precision_text(self) -> str:
+        """The precision, and on a GPU what fp32 matmuls run in (TF32 or not is a 7x peak)."""
+        t = self.cfg.train
+        if self.module.device.type != "cuda" or t.precision not in ("fp32", "bf16-autocast"):
+            return t.precision
+        return t.precision + (" (fp32 matmuls in TF32)" if t.tf32 else " (fp32 matmuls in full fp32; train.tf32=true "
+                                                                         "runs them in TF32)")
 
     def _check_plan(self) -> None:
         """The planner's memory prediction for this layout, printed before anything is

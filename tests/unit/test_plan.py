@@ -146,3 +146,16 @@ def test_plan_script_plans_the_model_of_model_init_from(tmp_path):
     assert f"vocabulary 96 (model.init_from {tmp_path / 'hf'})" in out, out
     with pytest.raises(AssertionError, match="model.n_layer is 2 in the config, 3 in the source"):
         run_script("plan.py", "--config", config, "--gpus", "1", "--gpu", "h100", "--set", "model.n_layer=2")
+
+
+def test_gpu_peaks_by_device_name():
+    """The data-sheet row a device name finds: the NVL cards have lower peaks than the SXM
+    parts whose names they contain; an unknown device has none (no MFU rather than a wrong one)."""
+    from megatrain.train.mfu import table_peak
+
+    names = {"NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 NVL": 835,
+             "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312}
+    for name, tflops in names.items():
+        assert table_peak(name, "bf16")[0] == tflops * 1e12, name
+    assert table_peak("NVIDIA H200 NVL", "tf32") == (418e12, "H200 NVL tf32 data sheet")
+    assert table_peak("NVIDIA B200", "bf16") is None

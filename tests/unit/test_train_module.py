@@ -90,3 +90,15 @@ def test_a_pipeline_on_meta_takes_casts_and_waits_for_moves():
     assert got["moved"] == ["meta"] and got["cast"] == ["torch.bfloat16"] and got["same"]
     # embedding, positions, 2 blocks, final norm, output projection
     assert got["checkpointable"] == [False, False, True, True, False, False]
+
+
+def _tf32(data: str) -> dict:
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    _module(data, "train.tf32=true")
+    return {"before": before, "after": torch.backends.cuda.matmul.allow_tf32}
+
+
+def test_train_tf32_lets_fp32_matmuls_use_tf32(small_data):
+    assert _in_a_world_of_one(_tf32, str(small_data)) == {"before": False, "after": True}
