@@ -1,10 +1,13 @@
 """GPUs by their data sheets: dense peak FLOP/s per matmul precision and memory. The MFU
-denominator (train/mfu.py) and the planner (plan.py) read them from here."""
+denominator (train/mfu.py) and the planner (plan.py) read them from here. And the host's
+memory as a process may use it (a container's limit included)."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,32 @@ def gpu_by_name(device_name: str) -> GPU | None:
 
 def gpu_by_key(key: str) -> GPU | None:
     return next((g for g in GPUS if g.key == key.lower()), None)
+
+
+def host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """Bytes of host memory this process may use: the machine's RAM, or less where its cgroup
+    (a container, a Slurm job) is limited to less: cgroup v2's memory.max, v1's
+    memory.limit_in_bytes, the smallest on the way from its own group to the root."""
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limits = [physical]
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, name = cgroup_root, "memory.max"  # v2 (unified)
+        elif "memory" in controllers.split(","):
+            base, name = cgroup_root / "memory", "memory.limit_in_bytes"  # v1
+        else:
+            continue
+        group = Path(path.lstrip("/"))
+        for ancestor in [group, *group.parents]:
+            try:
+                text = (base / ancestor / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < physical:  # "max", or v1's 2^63-ish: no limit
+                limits.append(int(text))
+    return min(limits)

@@ -19,9 +19,9 @@ spike.snapshots = 0, rollbacks go to disk checkpoints.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 
+from megatrain.devices import host_memory
 from megatrain.train import distributed as dist
 from megatrain.train.callbacks import Callback
 from megatrain.train.spike_guard import SpikeGuard, Verdict
@@ -29,10 +29,11 @@ from megatrain.train.spike_guard import SpikeGuard, Verdict
 
 def snapshot_budget(spike_cfg) -> int:
     """Host bytes this rank may hold in rollback points: spike.snapshot_memory_gb, else a
-    quarter of the node's memory shared by the ranks on the node."""
+    quarter of the memory the node's ranks may use (a container's limit, not the machine's
+    RAM, where it is less), shared by them."""
     if spike_cfg.snapshot_memory_gb is not None:
         return int(spike_cfg.snapshot_memory_gb * 2**30)
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4 // dist.local_world_size()
+    return host_memory() // 4 // dist.local_world_size()
 
 
 class SpikeRecovery(Callback):

@@ -49,6 +49,16 @@ def init_layout(cfg: Config) -> int:
     return dist.world_size() // (stages * tp)
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def host_block_bytes(nbytes: int, pinned: bool) -> int:
+    """The host memory a copy of `nbytes` takes: pinned memory comes from torch's caching
+    host allocator, which rounds each block up to a power of two (and keeps it cached), so a
+    1.1 GB partition takes 2 GiB."""
+    return 1 << (nbytes - 1).bit_length() if pinned and nbytes > 1 else nbytes
+
+
 class TrainModule:
     def __init__(self, cfg: Config, model_cfg: GPTConfig, grad_accum: int):
         """After init_layout."""
@@ -277,12 +287,12 @@ class TrainModule:
 
     def snapshot_bytes(self) -> int:
         """Host bytes of one capture, the AdamW moments included before they exist (they
-        appear at the first step)."""
+        appear at the first step), as the host allocator will take them."""
         tensors = self._state_tensors()
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        sizes = [t.numel() * t.element_size() for t in tensors.values()]
         if not any(k.startswith("opt.state.") for k in tensors):
-            total += 8 * sum(p.numel() for g in self.base_optimizer.param_groups for p in g["params"])
-        return total
+            sizes += [4 * p.numel() for g in self.base_optimizer.param_groups for p in g["params"] for _ in MOMENTS]
+        return sum(host_block_bytes(n, pinned=self.device.type == "cuda") for n in sizes)
 
     def capture(self, reuse: dict | None = None) -> dict:
         """A host copy of this rank's training tensors, the optimizer's step counts kept as

@@ -114,3 +114,25 @@ def test_a_rounded_batch_is_reported_at_start(world_of_one, tmp_path, small_data
     out = capsys.readouterr().out
     assert "schedule: global batch 500 tokens is rounded to 384" in out
     assert "global batch 384 tokens (3 x 4 x 32 x 1)" in out
+
+
+def test_host_memory_for_rollback_points(tmp_path):
+    """A container's (cgroup's) limit bounds the budget, not the machine's RAM; pinned copies
+    take the power-of-two blocks torch's host allocator rounds them up to."""
+    from megatrain.devices import host_memory
+    from megatrain.train.train_module import host_block_bytes
+
+    physical = host_memory(tmp_path / "none", tmp_path / "none")
+    (tmp_path / "cgroup").write_text("0::/job/step\n")
+    (tmp_path / "v2" / "job" / "step").mkdir(parents=True)
+    (tmp_path / "v2" / "job" / "step" / "memory.max").write_text("max\n")
+    (tmp_path / "v2" / "job" / "memory.max").write_text(f"{2**30}\n")
+    assert host_memory(tmp_path / "v2", tmp_path / "cgroup") == min(2**30, physical)
+    (tmp_path / "cgroup").write_text("4:memory:/slurm/uid_0/job_7\n0::/\n")
+    limits = tmp_path / "v1" / "memory" / "slurm" / "uid_0" / "job_7"
+    limits.mkdir(parents=True)
+    (limits / "memory.limit_in_bytes").write_text(f"{3 * 2**29}\n")
+    (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # none
+    assert host_memory(tmp_path / "v1", tmp_path / "cgroup") == min(3 * 2**29, physical)
+    assert [host_block_bytes(n, pinned=True) for n in (1, 4096, 4097, 1_100_000_000)] == [1, 4096, 8192, 2**31]
+    assert host_block_bytes(4097, pinned=False) == 4097
