@@ -324,15 +324,23 @@ def initial_value(name: str, shape, cfg: GPTConfig, piece: int = INIT_PIECE) -> 
     return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(shape)
 
 
+def is_drawn(name: str, cfg: GPTConfig) -> bool:
+    """The parameter's initial value is a random draw (not a constant fill)."""
+    return _init_rule(name, cfg)[0] is None
+
+
 def initial_value_pieces(name: str, shape, cfg: GPTConfig, start: int = 0, stop: int | None = None,
-                         piece: int = INIT_PIECE):
+                         piece: int = INIT_PIECE, wanted=None):
     """The pieces of initial_value(name, shape, cfg), flattened, that overlap its elements
     [start, stop), as (offset, values), each drawn from its own generator: a large parameter
-    is never whole in memory, and only the pieces asked for are drawn."""
+    is never whole in memory, and only the pieces asked for are drawn (`wanted(k)`: only
+    pieces k it accepts)."""
     fill, std, seed = _init_rule(name, cfg)
     numel = math.prod(shape)
     stop = numel if stop is None else min(stop, numel)
     for k in range(start // piece, -(-stop // piece) if stop > start else 0):
+        if wanted is not None and not wanted(k):
+            continue
         offset = k * piece
         n = min(piece, numel - offset)
         if fill is not None:

@@ -5,26 +5,32 @@ created; ZeRO 0-2 and pipeline stages build on the meta device, then allocate th
 parameters on the rank's device in the training dtype; with tensor parallelism the meta
 model is first cut by AutoTP, so a rank allocates only its shards. No rank builds the
 whole fp32 model on the host. Every parameter is then drawn from its own (seed, name)
-generator (gpt.initial_value), one at a time on the host, so the initial weights are the
-same numbers in every layout: a tensor-parallel rank keeps its shard of the whole
-parameter's value, and under ZeRO-3 each rank draws only the pieces (gpt.INIT_PIECE) of
-its slice.
+generators, one per piece of gpt.INIT_PIECE elements (gpt.initial_value), so the initial
+weights are the same numbers in every layout. Who draws what: under ZeRO-3 each rank the
+pieces of its slice; under ZeRO 0-2 (tensor parallel or not) the ranks draw a parameter's
+pieces in turn and sum them on the device (each element drawn by one rank, zeros
+elsewhere: exact), and each keeps its shard, so a rank draws 1/world of the model (drawn
+whole on every rank, 175B took about 20 minutes of one core per launch); a pipeline
+stage draws its own parameters.
 """
 
 from __future__ import annotations
+
+import math
+import zlib
 
 import torch
 
 from megatrain.config import Config
 from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name, tensor_parallel
-from megatrain.model.gpt import initial_value, initial_value_pieces
+from megatrain.model.gpt import INIT_PIECE, initial_value, initial_value_pieces, is_drawn
 from megatrain.train import distributed as dist
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
 
 
 def build_model(cfg: Config, model_cfg: GPTConfig, ds_config: dict, device: torch.device) -> torch.nn.Module:
-    """Collective under ZeRO-3 and with a pipeline; needs torch.distributed initialised."""
+    """Collective (every rank calls it); needs torch.distributed initialised."""
     import deepspeed
 
     par = cfg.parallel
@@ -57,12 +63,31 @@ def build_model(cfg: Config, model_cfg: GPTConfig, ds_config: dict, device: torc
     with torch.no_grad():
         for name, param in model.named_parameters():
             vars(param).update(attributes[name])
-            whole = initial_value(canonical_name(name, model_cfg.n_layer) if par.pipeline_stages > 1 else name,
-                                  whole_shapes[name], model_cfg)
+            if par.pipeline_stages > 1:  # the stages hold different parameters: each draws its own
+                whole = initial_value(canonical_name(name, model_cfg.n_layer), whole_shapes[name], model_cfg)
+            else:
+                whole = initial_value_drawn_in_turn(name, whole_shapes[name], model_cfg, device)
             param.copy_(tensor_parallel.shard(name, whole, tp_rank, par.tensor_parallel, model_cfg))
     if autotp is not None:
         _finish_tensor_parallel(model, autotp)
     return model
+
+
+def initial_value_drawn_in_turn(name: str, shape, model_cfg: GPTConfig, device: torch.device,
+                                piece: int = INIT_PIECE) -> torch.Tensor:
+    """Collective (every rank, the same parameters in the same order): initial_value on
+    `device`, its pieces drawn by the ranks in turn (starting from a rank the name picks, so
+    that one-piece parameters spread too) and summed in one all-reduce."""
+    world = dist.world_size()
+    if world == 1 or not is_drawn(name, model_cfg):
+        return initial_value(name, shape, model_cfg, piece=piece).to(device)
+    first = zlib.crc32(name.encode()) % world
+    mine = (dist.rank() - first) % world
+    out = torch.zeros(math.prod(shape), dtype=torch.float32, device=device)
+    for offset, values in initial_value_pieces(name, shape, model_cfg, piece=piece, wanted=lambda k: k % world == mine):
+        out[offset:offset + values.numel()].copy_(values)
+    torch.distributed.all_reduce(out)
+    return out.view(shape)
 
 
 def _cut_for_tensor_parallel(model: torch.nn.Module, ds_config: dict):

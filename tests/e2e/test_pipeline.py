@@ -176,9 +176,10 @@ def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
     """Built where they are kept (meta device, then each rank's device; ZeRO-3 partitioned
     as built; tensor-parallel shards cut on the meta device), the weights at step 0 equal
     those of the plain GPT built whole in one process, bitwise, for ZeRO-1 (ZeRO-0 builds
-    the same way), a 2-stage pipeline, 2 tensor-parallel ranks (gathered) and ZeRO-3; the
-    ZeRO-3 model has an MLP weight of two init pieces (gpt.INIT_PIECE), which rank 1's
-    slice straddles: each rank draws only the pieces of its slice."""
+    the same way), a 2-stage pipeline, 2 tensor-parallel ranks (gathered) and ZeRO-3. The
+    tensor-parallel and ZeRO-3 models have an MLP weight of two init pieces
+    (gpt.INIT_PIECE): the tensor-parallel ranks draw one each and sum them; rank 1's ZeRO-3
+    slice straddles them, and each rank draws only the pieces of its slice."""
     from helpers import TINY_CONFIG
 
     from megatrain.config import load_config
@@ -187,7 +188,7 @@ def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
     cfg = load_config(TINY_CONFIG, [f"data.path={small_data}"])
     wide = ["model.d_model=1280", "model.n_head=8", "model.n_layer=1"]  # mlp.fc: 4 x 1280^2 = 1.56 pieces
     for name, layout in [("zero1", ["parallel.zero_stage=1"]), ("pipeline", PIPE),
-                         ("tp2", ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
+                         ("tp2-wide", ["parallel.tensor_parallel=2", "parallel.zero_stage=1", *wide]),
                          ("zero3-wide", ["parallel.zero_stage=3", *wide])]:
         run = tmp_path / name
         pretrain(run, small_data, *layout, "train.max_steps=0", "train.eval_every=0")

@@ -35,6 +35,8 @@ def _rank(rank: int, tmp_path, case: str) -> None:
 
 
 def _case(rank: int, tmp_path, case: str):
+    if case == "initial values drawn in turn":
+        return _drawn_in_turn()
     if case == "user error on rank 1":
         return dist.on_every_rank(lambda: _fail(UserError("data.bin: damaged")) if rank == 1 else rank)
     if case == "crash on rank 0":
@@ -45,6 +47,25 @@ def _case(rank: int, tmp_path, case: str):
     if case == "write fails on rank 1":  # "a" is written by rank 0, "c" (placed last) by rank 1
         tensors["c"] = Deferred((7,), torch.float32, lambda: _fail(UserError("the checkpoint is inconsistent")))
     return layout_free.write_shared(tmp_path / "out.safetensors", tensors, {"format": "test/1"}, progress="test")
+
+
+def _drawn_in_turn() -> dict:
+    from megatrain.model import GPTConfig
+    from megatrain.model import gpt
+    from megatrain.train import build
+
+    drawn = []
+
+    def counting(*args, **kwargs):
+        for offset, values in gpt.initial_value_pieces(*args, **kwargs):
+            drawn.append(offset)
+            yield offset, values
+
+    build.initial_value_pieces = counting
+    cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=8)
+    shape, name = (7, 143), "blocks.0.mlp.fc.weight"  # 1001 elements: 11 pieces of 100
+    value = build.initial_value_drawn_in_turn(name, shape, cfg, torch.device("cpu"), piece=100)
+    return {"equal": torch.equal(value, gpt.initial_value(name, shape, cfg, piece=100)), "drawn": drawn}
 
 
 def _fail(e: Exception):
@@ -86,3 +107,13 @@ def test_two_ranks_write_one_file_or_none(tmp_path):
     assert [o["raised"] for o in outcomes] == ["UserError", "UserError"]
     assert all(o["message"] == "the checkpoint is inconsistent" for o in outcomes)
     assert not out.exists() and not (tmp_path / "out.safetensors.tmp").exists()
+
+
+def test_initial_values_are_drawn_in_turn_and_summed(tmp_path):
+    """Under ZeRO 0-2 and tensor parallelism the ranks draw a parameter's pieces in turn and
+    sum them (build.initial_value_drawn_in_turn): each rank draws its half, and both get
+    the value one process draws whole, bitwise."""
+    results = [r["result"] for r in _run(tmp_path, "initial values drawn in turn")]
+    assert all(r["equal"] for r in results)
+    drawn = sorted(offset for r in results for offset in r["drawn"])
+    assert drawn == list(range(0, 1001, 100)) and {len(r["drawn"]) for r in results} == {5, 6}
