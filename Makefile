@@ -60,6 +60,7 @@ bench: install
 	$(BIN)/python bench/build.py --json runs/bench/build.json
 	$(BIN)/python bench/convert.py --json runs/bench/convert.json
 	$(BIN)/python bench/generate.py --json runs/bench/generate.json
+	$(BIN)/python bench/grad_accum.py --json runs/bench/grad_accum.json
 
 # Random kills and loss spikes on a tiny 2-rank run, 20 trials (~20 minutes); not in CI.
 soak: install

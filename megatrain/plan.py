@@ -11,7 +11,9 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
               checked against a live engine by tests/e2e/test_plan_memory.py): ZeRO-0 the
               gradients, plus an fp32 copy with bf16/fp16; ZeRO-1/2 the 16-bit gradients
               (ZeRO-2: a 1/D share) during the backward pass, or at the step the fp32
-              gradients of the partition that replace them; ZeRO-3 the 16-bit share plus
+              gradients of the partition that replace them (ZeRO-2 in bf16 sums them in an
+              fp32 partition of that size); ZeRO-1 in bf16 with fp32 accumulation
+              (DeepSpeed's BF16_Optimizer) whole fp32 gradients beside the bf16 ones; ZeRO-3 the 16-bit share plus
               the fp32 one, made one sub-group (sub_group_size, 1e9 elements) at a time
   optimizer   AdamW's two fp32 moments and the fp32 master weights where they are a copy
               (bf16, or any ZeRO stage), a 1/D share under ZeRO 1-3
@@ -23,7 +25,8 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
               block's working set; P micro-batches in flight on a pipeline's first stage
               (1F1B); the logits in the training dtype and in fp32 for the cross-entropy and
               its gradient, s*b*V*(w + 8) bytes
-  buffers     DeepSpeed's gradient reduce bucket (reduce_bucket_size, 5e8 elements; ZeRO 1-3
+  buffers     DeepSpeed's gradient reduce bucket (reduce_bucket_size, 5e8 elements, in the dtype
+              gradients are reduced in: fp32 with bf16's fp32 accumulation; ZeRO 1-3
               allocate it whole, which on a GPU counts whatever the model's size, while
               on a CPU only the pages written do; ZeRO-0 flattens at most the model's
               gradients); ZeRO-3's prefetch bucket and the parameters it may keep
@@ -50,6 +53,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from megatrain.config import Config
+from megatrain.config.deepspeed import bf16_optimizer, fp32_accumulation
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
 from megatrain.model.gpt import block_params
 
@@ -104,6 +108,8 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     zero = cfg.deepspeed.get("zero_optimization", {})
     if Z == 0:  # DeepSpeed's bf16/fp16 optimizer keeps an fp32 copy of every gradient
         grads = params * w + (params * 4 if mixed else 0)
+    elif bf16_optimizer(cfg.train, Z):  # DeepSpeed's BF16_Optimizer: whole fp32 gradients beside the bf16 ones
+        grads = params * (w + 4)
     elif Z < 3:  # the 16-bit gradients (ZeRO-2: a share) until the step turns them into fp32 ones
         grads = max(params * w / (D if Z == 2 else 1), params * 4 / D)
     else:  # the 16-bit share stays; the fp32 one exists one sub-group at a time
@@ -125,7 +131,8 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     activations = max(first_stage, last_stage)
 
     bucket = zero.get("reduce_bucket_size", DEFAULT_BUCKET)
-    buffers = (bucket if on_gpu and Z >= 1 else min(bucket, params)) * w
+    reduced_w = 4 if fp32_accumulation(cfg.train, Z) else w  # the bucket holds what is reduced
+    buffers = (bucket if on_gpu and Z >= 1 else min(bucket, params)) * reduced_w
     if Z == 3:  # the prefetch bucket and the parameters gathered at once
         prefetch = min(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH), params)
         live = min(zero.get("stage3_max_live_parameters", DEFAULT_LIVE), params)

@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO / "launch"))
 
 import pretrain  # noqa: E402  (launch/pretrain.py)
 
-from megatrain.train.callbacks import Callback  # noqa: E402
 from megatrain.train import checkpoint  # noqa: E402
+from megatrain.train.callbacks import Callback  # noqa: E402
 from megatrain.train.checkpoint import Checkpointer, checkpoint_step  # noqa: E402
 
 from _cli import run  # noqa: E402

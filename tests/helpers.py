@@ -180,3 +180,64 @@ def assert_same_state(a, b, rel: float):
     assert step_a == step_b
     for kind in layout_free.KINDS:
         assert ((va[kind] - vb[kind]).norm() / va[kind].norm()).item() < rel, kind
+
+
+def accumulation_error(data, stage: int, micro_batches: int, *sets: str, size: tuple[int, int] = (64, 2)) -> dict:
+    """In a world of one (call it in its own process): the gradient megatrain's optimizer is
+    handed after one bf16 step of `micro_batches` micro-batches under ZeRO `stage`, against the
+    same bf16 model's micro-batch gradients summed exactly (float64): the relative error the
+    accumulation and reduction add ({"error", "wrapper"}), and the bf16 compute's own error
+    against a float64 model ("compute_error") for scale. size: (d_model, n_layer)."""
+    from megatrain.config import load_config
+    from megatrain.model import GPT, GPTConfig
+    from megatrain.model.gpt import initial_value
+    from megatrain.train.train_module import TrainModule, init_layout
+
+    cfg = load_config(TINY_CONFIG, [f"data.path={data}", f"parallel.zero_stage={stage}", "train.precision=bf16",
+                                    f"model.d_model={size[0]}", "model.n_head=4", f"model.n_layer={size[1]}", *sets])
+    init_layout(cfg)
+    shape = GPTConfig.from_config(cfg, 1024)
+    module = TrainModule(cfg, shape, grad_accum=micro_batches)
+    opt, seen = module.client_optimizer, {}
+    step = opt.step
+
+    def recording_step(*args, **kwargs):  # the gradients as the optimizer gets them
+        seen.update({id(p): p.grad.double().clone() for g in opt.param_groups for p in g["params"]
+                     if p.grad is not None})
+        return step(*args, **kwargs)
+
+    opt.step = recording_step
+    t = cfg.train
+    batches = [torch.randint(0, 1024, (t.micro_batch, t.seq_len + 1), generator=torch.Generator().manual_seed(i))
+               for i in range(micro_batches)]
+    todo = iter(batches)
+    module.set_lr(0.0)
+    module.step(lambda: (lambda b: (b[:, :-1], b[:, 1:]))(next(todo)))
+    got, named = {}, dict(module.engine.module.named_parameters())
+    masters = {id(lp): hp for lps, hps in zip(getattr(module.engine.optimizer, "fp16_groups", []),
+                                              getattr(module.engine.optimizer, "fp32_groups", []), strict=True)
+               for lp, hp in zip(lps, hps, strict=True)}
+    for name, p in named.items():
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:  # a flat fp32 partition (ZeRO 1-2, BF16_Optimizer): the parameter's fragment
+            address = mapping.get_hp_fragment_address()
+            flat = seen[id(opt.param_groups[mapping.param_group_index]["params"][0])]
+            got[name] = flat[address.start:address.start + address.numel]
+        else:  # ZeRO-0: DeepSpeed's fp32 copy of the parameter
+            got[name] = seen[id(masters.get(id(p), p))].reshape(-1)
+    exact, summed = ({n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in named.items()} for _ in range(2))
+    for dtype, into in ((torch.float64, exact), (torch.bfloat16, summed)):
+        model = GPT(shape).to(dtype)
+        for n, p in model.named_parameters():
+            p.data.copy_(initial_value(n, p.shape, shape).bfloat16())
+        for b in batches:
+            model.zero_grad()
+            model(b[:, :-1], b[:, 1:]).backward()
+            for n, p in model.named_parameters():
+                into[n] += p.grad.double().reshape(-1) / micro_batches
+
+    def relative(a, b):
+        return float(torch.cat([a[n] - b[n] for n in b]).norm() / torch.cat(list(b.values())).norm())
+
+    return {"error": relative(got, summed), "compute_error": relative(summed, exact),
+            "wrapper": type(module.engine.optimizer).__name__}

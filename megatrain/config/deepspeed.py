@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from megatrain.config.schema import Config
+from megatrain.config.schema import Config, TrainConfig
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -12,6 +12,19 @@ def deep_merge(base: dict, top: dict) -> dict:
     for k, v in top.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
+
+
+def fp32_accumulation(train: TrainConfig, zero_stage: int) -> bool:
+    """bf16 gradients summed over micro-batches and reduced in fp32: train.grad_accum_dtype,
+    where DeepSpeed has the path (ZeRO 1-2; without ZeRO it refuses the mix)."""
+    return train.precision == "bf16" and train.grad_accum_dtype == "fp32" and zero_stage in (1, 2)
+
+
+def bf16_optimizer(train: TrainConfig, zero_stage: int) -> bool:
+    """DeepSpeed wraps the optimizer in its BF16_Optimizer (whole fp32 gradient buffers,
+    ZeRO-1 partitions of the masters) rather than its ZeRO optimizer: ZeRO-1 with fp32
+    accumulation."""
+    return fp32_accumulation(train, zero_stage) and zero_stage == 1
 
 
 def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
@@ -31,10 +44,14 @@ def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if fp32_accumulation(t, cfg.parallel.zero_stage):  # else DeepSpeed sums and reduces bf16 gradients in bf16
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     # FusedAdamWClip computes the global norm and clips inside its kernel, so DeepSpeed's
-    # clipping is off and, under ZeRO-1/2, so is DeepSpeed's own norm pass.
+    # clipping is off and, under ZeRO-1/2, so is DeepSpeed's own norm pass (its BF16_Optimizer
+    # always computes one, and refuses the setting).
     ds["gradient_clipping"] = 0.0 if o.clips(cfg) else o.grad_clip
-    if o.clips(cfg) and cfg.parallel.zero_stage in (1, 2):
+    if o.clips(cfg) and cfg.parallel.zero_stage in (1, 2) and not bf16_optimizer(t, cfg.parallel.zero_stage):
         ds["zero_optimization"]["compute_grad_norm"] = False
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
         # lr 0 until the trainer sets it before the first step (train/optimizer.py: CONSTRUCTION_LR).

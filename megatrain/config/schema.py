@@ -203,6 +203,12 @@ class TrainConfig:
     """Optimizer steps between console updates (metrics.jsonl gets every step)."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None: the GPU's data sheet (a CPU: a matmul timed at start)."""
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    """bf16: the dtype micro-batch gradients are summed in and reduced across ranks (as
+    Megatron-LM, fp32). Under ZeRO-1 and ZeRO-2 (DeepSpeed's BF16_Optimizer under ZeRO-1);
+    DeepSpeed 0.19.8 has no fp32 path without ZeRO, so ZeRO-0 sums in bf16 (the start line
+    says so). At 16 micro-batches bf16 sums add ~0.5% relative error to the gradient
+    (bench/grad_accum.py); fp32 doubles the bytes of the gradient reduction."""
     tf32: bool = False
     """On GPUs, run fp32 matmuls (train.precision fp32, and what bf16-autocast leaves in fp32)
     on the tensor cores in TF32 (a 10-bit mantissa; 7x the fp32 peak on an H100); the MFU

@@ -11,8 +11,9 @@ another layout").
 Where a checkpoint keeps them:
   ZeRO 1-3 (and a pipeline's ZeRO-1, stage by stage)
         the fp32 partitions and, with the same flat layout, the moments, in the
-        *optim_states.pt files; each parameter reassembled from the ranks' pieces as
-        DeepSpeed's zero_to_fp32 reassembles the weights (the moments the same way);
+        *optim_states.pt files (ZeRO-1 in bf16 with fp32 accumulation: DeepSpeed's
+        BF16_Optimizer writes them alike); each parameter reassembled from the ranks' pieces
+        as DeepSpeed's zero_to_fp32 reassembles the weights (the moments the same way);
   ZeRO-0
         the client optimizer's state in the model-states file, by position in its
         parameter groups: megatrain records the parameters' names in that order in each
@@ -181,7 +182,7 @@ def _zero_partitions(ckpt: Path, mp: int, kinds) -> tuple[dict[str, Deferred], i
     step_states = []
     for f in files:
         sd = _load(f)["optimizer_state_dict"]
-        zero_stage = int(sd["zero_stage"])
+        zero_stage = int(sd.get("zero_stage", 1))  # DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16) records none
         masters = sd["single_partition_of_fp32_groups" if zero_stage <= 2 else "fp32_flat_groups"]
         base = sd["base_optimizer_state" if zero_stage <= 2 else "optimizer_state_dict"]
         flats["param"].append(masters)
@@ -469,8 +470,9 @@ class _Parts:
 
 
 def _load_zero12(opt, base, named, part: _Parts, step: int, moments) -> None:
-    if moments:
-        for flat in opt.single_partition_of_fp32_groups:
+    if moments:  # the flat fp32 partitions: DeepSpeed's ZeRO optimizer's, or its BF16_Optimizer's
+        flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
+        for flat in flats:
             _adam_state(base, flat, step)
         opt._hp_optimizer_states_linked = False  # link each parameter's fragment to the new state tensors
         opt._lazy_init_hp_params_optimizer_state()
@@ -510,21 +512,24 @@ def _load_zero3(opt, base, named, part: _Parts, step: int, moments) -> None:
     for flat in opt.fp32_partitioned_groups_flat if moments else ():
         _adam_state(base, flat, step)
     for name, p in named:
-        size = p.ds_tensor.numel()  # the partition, padded
-        start = torch.distributed.get_rank(group=p.ds_process_group) * size
-        n = max(0, min(size, p.ds_numel - start))
-
-        def local(kind: str) -> torch.Tensor:
-            out = torch.zeros(size, dtype=torch.float32)
-            if n:  # (a rank past a small parameter's end holds padding alone)
-                out[:n] = part.flat(kind, name, start, n)
-            return out
-
-        safe_set_local_fp32_param(p, local("param"))
+        safe_set_local_fp32_param(p, _zero3_partition(part, "param", name, p))
         for kind in moments:
-            safe_set_local_optimizer_state(p, local(kind), kind)
+            safe_set_local_optimizer_state(p, _zero3_partition(part, kind, name, p), kind)
     for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True):
         lp.copy_(hp)  # the model's own partitions, gathered on use
+
+
+def _zero3_partition(part: _Parts, kind: str, name: str, p) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of parameter `name` (p): its slice of the flattened
+    parameter, zero-padded to the partition's size (the last rank's slice ends inside it, and
+    a rank past a small parameter's end holds padding alone)."""
+    size = p.ds_tensor.numel()
+    start = torch.distributed.get_rank(group=p.ds_process_group) * size
+    n = max(0, min(size, p.ds_numel - start))
+    out = torch.zeros(size, dtype=torch.float32)
+    if n:
+        out[:n] = part.flat(kind, name, start, n)
+    return out
 
 
 def _adam_state(base, tensor: torch.Tensor, step: int) -> dict:

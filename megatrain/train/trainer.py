@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from megatrain.config import Config
+from megatrain.config.deepspeed import fp32_accumulation
 from megatrain.errors import UserError
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
 from megatrain.plan import Layout, human, plan, search
@@ -99,8 +100,14 @@ class Trainer:
             self.log.event("batch_rounded", note=note)
 
     def _precision_text(self) -> str:
-        """The precision, and on a GPU what fp32 matmuls run in (TF32 or not is a 7x peak)."""
+        """The precision, what bf16 gradients are summed in, and on a GPU what fp32 matmuls
+        run in (TF32 or not is a 7x peak)."""
         t = self.cfg.train
+        if t.precision == "bf16":
+            if fp32_accumulation(t, self.cfg.parallel.zero_stage):
+                return "bf16 (gradients summed and reduced in fp32)"
+            return "bf16 (gradients summed and reduced in bf16" + (
+                ": DeepSpeed has no fp32 path without ZeRO; ZeRO-1 or 2 has)" if t.grad_accum_dtype == "fp32" else ")")
         if self.module.device.type != "cuda" or t.precision not in ("fp32", "bf16-autocast"):
             return t.precision
         return t.precision + (" (fp32 matmuls in TF32)" if t.tf32 else " (fp32 matmuls in full fp32; train.tf32=true "

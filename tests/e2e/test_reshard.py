@@ -157,7 +157,19 @@ def test_supervisor_continues_with_the_ranks_left_in_the_hostfile(uninterrupted,
     assert train_losses(run) == pytest.approx(reference, rel=1e-5)
 
 
-@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (1, "bf16"), (3, "fp32")])
+def test_bf16_zero1_checkpoint_is_read_whole(runs):
+    """ZeRO-1 in bf16 accumulates in fp32 through DeepSpeed's BF16_Optimizer, whose files
+    DeepSpeed's own zero_to_fp32 does not read ("is not a zero checkpoint"): the layout-free
+    reader does, and its fp32 masters round to the bf16 weights the model was saved with."""
+    ckpt = runs(1, "bf16") / "checkpoints" / "step-00000006"
+    assert list(ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    ours, step = layout_free.read(ckpt)
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert step == 6 and sorted(ours) == sorted(f"{kind}/{k}" for k in module for kind in layout_free.KINDS)
+    assert all(torch.equal(ours[f"param/{k}"].bfloat16(), t) for k, t in module.items())
+
+
+@pytest.mark.parametrize("stage, precision", [(1, "fp32"), (2, "bf16"), (3, "fp32")])
 def test_layout_free_weights_are_zero_to_fp32s(runs, stage, precision):
     """The layout-free reader reassembles each parameter from the ranks' partitions itself
     (one parameter at a time); DeepSpeed's zero_to_fp32, which reassembles whole groups, is

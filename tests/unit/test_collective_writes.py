@@ -50,8 +50,7 @@ def _case(rank: int, tmp_path, case: str):
 
 
 def _drawn_in_turn() -> dict:
-    from megatrain.model import GPTConfig
-    from megatrain.model import gpt
+    from megatrain.model import GPTConfig, gpt
     from megatrain.train import build
 
     drawn = []

@@ -52,7 +52,10 @@ def test_model_states_against_deepspeeds_estimators(path):
 def test_each_layout_moves_its_part():
     cfg, m = config()
     at = {z: per_rank_bytes(cfg, m, Layout(z, 1, 1, 8, 1, True)) for z in range(4)}
-    assert at[1]["optimizer"] < at[0]["optimizer"] and at[1]["grads"] == pytest.approx(at[0]["params"])
+    # ZeRO-1 in bf16 sums gradients in fp32 (DeepSpeed's BF16_Optimizer): whole fp32 ones beside the bf16
+    assert at[1]["optimizer"] < at[0]["optimizer"] and at[1]["grads"] == pytest.approx(3 * at[0]["params"])
+    bf16_sums = config("train.grad_accum_dtype=bf16")[0]
+    assert per_rank_bytes(bf16_sums, m, Layout(1, 1, 1, 8, 1, True))["grads"] == pytest.approx(at[0]["params"])
     assert at[0]["grads"] == pytest.approx(3 * at[0]["params"])  # bf16 and DeepSpeed's fp32 copy
     assert at[2]["grads"] < at[1]["grads"] and at[3]["params"] < at[2]["params"]
     assert at[3]["total"] < at[2]["total"] < at[1]["total"] < at[0]["total"]

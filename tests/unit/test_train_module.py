@@ -102,3 +102,23 @@ def _tf32(data: str) -> dict:
 
 def test_train_tf32_lets_fp32_matmuls_use_tf32(small_data):
     assert _in_a_world_of_one(_tf32, str(small_data)) == {"before": False, "after": True}
+
+
+def _accumulation(data: str, stage: int, dtype: str) -> dict:
+    from helpers import accumulation_error
+
+    return accumulation_error(data, stage, 8, f"train.grad_accum_dtype={dtype}")
+
+
+@pytest.mark.parametrize("stage, dtype, wrapper", [(1, "fp32", "BF16_Optimizer"), (2, "fp32", "DeepSpeedZeroOptimizer"),
+                                                   (1, "bf16", "DeepSpeedZeroOptimizer")])
+def test_bf16_gradients_accumulate_in_the_configured_dtype(small_data, stage, dtype, wrapper):
+    """8 micro-batches in bf16: with train.grad_accum_dtype=fp32 (the default) the optimizer
+    is handed the micro-batch gradients' exact sum, as Megatron-LM sums them; in bf16
+    (DeepSpeed's own default, and what megatrain did) each addition rounds."""
+    got = _in_a_world_of_one(_accumulation, str(small_data), stage, dtype)
+    assert got["wrapper"] == wrapper
+    if dtype == "fp32":
+        assert got["error"] < 1e-6
+    else:
+        assert got["error"] > 1e-3
