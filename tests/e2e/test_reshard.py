@@ -187,14 +187,21 @@ def test_deepspeed_adamw_zero0_checkpoint_resumes_on_another_layout(tmp_path, sm
     """DeepSpeed's own AdamW (optim.name=adamw) under ZeRO-0 counts each parameter group's
     steps in its last parameter's state only (the others stay at 0): the count is read from
     there. 2 ranks ZeRO-0 -> 1 rank ZeRO-2 from step 3, against the uninterrupted run."""
-    sets = ["optim.name=adamw", "train.max_steps=6", "checkpoint.every_steps=3", "train.eval_every=0"]
+    _six_steps_resharded_at_3(tmp_path, small_data, ["optim.name=adamw"], (0, 2), (1, 2))
+
+
+def _six_steps_resharded_at_3(tmp_path, small_data, sets: list[str], stages: tuple[int, int], ranks: tuple[int, int]):
+    """(source, run): 6 steps on `ranks[0]` ranks under ZeRO `stages[0]`, and its checkpoint 3
+    continued on `ranks[1]` ranks under ZeRO `stages[1]`, which must follow the source's losses."""
+    sets = [*sets, "train.max_steps=6", "checkpoint.every_steps=3", "train.eval_every=0"]
     source = tmp_path / "source"
-    pretrain(source, small_data, *sets, "parallel.zero_stage=0")
+    pretrain(source, small_data, *sets, f"parallel.zero_stage={stages[0]}", nproc=ranks[0])
     run = copy_until(source, tmp_path / "run", step=3)
-    proc = pretrain(run, small_data, *sets, "parallel.zero_stage=2", nproc=1)
-    assert "resharded step-00000003 from 2 data-parallel rank(s), ZeRO-0 to 1 data-parallel rank(s), ZeRO-2" \
-        in proc.stdout
+    proc = pretrain(run, small_data, *sets, f"parallel.zero_stage={stages[1]}", nproc=ranks[1])
+    assert (f"resharded step-00000003 from {ranks[0]} data-parallel rank(s), ZeRO-{stages[0]} to {ranks[1]} "
+            f"data-parallel rank(s), ZeRO-{stages[1]}") in proc.stdout
     assert train_losses(run) == pytest.approx(train_losses(source), rel=1e-5)
+    return source, run
 
 
 def test_three_zero3_ranks_take_padded_partitions(tmp_path, small_data):
@@ -202,12 +209,5 @@ def test_three_zero3_ranks_take_padded_partitions(tmp_path, small_data):
     is padded, and the last rank's slice ends inside it (it read past the parameter's end).
     2 ranks ZeRO-1 -> 3 ranks ZeRO-3 from step 3 (a global batch of 768 tokens both split),
     against the uninterrupted run, state included."""
-    sets = ["schedule.batch_final_tokens=768", "train.max_steps=6", "checkpoint.every_steps=3", "train.eval_every=0"]
-    source = tmp_path / "source"
-    pretrain(source, small_data, *sets, "parallel.zero_stage=1")
-    run = copy_until(source, tmp_path / "run", step=3)
-    proc = pretrain(run, small_data, *sets, "parallel.zero_stage=3", nproc=3)
-    assert "resharded step-00000003 from 2 data-parallel rank(s), ZeRO-1 to 3 data-parallel rank(s), ZeRO-3" \
-        in proc.stdout
-    assert train_losses(run) == pytest.approx(train_losses(source), rel=1e-5)
+    source, run = _six_steps_resharded_at_3(tmp_path, small_data, ["schedule.batch_final_tokens=768"], (1, 3), (2, 3))
     assert_same_state(flat_state(run, 6), flat_state(source, 6), rel=1e-5)
