@@ -49,9 +49,6 @@ def init_layout(cfg: Config) -> int:
     return dist.world_size() // (stages * tp)
 
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
 def host_block_bytes(nbytes: int, pinned: bool) -> int:
     """The host memory a copy of `nbytes` takes: pinned memory comes from torch's caching
     host allocator, which rounds each block up to a power of two (and keeps it cached), so a
@@ -291,7 +288,7 @@ class TrainModule:
         tensors = self._state_tensors()
         sizes = [t.numel() * t.element_size() for t in tensors.values()]
         if not any(k.startswith("opt.state.") for k in tensors):
-            sizes += [4 * p.numel() for g in self.base_optimizer.param_groups for p in g["params"] for _ in MOMENTS]
+            sizes += [4 * p.numel() for g in self.base_optimizer.param_groups for p in g["params"]] * 2  # the moments
         return sum(host_block_bytes(n, pinned=self.device.type == "cuda") for n in sizes)
 
     def capture(self, reuse: dict | None = None) -> dict:
