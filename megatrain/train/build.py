@@ -25,6 +25,7 @@ from megatrain.config import Config
 from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name, tensor_parallel
 from megatrain.model.gpt import INIT_PIECE, initial_value, initial_value_pieces, is_drawn
 from megatrain.train import distributed as dist
+from megatrain.train.ds_internals import cut_for_tensor_parallel, finish_tensor_parallel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
 
@@ -53,7 +54,7 @@ def build_model(cfg: Config, model_cfg: GPTConfig, ds_config: dict, device: torc
         else:
             model = GPT(model_cfg, init_weights=False)
     whole_shapes = {name: p.shape for name, p in model.named_parameters()}
-    autotp = _cut_for_tensor_parallel(model, ds_config) if par.tensor_parallel > 1 else None
+    autotp = cut_for_tensor_parallel(model, ds_config) if par.tensor_parallel > 1 else None
     # to_empty makes new Parameter objects: keep the attributes DeepSpeed set on the old ones
     # (ds_pipe_replicated marks the later stage's copy of the tied embeddings; AutoTP's
     # shard records).
@@ -69,7 +70,7 @@ def build_model(cfg: Config, model_cfg: GPTConfig, ds_config: dict, device: torc
                 whole = initial_value_drawn_in_turn(name, whole_shapes[name], model_cfg, device)
             param.copy_(tensor_parallel.shard(name, whole, tp_rank, par.tensor_parallel, model_cfg))
     if autotp is not None:
-        _finish_tensor_parallel(model, autotp)
+        finish_tensor_parallel(model, autotp)
     return model
 
 
@@ -88,41 +89,3 @@ def initial_value_drawn_in_turn(name: str, shape, model_cfg: GPTConfig, device: 
         out[offset:offset + values.numel()].copy_(values)
     torch.distributed.all_reduce(out)
     return out.view(shape)
-
-
-def _cut_for_tensor_parallel(model: torch.nn.Module, ds_config: dict):
-    """What `deepspeed.initialize` does with a `tensor_parallel` section (DeepSpeed 0.19.8,
-    DeepSpeedEngine._apply_autotp_partitioning with a partition config), done here to the
-    meta model: AutoTP swaps the split Linears for its layers and cuts their (meta)
-    weights, so the rank then allocates only its shards. Done at initialize, every rank
-    would hold the whole model on its device first. The AutoTP object, for
-    _finish_tensor_parallel."""
-    from deepspeed.module_inject import set_autotp_mode
-    from deepspeed.module_inject.auto_tp import AutoTP
-    from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
-    from deepspeed.utils import groups
-
-    set_autotp_mode(training=True)  # as deepspeed.initialize does first: layers built for training
-    tp_config = get_tensor_parallel_config(ds_config)
-    size = tp_config.autotp_size
-    groups._init_tp_mesh_device(tensor_model_parallel_size=size)  # the engine's own groups (it reuses them)
-    autotp = AutoTP(module=model, all_reduce_linears=(), prefix="", state_dict=None,
-                    linear_layer_setting=(torch.nn.Linear, torch.nn.Embedding), orig_layer_impl=None,
-                    keep_module_on_host=False, partition_config=tp_config.get_partition_config_object(),
-                    vocab_parallel_lm_head=False, model_config=None,
-                    tp_grain_size=tp_config.tensor_parallel.tp_grain_size, training_mode=True)
-    autotp.set_tensor_parallel_config(size, groups.get_tensor_model_parallel_group())
-    autotp.update_linear_policies()
-    autotp._replace_module(model)
-    return autotp
-
-
-def _finish_tensor_parallel(model: torch.nn.Module, autotp) -> None:
-    """The rest of the engine's AutoTP step, on the allocated parameters; the mark tells
-    `deepspeed.initialize` the model is already cut."""
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-    from deepspeed.module_inject.layers import collect_autotp_universal_checkpoint_info
-
-    autotp.register_replicated_grad_hooks(model)
-    setattr(model, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(model))
-    model.ds_autotp_parsed = True

@@ -8,7 +8,8 @@ another layout").
     path, converted = ensure(ckpt)             # CKPT/layout-free.safetensors, written once by all ranks, atomically
     load_into(module, path)                    # every rank takes its own slices
 
-Where a checkpoint keeps them:
+Where a checkpoint keeps them (read by ds_internals.read_checkpoint, the wall around
+DeepSpeed's internals; this module speaks only of names and tensors):
   ZeRO 1-3 (and a pipeline's ZeRO-1, stage by stage)
         the fp32 partitions and, with the same flat layout, the moments, in the
         *optim_states.pt files (ZeRO-1 in bf16 with fp32 accumulation: DeepSpeed's
@@ -24,18 +25,15 @@ A pipeline's names map back to GPT's (canonical_name); the tied embedding is kep
 first and the last stage, and both copies are checked to be equal before one is taken.
 Tensor-parallel ranks' shards are gathered into whole parameters (model/tensor_parallel.py);
 the parameters every rank keeps whole are checked to be equal; loading cuts each rank's
-shard again.
+shard again, and ds_internals.load_state sets each rank's part into the engine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -43,7 +41,7 @@ import torch
 from megatrain.errors import UserError
 from megatrain.files import Deferred, SafetensorsFile, file_sha256, write_atomically
 from megatrain.model import GPTConfig, canonical_name, tensor_parallel
-from megatrain.optim import FusedAdamWClip
+from megatrain.train import ds_internals as wall
 from megatrain.train.checkpoint import MANIFEST, Checkpointer
 
 FORMAT = "megatrain-layout-free/1"
@@ -74,13 +72,10 @@ def read_deferred(ckpt: Path, moments: bool = True) -> tuple[dict[str, Deferred]
     kinds = KINDS if moments else KINDS[:1]
     # DeepSpeed's files are per model-parallel rank (mp_rank_NN): a pipeline stage, or a
     # tensor-parallel rank; with neither, one.
-    mp_ranks = range(stages * tp)
-    if any(ckpt.glob("*zero_pp_rank_*_optim_states.pt")):
-        parts = [_zero_partitions(ckpt, mp, kinds) for mp in mp_ranks]
-    else:
-        # A pipeline's weights are in per-layer files that no stage owns: read them once.
-        weights = _pipeline_weights(ckpt) if pipeline else None
-        parts = [_zero0(ckpt, mp, kinds, weights) for mp in mp_ranks]
+    # A pipeline's weights are in per-layer files that no stage owns: read them once.
+    weights = wall.pipeline_weights(ckpt) if pipeline else None
+    parts = [wall.read_checkpoint(ckpt, mp, kinds, weights, functools.partial(_recorded_groups, ckpt))
+             for mp in range(stages * tp)]
     if moments and len({step for _, step in parts}) != 1:
         raise UserError(f"{ckpt}: the optimizer's step counts disagree between parameters "
                         f"({sorted({step for _, step in parts})})")
@@ -128,11 +123,6 @@ def _one_of_equal(ckpt: Path, key: str, first: Deferred, second: Deferred) -> De
     return Deferred(first.shape, first.dtype, make)
 
 
-def _at_hand(t: torch.Tensor) -> Deferred:
-    """A tensor already read (from a file mapped into memory)."""
-    return Deferred(tuple(t.shape), t.dtype, lambda: t)
-
-
 def _own(t: torch.Tensor) -> torch.Tensor:
     """`t` with a storage of its own: a view into a larger buffer (a checkpoint's flat
     partition) is copied, a tensor that already owns its storage is not."""
@@ -147,169 +137,6 @@ def _key(key: str, n_layer: int, pipeline: bool) -> str:
     return f"{kind}/{canonical_name(name, n_layer) if pipeline else name}"
 
 
-def _step_of(states) -> int:
-    found = {int(s["step"]) for s in states if "step" in s}
-    if len(found) != 1:
-        raise UserError(f"optimizer step counts disagree or are missing: {sorted(found)}")
-    return found.pop()
-
-
-def _load(path: Path) -> dict:
-    """A DeepSpeed checkpoint file, its tensors mapped from the file rather than read."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-
-
-def _zero_partitions(ckpt: Path, mp: int, kinds) -> tuple[dict[str, Deferred], int | None]:
-    """From model-parallel rank `mp`'s ZeRO optimizer partitions: each kind of tensor is
-    reassembled the way zero_to_fp32 reassembles the fp32 masters."""
-    from deepspeed.utils import zero_to_fp32 as z
-
-    # The parameters' shapes, from the model-states file (ZeRO-3 keeps one per rank; a
-    # pipeline stage's has no module weights, which parse_model_states would read for
-    # buffers: GPT has none, so the record is built here).
-    meta_file = ckpt / f"mp_rank_{mp:02d}_model_states.pt"
-    if not meta_file.is_file():
-        meta_file = ckpt / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
-    meta = _load(meta_file)
-    model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
-                                       shared_params=list(meta["shared_params"].items()),
-                                       ds_version=meta.get("ds_version"),
-                                       frozen_param_shapes=meta.get("frozen_param_shapes"),
-                                       frozen_param_fragments=meta.get("frozen_param_fragments"))]
-    files = sorted((str(p) for p in ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")),
-                   key=z.natural_keys)
-    flats: dict[str, list] = {k: [] for k in kinds}
-    step_states = []
-    for f in files:
-        sd = _load(f)["optimizer_state_dict"]
-        zero_stage = int(sd.get("zero_stage", 1))  # DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16) records none
-        masters = sd["single_partition_of_fp32_groups" if zero_stage <= 2 else "fp32_flat_groups"]
-        base = sd["base_optimizer_state" if zero_stage <= 2 else "optimizer_state_dict"]
-        flats["param"].append(masters)
-        if len(kinds) > 1:
-            # The base optimizer's state i belongs to flat group i (ZeRO-3: its sub-groups, in order).
-            states = [base["state"][i] for i in range(len(masters))]
-            for kind in kinds[1:]:
-                flats[kind].append([s[kind].reshape(-1) for s in states])
-                if any(s[kind].numel() != m.numel() for s, m in zip(states, masters, strict=True)):
-                    raise UserError(f"{f}: optimizer state {kind} does not match its fp32 partition")
-            step_states += states
-        paddings = sd.get("param_alignment_paddings")
-    out = {}
-    for kind in kinds:
-        if zero_stage <= 2:
-            params = _zero2_params(files[0], flats[kind], meta["param_shapes"], paddings)
-        else:
-            with _quiet():  # zero_to_fp32's merge for ZeRO-3 is lazy already: a GatheredTensor per parameter
-                gathered = z._get_fp32_state_dict_from_zero3_checkpoint(len(files), flats[kind], model_states, False)
-            params = {k: Deferred(tuple(g.shape), g.dtype, g.contiguous) for k, g in gathered.items()}
-        out.update({f"{kind}/{k}": d for k, d in params.items()})
-    return out, (_step_of(step_states) if len(kinds) > 1 else None)
-
-
-def _zero2_params(file: str, flats: list[list[torch.Tensor]], param_shapes: list[dict], paddings) -> dict[str, Deferred]:
-    """Each parameter of ZeRO 1-2 partitions (rank -> flat group), made from the pieces
-    the ranks hold: zero_to_fp32's reassembly (each group's partitions end to end, the
-    parameters in order with their alignment padding), without concatenating whole groups."""
-    out = {}
-    for g, shapes in enumerate(param_shapes):
-        parts = [rank_groups[g] for rank_groups in flats]
-        starts = [0]
-        for part in parts:
-            starts.append(starts[-1] + part.numel())
-        if paddings is not None and len(paddings[g]) != len(shapes):
-            raise UserError(f"{file}: group {g} has {len(shapes)} parameters and {len(paddings[g])} paddings")
-        offset = 0
-        for i, (name, shape) in enumerate(shapes.items()):
-            n = math.prod(shape)
-            out[name] = Deferred(tuple(shape), parts[0].dtype,
-                                 functools.partial(_span, parts, starts, offset, n, tuple(shape)))
-            offset += n + (paddings[g][i] if paddings is not None else 0)
-        # ZeRO-2 pads each group to a multiple of 2 x ranks: what is left over is padding alone
-        align = 2 * len(parts)
-        if math.ceil(offset / align) != math.ceil(starts[-1] / align):
-            raise UserError(f"{file}: the parameters of group {g} take {offset} elements of its {starts[-1]}: "
-                            "the checkpoint does not match its model")
-    return out
-
-
-def _span(parts: list[torch.Tensor], starts: list[int], offset: int, n: int, shape: tuple) -> torch.Tensor:
-    """Elements [offset, offset + n) of the partitions laid end to end, as `shape`."""
-    pieces = [part[max(offset, lo) - lo:min(offset + n, hi) - lo]
-              for part, lo, hi in zip(parts, starts, starts[1:], strict=False) if max(offset, lo) < min(offset + n, hi)]
-    return torch.cat(pieces).view(shape)
-
-
-def _zero0(ckpt: Path, mp: int, kinds, pipeline_weights: dict | None) -> tuple[dict[str, Deferred], int | None]:
-    """From a ZeRO-0 checkpoint: the module weights (a pipeline's, already read, else
-    model-parallel rank `mp`'s), or with moments the client optimizer's state by the names
-    megatrain recorded in its parameter order."""
-    model_file = ckpt / f"mp_rank_{mp:02d}_model_states.pt"
-    saved = _load(model_file)
-    weights = pipeline_weights if pipeline_weights is not None else saved["module"]
-    if len(kinds) == 1:
-        return {f"param/{k}": _at_hand(v) for k, v in weights.items()}, None
-    opt = saved["optimizer"]
-    groups = _recorded_groups(ckpt, mp)
-    names = [n for group in groups for n in group]
-    if "fp32_groups_flat" in opt:  # fp16 with DeepSpeed's FusedAdam (FP16_Optimizer)
-        states = opt["optimizer_state_dict"]["state"]
-        return _split_flat(ckpt, groups, opt["fp32_groups_flat"], states, weights), _step_of(states.values())
-    if "fp32_groups" in opt:  # bf16, and fp16 with another optimizer: DeepSpeed's fp32 copies are the masters
-        base = opt["optimizer_state_dict"]
-        masters = [t for group in opt["fp32_groups"] for t in group]
-        out = {f"param/{n}": _at_hand(t) for n, t in zip(names, masters, strict=True)}
-    else:
-        base = opt
-        out = {f"param/{k}": _at_hand(v) for k, v in weights.items()}
-    states = base["state"]
-    for i, name in enumerate(names):
-        for kind in MOMENTS:
-            out[f"{kind}/{name}"] = _at_hand(states[i][kind])
-    return out, _step_of(_counted_states(states, groups, base["param_groups"]))
-
-
-def _counted_states(states, groups: list[list[str]], param_groups: list[dict]) -> list[dict]:
-    """The parameters' states that hold the step count. DeepSpeed's FusedAdam (its groups
-    carry a "step") counts each group's steps in its last parameter's state alone and leaves
-    the others' at 0; other optimizers count in every parameter's."""
-    counted, start = [], 0
-    for group, param_group in zip(groups, param_groups, strict=True):
-        indices = range(start, start + len(group))
-        counted += [states[indices[-1]]] if "step" in param_group and indices else [states[i] for i in indices]
-        start += len(group)
-    return counted
-
-
-def _pipeline_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every stage's module weights, by the pipeline's layer-indexed names."""
-    weights = {}
-    for f in sorted(ckpt.glob("layer_*-model_states.pt")):
-        layer = int(re.match(r"layer_(\d+)", f.name).group(1))
-        for name, t in _load(f).items():
-            weights[f"{layer}.{name}"] = t
-    return weights
-
-
-def _split_flat(ckpt: Path, groups: list[list[str]], flats, states, weights) -> dict[str, Deferred]:
-    """Each parameter's master and moments, cut from its group's flat tensors (the group's
-    parameters one after another, as DeepSpeed flattens them) and shaped as its weight."""
-    out = {}
-    for index, (group, flat) in enumerate(zip(groups, flats, strict=True)):
-        offset = 0
-        for name in group:
-            shape = weights[name].shape
-            n = math.prod(shape)
-            out[f"param/{name}"] = _at_hand(flat.narrow(0, offset, n).view(shape))
-            for kind in MOMENTS:
-                out[f"{kind}/{name}"] = _at_hand(states[index][kind].narrow(0, offset, n).view(shape))
-            offset += n
-        if offset != flat.numel():
-            raise UserError(f"{ckpt}: parameter group {index}'s flat fp32 master holds {flat.numel()} values, "
-                            f"its parameters {offset}")
-    return out
-
-
 def _recorded_groups(ckpt: Path, mp: int) -> list[list[str]]:
     """The names of the ZeRO-0 optimizer's parameters, group by group, in its order."""
     for f in sorted(ckpt.glob("megatrain-rank*.pt")):
@@ -318,13 +145,6 @@ def _recorded_groups(ckpt: Path, mp: int) -> list[list[str]]:
             return record["groups"]
     raise UserError(f"{ckpt}: its ZeRO-0 optimizer state has no parameter names (written before megatrain "
                     "recorded them): resume it on the layout that wrote it")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """zero_to_fp32 narrates its progress on stdout and stderr."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
 
 
 # --- the file ----------------------------------------------------------------------------
@@ -407,34 +227,13 @@ def load_into(module, path: Path) -> int:
     fragments of the moments (the model's weights it holds whole)."""
     from safetensors import safe_open
 
-    engine, opt = module.engine, module.engine.optimizer
-    n_layer = module.n_layer
+    engine, n_layer = module.engine, module.n_layer
     with safe_open(str(path), "pt") as f:
         step = int(f.metadata()["optimizer_step"])
         named = [(canonical_name(n, n_layer) if module.pipeline else n, p) for n, p in engine.module.named_parameters()]
         moments = MOMENTS if f"{MOMENTS[0]}/{named[0][0]}" in f.keys() else ()
-        part = _Parts(f, module)
         with torch.no_grad():
-            if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
-                _load_zero3(opt, module.base_optimizer, named, part, step, moments)
-            elif any(getattr(p, "_hp_mapping", None) is not None for _, p in named):  # ZeRO-1/2
-                _load_zero12(opt, module.base_optimizer, named, part, step, moments)
-            elif hasattr(opt, "fp32_groups_flat"):  # ZeRO-0, fp16 with DeepSpeed's FusedAdam
-                _load_flat(opt, module.base_optimizer, named, part, step, moments)
-            else:  # ZeRO-0: whole parameters, masters either the model's own or DeepSpeed's fp32 copies
-                masters = {}
-                if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):
-                    masters = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True)
-                               for lp, hp in zip(lps, hps, strict=True)}
-                for name, p in named:
-                    value = part.shard("param", name)
-                    p.copy_(value)
-                    hp = masters.get(id(p), p)
-                    hp.copy_(value)
-                    if moments:
-                        state = _adam_state(module.base_optimizer, hp, step)
-                        for kind in moments:
-                            state[kind].copy_(part.shard(kind, name))
+            wall.load_state(engine.optimizer, named, _Parts(f, module), step, moments)
     return step
 
 
@@ -469,83 +268,3 @@ class _Parts:
         return self.f.get_slice(key)[first:last].reshape(-1).narrow(0, start - first * row, n)
 
 
-def _load_zero12(opt, base, named, part: _Parts, step: int, moments) -> None:
-    if moments:  # the flat fp32 partitions: DeepSpeed's ZeRO optimizer's, or its BF16_Optimizer's
-        flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
-        for flat in flats:
-            _adam_state(base, flat, step)
-        opt._hp_optimizer_states_linked = False  # link each parameter's fragment to the new state tensors
-        opt._lazy_init_hp_params_optimizer_state()
-    for name, p in named:
-        value = part.shard("param", name)
-        p.copy_(value)  # every rank holds whole model weights
-        if p._hp_mapping is not None:  # this rank's fragment of the masters and moments
-            address = p._hp_mapping.lp_fragment_address
-            p._hp_mapping.get_hp_fragment().copy_(value.reshape(-1).narrow(0, address.start, address.numel))
-            for kind in moments:
-                p._hp_mapping.get_hp_fragment(kind).copy_(part.flat(kind, name, address.start, address.numel))
-
-
-def _load_flat(opt, base, named, part: _Parts, step: int, moments) -> None:
-    """DeepSpeed's FP16_Optimizer: each group's fp16 parameters are views of one flat buffer,
-    their masters and moments one flat fp32 tensor each, in the same order. The masters
-    are set, not only the fp16 weights: those are copied from the masters after each step."""
-    name_of = {id(p): name for name, p in named}
-    for lps, flat in zip(opt.fp16_groups, opt.fp32_groups_flat, strict=True):
-        state = _adam_state(base, flat, step) if moments else {}
-        offset = 0
-        for lp in lps:
-            name, n = name_of[id(lp)], lp.numel()
-            value = part.shard("param", name)
-            lp.copy_(value)
-            flat.narrow(0, offset, n).copy_(value.reshape(-1))
-            for kind in moments:
-                state[kind].narrow(0, offset, n).copy_(part.shard(kind, name).reshape(-1))
-            offset += n
-
-
-def _load_zero3(opt, base, named, part: _Parts, step: int, moments) -> None:
-    """Each rank sets its own partition of every parameter (DeepSpeed's local setters): the
-    last rank's is padded when the ranks do not divide a parameter's elements."""
-    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
-    for flat in opt.fp32_partitioned_groups_flat if moments else ():
-        _adam_state(base, flat, step)
-    for name, p in named:
-        safe_set_local_fp32_param(p, _zero3_partition(part, "param", name, p))
-        for kind in moments:
-            safe_set_local_optimizer_state(p, _zero3_partition(part, kind, name, p), kind)
-    for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True):
-        lp.copy_(hp)  # the model's own partitions, gathered on use
-
-
-def _zero3_partition(part: _Parts, kind: str, name: str, p) -> torch.Tensor:
-    """This rank's ZeRO-3 partition of parameter `name` (p): its slice of the flattened
-    parameter, zero-padded to the partition's size (the last rank's slice ends inside it, and
-    a rank past a small parameter's end holds padding alone)."""
-    size = p.ds_tensor.numel()
-    start = torch.distributed.get_rank(group=p.ds_process_group) * size
-    n = max(0, min(size, p.ds_numel - start))
-    out = torch.zeros(size, dtype=torch.float32)
-    if n:
-        out[:n] = part.flat(kind, name, start, n)
-    return out
-
-
-def _adam_state(base, tensor: torch.Tensor, step: int) -> dict:
-    """The optimizer's state for `tensor`, created as its first step would (zero moments)
-    when absent, with the step count set."""
-    state = base.state[tensor]
-    for kind in MOMENTS:
-        if kind not in state:
-            state[kind] = torch.zeros_like(tensor, dtype=torch.float32, memory_format=torch.contiguous_format)
-    # (ZeRO-3 empties the base optimizer's groups between steps: then the first stands for all)
-    group = next((g for g in base.param_groups if any(p is tensor for p in g["params"])), base.param_groups[0])
-    if "step" in group:  # DeepSpeed's FusedAdam, once it has stepped, starts new states' counts from here
-        group["step"] = step
-    if isinstance(base, torch.optim.AdamW | FusedAdamWClip):  # a float tensor, on the device when fused
-        device = tensor.device if group.get("fused") or isinstance(base, FusedAdamWClip) else "cpu"
-        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
-    else:  # DeepSpeed's own Adams count in a plain int (a GPU tensor would be read back every step)
-        state["step"] = step
-    return state

@@ -36,6 +36,7 @@ import torch.nn as nn
 from megatrain.config import Config
 from megatrain.optim import FusedAdamWClip, param_groups
 from megatrain.train import distributed as dist
+from megatrain.train import ds_internals as wall
 
 DS_OPTIMIZER = {"adamw"}  # names DeepSpeed builds itself from its JSON config
 # The learning rate every optimizer is built with; the trainer sets the schedule's before each
@@ -82,30 +83,25 @@ def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:
     tp_rank = dist.rank() % cfg.parallel.tensor_parallel
     replicated = {id(p) for p in model.parameters() if getattr(p, "ds_pipe_replicated", False)
                   or (tp_rank > 0 and not is_tensor_parallel(p))}
-    mapped = [p for p in model.parameters() if getattr(p, "_hp_mapping", None) is not None]
+    mapped = {id(p): (p, place) for p in model.parameters() if (place := wall.fragment(p)) is not None}
     world = dist.world_size()
     if mapped:  # DeepSpeed hands us flat fp32 partitions: every rank holds a distinct shard
         decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
         by_group: dict[int, list] = {}
-        for p in mapped:
-            fragment = p._hp_mapping
-            address = fragment.get_hp_fragment_address()
+        for p, (group, start, numel) in mapped.values():
             wd = cfg.optim.weight_decay if id(p) in decayed else 0.0
-            by_group.setdefault(fragment.param_group_index, []).append(
-                (address.start, address.numel, wd, id(p) not in replicated))
+            by_group.setdefault(group, []).append((start, numel, wd, id(p) not in replicated))
         for index, segments in by_group.items():
             optimizer.set_segments(optimizer.param_groups[index]["params"][0], segments)
         optimizer.norm_group = torch.distributed.group.WORLD if world > 1 else None
     else:  # whole gradients: the ranks of one pipeline, or of one tensor-parallel group, hold distinct ones
-        masters = dict(_master_copies(engine))
+        masters = wall.master_copies(engine.optimizer)
         optimizer.exclude_from_norm(masters.get(id(p), p) for p in model.parameters() if id(p) in replicated)
         grid = getattr(engine, "grid", None)
         if grid is not None and grid.pipe_parallel_size > 1:
             optimizer.norm_group = grid.get_pipe_parallel_group()
         elif cfg.parallel.tensor_parallel > 1:
-            from deepspeed.utils import groups
-
-            optimizer.norm_group = groups.get_tensor_model_parallel_group()
+            optimizer.norm_group = wall.tensor_parallel_group()
         else:
             optimizer.norm_group = None
 
@@ -113,13 +109,3 @@ def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:
 def is_tensor_parallel(p: torch.Tensor) -> bool:
     """AutoTP split this parameter over the tensor-parallel group (each rank a distinct shard)."""
     return bool(getattr(p, "tensor_model_parallel", False))
-
-
-def _master_copies(engine):
-    """(id of a model parameter, the fp32 copy the optimizer steps) where DeepSpeed keeps one
-    (bf16 under ZeRO-0)."""
-    opt = engine.optimizer
-    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):
-        for lps, hps in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
-            for lp, hp in zip(lps, hps, strict=True):
-                yield id(lp), hp

@@ -23,7 +23,7 @@ from megatrain.errors import UserError
 from megatrain.model import GPTConfig, tensor_parallel
 from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
-from megatrain.train import loss_scale
+from megatrain.train import ds_internals as wall
 from megatrain.train.build import build_model
 from megatrain.train.optimizer import attach, build_optimizer, forget_construction_step, is_tensor_parallel
 
@@ -96,8 +96,7 @@ class TrainModule:
         self.n_layer = model_cfg.n_layer
         self.device = self.engine.device
         # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
-        self.base_optimizer = (self.client_optimizer if self.client_optimizer is not None
-                               else getattr(self.engine.optimizer, "optimizer", self.engine.optimizer))
+        self.base_optimizer = wall.base_optimizer(self.engine.optimizer)
         forget_construction_step(self.base_optimizer)
         # Where the pre-clip global norm comes from: our kernel when it clips; else we measure
         # it (data parallel with fp32 weights, where DeepSpeed does not report it); else DeepSpeed.
@@ -179,13 +178,11 @@ class TrainModule:
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         if self.tp_size == 1:
             return float(torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0))
-        from deepspeed.utils import groups
-
         counted = [p.grad for p in params if is_tensor_parallel(p) or self.tp_rank == 0]
         squares = torch.zeros((), dtype=torch.float64, device=dist.collective_device())  # NCCL: on the GPU
         if counted:
             squares += torch.nn.utils.get_total_norm(counted, norm_type=2.0).to(squares) ** 2
-        torch.distributed.all_reduce(squares, group=groups.get_tensor_model_parallel_group())
+        torch.distributed.all_reduce(squares, group=wall.tensor_parallel_group())
         return float(squares.sqrt())
 
     def _grad_norm(self, skipped_before: int) -> float | None:
@@ -212,17 +209,17 @@ class TrainModule:
             row["z_loss"] = self.z_loss  # mean log(Z)^2 over the global batch, before the coefficient
         row["skipped_steps"] = self.engine.skipped_steps  # updates left out for a non-finite gradient, cumulative
         if self.fp16:
-            row["loss_scale"] = loss_scale.current(self.engine.optimizer)
+            row["loss_scale"] = wall.loss_scale(self.engine.optimizer)
         return row
 
     def loss_scale_state(self) -> dict | None:
         """fp16's dynamic loss scale (the same on every rank), for a checkpoint; None without one."""
-        return loss_scale.state(self.engine.optimizer)
+        return wall.loss_scale_state(self.engine.optimizer)
 
     def load_loss_scale_state(self, saved: dict | None) -> bool:
         """After a reshard (DeepSpeed's own load restores it on the same layout) or a rollback:
         whether a saved fp16 loss scale was set."""
-        return loss_scale.load_state(self.engine.optimizer, saved)
+        return wall.load_loss_scale_state(self.engine.optimizer, saved)
 
     @property
     def overflow(self) -> bool:
