@@ -45,22 +45,25 @@ def worker(config: str, layout: str, out: Path) -> None:
     import deepspeed
 
     from megatrain.config import deepspeed_config, load_config
+    from megatrain.layout import Layout
     from megatrain.model import GPTConfig, param_count, tensor_parallel
+    from megatrain.optim.grad_norm import GradNormPolicy
     from megatrain.train import distributed as dist
     from megatrain.train.build import build_model
 
     overrides, ranks = LAYOUTS[layout]
     cfg = load_config(config, ["data.path=unused", "train.precision=fp32", *overrides])
     model_cfg = GPTConfig.from_config(cfg, vocab_size=50257)
-    ds_config = deepspeed_config(cfg, ranks // cfg.parallel.tensor_parallel, 1)
-    if cfg.parallel.tensor_parallel > 1:
-        ds_config["tensor_parallel"] = tensor_parallel.autotp_config(cfg.parallel.tensor_parallel, model_cfg)
     if ranks > 1:
         dist.init_distributed()
         deepspeed.comm.barrier()
+    place = Layout.from_config(cfg, ranks, dist.rank())
+    ds_config = deepspeed_config(cfg, place, 1, GradNormPolicy.decide(cfg.optim, cfg.train, place))
+    if place.tensor_parallel > 1:
+        ds_config["tensor_parallel"] = tensor_parallel.autotp_config(place.tensor_parallel, model_cfg)
     before = rss_bytes()
     if ranks > 1:
-        build_model(cfg, model_cfg, ds_config, dist.collective_device())
+        build_model(cfg, model_cfg, place, ds_config, dist.collective_device())
     else:
         from megatrain.model import GPT
 

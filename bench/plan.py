@@ -51,7 +51,8 @@ def child(sets: list[str]) -> None:
     import psutil
 
     from megatrain.config import load_config
-    from megatrain.plan import Layout, plan
+    from megatrain.layout import Layout
+    from megatrain.plan import plan
     from megatrain.train import Trainer
     from megatrain.train import distributed as dist
 

@@ -17,8 +17,9 @@ from megatrain.config import load_config
 from megatrain.devices import GPUS, MATMUL_DTYPE, gpu_by_key
 from megatrain.errors import UserError
 from megatrain.files import write_atomically
+from megatrain.layout import Layout
 from megatrain.model import GPTConfig
-from megatrain.plan import Layout, Links, plan, search, smallest_fitting_gpus
+from megatrain.plan import Links, plan, search, smallest_fitting_gpus
 from megatrain.train.init_from import model_config, open_source
 
 from _cli import run

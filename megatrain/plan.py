@@ -50,10 +50,11 @@ docs/planning.md, and nothing here has been compared with a GPU's measured memor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from megatrain.config import Config
 from megatrain.config.deepspeed import bf16_optimizer, fp32_accumulation
+from megatrain.layout import Layout
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
 from megatrain.model.gpt import block_params
 
@@ -68,33 +69,6 @@ DEFAULT_PREFETCH = 5e7  # DeepSpeed's stage3_prefetch_bucket_size (elements)
 DEFAULT_LIVE = 1e9  # DeepSpeed's stage3_max_live_parameters (elements)
 DEFAULT_SUB_GROUP = 1e9  # DeepSpeed's sub_group_size (elements)
 RAMP_SEGMENTS = 4
-
-
-@dataclass(frozen=True)
-class Layout:
-    zero_stage: int
-    tensor_parallel: int
-    pipeline_stages: int
-    data_parallel: int
-    micro_batch: int
-    activation_checkpointing: bool
-
-    @classmethod
-    def from_config(cls, cfg: Config, gpus: int) -> Layout:
-        par = cfg.parallel
-        return cls(par.zero_stage, par.tensor_parallel, par.pipeline_stages,
-                   gpus // (par.tensor_parallel * par.pipeline_stages), cfg.train.micro_batch,
-                   cfg.model.activation_checkpointing or par.activation_checkpoint_interval > 0)
-
-    @property
-    def world(self) -> int:
-        return self.tensor_parallel * self.pipeline_stages * self.data_parallel
-
-    def sets(self) -> str:
-        """The --set line that launches this layout."""
-        return (f"--set parallel.zero_stage={self.zero_stage} --set parallel.tensor_parallel={self.tensor_parallel} "
-                f"--set parallel.pipeline_stages={self.pipeline_stages} --set train.micro_batch={self.micro_batch} "
-                f"--set model.activation_checkpointing={str(self.activation_checkpointing).lower()}")
 
 
 def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) -> dict[str, float]:
@@ -220,7 +194,7 @@ def plan(cfg: Config, m: GPTConfig, lay: Layout, device_memory: float, peak_flop
     n = param_count(m)
     w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     masters = 4 if w == 2 or lay.zero_stage >= 1 else 0
-    return {"fits": bool(memory["total"] <= device_memory), "layout": asdict(lay), "world": world,
+    return {"fits": bool(memory["total"] <= device_memory), "layout": lay.as_dict(), "world": world,
             "per_rank_bytes": memory, "device_bytes": device_memory,
             "host_bytes_per_node": rollback * min(gpus_per_node, world),
             "checkpoint_bytes": n * (w + 8 + masters), "step_time_s": step_time(final),

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import TINY_CONFIG  # noqa: E402
 
 from megatrain.config import load_config  # noqa: E402
-from megatrain.plan import Layout, per_rank_bytes  # noqa: E402
+from megatrain.layout import Layout  # noqa: E402
+from megatrain.plan import per_rank_bytes  # noqa: E402
 from megatrain.train import Trainer  # noqa: E402
 from megatrain.train import distributed as dist  # noqa: E402
 from megatrain.train.callbacks import Callback  # noqa: E402

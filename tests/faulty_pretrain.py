@@ -148,7 +148,7 @@ class RecordSamples(Callback):
             batch = tokens()
             with open(self.out, "a") as f:
                 indices = batches.sampler.at(batches.sampler.last_positions).tolist()
-                f.write(json.dumps({"step": trainer.progress.step + 1, "mp_rank": trainer.module.mp_rank,
+                f.write(json.dumps({"step": trainer.progress.step + 1, "mp_rank": trainer.layout.mp_rank,
                                     "samples": indices}) + "\n")
             return batch
 

@@ -195,9 +195,8 @@ def accumulation_error(data, stage: int, micro_batches: int, *sets: str, size: t
 
     cfg = load_config(TINY_CONFIG, [f"data.path={data}", f"parallel.zero_stage={stage}", "train.precision=bf16",
                                     f"model.d_model={size[0]}", "model.n_head=4", f"model.n_layer={size[1]}", *sets])
-    init_layout(cfg)
     shape = GPTConfig.from_config(cfg, 1024)
-    module = TrainModule(cfg, shape, grad_accum=micro_batches)
+    module = TrainModule(cfg, shape, micro_batches, init_layout(cfg))
     opt, seen = module.client_optimizer, {}
     step = opt.step
 

@@ -27,31 +27,29 @@ def bf16_optimizer(train: TrainConfig, zero_stage: int) -> bool:
     return fp32_accumulation(train, zero_stage) and zero_stage == 1
 
 
-def deepspeed_config(cfg: Config, dp_size: int, grad_accum: int) -> dict:
-    """DeepSpeed's JSON config for this run. The learning rate is set by the trainer every
-    step (no DeepSpeed scheduler)."""
+def deepspeed_config(cfg: Config, layout, grad_accum: int, norm) -> dict:
+    """DeepSpeed's JSON config for this run on `layout` (megatrain.layout.Layout), with `norm`
+    (optim.grad_norm.GradNormPolicy) saying who clips. The learning rate is set by the
+    trainer every step (no DeepSpeed scheduler)."""
     t, o = cfg.train, cfg.optim
     ds: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": grad_accum,
         # DeepSpeed checks this against the whole world when its config is read, before it
         # knows the tensor-parallel groups; the engine then divides by the data-parallel size.
-        "train_batch_size": t.micro_batch * grad_accum * dp_size * cfg.parallel.tensor_parallel,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "train_batch_size": t.micro_batch * grad_accum * layout.data_parallel * layout.tensor_parallel,
+        "zero_optimization": {"stage": layout.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},
         "steps_per_print": 2**31 - 1,  # the trainer logs
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if fp32_accumulation(t, cfg.parallel.zero_stage):  # else DeepSpeed sums and reduces bf16 gradients in bf16
+    if fp32_accumulation(t, layout.zero_stage):  # else DeepSpeed sums and reduces bf16 gradients in bf16
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"
-    # FusedAdamWClip computes the global norm and clips inside its kernel, so DeepSpeed's
-    # clipping is off and, under ZeRO-1/2, so is DeepSpeed's own norm pass (its BF16_Optimizer
-    # always computes one, and refuses the setting).
-    ds["gradient_clipping"] = 0.0 if o.clips(cfg) else o.grad_clip
-    if o.clips(cfg) and cfg.parallel.zero_stage in (1, 2) and not bf16_optimizer(t, cfg.parallel.zero_stage):
+    ds["gradient_clipping"] = norm.deepspeed_clip
+    if not norm.deepspeed_norm:
         ds["zero_optimization"]["compute_grad_norm"] = False
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
         # lr 0 until the trainer sets it before the first step (train/optimizer.py: CONSTRUCTION_LR).

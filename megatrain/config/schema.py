@@ -248,11 +248,6 @@ class OptimConfig:
             yield "optim.betas", f"must be two numbers in [0, 1), got {self.betas}"
         yield from _at_least(self, "optim", lr=0, grad_clip=0, z_loss=0)
 
-    def clips(self, cfg: Config) -> bool:
-        """Whether the optimizer (FusedAdamWClip) does the clipping. Not under ZeRO-3, where
-        DeepSpeed steps parameter sub-groups separately and no single call sees every gradient."""
-        return self.name == "fused_adamw" and cfg.parallel.zero_stage != 3
-
 
 @dataclass
 class ScheduleConfig:

@@ -22,6 +22,7 @@ import zlib
 import torch
 
 from megatrain.config import Config
+from megatrain.layout import Layout
 from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name, tensor_parallel
 from megatrain.model.gpt import INIT_PIECE, initial_value, initial_value_pieces, is_drawn
 from megatrain.train import distributed as dist
@@ -30,45 +31,45 @@ from megatrain.train.ds_internals import cut_for_tensor_parallel, finish_tensor_
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
 
 
-def build_model(cfg: Config, model_cfg: GPTConfig, ds_config: dict, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: Config, model_cfg: GPTConfig, layout: Layout, ds_config: dict,
+                device: torch.device) -> torch.nn.Module:
     """Collective (every rank calls it); needs torch.distributed initialised."""
     import deepspeed
 
     par = cfg.parallel
-    if par.zero_stage == 3:
+    if layout.partitioned_parameters:
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = GPT(model_cfg, init_weights=False)
         with torch.no_grad():
             for name, param in model.named_parameters():  # each rank draws and writes its own slice: no gather
                 part = param.ds_tensor.view(-1)
-                lo = dist.rank() * part.numel()  # this rank's elements of the flattened parameter
+                lo = layout.dp_rank * part.numel()  # this rank's elements of the flattened parameter
                 for offset, values in initial_value_pieces(name, param.ds_shape, model_cfg, lo, lo + part.numel()):
                     a, b = max(lo, offset), min(lo + part.numel(), offset + values.numel())
                     if a < b:
                         part[a - lo:b - lo].copy_(values[a - offset:b - offset])
         return model
     with torch.device("meta"):
-        if par.pipeline_stages > 1:
+        if layout.pipeline:
             interval = par.activation_checkpoint_interval or int(model_cfg.activation_checkpointing)
             model = build_pipeline(model_cfg, par.pipeline_stages, par.partition_method, interval, init_weights=False)
         else:
             model = GPT(model_cfg, init_weights=False)
     whole_shapes = {name: p.shape for name, p in model.named_parameters()}
-    autotp = cut_for_tensor_parallel(model, ds_config) if par.tensor_parallel > 1 else None
+    autotp = cut_for_tensor_parallel(model, ds_config) if layout.tensor_parallel > 1 else None
     # to_empty makes new Parameter objects: keep the attributes DeepSpeed set on the old ones
     # (ds_pipe_replicated marks the later stage's copy of the tied embeddings; AutoTP's
     # shard records).
     attributes = {name: dict(vars(p)) for name, p in model.named_parameters()}
     model.to(DTYPES.get(cfg.train.precision, torch.float32)).to_empty(device=device)
-    tp_rank = dist.rank() % par.tensor_parallel
     with torch.no_grad():
         for name, param in model.named_parameters():
             vars(param).update(attributes[name])
-            if par.pipeline_stages > 1:  # the stages hold different parameters: each draws its own
+            if layout.pipeline:  # the stages hold different parameters: each draws its own
                 whole = initial_value(canonical_name(name, model_cfg.n_layer), whole_shapes[name], model_cfg)
             else:
                 whole = initial_value_drawn_in_turn(name, whole_shapes[name], model_cfg, device)
-            param.copy_(tensor_parallel.shard(name, whole, tp_rank, par.tensor_parallel, model_cfg))
+            param.copy_(tensor_parallel.shard(name, whole, layout.tp_rank, layout.tensor_parallel, model_cfg))
     if autotp is not None:
         finish_tensor_parallel(model, autotp)
     return model

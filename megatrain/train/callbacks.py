@@ -90,11 +90,11 @@ class Evaluate(Callback):
         """Collective: every rank runs the same number of forward passes (ZeRO-3 gathers
         parameters collectively); the samples are split over data-parallel ranks."""
         module, mb = trainer.module, trainer.cfg.train.micro_batch
-        per_pass = mb * module.dp_size
+        per_pass = mb * trainer.layout.data_parallel
         n = min(self.samples, len(data)) // per_pass * per_pass
         if n == 0:
             return None
-        positions = np.arange(module.dp_rank, n, module.dp_size)
+        positions = np.arange(trainer.layout.dp_rank, n, trainer.layout.data_parallel)
         batches = [to_micro_batch(data.batch(positions[s:s + mb]), module.device) for s in range(0, len(positions), mb)]
         loss = module.evaluate(batches)
         row = {"kind": "valid", "set": name, "step": trainer.progress.step, "tokens": trainer.progress.tokens,

@@ -227,10 +227,10 @@ def load_into(module, path: Path) -> int:
     fragments of the moments (the model's weights it holds whole)."""
     from safetensors import safe_open
 
-    engine, n_layer = module.engine, module.n_layer
+    engine, n_layer, pipeline = module.engine, module.model_cfg.n_layer, module.layout.pipeline
     with safe_open(str(path), "pt") as f:
         step = int(f.metadata()["optimizer_step"])
-        named = [(canonical_name(n, n_layer) if module.pipeline else n, p) for n, p in engine.module.named_parameters()]
+        named = [(canonical_name(n, n_layer) if pipeline else n, p) for n, p in engine.module.named_parameters()]
         moments = MOMENTS if f"{MOMENTS[0]}/{named[0][0]}" in f.keys() else ()
         with torch.no_grad():
             wall.load_state(engine.optimizer, named, _Parts(f, module), step, moments)
@@ -243,7 +243,8 @@ class _Parts:
     read for either, except a flat range of a shard, read as the shard)."""
 
     def __init__(self, f, module):
-        self.f, self.tp_rank, self.tp_size, self.model_cfg = f, module.tp_rank, module.tp_size, module.model_cfg
+        self.f, self.tp_rank, self.tp_size = f, module.layout.tp_rank, module.layout.tensor_parallel
+        self.model_cfg = module.model_cfg
 
     def shard(self, kind: str, name: str) -> torch.Tensor:
         """Parameter `name` as this rank holds it: whole, or its tensor-parallel shard."""

@@ -1,5 +1,7 @@
 """Building the optimizer for DeepSpeed, and wiring FusedAdamWClip into its wrappers.
 
+Who computes the norm and who clips is the GradNormPolicy (megatrain/optim/grad_norm.py).
+
 optim.name:
   fused_adamw  megatrain's FusedAdamWClip: the global norm, the clipping and the update in
                two passes (csrc/). DeepSpeed's own clipping is off.
@@ -33,9 +35,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from megatrain.config import Config
+from megatrain.layout import Layout
 from megatrain.optim import FusedAdamWClip, param_groups
-from megatrain.train import distributed as dist
+from megatrain.optim.grad_norm import GradNormPolicy
 from megatrain.train import ds_internals as wall
 
 DS_OPTIMIZER = {"adamw"}  # names DeepSpeed builds itself from its JSON config
@@ -47,23 +49,18 @@ DS_OPTIMIZER = {"adamw"}  # names DeepSpeed builds itself from its JSON config
 CONSTRUCTION_LR = 0.0
 
 
-def uses_single_group(cfg: Config) -> bool:
-    return cfg.optim.clips(cfg) and cfg.parallel.zero_stage in (1, 2)
-
-
-def build_optimizer(cfg: Config, model: nn.Module):
-    """(parameter groups for DeepSpeed, client optimizer or None)."""
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
-    if o.name in DS_OPTIMIZER:
+def build_optimizer(optim, model: nn.Module, norm: GradNormPolicy):
+    """(parameter groups for DeepSpeed, client optimizer or None), from cfg.optim."""
+    groups = param_groups(model, optim.weight_decay)
+    if optim.name in DS_OPTIMIZER:
         return groups, None
-    if o.name == "torch_adamw":
-        return groups, torch.optim.AdamW(groups, lr=CONSTRUCTION_LR, betas=tuple(o.betas), eps=o.eps, fused=True)
-    if uses_single_group(cfg):
+    hyper = dict(lr=CONSTRUCTION_LR, betas=tuple(optim.betas), eps=optim.eps)
+    if optim.name == "torch_adamw":
+        return groups, torch.optim.AdamW(groups, **hyper, fused=True)
+    if norm.single_group:
         groups = [{"params": [p for g in groups for p in g["params"]], "weight_decay": 0.0}]
-    max_norm = o.grad_clip if cfg.optim.clips(cfg) else 0.0  # ZeRO-3: DeepSpeed clips
-    return groups, FusedAdamWClip(groups, lr=CONSTRUCTION_LR, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                  max_grad_norm=max_norm)
+    max_norm = optim.grad_clip if norm.kernel_clips else 0.0  # ZeRO-3: DeepSpeed clips
+    return groups, FusedAdamWClip(groups, **hyper, weight_decay=optim.weight_decay, max_grad_norm=max_norm)
 
 
 def forget_construction_step(base_optimizer) -> None:
@@ -72,35 +69,33 @@ def forget_construction_step(base_optimizer) -> None:
     base_optimizer.state.clear()
 
 
-def attach(optimizer, model: nn.Module, cfg: Config, engine) -> None:
+def attach(optimizer, model: nn.Module, weight_decay: float, layout: Layout, norm: GradNormPolicy, engine) -> None:
     """After deepspeed.initialize: tell FusedAdamWClip how its tensors relate to the model,
     and which ranks to all-reduce the squared norm over."""
-    if not isinstance(optimizer, FusedAdamWClip) or not cfg.optim.clips(cfg):
+    if not norm.kernel_clips:
         return
     # Gradients another rank also holds count once: the later pipeline stage's copy of the
     # tied embeddings, and under tensor parallelism every parameter AutoTP left whole
     # (LayerNorms, row-parallel biases, embeddings) except on the group's first rank.
-    tp_rank = dist.rank() % cfg.parallel.tensor_parallel
     replicated = {id(p) for p in model.parameters() if getattr(p, "ds_pipe_replicated", False)
-                  or (tp_rank > 0 and not is_tensor_parallel(p))}
+                  or (layout.tp_rank > 0 and not is_tensor_parallel(p))}
     mapped = {id(p): (p, place) for p in model.parameters() if (place := wall.fragment(p)) is not None}
-    world = dist.world_size()
     if mapped:  # DeepSpeed hands us flat fp32 partitions: every rank holds a distinct shard
         decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}
         by_group: dict[int, list] = {}
         for p, (group, start, numel) in mapped.values():
-            wd = cfg.optim.weight_decay if id(p) in decayed else 0.0
+            wd = weight_decay if id(p) in decayed else 0.0
             by_group.setdefault(group, []).append((start, numel, wd, id(p) not in replicated))
         for index, segments in by_group.items():
             optimizer.set_segments(optimizer.param_groups[index]["params"][0], segments)
-        optimizer.norm_group = torch.distributed.group.WORLD if world > 1 else None
+        optimizer.norm_group = torch.distributed.group.WORLD if layout.world > 1 else None
     else:  # whole gradients: the ranks of one pipeline, or of one tensor-parallel group, hold distinct ones
         masters = wall.master_copies(engine.optimizer)
         optimizer.exclude_from_norm(masters.get(id(p), p) for p in model.parameters() if id(p) in replicated)
         grid = getattr(engine, "grid", None)
         if grid is not None and grid.pipe_parallel_size > 1:
             optimizer.norm_group = grid.get_pipe_parallel_group()
-        elif cfg.parallel.tensor_parallel > 1:
+        elif layout.tensor_parallel > 1:
             optimizer.norm_group = wall.tensor_parallel_group()
         else:
             optimizer.norm_group = None

@@ -20,8 +20,9 @@ import torch
 
 from megatrain.config import Config, deepspeed_config
 from megatrain.errors import UserError
+from megatrain.layout import Layout
 from megatrain.model import GPTConfig, tensor_parallel
-from megatrain.optim import FusedAdamWClip
+from megatrain.optim.grad_norm import GradNormPolicy
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
 from megatrain.train.build import build_model
@@ -32,8 +33,8 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
 
-def init_layout(cfg: Config) -> int:
-    """Start the process group and check the layout against it; the data-parallel size."""
+def init_layout(cfg: Config) -> Layout:
+    """Start the process group; this rank's Layout (the world checked against cfg.parallel)."""
     from deepspeed.accelerator import get_accelerator
 
     if cfg.train.precision == "fp16" and get_accelerator().device_name() == "cpu":
@@ -41,12 +42,7 @@ def init_layout(cfg: Config) -> int:
                         "use train.precision=bf16 (or fp32)")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dist.init_distributed()
-    stages, tp = cfg.parallel.pipeline_stages, cfg.parallel.tensor_parallel
-    if dist.world_size() % stages:
-        raise UserError(f"parallel.pipeline_stages={stages} does not divide the {dist.world_size()} ranks")
-    if dist.world_size() % tp:
-        raise UserError(f"parallel.tensor_parallel={tp} does not divide the {dist.world_size()} ranks")
-    return dist.world_size() // (stages * tp)
+    return Layout.from_config(cfg, dist.world_size(), dist.rank())
 
 
 def host_block_bytes(nbytes: int, pinned: bool) -> int:
@@ -57,55 +53,41 @@ def host_block_bytes(nbytes: int, pinned: bool) -> int:
 
 
 class TrainModule:
-    def __init__(self, cfg: Config, model_cfg: GPTConfig, grad_accum: int):
-        """After init_layout."""
+    def __init__(self, cfg: Config, model_cfg: GPTConfig, grad_accum: int, layout: Layout):
+        """After init_layout, which gives the layout."""
         import deepspeed
 
-        t, par = cfg.train, cfg.parallel
+        t = cfg.train
         if t.tf32:  # before anything runs (PyTorch's default is full-fp32 matmuls)
             torch.backends.cuda.matmul.allow_tf32 = True
-        self.world = dist.world_size()
-        self.pipeline = par.pipeline_stages > 1
-        self.tp_size = par.tensor_parallel
-        self.dp_size = self.world // (par.pipeline_stages * self.tp_size)
-        self.grad_accum = grad_accum
-        self.model_cfg = model_cfg
-        ds_config = deepspeed_config(cfg, self.dp_size, grad_accum)
-        if self.tp_size > 1:  # AutoTP with megatrain's specs, which follow the model's shape
-            ds_config["tensor_parallel"] = tensor_parallel.autotp_config(self.tp_size, model_cfg)
+        self.layout, self.grad_accum, self.model_cfg = layout, grad_accum, model_cfg
+        self.norm = GradNormPolicy.decide(cfg.optim, t, layout)
+        ds_config = deepspeed_config(cfg, layout, grad_accum, self.norm)
+        if layout.tensor_parallel > 1:  # AutoTP with megatrain's specs, which follow the model's shape
+            ds_config["tensor_parallel"] = tensor_parallel.autotp_config(layout.tensor_parallel, model_cfg)
         # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
-        model = build_model(cfg, model_cfg, ds_config, dist.collective_device())
-        groups, self.client_optimizer = build_optimizer(cfg, model)
+        model = build_model(cfg, model_cfg, layout, ds_config, dist.collective_device())
+        groups, self.client_optimizer = build_optimizer(cfg.optim, model, self.norm)
         names = {id(p): n for n, p in model.named_parameters()}
         # The optimizer's parameters by name in its own order: a ZeRO-0 checkpoint keeps its
         # state by position only, and resuming on another layout needs the names (layout_free.py).
         self.optimizer_params = [[names[id(p)] for p in g["params"]] for g in groups]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
                                                     optimizer=self.client_optimizer, config=ds_config)
-        attach(self.client_optimizer, model, cfg, self.engine)
-        if self.world == 1 and par.zero_stage == 0:
+        if layout.pipeline and (self.engine.stage_id, self.engine.grid.data_parallel_id) != (layout.stage,
+                                                                                             layout.dp_rank):
+            raise RuntimeError(f"DeepSpeed's pipeline grid put rank {layout.rank} at stage {self.engine.stage_id}, "
+                               f"data-parallel rank {self.engine.grid.data_parallel_id}; megatrain's Layout says "
+                               f"{layout.stage}, {layout.dp_rank}")
+        attach(self.client_optimizer, model, cfg.optim.weight_decay, layout, self.norm, self.engine)
+        if layout.world == 1 and layout.zero_stage == 0:
             # DeepSpeed all-reduces ZeRO-0 gradients in a world of one too: it flattens them
             # into one buffer and copies them back, a sizeable share of a small step, for an identity.
             self.engine.enable_backward_allreduce = False
-        # Tensor-parallel groups are consecutive ranks (DeepSpeed's data x tensor mesh): the
-        # ranks of one group train on the same samples.
-        self.tp_rank = dist.rank() % self.tp_size
-        self.dp_rank = self.engine.grid.data_parallel_id if self.pipeline else dist.rank() // self.tp_size
-        # DeepSpeed's model-parallel rank: which mp_rank_NN checkpoint files are this rank's.
-        self.mp_rank = self.engine.stage_id if self.pipeline else self.tp_rank
-        self.n_layer = model_cfg.n_layer
         self.device = self.engine.device
         # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
         self.base_optimizer = wall.base_optimizer(self.engine.optimizer)
         forget_construction_step(self.base_optimizer)
-        # Where the pre-clip global norm comes from: our kernel when it clips; else we measure
-        # it (data parallel with fp32 weights, where DeepSpeed does not report it); else DeepSpeed.
-        if isinstance(self.client_optimizer, FusedAdamWClip) and cfg.optim.clips(cfg):
-            self.norm_source = "optimizer"
-        elif par.zero_stage == 0 and t.precision in ("fp32", "bf16-autocast") and not self.pipeline:
-            self.norm_source = "measured"
-        else:
-            self.norm_source = "deepspeed"
         self.fp16 = t.precision == "fp16"
 
     # --- one optimizer step ------------------------------------------------------------
@@ -117,7 +99,7 @@ class TrainModule:
     def set_micro_batches(self, micro_batches: int, micro_batch: int) -> None:
         """Micro-batches per rank in the next step (DeepSpeed's gradient accumulation)."""
         if micro_batches != self.grad_accum:
-            self.engine.set_train_batch_size(micro_batches * micro_batch * self.dp_size)
+            self.engine.set_train_batch_size(micro_batches * micro_batch * self.layout.data_parallel)
             self.grad_accum = micro_batches
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -129,9 +111,9 @@ class TrainModule:
         the global batch, pre-clip global gradient norm or None)."""
         loss_fn = self.engine.module.loss_fn
         skipped_before = self.engine.skipped_steps
-        if self.norm_source == "optimizer":  # stays None when DeepSpeed skips our step (an overflow)
+        if self.norm.source == "kernel":  # stays None when DeepSpeed skips our step (an overflow)
             self.client_optimizer.last_grad_norm = None
-        if self.pipeline:
+        if self.layout.pipeline:
             # DeepSpeed's schedule runs the micro-batches; every rank draws them (the first
             # stage uses the inputs, the last the targets).
             batches = [next_micro_batch() for _ in range(self.grad_accum)]
@@ -158,11 +140,11 @@ class TrainModule:
             self.engine.set_gradient_accumulation_boundary(boundary)
             loss = self.loss(inputs, targets)
             self.engine.backward(loss)
-            if boundary and self.norm_source == "measured":  # gradients are all-reduced now, not yet clipped
+            if boundary and self.norm.source == "measured":  # gradients are all-reduced now, not yet clipped
                 grad_norm = self._measured_norm()
             self.engine.step()
             loss_sum += loss.detach().to(loss_sum)
-        if self.norm_source != "measured":
+        if self.norm.source != "measured":
             grad_norm = self._grad_norm(skipped_before)
         if not loss_fn.z_loss:
             return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
@@ -176,9 +158,9 @@ class TrainModule:
         """The global norm of whole gradients (ZeRO-0); under tensor parallelism the shards'
         squares summed over the group, the parameters AutoTP left whole counted once."""
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        if self.tp_size == 1:
+        if self.layout.tensor_parallel == 1:
             return float(torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0))
-        counted = [p.grad for p in params if is_tensor_parallel(p) or self.tp_rank == 0]
+        counted = [p.grad for p in params if is_tensor_parallel(p) or self.layout.tp_rank == 0]
         squares = torch.zeros((), dtype=torch.float64, device=dist.collective_device())  # NCCL: on the GPU
         if counted:
             squares += torch.nn.utils.get_total_norm(counted, norm_type=2.0).to(squares) ** 2
@@ -192,7 +174,7 @@ class TrainModule:
         the norm itself) is counted in DeepSpeed's skipped_steps, which checkpoints keep."""
         if self.engine.skipped_steps > skipped_before:
             return math.inf
-        if self.norm_source == "optimizer":
+        if self.norm.source == "kernel":
             norm = float(self.client_optimizer.last_grad_norm)
             if not math.isfinite(norm):
                 self.engine.skipped_steps += 1
@@ -204,7 +186,7 @@ class TrainModule:
 
     def step_stats(self) -> dict:
         """What the engine really did in the last step, for the metrics row."""
-        row = {"micro_batches": self.engine.micro_batches} if self.pipeline else {}
+        row = {"micro_batches": self.engine.micro_batches} if self.layout.pipeline else {}
         if self.engine.module.loss_fn.z_loss:
             row["z_loss"] = self.z_loss  # mean log(Z)^2 over the global batch, before the coefficient
         row["skipped_steps"] = self.engine.skipped_steps  # updates left out for a non-finite gradient, cumulative
@@ -230,7 +212,7 @@ class TrainModule:
     def evaluate(self, batches: list[MicroBatch]) -> float:
         """Mean loss over these micro-batches and every data-parallel rank's (collective:
         every rank passes the same number)."""
-        if self.pipeline:  # averaged over micro-batches and data-parallel ranks by DeepSpeed
+        if self.layout.pipeline:  # averaged over micro-batches and data-parallel ranks by DeepSpeed
             return float(self.engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float64, device=dist.collective_device())

@@ -19,8 +19,9 @@ from pathlib import Path
 from megatrain.config import Config
 from megatrain.config.deepspeed import fp32_accumulation
 from megatrain.errors import UserError
+from megatrain.layout import Layout
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
-from megatrain.plan import Layout, human, plan, search
+from megatrain.plan import human, plan, search
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
 from megatrain.train import init_from, layout_free
@@ -39,7 +40,7 @@ class Trainer:
         """`callbacks` run after the built-in ones (tests add fault injection this way)."""
         self.cfg = cfg
         t = cfg.train
-        dp_size = init_layout(cfg)
+        self.layout = init_layout(cfg)
         train_data, valid_sets, data_vocab = build_datasets(cfg)
         # Continued pretraining: the model's shape (and its weights, at a fresh start) from model.init_from.
         self.source = init_from.open_source(cfg.model.init_from) if cfg.model.init_from else None
@@ -57,10 +58,10 @@ class Trainer:
         self._check_plan()
         self.progress = Progress()
         self.lr_schedule = LRSchedule.from_config(cfg)
-        self.batch_schedule = BatchSchedule.from_config(cfg, dp_size)
-        self.module = TrainModule(cfg, self.model_cfg, self.batch_schedule.micro_batches(0))
-        self.batches = TrainBatches(cfg, train_data, self.module.dp_rank, self.module.dp_size, self.module.device)
-        self.recovery = SpikeRecovery(cfg.spike, t.seq_len, in_memory=cfg.parallel.zero_stage != 3)
+        self.batch_schedule = BatchSchedule.from_config(cfg, self.layout.data_parallel)
+        self.module = TrainModule(cfg, self.model_cfg, self.batch_schedule.micro_batches(0), self.layout)
+        self.batches = TrainBatches(cfg, train_data, self.layout.dp_rank, self.layout.data_parallel, self.module.device)
+        self.recovery = SpikeRecovery(cfg.spike, t.seq_len, in_memory=not self.layout.partitioned_parameters)
         self.metrics = LogMetrics(t.log_every)
         self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)
         self.preemption = Preemption()
@@ -75,24 +76,22 @@ class Trainer:
                 self.state.register(cb.name, cb)
         self.outcome: str | None = None  # set by a callback to end the run: "stopped", "gave_up"
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
-        RNG.seed(cfg.run.seed, self._rng_index())
+        RNG.seed(cfg.run.seed, self.layout.rng_index)
         self._resume(resume)
         self.flops_per_token = flops_per_token(self.model_cfg)
         # With activation checkpointing the hardware also recomputes the blocks' forward pass.
         recomputes = cfg.model.activation_checkpointing or cfg.parallel.activation_checkpoint_interval > 0
         self.hardware_flops_per_token = self.flops_per_token + recomputes * recompute_flops_per_token(self.model_cfg)
         self.peak_flops, self.peak_source = peak_flops(cfg, self.module.device)
-        params = param_count(self.model_cfg)
-        world, stages = self.module.world, cfg.parallel.pipeline_stages
-        self.log.event("start", step=self.progress.step, world_size=world, params=params,
+        params, lay = param_count(self.model_cfg), self.layout
+        self.log.event("start", step=self.progress.step, world_size=lay.world, params=params,
                        peak_flops=self.peak_flops, peak_flops_source=self.peak_source)
-        tp = cfg.parallel.tensor_parallel
-        layout = (f"{world} ranks: {stages} pipeline x {tp} tensor x {dp_size} data parallel" if stages * tp > 1
-                  else f"{world} rank(s)")
+        ranks = (f"{lay.world} ranks: {lay.pipeline_stages} pipeline x {lay.tensor_parallel} tensor x "
+                 f"{lay.data_parallel} data parallel" if lay.world > lay.data_parallel else f"{lay.world} rank(s)")
         self.log.print(f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
-                       f"{layout}, ZeRO-{cfg.parallel.zero_stage}, {self._precision_text()}; "
+                       f"{ranks}, ZeRO-{lay.zero_stage}, {self._precision_text()}; "
                        f"global batch {self.batch_tokens} tokens ({self.module.grad_accum} x {t.micro_batch} x "
-                       f"{t.seq_len} x {dp_size}); "
+                       f"{t.seq_len} x {lay.data_parallel}); "
                        + (f"MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank ({self.peak_source})"
                           if self.peak_flops else f"no MFU: {self.peak_source}"))
         for note in self.batch_schedule.rounding_notes():  # the schedule departs from the config: say so
@@ -104,7 +103,7 @@ class Trainer:
         run in (TF32 or not is a 7x peak)."""
         t = self.cfg.train
         if t.precision == "bf16":
-            if fp32_accumulation(t, self.cfg.parallel.zero_stage):
+            if fp32_accumulation(t, self.layout.zero_stage):
                 return "bf16 (gradients summed and reduced in fp32)"
             return "bf16 (gradients summed and reduced in bf16" + (
                 ": DeepSpeed has no fp32 path without ZeRO; ZeRO-1 or 2 has)" if t.grad_accum_dtype == "fp32" else ")")
@@ -119,8 +118,7 @@ class Trainer:
         fastest layout of these ranks that fits."""
         memory, where = device_memory()
         on_gpu = where.startswith("GPU")
-        layout = Layout.from_config(self.cfg, dist.world_size())
-        mine = plan(self.cfg, self.model_cfg, layout, memory, peak_flops=1.0, on_gpu=on_gpu)  # memory only
+        mine = plan(self.cfg, self.model_cfg, self.layout, memory, peak_flops=1.0, on_gpu=on_gpu)  # memory only
         parts = mine["per_rank_bytes"]
         breakdown = ", ".join(f"{k} {human(v)}" for k, v in parts.items() if k != "total")
         self.log.print(f"plan: {human(parts['total'])} per rank predicted ({breakdown}) of {human(memory)} ({where})")
@@ -136,26 +134,15 @@ class Trainer:
                            if fitting else f"no layout of {dist.world_size()} rank(s) fits")
                         + "; --set plan.check=false starts anyway")
 
-    def _rng_index(self) -> int:
-        """Which generators this rank draws from: its own, except that the ranks of a
-        tensor-parallel group share theirs (their dropout masks on the whole activations
-        must agree)."""
-        return dist.rank() // self.cfg.parallel.tensor_parallel
-
     @property
     def batch_tokens(self) -> int:
         t = self.cfg.train
-        return self.module.grad_accum * t.micro_batch * t.seq_len * self.module.dp_size
+        return self.module.grad_accum * t.micro_batch * t.seq_len * self.layout.data_parallel
 
     # --- checkpoints and rollback points ------------------------------------------------
 
-    def _layout(self) -> dict:
-        par = self.cfg.parallel
-        return {"dp_size": self.module.dp_size, "zero_stage": par.zero_stage, "pipeline_stages": par.pipeline_stages,
-                "tensor_parallel": par.tensor_parallel}
-
     def _checkpoint_meta(self) -> dict:
-        return {"step": self.progress.step, "model_shape": self.model_cfg.shape(), "layout": self._layout(),
+        return {"step": self.progress.step, "model_shape": self.model_cfg.shape(), "layout": self.layout.checkpoint_form(),
                 "tokenizer_sha256": self.tokenizer_sha256,
                 "batch_unit_tokens": self.batch_schedule.unit_tokens,
                 "precision": self.cfg.train.precision, "config": self.cfg.to_dict(),
@@ -165,7 +152,7 @@ class Trainer:
         """Collective: DeepSpeed's state and every registered state, as step-N."""
         state = self.state.state_dict()
         # With this rank's optimizer parameters by name: another layout can read its ZeRO-0 state.
-        rank_state = {**state["rank"], "optimizer_params": {"mp_rank": self.module.mp_rank,
+        rank_state = {**state["rank"], "optimizer_params": {"mp_rank": self.layout.mp_rank,
                                                             "groups": self.module.optimizer_params}}
         path = self.checkpointer.save(self.module.engine, self.progress.step,
                                       {**self._checkpoint_meta(), "state": state["shared"]}, rank_state)
@@ -181,7 +168,7 @@ class Trainer:
         saved["layout"] = {"tensor_parallel": 1, **saved["layout"]}  # (written before tensor parallelism)
         self._check_shape(path, saved)
         self._keep_global_batch(path, saved)
-        if saved["layout"] == self._layout():
+        if saved["layout"] == self.layout.checkpoint_form():
             rank_state = self.checkpointer.load(self.module.engine, path)
         else:
             rank_state = self._reshard(path, saved)
@@ -197,12 +184,12 @@ class Trainer:
         layout_free.load_into(self.module, source)
         step = saved["state"]["progress"]["step"]
         self.module.set_engine_counters(step, saved["state"]["progress"]["tokens"] // self.cfg.train.seq_len)
-        RNG.seed(self.cfg.run.seed + step, self._rng_index())
+        RNG.seed(self.cfg.run.seed + step, self.layout.rng_index)
         carried = self.module.load_loss_scale_state(saved.get("loss_scale"))
-        old, new = _describe_layout(saved["layout"]), _describe_layout(self._layout())
+        old, new = Layout.from_checkpoint(saved["layout"]).describe(), self.layout.describe()
         how = "converted to the layout-free form now" if converted else "from its layout-free form"
         self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
-        self.log.event("reshard", checkpoint=str(path), source_layout=saved["layout"], layout=self._layout(),
+        self.log.event("reshard", checkpoint=str(path), source_layout=saved["layout"], layout=self.layout.checkpoint_form(),
                        converted=converted, loss_scale=carried)
         return {}
 
@@ -212,7 +199,7 @@ class Trainer:
         t = self.cfg.train
         old = saved["config"]["train"]
         unit = saved.get("batch_unit_tokens") or old["micro_batch"] * old["seq_len"] * saved["layout"]["dp_size"]
-        schedule = BatchSchedule.from_config(self.cfg, self.module.dp_size, unit)
+        schedule = BatchSchedule.from_config(self.cfg, self.layout.data_parallel, unit)
         sizes = schedule.sizes_from(saved["state"]["progress"]["tokens"])
         common = math.gcd(*sizes)
         if common % schedule.split:
@@ -220,7 +207,7 @@ class Trainer:
             fits = [d for d in range(1, per_dp + 1) if per_dp % d == 0]
             raise UserError(f"{path}: the run's global batch ({', '.join(f'{s:,}' for s in sizes[:4])}"
                             f"{', ...' if len(sizes) > 4 else ''} tokens) cannot be split on this layout: micro_batch "
-                            f"x seq_len x data-parallel ranks = {t.micro_batch} x {t.seq_len} x {self.module.dp_size} "
+                            f"x seq_len x data-parallel ranks = {t.micro_batch} x {t.seq_len} x {self.layout.data_parallel} "
                             f"= {schedule.split:,} tokens does not divide {common:,}; batch sizes this layout forms "
                             f"are multiples of {schedule.split:,} tokens; data-parallel sizes that can with "
                             f"micro_batch={t.micro_batch}: {', '.join(map(str, fits)) or 'none'}")
@@ -307,7 +294,7 @@ class Trainer:
                "batch_tokens": self.batch_tokens, "grad_accum": self.module.grad_accum, "grad_norm": grad_norm,
                "tokens_per_s": tokens_per_s, "step_time": dt, **self.module.step_stats(), **self.batches.metrics()}
         if self.peak_flops:  # model FLOPs (6N + attention); hardware FLOPs add recomputation
-            peak = self.peak_flops * self.module.world
+            peak = self.peak_flops * self.layout.world
             row.update(mfu=self.flops_per_token * tokens_per_s / peak, mfu_peak=self.peak_source)
             if self.hardware_flops_per_token != self.flops_per_token:
                 row["hfu"] = self.hardware_flops_per_token * tokens_per_s / peak
@@ -354,12 +341,6 @@ class Trainer:
                            f"{last['tokens_per_s']:,.0f} tokens/s{_mfu_text(last)}; run dir {self.run_dir}")
         self.log.close()
         return summary
-
-
-def _describe_layout(layout: dict) -> str:
-    stages = f"{layout['pipeline_stages']} pipeline stages x " if layout["pipeline_stages"] > 1 else ""
-    tp = f"tensor-parallel {layout['tensor_parallel']} x " if layout.get("tensor_parallel", 1) > 1 else ""
-    return f"{stages}{tp}{layout['dp_size']} data-parallel rank(s), ZeRO-{layout['zero_stage']}"
 
 
 def _mfu_text(row: dict) -> str:

@@ -98,12 +98,21 @@ def test_every_config_file_loads():
         assert cfg.train.seq_len > 0, path
 
 
+def _deepspeed(cfg, dp_size: int, grad_accum: int) -> dict:
+    """The DeepSpeed JSON of `cfg` on `dp_size` data-parallel ranks."""
+    from megatrain.layout import Layout
+    from megatrain.optim.grad_norm import GradNormPolicy
+
+    layout = Layout.from_config(cfg, dp_size * cfg.parallel.tensor_parallel * cfg.parallel.pipeline_stages)
+    return deepspeed_config(cfg, layout, grad_accum, GradNormPolicy.decide(cfg.optim, cfg.train, layout))
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "bf16-autocast", "fp32"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_json(precision, stage):
     cfg = load_config(TINY_CONFIG, BASE + [f"train.precision={precision}", f"parallel.zero_stage={stage}",
                                            "optim.name=adamw", "optim.grad_clip=0.5"])
-    ds = json.loads(json.dumps(deepspeed_config(cfg, dp_size=4, grad_accum=3)))  # JSON-serialisable
+    ds = json.loads(json.dumps(_deepspeed(cfg, dp_size=4, grad_accum=3)))  # JSON-serialisable
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 4 * 3 * 4
     assert ds["zero_optimization"]["stage"] == stage and ds["gradient_clipping"] == 0.5
@@ -114,7 +123,7 @@ def test_deepspeed_json(precision, stage):
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    parsed = DeepSpeedConfig(deepspeed_config(cfg, dp_size=1, grad_accum=3))  # DeepSpeed's own parser (world of 1)
+    parsed = DeepSpeedConfig(_deepspeed(cfg, dp_size=1, grad_accum=3))  # DeepSpeed's own parser (world of 1)
     assert parsed.zero_optimization_stage == stage
     assert parsed.float16_config.enabled == (precision == "fp16") and parsed.bfloat16_config.enabled == (precision == "bf16")
     if precision == "fp16":
@@ -127,7 +136,7 @@ def test_deepspeed_json(precision, stage):
 def test_raw_deepspeed_section_merges_on_top():
     cfg = load_config(TINY_CONFIG, BASE + ["deepspeed={zero_optimization: {reduce_bucket_size: 1000}, "
                                            "wall_clock_breakdown: true}", "parallel.zero_stage=2"])
-    ds = deepspeed_config(cfg, dp_size=1, grad_accum=1)
+    ds = _deepspeed(cfg, dp_size=1, grad_accum=1)
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "compute_grad_norm": False}
     assert ds["wall_clock_breakdown"] is True
 
@@ -135,11 +144,11 @@ def test_raw_deepspeed_section_merges_on_top():
 def test_fused_deepspeed_config_turns_deepspeed_clipping_off():
     base = [f"data.path={TINY_CONFIG}", "train.max_steps=1"]
     for stage, clip, norm in [(0, 0.0, None), (1, 0.0, False), (2, 0.0, False), (3, 0.6, None)]:  # tiny.yaml clips at 0.6
-        ds = deepspeed_config(load_config(TINY_CONFIG, base + [f"parallel.zero_stage={stage}"]), 2, 1)
+        ds = _deepspeed(load_config(TINY_CONFIG, base + [f"parallel.zero_stage={stage}"]), 2, 1)
         assert ds["gradient_clipping"] == clip, stage  # ZeRO-3: DeepSpeed clips
         assert ds["zero_optimization"].get("compute_grad_norm") is norm, stage
         assert "optimizer" not in ds  # a client optimizer
-    ds = deepspeed_config(load_config(TINY_CONFIG, base + ["optim.name=adamw"]), 2, 1)
+    ds = _deepspeed(load_config(TINY_CONFIG, base + ["optim.name=adamw"]), 2, 1)
     assert ds["gradient_clipping"] == 0.6 and ds["optimizer"]["type"] == "AdamW"
 
 

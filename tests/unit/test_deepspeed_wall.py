@@ -21,6 +21,7 @@ from helpers import REPO, TINY_CONFIG
 from safetensors.torch import save_file
 
 from megatrain.errors import UserError
+from megatrain.layout import Layout
 from megatrain.model import GPT, GPTConfig
 from megatrain.optim import param_groups
 from megatrain.train import ds_internals as wall
@@ -75,8 +76,7 @@ def test_fp16_flat_masters_read_and_loaded_master_by_master(tmp_path):
     other, other_opt, _ = fp16_optimizer(seed=1)
     other_opt.optimizer.state.clear()  # a fresh optimizer: its state is made by the load
     module = types.SimpleNamespace(engine=types.SimpleNamespace(module=other, optimizer=other_opt),
-                                   base_optimizer=other_opt.optimizer, n_layer=SHAPE.n_layer, pipeline=False,
-                                   tp_rank=0, tp_size=1, model_cfg=SHAPE)
+                                   layout=Layout(0, 1, 1, 1), model_cfg=SHAPE)
     assert layout_free.load_into(module, path) == 7
     for flat, other_flat in zip(opt.fp32_groups_flat, other_opt.fp32_groups_flat, strict=True):
         assert torch.equal(other_flat, flat)
@@ -148,9 +148,8 @@ def _contracts(data: str, work: str, out: str) -> None:
     results = {}
     for name, (sets, _) in FLAVOURS.items():
         cfg = load_config(TINY_CONFIG, [f"data.path={data}", *sets])
-        if not results:
-            init_layout(cfg)
-        module = TrainModule(cfg, GPTConfig.from_config(cfg, 1024), grad_accum=1)
+        layout = init_layout(cfg) if not results else Layout.from_config(cfg, 1)
+        module = TrainModule(cfg, GPTConfig.from_config(cfg, 1024), 1, layout)
         g = torch.Generator().manual_seed(len(results))
         with torch.device("meta"):
             shapes = {n: p.shape for n, p in GPT(module.model_cfg, init_weights=False).named_parameters()}

@@ -278,10 +278,13 @@ def test_torch_adamw_is_torchs_fused_kernel():
 
     from megatrain.config import load_config
     from megatrain.model import GPT, GPTConfig
+    from megatrain.layout import Layout
+    from megatrain.optim.grad_norm import GradNormPolicy
     from megatrain.train.optimizer import build_optimizer
 
     cfg = load_config(TINY_CONFIG, ["data.path=x", "optim.name=torch_adamw"])
-    _, opt = build_optimizer(cfg, GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=8)))
+    norm = GradNormPolicy.decide(cfg.optim, cfg.train, Layout.from_config(cfg, 1))
+    _, opt = build_optimizer(cfg.optim, GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=8)), norm)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and not opt.defaults["foreach"]
 
 

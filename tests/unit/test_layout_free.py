@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatrain.layout import Layout
 from megatrain.model import GPTConfig
 from megatrain.model import tensor_parallel as tp
 from megatrain.train.layout_free import _Parts
@@ -51,7 +52,7 @@ def test_parts_read_only_the_slices_a_rank_keeps(tmp_path):
     with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
         for rank in (0, 1):
             counting = Counting(f)
-            parts = _Parts(counting, types.SimpleNamespace(tp_rank=rank, tp_size=2, model_cfg=CFG))
+            parts = _Parts(counting, types.SimpleNamespace(layout=Layout(1, 2, 1, 1, rank=rank), model_cfg=CFG))
             for key, whole in tensors.items():
                 name = key.partition("/")[2]
                 before = counting.read
@@ -60,7 +61,7 @@ def test_parts_read_only_the_slices_a_rank_keeps(tmp_path):
                 split = tp.split_of(name, CFG) is not None
                 assert counting.read - before == whole.numel() // (2 if split else 1)  # the shard alone
         counting = Counting(f)
-        parts = _Parts(counting, types.SimpleNamespace(tp_rank=0, tp_size=1, model_cfg=CFG))
+        parts = _Parts(counting, types.SimpleNamespace(layout=Layout(1, 1, 1, 1), model_cfg=CFG))
         whole = tensors["exp_avg/blocks.0.attn.qkv.weight"]
         for start, n in [(0, 5), (37, 100), (500, 12), (511, 1), (0, 512)]:
             before = counting.read

@@ -9,8 +9,9 @@ import pytest
 from helpers import REPO, run_script
 
 from megatrain.config import load_config
+from megatrain.layout import Layout
 from megatrain.model import GPTConfig, param_count
-from megatrain.plan import Layout, per_rank_bytes, plan, search
+from megatrain.plan import per_rank_bytes, plan, search
 
 GPT3_13B = REPO / "configs" / "gpt3-13b.yaml"
 
@@ -80,7 +81,7 @@ def test_fits_search_and_the_set_line():
     assert [p["step_time_s"] for p in found] == sorted(p["step_time_s"] for p in found)
     best = found[0]["layout"]
     again = load_config(GPT3_13B, [s.removeprefix("--set ") for s in found[0]["sets"].split(" --set ")])
-    assert Layout.from_config(again, 64).__dict__ == best
+    assert Layout.from_config(again, 64).as_dict() == best
     assert not search(cfg, m, gpus=8, gpus_per_node=8, device_memory=2e9, peak_flops=989e12)
 
 

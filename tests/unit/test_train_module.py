@@ -34,8 +34,7 @@ def _module(data: str, *sets: str):
     from megatrain.train.train_module import TrainModule, init_layout
 
     cfg = load_config(TINY_CONFIG, [f"data.path={data}", *sets])
-    init_layout(cfg)
-    return TrainModule(cfg, GPTConfig.from_config(cfg, 1024), grad_accum=1)
+    return TrainModule(cfg, GPTConfig.from_config(cfg, 1024), 1, init_layout(cfg))
 
 
 def _after_construction(data: str, optimizer: str) -> dict:
