@@ -277,8 +277,8 @@ def test_torch_adamw_is_torchs_fused_kernel():
     from helpers import TINY_CONFIG
 
     from megatrain.config import load_config
-    from megatrain.model import GPT, GPTConfig
     from megatrain.layout import Layout
+    from megatrain.model import GPT, GPTConfig
     from megatrain.optim.grad_norm import GradNormPolicy
     from megatrain.train.optimizer import build_optimizer
 
