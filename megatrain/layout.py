@@ -1,15 +1,10 @@
-"""The parallel layout: the size of every axis, this rank's place on them, and what ZeRO's
-stage implies, in one object built once (torchtitan's ParallelDims). The trainer, the train
-module, the model's build, the optimizer's wiring, checkpoints and the planner all read it;
-none computes a coordinate from the rank itself.
+"""The parallel layout, built once (torchtitan's ParallelDims): every axis's size, this rank's
+place on them, what ZeRO's stage implies. Everything that needs a coordinate reads it here;
+the planner plans with the same class. Ranks are laid out as DeepSpeed lays them out:
+stage-major pipelines, T consecutive ranks per tensor-parallel group. A new axis (experts,
+sequence) is a size here, its coordinate, and the code that uses it.
 
     layout = Layout.from_config(cfg, world=dist.world_size(), rank=dist.rank())
-    layout.dp_rank, layout.tp_rank, layout.stage, layout.describe()
-
-The ranks are laid out as DeepSpeed lays them out: a pipeline's grid is stage-major (the
-ranks of stage s are s*D .. s*D+D-1), tensor-parallel groups are T consecutive ranks (its
-data x tensor mesh). A new axis (experts, sequence) is a size here, its coordinate, and the
-code that uses it.
 """
 
 from __future__ import annotations
@@ -34,14 +29,11 @@ class Layout:
         """From cfg.parallel (and the micro-batch and checkpointing the planner varies);
         `world` ranks must divide into whole pipelines and tensor-parallel groups."""
         par = cfg.parallel
-        for key, size in (("pipeline_stages", par.pipeline_stages), ("tensor_parallel", par.tensor_parallel)):
+        P, T = par.pipeline_stages, par.tensor_parallel
+        for key, size in (("pipeline_stages", P), ("tensor_parallel", T), ("pipeline_stages x tensor_parallel", P * T)):
             if world % size:
                 raise UserError(f"parallel.{key}={size} does not divide the {world} ranks")
-        if world % (par.pipeline_stages * par.tensor_parallel):
-            raise UserError(f"parallel.pipeline_stages x parallel.tensor_parallel = "
-                            f"{par.pipeline_stages * par.tensor_parallel} does not divide the {world} ranks")
-        return cls(par.zero_stage, par.tensor_parallel, par.pipeline_stages,
-                   world // (par.tensor_parallel * par.pipeline_stages), cfg.train.micro_batch,
+        return cls(par.zero_stage, T, P, world // (T * P), cfg.train.micro_batch,
                    cfg.model.activation_checkpointing or par.activation_checkpoint_interval > 0, rank)
 
     @classmethod
@@ -54,8 +46,6 @@ class Layout:
         return {"dp_size": self.data_parallel, "zero_stage": self.zero_stage, "pipeline_stages": self.pipeline_stages,
                 "tensor_parallel": self.tensor_parallel}
 
-    # --- sizes ------------------------------------------------------------------------
-
     @property
     def world(self) -> int:
         return self.tensor_parallel * self.pipeline_stages * self.data_parallel
@@ -63,8 +53,6 @@ class Layout:
     @property
     def pipeline(self) -> bool:
         return self.pipeline_stages > 1
-
-    # --- this rank's coordinates --------------------------------------------------------
 
     @property
     def stage(self) -> int:
@@ -93,20 +81,15 @@ class Layout:
         hold whole must agree)."""
         return self.rank // self.tensor_parallel
 
-    # --- what ZeRO's stage implies ------------------------------------------------------
-
     @property
     def partitioned_parameters(self) -> bool:
-        """ZeRO-3: the model is built partitioned (zero.Init) and its parameters live in
-        DeepSpeed-private partitions (no in-memory rollback points)."""
+        """ZeRO-3: built partitioned (zero.Init), parameters in DeepSpeed-private partitions."""
         return self.zero_stage == 3
 
     @property
     def flat_partitions(self) -> bool:
         """ZeRO 1-2: the optimizer steps one flat fp32 partition per parameter group."""
         return self.zero_stage in (1, 2)
-
-    # --- words --------------------------------------------------------------------------
 
     def describe(self) -> str:
         stages = f"{self.pipeline_stages} pipeline stages x " if self.pipeline else ""

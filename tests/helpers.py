@@ -240,3 +240,17 @@ def accumulation_error(data, stage: int, micro_batches: int, *sets: str, size: t
 
     return {"error": relative(got, summed), "compute_error": relative(summed, exact),
             "wrapper": type(module.engine.optimizer).__name__}
+
+
+def edit_megatrain_json(ckpt: Path, edit) -> None:
+    """edit(state) on a checkpoint's megatrain.json, its manifest entry kept consistent (as an
+    earlier megatrain, or a hand, would have written it)."""
+    from megatrain.files import file_sha256
+
+    path = ckpt / "megatrain.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["megatrain.json"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import yaml
-
 Problems = Iterator[tuple[str, str]]
 
 
@@ -440,9 +438,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def problems(self) -> Problems:
         """Every section's problems, in the order of the sections."""

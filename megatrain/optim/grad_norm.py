@@ -13,20 +13,19 @@ from megatrain.config.deepspeed import bf16_optimizer
 @dataclass(frozen=True)
 class GradNormPolicy:
     kernel_clips: bool
-    """FusedAdamWClip computes the norm and clips inside its kernel (optim.name: fused_adamw),
-    except under ZeRO-3, where DeepSpeed steps parameter sub-groups separately and no call
-    sees every gradient."""
+    """FusedAdamWClip computes the norm and clips in its kernel (optim.name: fused_adamw), but
+    not under ZeRO-3, where DeepSpeed steps sub-groups separately: no call sees every gradient."""
     source: str
-    """Where the logged pre-clip norm comes from: "kernel"; "measured" by the train module
-    (ZeRO-0 with fp32 weights and no pipeline, where DeepSpeed reports none); "deepspeed"."""
+    """The logged pre-clip norm's source: "kernel"; "measured" by the train module (ZeRO-0,
+    fp32 weights, no pipeline: DeepSpeed reports none); "deepspeed"."""
     deepspeed_clip: float
     """DeepSpeed's `gradient_clipping`: 0 when the kernel clips, else optim.grad_clip."""
     deepspeed_norm: bool
-    """Under ZeRO 1-2, whether DeepSpeed runs its own norm pass (`compute_grad_norm`): not
-    when the kernel computes one, except in DeepSpeed's BF16_Optimizer, which always does."""
+    """DeepSpeed's own norm pass under ZeRO 1-2 (`compute_grad_norm`): off when the kernel
+    computes one, except in DeepSpeed's BF16_Optimizer, which always runs it."""
     single_group: bool
-    """DeepSpeed gets one parameter group (ZeRO 1-2 with the kernel clipping): its flat
-    partition is mapped back to parameters by FusedAdamWClip's segments instead."""
+    """DeepSpeed gets one parameter group (ZeRO 1-2, the kernel clipping): FusedAdamWClip's
+    segments map the flat partition back to parameters."""
 
     @classmethod
     def decide(cls, optim, train, layout) -> GradNormPolicy:

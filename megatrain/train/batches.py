@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from megatrain.config import Config
+from megatrain.config.schema import DataConfig
 from megatrain.data import BlendedDataset, ResumableSampler, TokenDataset
 from megatrain.errors import UserError
 from megatrain.schedule.mixture import MixtureSchedule
@@ -55,12 +56,12 @@ class TrainBatches:
     samples trained on from each source (every rank counts the whole global batch's:
     the sources of a position are arithmetic, so no collective is needed)."""
 
-    def __init__(self, cfg: Config, dataset, dp_rank: int, dp_size: int, device):
-        self.dataset, self.device = dataset, device
-        self.micro_batch, self.seq_len = cfg.train.micro_batch, cfg.train.seq_len
-        self.sampler = ResumableSampler(len(dataset), seed=data_seed(cfg), rank=dp_rank, world_size=dp_size,
+    def __init__(self, data: DataConfig, micro_batch: int, dataset, seed: int, dp_rank: int, dp_size: int, device):
+        """`data`: cfg.data; `seed`: data_seed(cfg); this rank's share of the global order."""
+        self.dataset, self.device, self.micro_batch, self.seq_len = dataset, device, micro_batch, dataset.seq_len
+        self.sampler = ResumableSampler(len(dataset), seed=seed, rank=dp_rank, world_size=dp_size,
                                         shuffle=not getattr(dataset, "ordered", False))
-        self.skips = sorted((p, n) for p, n in cfg.data.skip)
+        self.skips = sorted((p, n) for p, n in data.skip)
         self.skip_index = 0  # data.skip entries applied so far
         self.mixture = getattr(dataset, "schedule", None)  # a blend's MixtureSchedule (None: one dataset)
         self.source_names = list(self.mixture.names) if self.mixture else []
@@ -117,6 +118,6 @@ class TrainBatches:
                             "model.init_from instead")
         self.sampler.load_state_dict(state["sampler"])
         self.skip_index = state["skip_index"]
-        saved = state.get("source_samples", {})  # (checkpoints before per-source counts: from 0)
+        saved = state["source_samples"]  # (a source added since: from 0)
         self.source_samples[:] = [saved.get(name, 0) for name in self.source_names]
 

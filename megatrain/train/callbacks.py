@@ -114,7 +114,7 @@ class CheckpointEvery(Callback):
 
     def on_step(self, trainer, row, flagged):
         if self.every and row["step"] % self.every == 0:
-            trainer.save_checkpoint()
+            trainer.checkpoints.save()
         return False
 
 
@@ -147,7 +147,7 @@ class Preemption(Callback):
 
     def on_step(self, trainer, row, flagged):
         if flagged:
-            trainer.outcome = "stopped"
+            trainer.stop("stopped")
         return False
 
 

@@ -42,6 +42,35 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def upgrade(saved: dict) -> dict:
+    """megatrain.json written by any earlier megatrain, with what it lacked filled in as the
+    code that wrote it behaved: every shim for old checkpoints lives here. (A model shape's
+    later keys take their defaults in GPTConfig.from_shape.)"""
+    saved["layout"] = {"tensor_parallel": 1, **saved["layout"]}  # before tensor parallelism
+    if "batch_unit_tokens" not in saved:  # before the unit was saved: the first layout's micro-batch unit
+        train = saved["config"]["train"]
+        saved["batch_unit_tokens"] = train["micro_batch"] * train["seq_len"] * saved["layout"]["dp_size"]
+    data = saved.get("state", {}).get("data")
+    if data is not None:
+        data.setdefault("source_samples", {})  # before per-source counts: from 0
+    if "optimizer_flavour" not in saved:  # before it was recorded: what DeepSpeed made of the config then
+        saved["optimizer_flavour"] = _flavour_then(saved["config"], saved["layout"])
+    return saved
+
+
+def _flavour_then(config: dict, layout: dict) -> str:
+    """The optimizer flavour (ds_internals.FLAVOURS) DeepSpeed made for checkpoints written
+    before megatrain recorded it: bf16 gradients were then summed in bf16 everywhere."""
+    stage, precision = layout["zero_stage"], config["train"]["precision"]
+    if stage:
+        return "zero3" if stage == 3 else "zero12"
+    if precision == "bf16":
+        return "bf16" if layout["pipeline_stages"] > 1 else "copies"
+    if precision == "fp16":
+        return "fp16_flat" if config["optim"]["name"] == "adamw" else "copies"
+    return "plain"
+
+
 def _listing(directory: Path) -> list[str]:
     """The files under `directory` this rank sees, relative to it."""
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
@@ -257,8 +286,8 @@ class Checkpointer:
     @staticmethod
     def read_state(path: Path) -> dict:
         """megatrain.json: the shared state, model shape, layout and config (read before
-        loading, to check compatibility)."""
-        return json.loads((path / STATE).read_text())
+        loading, to check compatibility), as the current code reads it (upgrade)."""
+        return upgrade(json.loads((path / STATE).read_text()))
 
     def load(self, engine, path: Path) -> dict:
         """Collective: load DeepSpeed's state; returns this rank's own saved state."""

@@ -1,28 +1,15 @@
-"""The wall around DeepSpeed: the only module that touches DeepSpeed state outside its
-public API (deepspeed.initialize, zero.Init, the accelerator, deepspeed.pipe, the safe_*
-accessors of deepspeed.utils), and what megatrain knows of DeepSpeed's checkpoint files.
-Everything else speaks of parameter names and tensors.
+"""The wall around DeepSpeed: the one module that touches DeepSpeed state outside its public
+API (initialize, zero.Init, the accelerator, deepspeed.pipe, deepspeed.utils' safe_*
+accessors) or reads DeepSpeed's checkpoint files; the rest of megatrain speaks of parameter
+names and tensors. By name where there is one: the optimizer flavour and what it holds
+(masters, moments, step count: set into a live engine; read from checkpoints), ZeRO 1-2's
+flat-partition fragments, fp16's loss scale in either of DeepSpeed's forms, AutoTP's cut.
 
-What it answers, by parameter name where there is one:
-  flavour / base_optimizer / master_copies   which optimizer wrapper DeepSpeed made, the
-        optimizer inside it, the fp32 copy it steps for each model parameter
-  fragment / tensor_parallel_group          ZeRO 1-2's flat partitions mapped back to
-        parameters; AutoTP's process group
-  load_state                                masters, model weights, moments and step count
-        set into a live engine of any flavour (layout_free.load_into)
-  read_checkpoint / pipeline_weights        the fp32 masters and moments in DeepSpeed's
-        checkpoint files, per model-parallel rank (layout_free.read)
-  loss_scale / loss_scale_state / load_loss_scale_state   fp16's dynamic scale, in either
-        of DeepSpeed's two forms
-  cut_for_tensor_parallel / finish_tensor_parallel        AutoTP's partitioning, replayed on
-        the meta model (build.py)
-
-Written for the DeepSpeed versions in SUPPORTED: importing it with another version stops
-with one line (MEGATRAIN_UNSUPPORTED_DEEPSPEED=1 goes on anyway, with a warning at every
-start), because a DeepSpeed upgrade can change any of these internals, silently where an
-attribute merely stops existing. tests/unit/test_deepspeed_wall.py holds a contract test per
-optimizer flavour against DeepSpeed's real objects, and fails where a DeepSpeed-private name
-appears outside this module.
+Written for the DeepSpeed versions in SUPPORTED; another is refused in one line when this
+module is imported (MEGATRAIN_UNSUPPORTED_DEEPSPEED=1 goes on, with a warning), since an
+upgrade can change any internal, silently where an attribute just stops existing.
+tests/unit/test_deepspeed_wall.py: a contract test per flavour against DeepSpeed's real
+objects, and a grep that fails on DeepSpeed-private names anywhere else.
 """
 
 from __future__ import annotations
@@ -190,24 +177,19 @@ def _load_zero3(opt, base, named, part, step: int, moments) -> None:
     for flat in opt.fp32_partitioned_groups_flat if moments else ():
         _adam_state(base, flat, step)
     for name, p in named:
-        safe_set_local_fp32_param(p, _zero3_partition(part, "param", name, p))
-        for kind in moments:
-            safe_set_local_optimizer_state(p, _zero3_partition(part, kind, name, p), kind)
+        size = p.ds_tensor.numel()  # the partition, padded: the last rank's slice may end inside it
+        start = torch.distributed.get_rank(group=p.ds_process_group) * size
+        n = max(0, min(size, p.ds_numel - start))  # (a rank past a small parameter's end: padding alone)
+        for kind in ("param", *moments):
+            local = torch.zeros(size, dtype=torch.float32)
+            if n:
+                local[:n] = part.flat(kind, name, start, n)
+            if kind == "param":
+                safe_set_local_fp32_param(p, local)
+            else:
+                safe_set_local_optimizer_state(p, local, kind)
     for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True):
         lp.copy_(hp)  # the model's own partitions, gathered on use
-
-
-def _zero3_partition(part, kind: str, name: str, p) -> torch.Tensor:
-    """This rank's ZeRO-3 partition of parameter `name` (p): its slice of the flattened
-    parameter, zero-padded to the partition's size (the last rank's slice ends inside it, and
-    a rank past a small parameter's end holds padding alone)."""
-    size = p.ds_tensor.numel()
-    start = torch.distributed.get_rank(group=p.ds_process_group) * size
-    n = max(0, min(size, p.ds_numel - start))
-    out = torch.zeros(size, dtype=torch.float32)
-    if n:
-        out[:n] = part.flat(kind, name, start, n)
-    return out
 
 
 def _adam_state(base, tensor: torch.Tensor, step: int) -> dict:
@@ -420,13 +402,9 @@ def _quiet():
 
 
 # --- fp16's dynamic loss scale --------------------------------------------------------------
-# DeepSpeed holds it in two forms: ZeRO 1-3's optimizers have a `loss_scaler` (a
-# DynamicLossScaler with hysteresis under fp16, a static LossScaler otherwise) and a
-# `cur_scale` property; ZeRO-0's fp16 optimizers (FP16_Optimizer, FP16_UnfusedOptimizer, with
-# or without a pipeline) keep a `loss_scale_config` and have no `cur_scale`. The state is the
-# same on every rank (the ranks agree on an overflow before the scale moves), so a checkpoint
-# stores it once and a resume on another layout carries it over instead of starting again
-# from the initial scale and skipping steps to find it; a rollback point keeps it likewise.
+# Two forms: ZeRO 1-3's optimizers have a `loss_scaler` (with hysteresis under fp16) and a
+# `cur_scale`; ZeRO-0's (FP16_Optimizer, FP16_UnfusedOptimizer) a `loss_scale_config` and no
+# `cur_scale`. The same on every rank: checkpoints and rollback points keep it once.
 
 _STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")  # the parts that move
 

@@ -66,8 +66,7 @@ def read_deferred(ckpt: Path, moments: bool = True) -> tuple[dict[str, Deferred]
     ckpt = Path(ckpt)
     state = Checkpointer.read_state(ckpt)
     n_layer = state["model_shape"]["n_layer"]
-    layout = {"tensor_parallel": 1, **state["layout"]}
-    stages, tp = layout["pipeline_stages"], layout["tensor_parallel"]
+    stages, tp = state["layout"]["pipeline_stages"], state["layout"]["tensor_parallel"]
     pipeline = stages > 1
     kinds = KINDS if moments else KINDS[:1]
     # DeepSpeed's files are per model-parallel rank (mp_rank_NN): a pipeline stage, or a

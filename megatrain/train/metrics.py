@@ -14,6 +14,7 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from megatrain.files import read_jsonl, write_atomically
@@ -23,28 +24,29 @@ EVENTS = "events.jsonl"
 
 
 class RunLog:
-    def __init__(self, cfg, enabled: bool):
-        """`enabled` on rank 0 only: it writes config.yaml (the resolved config) and the logs."""
-        run_dir, t = Path(cfg.run.dir), cfg.train
+    def __init__(self, run, logging, train, resolved: dict, enabled: bool):
+        """cfg.run, cfg.logging, cfg.train (the bar's length), and the resolved config (for
+        config.yaml and wandb). `enabled` on rank 0 only: it writes config.yaml and the logs."""
+        run_dir, t = Path(run.dir), train
         self.enabled = enabled
         self.metrics_path, self.events_path = run_dir / METRICS, run_dir / EVENTS
         self._bar = self._wandb = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(run_dir / "config.yaml", cfg.to_yaml())
-        name = cfg.run.name or run_dir.name
-        if cfg.logging.progress:  # counts tokens when the run ends by tokens (the batch may grow), else steps
+        write_atomically(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        name = run.name or run_dir.name
+        if logging.progress:  # counts tokens when the run ends by tokens (the batch may grow), else steps
             self._by_tokens = t.max_steps is None
             self._bar = tqdm(total=t.max_tokens if self._by_tokens else t.max_steps, desc=name,
                              unit="tok" if self._by_tokens else "step", unit_scale=self._by_tokens, dynamic_ncols=True)
-        if cfg.logging.wandb:
+        if logging.wandb:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
             os.environ.setdefault("WANDB_SILENT", "true")
-            self._wandb = wandb.init(project=cfg.logging.wandb_project, name=name, dir=str(run_dir),
-                                     config=cfg.to_dict(), resume="allow", id=_wandb_id(run_dir))
+            self._wandb = wandb.init(project=logging.wandb_project, name=name, dir=str(run_dir),
+                                     config=resolved, resume="allow", id=_wandb_id(run_dir))
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps after `step` (resume from a checkpoint at `step`)."""

@@ -1,13 +1,7 @@
 """Building the optimizer for DeepSpeed, and wiring FusedAdamWClip into its wrappers.
-
-Who computes the norm and who clips is the GradNormPolicy (megatrain/optim/grad_norm.py).
-
-optim.name:
-  fused_adamw  megatrain's FusedAdamWClip: the global norm, the clipping and the update in
-               two passes (csrc/). DeepSpeed's own clipping is off.
-  torch_adamw  torch.optim.AdamW, fused (one kernel over all tensors; foreach is several
-               times slower); DeepSpeed clips.
-  adamw        DeepSpeed's stock FusedAdam; DeepSpeed clips.
+optim.name: fused_adamw (megatrain's FusedAdamWClip, csrc/), torch_adamw (torch's AdamW,
+fused), adamw (DeepSpeed's FusedAdam); who computes the norm and who clips is the
+GradNormPolicy (megatrain/optim/grad_norm.py).
 
 What DeepSpeed does with a client optimizer decides the wiring of fused_adamw:
   ZeRO-0       fp32: DeepSpeed calls our step() on the model's parameters, whose gradients

@@ -11,7 +11,7 @@ the abandoned steps and marks the rollback, and training continues. More than
 checkpoint is clean).
 
 What it needs from the trainer is narrow: `snapshot()` / `restore(point)`,
-`checkpointer.newest_before(step)` / `load_checkpoint(path)`, `batches.skip(n)`, `progress`, `log`.
+`checkpoints.files.newest_before(step)` / `checkpoints.load(path)`, `stop()`, `batches.skip(n)`, `progress`, `log`.
 A point costs a host copy of this rank's parameters and optimizer state (~16 bytes per
 fp32 parameter with AdamW); under ZeRO-3 (DeepSpeed-private partitions) and with
 spike.snapshots = 0, rollbacks go to disk checkpoints.
@@ -89,12 +89,11 @@ class SpikeRecovery(Callback):
                   f"[rollback {self.rollbacks}/{self.cfg.max_rollbacks}]")
         # Checkpoints of the abandoned timeline go first: pruning keeps the newest steps,
         # and `--resume auto` must never find one of them.
-        trainer.checkpointer.discard_after(trainer.progress.step)
+        trainer.checkpoints.files.discard_after(trainer.progress.step)
         if self.rollbacks > self.cfg.max_rollbacks:
-            trainer.outcome = "gave_up"
-            trainer.saved_step = None  # the final checkpoint records the rollback count
+            trainer.stop("gave_up", final_checkpoint=True)  # the final checkpoint records the rollback count
         else:
-            trainer.save_checkpoint()  # makes the skip durable
+            trainer.checkpoints.save()  # makes the skip durable
         return True
 
     def _maybe_capture(self, trainer) -> None:
@@ -114,11 +113,11 @@ class SpikeRecovery(Callback):
             trainer.restore(point)
             self.last_source = "memory"
         else:
-            path = trainer.checkpointer.newest_before(began)
+            path = trainer.checkpoints.files.newest_before(began)
             if path is None:
                 raise RuntimeError(f"a loss spike began at step {began}, and there is no rollback point or "
                                    "checkpoint before it (the spike guard needs spike.min_history steps first)")
-            trainer.load_checkpoint(path)
+            trainer.checkpoints.load(path)
             self.last_source = str(path)
         self.rollbacks = rollbacks + 1  # restoring brought back an older count
         step, tokens = trainer.progress.step, trainer.progress.tokens

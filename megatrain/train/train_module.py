@@ -90,6 +90,11 @@ class TrainModule:
         forget_construction_step(self.base_optimizer)
         self.fp16 = t.precision == "fp16"
 
+    @property
+    def flavour(self) -> str:
+        """What DeepSpeed made of the optimizer (ds_internals.FLAVOURS): checkpoints record it."""
+        return wall.flavour(self.engine.optimizer)
+
     # --- one optimizer step ------------------------------------------------------------
 
     def set_lr(self, lr: float) -> None:

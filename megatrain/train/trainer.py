@@ -12,22 +12,21 @@ once in `self.state` (state.py) and restored exactly; the schedules follow from 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 from megatrain.config import Config
 from megatrain.config.deepspeed import fp32_accumulation
 from megatrain.errors import UserError
-from megatrain.layout import Layout
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
 from megatrain.plan import human, plan, search
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
-from megatrain.train import init_from, layout_free
-from megatrain.train.batches import TrainBatches, build_datasets
+from megatrain.train import init_from
+from megatrain.train.batches import TrainBatches, build_datasets, data_seed
 from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, Heartbeat, LogMetrics, Preemption
 from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.checkpointing import Checkpoints
 from megatrain.train.metrics import RunLog
 from megatrain.train.mfu import CPU_PROBE, device_memory, peak_flops
 from megatrain.train.spike_recovery import SpikeRecovery
@@ -36,8 +35,9 @@ from megatrain.train.train_module import TrainModule, init_layout
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str = "auto", callbacks: list[Callback] = ()):
-        """`callbacks` run after the built-in ones (tests add fault injection this way)."""
+    def __init__(self, cfg: Config, resume: str = "auto", callbacks: list[Callback] = (), module=None):
+        """`callbacks` run after the built-in ones (tests add fault injection this way);
+        `module`: a train module made outside (by default a TrainModule on DeepSpeed)."""
         self.cfg = cfg
         t = cfg.train
         self.layout = init_layout(cfg)
@@ -52,15 +52,16 @@ class Trainer:
             raise UserError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's {data_vocab}")
         self.tokenizer_sha256 = train_data.tokenizer_sha256
         self.run_dir = Path(cfg.run.dir)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep)
-        self.checkpointer.check_shared()  # before anything is written there
-        self.log = RunLog(cfg, enabled=dist.is_main())
+        files = Checkpointer(self.run_dir, cfg.checkpoint.keep)
+        files.check_shared()  # before anything is written there
+        self.log = RunLog(cfg.run, cfg.logging, t, cfg.to_dict(), enabled=dist.is_main())
         self._check_plan()
         self.progress = Progress()
         self.lr_schedule = LRSchedule.from_config(cfg)
-        self.batch_schedule = BatchSchedule.from_config(cfg, self.layout.data_parallel)
-        self.module = TrainModule(cfg, self.model_cfg, self.batch_schedule.micro_batches(0), self.layout)
-        self.batches = TrainBatches(cfg, train_data, self.layout.dp_rank, self.layout.data_parallel, self.module.device)
+        batch_schedule = BatchSchedule.from_config(cfg, self.layout.data_parallel)
+        self.module = module or TrainModule(cfg, self.model_cfg, batch_schedule.micro_batches(0), self.layout)
+        self.batches = TrainBatches(cfg.data, t.micro_batch, train_data, data_seed(cfg), self.layout.dp_rank,
+                                    self.layout.data_parallel, self.module.device)
         self.recovery = SpikeRecovery(cfg.spike, t.seq_len, in_memory=not self.layout.partitioned_parameters)
         self.metrics = LogMetrics(t.log_every)
         self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)
@@ -74,14 +75,16 @@ class Trainer:
         for cb in self.callbacks:
             if cb.stateful:
                 self.state.register(cb.name, cb)
-        self.outcome: str | None = None  # set by a callback to end the run: "stopped", "gave_up"
-        self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
+        self.checkpoints = Checkpoints(cfg, self.layout, self.module, self.state, self.progress, self.log, files,
+                                       self.model_cfg, self.tokenizer_sha256, batch_schedule)
+        self.outcome: str | None = None  # a callback's stop(): "stopped", "gave_up"
+        self.final_checkpoint = False
         RNG.seed(cfg.run.seed, self.layout.rng_index)
-        self._resume(resume)
+        self.checkpoints.resume(resume, self.source)
         self.flops_per_token = flops_per_token(self.model_cfg)
         # With activation checkpointing the hardware also recomputes the blocks' forward pass.
-        recomputes = cfg.model.activation_checkpointing or cfg.parallel.activation_checkpoint_interval > 0
-        self.hardware_flops_per_token = self.flops_per_token + recomputes * recompute_flops_per_token(self.model_cfg)
+        self.hardware_flops_per_token = (self.flops_per_token + self.layout.activation_checkpointing
+                                         * recompute_flops_per_token(self.model_cfg))
         self.peak_flops, self.peak_source = peak_flops(cfg, self.module.device)
         params, lay = param_count(self.model_cfg), self.layout
         self.log.event("start", step=self.progress.step, world_size=lay.world, params=params,
@@ -135,83 +138,15 @@ class Trainer:
                         + "; --set plan.check=false starts anyway")
 
     @property
+    def batch_schedule(self) -> BatchSchedule:
+        return self.checkpoints.batch_schedule
+
+    @property
     def batch_tokens(self) -> int:
         t = self.cfg.train
         return self.module.grad_accum * t.micro_batch * t.seq_len * self.layout.data_parallel
 
-    # --- checkpoints and rollback points ------------------------------------------------
-
-    def _checkpoint_meta(self) -> dict:
-        return {"step": self.progress.step, "model_shape": self.model_cfg.shape(), "layout": self.layout.checkpoint_form(),
-                "tokenizer_sha256": self.tokenizer_sha256,
-                "batch_unit_tokens": self.batch_schedule.unit_tokens,
-                "precision": self.cfg.train.precision, "config": self.cfg.to_dict(),
-                "loss_scale": self.module.loss_scale_state()}
-
-    def save_checkpoint(self) -> Path:
-        """Collective: DeepSpeed's state and every registered state, as step-N."""
-        state = self.state.state_dict()
-        # With this rank's optimizer parameters by name: another layout can read its ZeRO-0 state.
-        rank_state = {**state["rank"], "optimizer_params": {"mp_rank": self.layout.mp_rank,
-                                                            "groups": self.module.optimizer_params}}
-        path = self.checkpointer.save(self.module.engine, self.progress.step,
-                                      {**self._checkpoint_meta(), "state": state["shared"]}, rank_state)
-        self.log.event("checkpoint", step=self.progress.step, path=str(path))
-        self.saved_step = self.progress.step
-        return path
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Collective: DeepSpeed's state and every registered state from `path`, written by
-        this layout (DeepSpeed loads its own files) or any other (resharded through the
-        layout-free form)."""
-        saved = self.checkpointer.read_state(path)
-        saved["layout"] = {"tensor_parallel": 1, **saved["layout"]}  # (written before tensor parallelism)
-        self._check_shape(path, saved)
-        self._keep_global_batch(path, saved)
-        if saved["layout"] == self.layout.checkpoint_form():
-            rank_state = self.checkpointer.load(self.module.engine, path)
-        else:
-            rank_state = self._reshard(path, saved)
-        self.state.load_state_dict({"shared": saved["state"], "rank": rank_state})
-        self.saved_step = self.progress.step
-
-    def _reshard(self, path: Path, saved: dict) -> dict:
-        """Load a checkpoint of another layout: the masters, moments and step count through the
-        layout-free form (converted now by all ranks unless done ahead of time), and fp16's loss
-        scale; the per-rank state (RNG) does not map between layouts and is seeded afresh from
-        the step."""
-        source, converted = layout_free.ensure(path)
-        layout_free.load_into(self.module, source)
-        step = saved["state"]["progress"]["step"]
-        self.module.set_engine_counters(step, saved["state"]["progress"]["tokens"] // self.cfg.train.seq_len)
-        RNG.seed(self.cfg.run.seed + step, self.layout.rng_index)
-        carried = self.module.load_loss_scale_state(saved.get("loss_scale"))
-        old, new = Layout.from_checkpoint(saved["layout"]).describe(), self.layout.describe()
-        how = "converted to the layout-free form now" if converted else "from its layout-free form"
-        self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
-        self.log.event("reshard", checkpoint=str(path), source_layout=saved["layout"], layout=self.layout.checkpoint_form(),
-                       converted=converted, loss_scale=carried)
-        return {}
-
-    def _keep_global_batch(self, path: Path, saved: dict) -> None:
-        """The batch schedule rounds as on the layout the run started on; a layout that cannot
-        split those batches into whole micro-batches per rank is refused in one line."""
-        t = self.cfg.train
-        old = saved["config"]["train"]
-        unit = saved.get("batch_unit_tokens") or old["micro_batch"] * old["seq_len"] * saved["layout"]["dp_size"]
-        schedule = BatchSchedule.from_config(self.cfg, self.layout.data_parallel, unit)
-        sizes = schedule.sizes_from(saved["state"]["progress"]["tokens"])
-        common = math.gcd(*sizes)
-        if common % schedule.split:
-            per_dp = common // (t.micro_batch * t.seq_len) if common % (t.micro_batch * t.seq_len) == 0 else 0
-            fits = [d for d in range(1, per_dp + 1) if per_dp % d == 0]
-            raise UserError(f"{path}: the run's global batch ({', '.join(f'{s:,}' for s in sizes[:4])}"
-                            f"{', ...' if len(sizes) > 4 else ''} tokens) cannot be split on this layout: micro_batch "
-                            f"x seq_len x data-parallel ranks = {t.micro_batch} x {t.seq_len} x {self.layout.data_parallel} "
-                            f"= {schedule.split:,} tokens does not divide {common:,}; batch sizes this layout forms "
-                            f"are multiples of {schedule.split:,} tokens; data-parallel sizes that can with "
-                            f"micro_batch={t.micro_batch}: {', '.join(map(str, fits)) or 'none'}")
-        self.batch_schedule = schedule
+    # --- rollback points and the end ---------------------------------------------------
 
     def snapshot(self, reuse: dict | None = None) -> dict:
         """An in-memory rollback point: the engine's tensors and every registered state
@@ -223,51 +158,11 @@ class Trainer:
         self.module.restore(point["engine"])
         self.state.load_state_dict(point["state"])
 
-    def _check_shape(self, path: Path, saved: dict) -> None:
-        shape = self.model_cfg.shape()
-        theirs = GPTConfig.from_shape(saved["model_shape"]).shape()  # older checkpoints lack newer keys
-        if theirs != shape:
-            diff = {k: (theirs[k], v) for k, v in shape.items() if theirs[k] != v}
-            raise UserError(f"{path}: the checkpoint is for another model shape "
-                            + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items()))
-
-    def _resume(self, resume: str) -> None:
-        path, warnings = self.checkpointer.find(resume)
-        for w in warnings:
-            self.log.print(w)
-            self.log.event("checkpoint_skipped", reason=w)
-        if path is None:
-            if resume not in ("auto", "none"):
-                raise UserError(f"{resume}: no usable checkpoint")
-            self.log.truncate_after(0)  # a fresh start: rows of an earlier run in this directory go
-            if self.source is not None:
-                self._start_from(self.source)
-            return
-        self.load_checkpoint(path)
-        self.log.truncate_after(self.progress.step)
-        self.log.event("resume", checkpoint=str(path), step=self.progress.step, tokens=self.progress.tokens)
-        self.log.print(f"resumed from {path} at step {self.progress.step} ({self.progress.tokens} tokens)")
-
-    def _start_from(self, source: init_from.Source) -> None:
-        """Collective: a fresh run's weights from model.init_from, and by config the source's
-        optimizer state (optim.init_from_state) and schedule position (schedule.init_from).
-        Every rank writes its share of them in the layout-free form, loads its part, the file goes."""
-        cfg = self.cfg
-        path = self.run_dir / ".init-from.safetensors"
-        init_from.write_start(source, self.model_cfg, path, moments=cfg.optim.init_from_state)
-        optimizer_step = layout_free.load_into(self.module, path)
-        dist.barrier()
-        if dist.is_main():
-            path.unlink()
-        if cfg.schedule.init_from == "keep":
-            self.progress.step, self.progress.tokens = source.progress["step"], source.progress["tokens"]
-            self.module.set_engine_counters(self.progress.step, self.progress.tokens // cfg.train.seq_len)
-        taken = "weights" + (f", optimizer state (step {optimizer_step})" if cfg.optim.init_from_state else "")
-        self.log.print(f"started from the {source.describe()}: {taken}; schedule position "
-                       + (f"kept (step {self.progress.step}, {self.progress.tokens:,} tokens)"
-                          if cfg.schedule.init_from == "keep" else "reset (warmup from 0 tokens)"))
-        self.log.event("init_from", source=str(source.path), kind=source.kind, optimizer_step=optimizer_step,
-                       step=self.progress.step, tokens=self.progress.tokens)
+    def stop(self, outcome: str, final_checkpoint: bool = False) -> None:
+        """End the run after this step (a callback's request): "stopped" (a signal) or
+        "gave_up" (spikes); `final_checkpoint` writes one at the end even if this step has
+        one (it must record what happened since)."""
+        self.outcome, self.final_checkpoint = outcome, final_checkpoint
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -316,7 +211,10 @@ class Trainer:
         self.outcome = self.outcome or "done"
         for cb in self.callbacks:
             cb.on_end(self)
-        checkpoint = self.save_checkpoint() if self.saved_step != self.progress.step else self.checkpointer.latest()
+        if self.final_checkpoint or self.checkpoints.saved_step != self.progress.step:
+            checkpoint = self.checkpoints.save()
+        else:
+            checkpoint = self.checkpoints.files.latest()
         return self._finish(time.perf_counter() - t0, self.progress.tokens - start_tokens, checkpoint)
 
     def _finish(self, elapsed: float, tokens: int, checkpoint: Path) -> dict:

@@ -18,6 +18,7 @@ from helpers import (
     TINY_CONFIG,
     assert_same_state,
     copy_until,
+    edit_megatrain_json,
     flat_state,
     pretrain,
     pretrain_command,
@@ -211,3 +212,31 @@ def test_three_zero3_ranks_take_padded_partitions(tmp_path, small_data):
     against the uninterrupted run, state included."""
     source, run = _six_steps_resharded_at_3(tmp_path, small_data, ["schedule.batch_final_tokens=768"], (1, 3), (2, 3))
     assert_same_state(flat_state(run, 6), flat_state(source, 6), rel=1e-5)
+
+
+def _as_written_before(state: dict) -> None:
+    """megatrain.json as megatrain wrote it before recording the optimizer flavour, the
+    global-batch unit, the tensor-parallel size, per-source sample counts and
+    train.grad_accum_dtype (bf16 gradients were summed in bf16 then)."""
+    for key in ("optimizer_flavour", "batch_unit_tokens"):
+        del state[key]
+    del state["layout"]["tensor_parallel"], state["state"]["data"]["source_samples"]
+    del state["config"]["train"]["grad_accum_dtype"]
+
+
+def test_a_checkpoint_of_an_earlier_megatrain_resumes(tmp_path, small_data):
+    """ZeRO-1 in bf16 from before fp32 accumulation (DeepSpeed's ZeRO optimizer, whose files
+    its BF16_Optimizer, used now, cannot load), with the megatrain.json of then: on the same
+    layout it is resharded into the new optimizer and goes on; on another layout too."""
+    sets = ["parallel.zero_stage=1", "train.precision=bf16", "train.max_steps=6", "checkpoint.every_steps=3",
+            "train.eval_every=0"]
+    source = tmp_path / "source"
+    pretrain(source, small_data, *sets, "train.grad_accum_dtype=bf16")
+    for name, more, nproc in (("same", [], 2), ("other", ["parallel.zero_stage=2"], 1)):
+        run = copy_until(source, tmp_path / name, step=3)
+        edit_megatrain_json(run / "checkpoints" / "step-00000003", _as_written_before)
+        proc = pretrain(run, small_data, *sets, *more, nproc=nproc)
+        to = "1 data-parallel rank(s), ZeRO-2" if more else "2 data-parallel rank(s), ZeRO-1 (bf16)"
+        source_form = "ZeRO-1" if more else "ZeRO-1 (zero12)"
+        assert f"resharded step-00000003 from 2 data-parallel rank(s), {source_form} to {to}" in proc.stdout, name
+        assert train_losses(run) == pytest.approx(train_losses(source), rel=2e-2), name

@@ -335,13 +335,14 @@ def test_a_resume_with_another_mixture_is_refused_in_one_line(small_data):
     import torch
 
     from megatrain.config import load_config
-    from megatrain.train.batches import TrainBatches, build_datasets
+    from megatrain.train.batches import TrainBatches, build_datasets, data_seed
 
     def batches(stage_tokens: int) -> TrainBatches:
         cfg = load_config(None, ["train.max_steps=1", "train.seq_len=32", "train.micro_batch=4",
                                  f"data.path=[{{path: {small_data}, name: a}}, {{path: {small_data}, name: b}}]",
                                  f"data.stages=[{{tokens: {stage_tokens}, weights: {{a: 1, b: 3}}}}]"])
-        return TrainBatches(cfg, build_datasets(cfg)[0], 0, 1, torch.device("cpu"))
+        return TrainBatches(cfg.data, cfg.train.micro_batch, build_datasets(cfg)[0], data_seed(cfg), 0, 1,
+                            torch.device("cpu"))
 
     first = batches(4096)
     for _ in range(40):

@@ -1,0 +1,146 @@
+"""A run's checkpoints as the trainer uses them (the files themselves: checkpoint.py): save;
+load, by DeepSpeed's own load on the same layout or resharded on another, keeping the global
+batch and checking the model's shape; resume (`--resume`), or start a fresh run from trained
+weights (model.init_from). `batch_schedule` is the global batch as the run started it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from megatrain.errors import UserError
+from megatrain.layout import Layout
+from megatrain.model import GPTConfig
+from megatrain.schedule import BatchSchedule
+from megatrain.train import distributed as dist
+from megatrain.train import init_from, layout_free
+from megatrain.train.checkpoint import Checkpointer
+from megatrain.train.state import RNG
+
+
+class Checkpoints:
+    def __init__(self, cfg, layout: Layout, module, state, progress, log, files: Checkpointer, model_cfg: GPTConfig,
+                 tokenizer_sha256: str | None, batch_schedule: BatchSchedule):
+        """`state`: the run's registry (state.ResumableState); `batch_schedule`: the one the
+        run starts with, replaced by the one a checkpoint of another layout keeps."""
+        self.cfg, self.layout, self.module, self.state, self.progress, self.log = cfg, layout, module, state, progress, log
+        self.files, self.model_cfg, self.tokenizer_sha256 = files, model_cfg, tokenizer_sha256
+        self.batch_schedule = batch_schedule
+        self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
+
+    def save(self) -> Path:
+        """Collective: DeepSpeed's state and every registered state, as step-N."""
+        state = self.state.state_dict()
+        # With this rank's optimizer parameters by name: another layout can read its ZeRO-0 state.
+        rank_state = {**state["rank"], "optimizer_params": {"mp_rank": self.layout.mp_rank,
+                                                            "groups": self.module.optimizer_params}}
+        meta = {"step": self.progress.step, "model_shape": self.model_cfg.shape(),
+                "layout": self.layout.checkpoint_form(), "tokenizer_sha256": self.tokenizer_sha256,
+                "batch_unit_tokens": self.batch_schedule.unit_tokens, "precision": self.cfg.train.precision,
+                "config": self.cfg.to_dict(), "loss_scale": self.module.loss_scale_state(),
+                "optimizer_flavour": self.module.flavour, "state": state["shared"]}
+        path = self.files.save(self.module.engine, self.progress.step, meta, rank_state)
+        self.log.event("checkpoint", step=self.progress.step, path=str(path))
+        self.saved_step = self.progress.step
+        return path
+
+    def load(self, path: Path) -> None:
+        """Collective: DeepSpeed's state and every registered state from `path`, written by
+        this layout and optimizer flavour (DeepSpeed loads its own files) or any other
+        (resharded through the layout-free form: ZeRO-1 in bf16 summed its gradients in bf16
+        before, through another of DeepSpeed's optimizers, whose files the new one cannot load)."""
+        saved = self.files.read_state(path)
+        self._check_shape(path, saved)
+        self._keep_global_batch(path, saved)
+        if (saved["layout"], saved["optimizer_flavour"]) == (self.layout.checkpoint_form(), self.module.flavour):
+            rank_state = self.files.load(self.module.engine, path)
+        else:
+            rank_state = self._reshard(path, saved)
+        self.state.load_state_dict({"shared": saved["state"], "rank": rank_state})
+        self.saved_step = self.progress.step
+
+    def _reshard(self, path: Path, saved: dict) -> dict:
+        """Load a checkpoint of another layout: the masters, moments and step count through the
+        layout-free form (converted now by all ranks unless done ahead of time), and fp16's loss
+        scale; the per-rank state (RNG) does not map between layouts and is seeded afresh from
+        the step."""
+        source, converted = layout_free.ensure(path)
+        layout_free.load_into(self.module, source)
+        step = saved["state"]["progress"]["step"]
+        self.module.set_engine_counters(step, saved["state"]["progress"]["tokens"] // self.cfg.train.seq_len)
+        RNG.seed(self.cfg.run.seed + step, self.layout.rng_index)
+        carried = self.module.load_loss_scale_state(saved.get("loss_scale"))
+        old, new = Layout.from_checkpoint(saved["layout"]).describe(), self.layout.describe()
+        if old == new:
+            old, new = f"{old} ({saved['optimizer_flavour']})", f"{new} ({self.module.flavour})"
+        how = "converted to the layout-free form now" if converted else "from its layout-free form"
+        self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
+        self.log.event("reshard", checkpoint=str(path), source_layout=saved["layout"],
+                       layout=self.layout.checkpoint_form(), converted=converted, loss_scale=carried)
+        return {}
+
+    def _keep_global_batch(self, path: Path, saved: dict) -> None:
+        """The batch schedule rounds as on the layout the run started on; a layout that cannot
+        split those batches into whole micro-batches per rank is refused in one line."""
+        t, dp = self.cfg.train, self.layout.data_parallel
+        schedule = BatchSchedule.from_config(self.cfg, dp, saved["batch_unit_tokens"])
+        sizes = schedule.sizes_from(saved["state"]["progress"]["tokens"])
+        common = math.gcd(*sizes)
+        if common % schedule.split:
+            per_dp = common // (t.micro_batch * t.seq_len) if common % (t.micro_batch * t.seq_len) == 0 else 0
+            fits = [d for d in range(1, per_dp + 1) if per_dp % d == 0]
+            raise UserError(f"{path}: the run's global batch ({', '.join(f'{s:,}' for s in sizes[:4])}"
+                            f"{', ...' if len(sizes) > 4 else ''} tokens) cannot be split on this layout: micro_batch "
+                            f"x seq_len x data-parallel ranks = {t.micro_batch} x {t.seq_len} x {dp} "
+                            f"= {schedule.split:,} tokens does not divide {common:,}; batch sizes this layout forms "
+                            f"are multiples of {schedule.split:,} tokens; data-parallel sizes that can with "
+                            f"micro_batch={t.micro_batch}: {', '.join(map(str, fits)) or 'none'}")
+        self.batch_schedule = schedule
+
+    def _check_shape(self, path: Path, saved: dict) -> None:
+        shape = self.model_cfg.shape()
+        theirs = GPTConfig.from_shape(saved["model_shape"]).shape()  # older checkpoints lack newer keys
+        if theirs != shape:
+            diff = {k: (theirs[k], v) for k, v in shape.items() if theirs[k] != v}
+            raise UserError(f"{path}: the checkpoint is for another model shape "
+                            + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items()))
+
+    def resume(self, resume: str, source: init_from.Source | None) -> None:
+        """Collective: `--resume` (auto, none or a path): the checkpoint found, loaded; or a
+        fresh start, from `source`'s weights when model.init_from names one."""
+        path, warnings = self.files.find(resume)
+        for w in warnings:
+            self.log.print(w)
+            self.log.event("checkpoint_skipped", reason=w)
+        if path is None:
+            if resume not in ("auto", "none"):
+                raise UserError(f"{resume}: no usable checkpoint")
+            self.log.truncate_after(0)  # a fresh start: rows of an earlier run in this directory go
+            if source is not None:
+                self._start_from(source)
+            return
+        self.load(path)
+        self.log.truncate_after(self.progress.step)
+        self.log.event("resume", checkpoint=str(path), step=self.progress.step, tokens=self.progress.tokens)
+        self.log.print(f"resumed from {path} at step {self.progress.step} ({self.progress.tokens} tokens)")
+
+    def _start_from(self, source: init_from.Source) -> None:
+        """Collective: a fresh run's weights from model.init_from, and by config the source's
+        optimizer state (optim.init_from_state) and schedule position (schedule.init_from).
+        Every rank writes its share of them in the layout-free form, loads its part, the file goes."""
+        cfg, progress = self.cfg, self.progress
+        path = self.files.run_dir / ".init-from.safetensors"
+        init_from.write_start(source, self.model_cfg, path, moments=cfg.optim.init_from_state)
+        optimizer_step = layout_free.load_into(self.module, path)
+        dist.barrier()
+        if dist.is_main():
+            path.unlink()
+        if cfg.schedule.init_from == "keep":
+            progress.step, progress.tokens = source.progress["step"], source.progress["tokens"]
+            self.module.set_engine_counters(progress.step, progress.tokens // cfg.train.seq_len)
+        taken = "weights" + (f", optimizer state (step {optimizer_step})" if cfg.optim.init_from_state else "")
+        self.log.print(f"started from the {source.describe()}: {taken}; schedule position "
+                       + (f"kept (step {progress.step}, {progress.tokens:,} tokens)"
+                          if cfg.schedule.init_from == "keep" else "reset (warmup from 0 tokens)"))
+        self.log.event("init_from", source=str(source.path), kind=source.kind, optimizer_step=optimizer_step,
+                       step=progress.step, tokens=progress.tokens)
