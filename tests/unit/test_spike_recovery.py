@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 import signal
+from pathlib import Path
 
 import pytest
+import torch
 from faulty_pretrain import Faults, NaNLoss
 from helpers import TINY_CONFIG
 
@@ -136,3 +138,68 @@ def test_host_memory_for_rollback_points(tmp_path):
     assert host_memory(tmp_path / "v1", tmp_path / "cgroup") == min(3 * 2**29, physical)
     assert [host_block_bytes(n, pinned=True) for n in (1, 4096, 4097, 1_100_000_000)] == [1, 4096, 8192, 2**31]
     assert host_block_bytes(4097, pinned=False) == 4097
+
+
+class _NoEngine:
+    """What the checkpointer asks of an engine: it writes the directory, and no files."""
+
+    def save_checkpoint(self, root, tag, save_latest):
+        (Path(root) / tag).mkdir(parents=True)
+
+
+class ScriptedModule:
+    """A train module without DeepSpeed (Trainer(module=...)): its state a step count, its
+    loss falling by 0.01 a step, or 50 when a micro-batch holds a poisoned sample position."""
+
+    def __init__(self, poisoned: range):
+        self.poisoned, self.steps, self.grad_accum, self.batches = set(poisoned), 0, 1, None
+        self.device, self.engine, self.optimizer_params, self.overflow = torch.device("cpu"), _NoEngine(), [], False
+        self.flavour = "plain"
+
+    def set_lr(self, lr):
+        pass
+
+    def set_micro_batches(self, micro_batches, micro_batch):
+        self.grad_accum = micro_batches
+
+    def step(self, next_micro_batch):
+        hit = False
+        for _ in range(self.grad_accum):
+            next_micro_batch()
+            hit |= bool(self.poisoned & set(self.batches.sampler.last_positions.tolist()))
+        self.steps += 1
+        return (50.0 if hit else 5.0 - 0.01 * self.steps), 1.0
+
+    def step_stats(self):
+        return {}
+
+    def evaluate(self, batches):
+        return 0.0
+
+    def capture(self, reuse=None):
+        return {"steps": self.steps}
+
+    def restore(self, point):
+        self.steps = point["steps"]
+
+    def snapshot_bytes(self):
+        return 8
+
+    def loss_scale_state(self):
+        return None
+
+
+def test_the_loop_and_its_callbacks_without_deepspeed(world_of_one, tmp_path, small_data):
+    """The loop, the spike guard and its in-memory rollback, driven by a scripted train module
+    (no engine): the poisoned samples of step 13 spike, the run goes back to the point after
+    step 10, skips them, and ends at step 20 with the loss it would have had without them."""
+    cfg = load_config(TINY_CONFIG, [f"run.dir={tmp_path / 'run'}", f"data.path={small_data}", *RUN,
+                                    "train.max_steps=20", "spike.window=10", "spike.min_history=5"])
+    module = ScriptedModule(poisoned=range(12 * 16, 13 * 16))  # step 13's samples (16 a step)
+    trainer = Trainer(cfg, resume="none", module=module)
+    module.batches = trainer.batches
+    summary = trainer.fit()
+    [rb] = [e for e in read_events(tmp_path / "run") if e["event"] == "rollback"]
+    assert (rb["step"], rb["restored_step"], rb["source"]) == (13, 10, "memory") and summary["outcome"] == "done"
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert len(losses) == 20 and max(losses) < 5 and losses[-1] == pytest.approx(5.0 - 0.01 * 20)
