@@ -18,7 +18,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 # The architectures (SASS for each, PTX for the newest), from the package's own file, by path:
 # megatrain is not importable yet.
 _spec = importlib.util.spec_from_file_location(
-    "cuda_arches", os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatrain", "optim", "cuda_arches.py"))
+    "cuda_arches",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "megatrain", "optim", "cuda_arches.py"),
+)
 cuda_arches = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cuda_arches)
 
@@ -36,7 +38,9 @@ def fused_adamw_extension():
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"],
         )
-    return CppExtension("megatrain._fused_adamw", cpu_sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+    return CppExtension(
+        "megatrain._fused_adamw", cpu_sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"]
+    )
 
 
 install_requires = [

@@ -86,14 +86,22 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
 
 
-def stdlib_data(work: Path, vocab_size: int = 4096, sample_bytes: int = int(3e6), valid_fraction: float = 0.0) -> Path:
+def stdlib_data(
+    work: Path, vocab_size: int = 4096, sample_bytes: int = int(3e6), valid_fraction: float = 0.0
+) -> Path:
     """A tokenizer trained on the running interpreter's stdlib and its shards, under `work`."""
     from megatrain.data import prepare_dataset
     from tokenizer import TrainerOptions, train_tokenizer
 
-    train_tokenizer(["builtin:stdlib"], work / "tok", TrainerOptions(vocab_size=vocab_size, sample_bytes=sample_bytes),
-                    progress=False)
-    prepare_dataset(work / "tok", ["builtin:stdlib"], work / "data", valid_fraction=valid_fraction, progress=False)
+    train_tokenizer(
+        ["builtin:stdlib"],
+        work / "tok",
+        TrainerOptions(vocab_size=vocab_size, sample_bytes=sample_bytes),
+        progress=False,
+    )
+    prepare_dataset(
+        work / "tok", ["builtin:stdlib"], work / "data", valid_fraction=valid_fraction, progress=False
+    )
     return work / "data"
 
 
@@ -108,8 +116,12 @@ def launched_step_time(run: Path, sets: list[str], nproc: int, threads: int = 1,
 
     from megatrain.train.metrics import read_metrics
 
-    cmd = pretrain_command(REPO / "configs" / "tiny-cpu.yaml", [*sets, f"run.dir={run}"], nproc=nproc, resume="none")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    cmd = pretrain_command(
+        REPO / "configs" / "tiny-cpu.yaml", [*sets, f"run.dir={run}"], nproc=nproc, resume="none"
+    )
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     times = [r["step_time"] for r in read_metrics(run) if r["kind"] == "train"][skip:]

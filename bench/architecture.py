@@ -32,7 +32,9 @@ STABILISERS = ["model.qk_norm=true", "optim.z_loss=1e-4"]
 
 
 def train(run: Path, arch: str, data: Path, sets: list[str]) -> dict:
-    cmd = pretrain_command(CONFIGS[arch], [f"run.dir={run}", f"data.path={data}", *sets], nproc=2, resume="none")
+    cmd = pretrain_command(
+        CONFIGS[arch], [f"run.dir={run}", f"data.path={data}", *sets], nproc=2, resume="none"
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode not in (0, 3):  # 3: gave up after too many rollbacks, still a result
         raise RuntimeError(f"{arch} {sets} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -40,11 +42,16 @@ def train(run: Path, arch: str, data: Path, sets: list[str]) -> dict:
     train_rows = [r for r in rows if r["kind"] == "train"]
     valid = [r for r in rows if r["kind"] == "valid"]
     start = next(e for e in read_events(run) if e["event"] == "start")
-    return {"params": start["params"], "tokens": train_rows[-1]["tokens"], "gave_up": proc.returncode == 3,
-            "val_loss": valid[-1]["val_loss"], "val_bpb": valid[-1]["val_bpb"],
-            "rollbacks": sum(e["event"] == "rollback" for e in read_events(run)),
-            "curve": [(r["tokens"], r["loss"]) for r in train_rows],
-            "valid_curve": [(r["tokens"], r["val_bpb"]) for r in valid]}
+    return {
+        "params": start["params"],
+        "tokens": train_rows[-1]["tokens"],
+        "gave_up": proc.returncode == 3,
+        "val_loss": valid[-1]["val_loss"],
+        "val_bpb": valid[-1]["val_bpb"],
+        "rollbacks": sum(e["event"] == "rollback" for e in read_events(run)),
+        "curve": [(r["tokens"], r["loss"]) for r in train_rows],
+        "valid_curve": [(r["tokens"], r["val_bpb"]) for r in valid],
+    }
 
 
 def plot(results: dict, out: Path) -> None:
@@ -77,9 +84,11 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-arch-"))
     data = stdlib_data(work, vocab_size=8192, sample_bytes=int(5e6), valid_fraction=0.01)  # as make demo
     base = {arch: train(work / arch, arch, data, []) for arch in CONFIGS}
-    print_table("GPT-3 and llama at equal parameters, 1.2M tokens of the stdlib corpus, 2 ranks",
-                ["arch", "parameters", "tokens", "held-out loss", "held-out bits/byte"],
-                [[a, r["params"], r["tokens"], r["val_loss"], r["val_bpb"]] for a, r in base.items()])
+    print_table(
+        "GPT-3 and llama at equal parameters, 1.2M tokens of the stdlib corpus, 2 ranks",
+        ["arch", "parameters", "tokens", "held-out loss", "held-out bits/byte"],
+        [[a, r["params"], r["tokens"], r["val_loss"], r["val_bpb"]] for a, r in base.items()],
+    )
     if args.plot:
         plot(base, Path(args.plot))
     spikes, rows = {}, []
@@ -89,13 +98,24 @@ def main():
             sets = [f"optim.lr={peak * args.lr_factor}", f"train.max_tokens={args.spike_tokens}", *extra]
             r = train(work / f"{arch}-{label.replace(' ', '')}", arch, data, sets)
             spikes[f"{arch} {label}"] = {k: v for k, v in r.items() if "curve" not in k}
-            rows.append([arch, label, r["rollbacks"], "yes" if r["gave_up"] else "no", r["val_loss"], r["val_bpb"]])
-    print_table(f"learning rate x{args.lr_factor:g}, {args.spike_tokens:,.0f} tokens: spikes (rollbacks)",
-                ["arch", "options", "rollbacks", "gave up", "held-out loss", "held-out bits/byte"], rows)
+            rows.append(
+                [arch, label, r["rollbacks"], "yes" if r["gave_up"] else "no", r["val_loss"], r["val_bpb"]]
+            )
+    print_table(
+        f"learning rate x{args.lr_factor:g}, {args.spike_tokens:,.0f} tokens: spikes (rollbacks)",
+        ["arch", "options", "rollbacks", "gave up", "held-out loss", "held-out bits/byte"],
+        rows,
+    )
     shutil.rmtree(work, ignore_errors=True)
-    write_json(args.json, {"machine": machine(), "lr_factor": args.lr_factor,
-                           "base": {a: {k: v for k, v in r.items() if "curve" not in k} for a, r in base.items()},
-                           "spikes": spikes})
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "lr_factor": args.lr_factor,
+            "base": {a: {k: v for k, v in r.items() if "curve" not in k} for a, r in base.items()},
+            "spikes": spikes,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ def worker(config: str, layout: str, out: Path) -> None:
         GPT(model_cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rank = dist.rank() if ranks > 1 else 0
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "params": param_count(model_cfg),
-                                                      "peak_growth": max(peak - before, 0)}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "params": param_count(model_cfg), "peak_growth": max(peak - before, 0)})
+    )
     if ranks > 1:
         dist.shutdown()
     os._exit(0)
@@ -81,8 +82,7 @@ def measure(config: str, layout: str) -> list[dict]:
     out = Path(tempfile.mkdtemp(prefix="bench-build-"))
     script = [str(Path(__file__).resolve()), "--worker", config, layout, "--out", str(out)]
     if LAYOUTS[layout][1] > 1:
-        cmd = [DEEPSPEED, "--num_gpus", str(LAYOUTS[layout][1]),
-               "--master_port", str(free_port()), *script]
+        cmd = [DEEPSPEED, "--num_gpus", str(LAYOUTS[layout][1]), "--master_port", str(free_port()), *script]
     else:
         cmd = [sys.executable, *script]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -102,15 +102,31 @@ def main():
     zero3, tp2 = measure(args.config, "zero3"), measure(args.config, "tp2")
     rows = [["one process, whole fp32 model", f"{whole['peak_growth'] / 2**30:.2f}", "1.00"]]
     for label, ranks in [("ZeRO-3 zero.Init", zero3), ("tensor-parallel 2 (ZeRO-1)", tp2)]:
-        rows += [[f"{label}, rank {r['rank']} of 2", f"{r['peak_growth'] / 2**30:.2f}",
-                  f"{r['peak_growth'] / whole['peak_growth']:.2f}"] for r in ranks]
-    print_table(f"Peak RSS growth while building {whole['params'] / 1e6:.0f}M parameters (fp32)",
-                ["build", "GiB", "vs whole"], rows)
-    write_json(args.json, {"machine": machine(), "params": whole["params"], "whole_bytes": whole["peak_growth"],
-                           "zero3_rank_bytes": [r["peak_growth"] for r in zero3],
-                           "tp2_rank_bytes": [r["peak_growth"] for r in tp2],
-                           "ratio": max(r["peak_growth"] for r in zero3) / whole["peak_growth"],
-                           "tp2_ratio": max(r["peak_growth"] for r in tp2) / whole["peak_growth"]})
+        rows += [
+            [
+                f"{label}, rank {r['rank']} of 2",
+                f"{r['peak_growth'] / 2**30:.2f}",
+                f"{r['peak_growth'] / whole['peak_growth']:.2f}",
+            ]
+            for r in ranks
+        ]
+    print_table(
+        f"Peak RSS growth while building {whole['params'] / 1e6:.0f}M parameters (fp32)",
+        ["build", "GiB", "vs whole"],
+        rows,
+    )
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "params": whole["params"],
+            "whole_bytes": whole["peak_growth"],
+            "zero3_rank_bytes": [r["peak_growth"] for r in zero3],
+            "tp2_rank_bytes": [r["peak_growth"] for r in tp2],
+            "ratio": max(r["peak_growth"] for r in zero3) / whole["peak_growth"],
+            "tp2_ratio": max(r["peak_growth"] for r in tp2) / whole["peak_growth"],
+        },
+    )
 
 
 if __name__ == "__main__":

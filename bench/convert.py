@@ -3,9 +3,9 @@ rank does for its share when a run resumes on another layout; launch/convert_che
 --layout-free).
 
 Trains a GPT-3 Small-shaped model (vocabulary of the stdlib tokenizer) for one step on 2
-ranks under ZeRO-2, fp32, then converts its checkpoint in a fresh process and reports, in bytes per parameter, the
-growth of that process's peak resident memory over the conversion: its anonymous memory
-(what must fit in RAM) and its resident file pages (the memory-mapped partition files:
+ranks under ZeRO-2, fp32, then converts its checkpoint in a fresh process and reports, in
+bytes per parameter, the growth of that process's peak resident memory over the conversion:
+its anonymous memory (what must fit in RAM) and its resident file pages (the memory-mapped partition files:
 the kernel's page cache, which it can drop and read again), sampled every 5 ms. The file
 holds 12 bytes per parameter (fp32 weight and two moments).
 
@@ -26,9 +26,20 @@ from pathlib import Path
 
 from helpers import REPO, TINY_CONFIG, pretrain
 
-MODEL = ["model.n_layer=12", "model.d_model=768", "model.n_head=12", "train.seq_len=64", "train.micro_batch=1",
-         "schedule.batch_final_tokens=128", "schedule.batch_ramp_tokens=0", "train.max_steps=1",
-         "train.eval_every=0", "checkpoint.every_steps=1", "parallel.zero_stage=2", "train.precision=fp32"]
+MODEL = [
+    "model.n_layer=12",
+    "model.d_model=768",
+    "model.n_head=12",
+    "train.seq_len=64",
+    "train.micro_batch=1",
+    "schedule.batch_final_tokens=128",
+    "schedule.batch_ramp_tokens=0",
+    "train.max_steps=1",
+    "train.eval_every=0",
+    "checkpoint.every_steps=1",
+    "parallel.zero_stage=2",
+    "train.precision=fp32",
+]
 
 
 def child(ckpt: str) -> None:
@@ -50,9 +61,17 @@ def child(ckpt: str) -> None:
     out = layout_free.write(Path(ckpt))
     done.set()
     sampler.join()
-    print("RESULT " + json.dumps({"params": params, "anon_growth": peak["RssAnon"] - before["RssAnon"],
-                                  "file_pages_growth": peak["RssFile"] - before["RssFile"],
-                                  "file": out.stat().st_size}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "params": params,
+                "anon_growth": peak["RssAnon"] - before["RssAnon"],
+                "file_pages_growth": peak["RssFile"] - before["RssFile"],
+                "file": out.stat().st_size,
+            }
+        )
+    )
 
 
 def resident() -> dict[str, int]:
@@ -70,17 +89,29 @@ def main():
     data = stdlib_data(work)
     pretrain(work / "run", data, *MODEL, config=TINY_CONFIG, timeout=1800)
     [ckpt] = sorted((work / "run" / "checkpoints").glob("step-*"))
-    proc = subprocess.run([sys.executable, __file__, "--child", str(ckpt)], capture_output=True, text=True,
-                          cwd=REPO)
-    found = [json.loads(x.split("RESULT ", 1)[1]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(ckpt)], capture_output=True, text=True, cwd=REPO
+    )
+    found = [
+        json.loads(x.split("RESULT ", 1)[1]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")
+    ]
     if not found:
         raise RuntimeError(f"conversion failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     r, n = found[0], found[0]["params"]
-    print_table(f"converting a 2-rank ZeRO-2 checkpoint of {n / 1e6:.0f}M parameters (fp32) to the layout-free "
-                "file, one process: peak growth", ["memory", "GiB", "bytes per parameter"],
-                [["anonymous (must fit in RAM)", r["anon_growth"] / 2**30, f"{r['anon_growth'] / n:.1f}"],
-                 ["file pages (mapped partitions)", r["file_pages_growth"] / 2**30, f"{r['file_pages_growth'] / n:.1f}"],
-                 ["the file written", r["file"] / 2**30, f"{r['file'] / n:.1f}"]])
+    print_table(
+        f"converting a 2-rank ZeRO-2 checkpoint of {n / 1e6:.0f}M parameters (fp32) to the layout-free "
+        "file, one process: peak growth",
+        ["memory", "GiB", "bytes per parameter"],
+        [
+            ["anonymous (must fit in RAM)", r["anon_growth"] / 2**30, f"{r['anon_growth'] / n:.1f}"],
+            [
+                "file pages (mapped partitions)",
+                r["file_pages_growth"] / 2**30,
+                f"{r['file_pages_growth'] / n:.1f}",
+            ],
+            ["the file written", r["file"] / 2**30, f"{r['file'] / n:.1f}"],
+        ],
+    )
     shutil.rmtree(work, ignore_errors=True)
     write_json(args.json, {"machine": machine(), **r, "anon_bytes_per_param": r["anon_growth"] / n})
 

@@ -31,7 +31,9 @@ def main():
     theirs = to_gpt2(ours.state_dict(), CONFIG, eos_id=4)
     rows, results = [], []
     for batch in (1, 8):
-        prompt = torch.randint(0, CONFIG.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
+        prompt = torch.randint(
+            0, CONFIG.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch)
+        )
         outputs = {}
 
         def run_ours(prompt=prompt, outputs=outputs):
@@ -39,18 +41,32 @@ def main():
 
         def run_theirs(prompt=prompt, outputs=outputs):
             with torch.no_grad():
-                outputs["theirs"] = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                    eos_token_id=None, pad_token_id=4)
+                outputs["theirs"] = theirs.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    do_sample=False,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    eos_token_id=None,
+                    pad_token_id=4,
+                )
 
-        times = interleaved_medians({"megatrain": run_ours, "transformers": run_theirs}, args.repeat, warmup=1)
+        times = interleaved_medians(
+            {"megatrain": run_ours, "transformers": run_theirs}, args.repeat, warmup=1
+        )
         same = torch.equal(outputs["ours"], outputs["theirs"])
         tps = {k: batch * args.new_tokens / t for k, t in times.items()}
-        rows.append([batch, tps["megatrain"], tps["transformers"], tps["megatrain"] / tps["transformers"], same])
+        rows.append(
+            [batch, tps["megatrain"], tps["transformers"], tps["megatrain"] / tps["transformers"], same]
+        )
         results.append({"batch": batch, "tokens_per_s": tps, "same_tokens": same})
-    print_table(f"Greedy generation, {args.new_tokens} new tokens after 16, ~{sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M "
-                "parameters, fp32, CPU", ["batch", "megatrain tok/s", "transformers tok/s", "ratio", "same tokens"],
-                rows)
+    print_table(
+        f"Greedy generation, {args.new_tokens} new tokens after 16, "
+        f"~{sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M "
+        "parameters, fp32, CPU",
+        ["batch", "megatrain tok/s", "transformers tok/s", "ratio", "same tokens"],
+        rows,
+    )
     write_json(args.json, {"machine": machine(), "new_tokens": args.new_tokens, "rows": results})
 
 

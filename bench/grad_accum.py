@@ -54,21 +54,41 @@ def main():
         prepare_dataset(Path(tmp) / "tok", SMALL_CORPUS, data, progress=False)
         for stage in (0, 1, 2):
             for dtype in ("bf16", "fp32"):
-                cfg = load_config(REPO / "tests" / "configs" / "tiny.yaml",
-                                  [f"data.path={data}", f"parallel.zero_stage={stage}", "train.precision=bf16",
-                                   f"train.grad_accum_dtype={dtype}"])
+                cfg = load_config(
+                    REPO / "tests" / "configs" / "tiny.yaml",
+                    [
+                        f"data.path={data}",
+                        f"parallel.zero_stage={stage}",
+                        "train.precision=bf16",
+                        f"train.grad_accum_dtype={dtype}",
+                    ],
+                )
                 summed = "fp32" if fp32_accumulation(cfg.train, stage) else "bf16"
-                proc = subprocess.run([sys.executable, __file__, "--row", str(data), str(stage), dtype,
-                                       "--micro-batches", str(args.micro_batches)], capture_output=True, text=True)
+                proc = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--row",
+                        str(data),
+                        str(stage),
+                        dtype,
+                        "--micro-batches",
+                        str(args.micro_batches),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
                 if proc.returncode or not lines:
                     raise RuntimeError(f"row ZeRO-{stage} {dtype} failed:\n{proc.stderr[-3000:]}")
-                got = json.loads(lines[-1][len(MARK):])
+                got = json.loads(lines[-1][len(MARK) :])
                 results.append({"zero_stage": stage, "grad_accum_dtype": dtype, "summed_in": summed, **got})
                 rows.append([stage, dtype, summed, got["wrapper"], got["error"], got["compute_error"]])
-    print_table(f"bf16 gradients of {args.micro_batches} micro-batches: relative error against their exact sum",
-                ["ZeRO", "grad_accum_dtype", "summed in", "DeepSpeed wrapper", "accumulation_error", "compute_error"],
-                rows)
+    print_table(
+        f"bf16 gradients of {args.micro_batches} micro-batches: relative error against their exact sum",
+        ["ZeRO", "grad_accum_dtype", "summed in", "DeepSpeed wrapper", "accumulation_error", "compute_error"],
+        rows,
+    )
     write_json(args.json, {"machine": machine(), "micro_batches": args.micro_batches, "rows": results})
 
 

@@ -44,6 +44,7 @@ def synchronised(fn, device: torch.device):
     def run():
         fn()
         torch.cuda.synchronize(device)
+
     return run
 
 
@@ -77,13 +78,18 @@ def setup_rows(n_params: int, device: torch.device) -> dict:
             if clip:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+
         return synchronised(step, device)
 
     if fused_op_available():
-        rows["megatrain_fused"] = with_grads(lambda ps: FusedAdamWClip(ps, max_grad_norm=1.0, **HYPER), clip=False)
+        rows["megatrain_fused"] = with_grads(
+            lambda ps: FusedAdamWClip(ps, max_grad_norm=1.0, **HYPER), clip=False
+        )
     rows["torch_fused_clip"] = with_grads(lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER), clip=True)
     rows["torch_fused_noclip"] = with_grads(lambda ps: torch.optim.AdamW(ps, fused=True, **HYPER), clip=False)
-    rows["torch_foreach_clip"] = with_grads(lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER), clip=True)
+    rows["torch_foreach_clip"] = with_grads(
+        lambda ps: torch.optim.AdamW(ps, foreach=True, **HYPER), clip=True
+    )
     peer = "deepspeed_fused_adam_clip" if device.type == "cuda" else "deepspeed_cpu_adam_clip"
     try:
         if device.type == "cuda":
@@ -102,27 +108,46 @@ def setup_rows(n_params: int, device: torch.device) -> dict:
 def main():
     p = arg_parser(__doc__)
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the CUDA kernel on the current GPU")
-    p.add_argument("--params", type=float, default=None, help="parameters (default 25e6 on cpu, up to 1e9 on cuda as memory allows)")
+    p.add_argument(
+        "--params",
+        type=float,
+        default=None,
+        help="parameters (default 25e6 on cpu, up to 1e9 on cuda as memory allows)",
+    )
     p.add_argument("--repeat", type=int, default=7)
     args = p.parse_args()
     device = torch.device(args.device)
     n = int(args.params or default_params(device))
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    )
     rows = setup_rows(n, device)
     times = interleaved_medians(rows, repeat=args.repeat, warmup=2)
     bw = rmw_bandwidth(device)
     floor = 32 * n / bw
     table = [[name, t * 1e3, f"{t / floor:.2f}x", f"{32 * n / t / 1e9:.0f}"] for name, t in times.items()]
     table.append(["floor (32 B/param at RMW bandwidth)", floor * 1e3, "1.00x", f"{bw / 1e9:.0f}"])
-    print_table(f"optimizer step, {n / 1e6:.0f}M fp32 parameters, {where} (goal: megatrain_fused <= 1.10x floor)",
-                ["row", "ms (median)", "vs floor", "GB/s (32 B/param)"], table)
+    print_table(
+        f"optimizer step, {n / 1e6:.0f}M fp32 parameters, {where} (goal: megatrain_fused <= 1.10x floor)",
+        ["row", "ms (median)", "vs floor", "GB/s (32 B/param)"],
+        table,
+    )
     print(f"in-place read-modify-write bandwidth: {bw / 1e9:.1f} GB/s")
     if "megatrain_fused" in times:
         for peer in ("torch_fused_clip", "deepspeed_cpu_adam_clip", "deepspeed_fused_adam_clip"):
             if peer in times:
                 print(f"megatrain_fused is {times[peer] / times['megatrain_fused']:.2f}x faster than {peer}")
-    write_json(args.json, {"machine": machine(), "device": where, "params": n, "rmw_gbps": bw / 1e9,
-                           "floor_ms": floor * 1e3, "rows": [{"name": k, "ms": v * 1e3} for k, v in times.items()]})
+    write_json(
+        args.json,
+        {
+            "machine": machine(),
+            "device": where,
+            "params": n,
+            "rmw_gbps": bw / 1e9,
+            "floor_ms": floor * 1e3,
+            "rows": [{"name": k, "ms": v * 1e3} for k, v in times.items()],
+        },
+    )
 
 
 if __name__ == "__main__":

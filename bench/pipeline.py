@@ -18,18 +18,39 @@ import shutil
 import tempfile
 from pathlib import Path
 
-MODEL = ["model.n_layer=4", "model.d_model=128", "model.n_head=4", "train.seq_len=64", "train.micro_batch=4",
-         "train.eval_samples=0", "checkpoint.every_steps=0", "logging.progress=false", "schedule.warmup_tokens=0",
-         "schedule.lr_shape=constant", "schedule.batch_ramp_tokens=0", "train.peak_flops=1e11", "train.precision=fp32"]
+MODEL = [
+    "model.n_layer=4",
+    "model.d_model=128",
+    "model.n_head=4",
+    "train.seq_len=64",
+    "train.micro_batch=4",
+    "train.eval_samples=0",
+    "checkpoint.every_steps=0",
+    "logging.progress=false",
+    "schedule.warmup_tokens=0",
+    "schedule.lr_shape=constant",
+    "schedule.batch_ramp_tokens=0",
+    "train.peak_flops=1e11",
+    "train.precision=fp32",
+]
 
 
 def step_time(work: Path, data: Path, stages: int, micro_batches: int, steps: int) -> float:
     tokens = micro_batches * 4 * 64  # one data-parallel rank in both layouts
     # One thread per process: P=1 gets 1 core, P=2 gets 2.
-    return launched_step_time(work / f"p{stages}-m{micro_batches}",
-                              [*MODEL, f"data.path={data}", f"parallel.pipeline_stages={stages}",
-                               "parallel.zero_stage=1", f"schedule.batch_final_tokens={tokens}",
-                               f"train.max_steps={steps}", "train.max_tokens=null"], nproc=stages)
+    return launched_step_time(
+        work / f"p{stages}-m{micro_batches}",
+        [
+            *MODEL,
+            f"data.path={data}",
+            f"parallel.pipeline_stages={stages}",
+            "parallel.zero_stage=1",
+            f"schedule.batch_final_tokens={tokens}",
+            f"train.max_steps={steps}",
+            "train.max_tokens=null",
+        ],
+        nproc=stages,
+    )
 
 
 def main():
@@ -44,13 +65,43 @@ def main():
         t1 = step_time(work, data, 1, m, args.steps)
         t2 = step_time(work, data, P, m, args.steps)
         efficiency, ideal = t1 / (P * t2), m / (m + P - 1)
-        results.append({"micro_batches": m, "p1_step_s": t1, "p2_step_s": t2, "efficiency": efficiency,
-                        "ideal_efficiency": ideal, "bubble": 1 - efficiency, "ideal_bubble": 1 - ideal})
-        rows.append([m, t1, t2, f"{t1 / t2:.2f}x", f"{efficiency:.2f}", f"{ideal:.2f}", f"{1 - efficiency:.2f}",
-                     f"{1 - ideal:.2f}"])
-    print_table(f"pipeline P={P} vs P=1, same global batch (micro batch 4 x 64 tokens, 1 thread per process)",
-                ["m", "P=1 s/step", "P=2 s/step", "speedup", "efficiency", "ideal m/(m+P-1)", "bubble",
-                 "ideal bubble"], rows)
+        results.append(
+            {
+                "micro_batches": m,
+                "p1_step_s": t1,
+                "p2_step_s": t2,
+                "efficiency": efficiency,
+                "ideal_efficiency": ideal,
+                "bubble": 1 - efficiency,
+                "ideal_bubble": 1 - ideal,
+            }
+        )
+        rows.append(
+            [
+                m,
+                t1,
+                t2,
+                f"{t1 / t2:.2f}x",
+                f"{efficiency:.2f}",
+                f"{ideal:.2f}",
+                f"{1 - efficiency:.2f}",
+                f"{1 - ideal:.2f}",
+            ]
+        )
+    print_table(
+        f"pipeline P={P} vs P=1, same global batch (micro batch 4 x 64 tokens, 1 thread per process)",
+        [
+            "m",
+            "P=1 s/step",
+            "P=2 s/step",
+            "speedup",
+            "efficiency",
+            "ideal m/(m+P-1)",
+            "bubble",
+            "ideal bubble",
+        ],
+        rows,
+    )
     shutil.rmtree(work, ignore_errors=True)
     write_json(args.json, {"machine": machine(), "stages": P, "rows": results})
 

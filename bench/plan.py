@@ -30,15 +30,31 @@ from helpers import DEEPSPEED
 
 from megatrain.train.distributed import free_port
 
-MODEL = ["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.micro_batch=4",
-         "schedule.batch_ramp_tokens=0", "train.eval_samples=0", "checkpoint.every_steps=0", "logging.progress=false",
-         "schedule.warmup_tokens=0", "train.peak_flops=1e11", "spike.enabled=false", "train.precision=fp32"]
+MODEL = [
+    "model.n_layer=10",
+    "model.d_model=384",
+    "model.n_head=6",
+    "train.micro_batch=4",
+    "schedule.batch_ramp_tokens=0",
+    "train.eval_samples=0",
+    "checkpoint.every_steps=0",
+    "logging.progress=false",
+    "schedule.warmup_tokens=0",
+    "train.peak_flops=1e11",
+    "spike.enabled=false",
+    "train.precision=fp32",
+]
 SEQ256 = ["train.seq_len=256", "schedule.batch_final_tokens=2048"]
 LAYOUTS = {  # name: (ranks, settings)
     "ZeRO-0, seq 256": (1, ["parallel.zero_stage=0", *SEQ256]),
-    "ZeRO-0, seq 256, activation checkpointing": (1, ["parallel.zero_stage=0", *SEQ256,
-                                                      "model.activation_checkpointing=true"]),
-    "ZeRO-0, seq 512": (1, ["parallel.zero_stage=0", "train.seq_len=512", "schedule.batch_final_tokens=4096"]),
+    "ZeRO-0, seq 256, activation checkpointing": (
+        1,
+        ["parallel.zero_stage=0", *SEQ256, "model.activation_checkpointing=true"],
+    ),
+    "ZeRO-0, seq 512": (
+        1,
+        ["parallel.zero_stage=0", "train.seq_len=512", "schedule.batch_final_tokens=4096"],
+    ),
     "ZeRO-2, seq 256": (1, ["parallel.zero_stage=2", *SEQ256]),
     "ZeRO-1, 2 ranks": (2, ["parallel.zero_stage=1", *SEQ256]),
     "ZeRO-3, 2 ranks": (2, ["parallel.zero_stage=3", *SEQ256]),
@@ -56,20 +72,31 @@ def child(sets: list[str]) -> None:
     from megatrain.train import Trainer
     from megatrain.train import distributed as dist
 
-    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [s for s in sets if not s.startswith("--local_rank")])
+    cfg = load_config(
+        REPO / "configs" / "tiny-cpu.yaml", [s for s in sets if not s.startswith("--local_rank")]
+    )
     before = psutil.Process().memory_info().rss
     trainer = Trainer(cfg, resume="none")
-    predicted = plan(cfg, trainer.model_cfg, Layout.from_config(cfg, dist.world_size()), device_memory=float("inf"),
-                     peak_flops=1.0, on_gpu=False)["per_rank_bytes"]
+    predicted = plan(
+        cfg,
+        trainer.model_cfg,
+        Layout.from_config(cfg, dist.world_size()),
+        device_memory=float("inf"),
+        peak_flops=1.0,
+        on_gpu=False,
+    )["per_rank_bytes"]
     trainer.fit()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"rank": dist.rank(), "measured": peak - before, "predicted": predicted}), flush=True)
+    print(
+        "RESULT " + json.dumps({"rank": dist.rank(), "measured": peak - before, "predicted": predicted}),
+        flush=True,
+    )
     dist.shutdown()
 
 
 def main():
     if "--child" in sys.argv:  # the launcher puts its --local_rank first
-        return child(sys.argv[sys.argv.index("--child") + 1:])
+        return child(sys.argv[sys.argv.index("--child") + 1 :])
     p = arg_parser(__doc__)
     p.add_argument("--steps", type=int, default=4)
     args = p.parse_args()
@@ -77,12 +104,25 @@ def main():
     data = stdlib_data(work)
     rows, results = [], {}
     for name, (ranks, sets) in LAYOUTS.items():
-        full = [*MODEL, *sets, f"run.dir={work / 'run'}", f"data.path={data}", f"train.max_steps={args.steps}",
-                "train.max_tokens=null"]
-        launcher = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port",
-                    str(free_port())] if ranks > 1 else [sys.executable]
-        proc = subprocess.run([*launcher, __file__, "--child", *full], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        full = [
+            *MODEL,
+            *sets,
+            f"run.dir={work / 'run'}",
+            f"data.path={data}",
+            f"train.max_steps={args.steps}",
+            "train.max_tokens=null",
+        ]
+        launcher = (
+            [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port())]
+            if ranks > 1
+            else [sys.executable]
+        )
+        proc = subprocess.run(
+            [*launcher, __file__, "--child", *full],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         found = [json.loads(x.split("RESULT ", 1)[1]) for x in proc.stdout.splitlines() if "RESULT " in x]
         if len(found) != ranks:
             raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -92,8 +132,11 @@ def main():
         error = worst["measured"] / pred - 1
         results[name] = {"ranks": found, "measured": worst["measured"], "predicted": pred, "error": error}
         rows.append([name, ranks, worst["measured"] / 2**20, pred / 2**20, f"{error:+.0%}"])
-    print_table("the planner against each rank's measured peak resident memory (MiB), ~20M parameters, fp32",
-                ["layout", "ranks", "measured", "predicted", "error"], rows)
+    print_table(
+        "the planner against each rank's measured peak resident memory (MiB), ~20M parameters, fp32",
+        ["layout", "ranks", "measured", "predicted", "error"],
+        rows,
+    )
     shutil.rmtree(work, ignore_errors=True)
     write_json(args.json, {"machine": machine(), "layouts": results})
 

@@ -42,12 +42,32 @@ STEPS = 40
 SAMPLES_PER_STEP = 16  # micro_batch 4 x 2 micro-batches x 2 ranks
 # The tests' tiny model on configs/tiny-cpu.yaml; a rollback point every 5 steps, the
 # guard judging from step 8 on.
-RUN = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "train.seq_len=32", "train.micro_batch=4",
-       f"train.max_steps={STEPS}", "train.max_tokens=null", "train.eval_every=0", "train.peak_flops=5e10",
-       "optim.lr=3e-3", "optim.grad_clip=0.6", "schedule.lr_shape=constant", "schedule.warmup_tokens=0",
-       "schedule.batch_final_tokens=512", "schedule.batch_ramp_tokens=0", "parallel.zero_stage=1",
-       "checkpoint.every_steps=5", "checkpoint.keep=3", "logging.progress=false", "spike.min_history=8",
-       "spike.window=16", "spike.snapshot_every=5", "spike.skip=4", "spike.threshold=5"]
+RUN = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "train.seq_len=32",
+    "train.micro_batch=4",
+    f"train.max_steps={STEPS}",
+    "train.max_tokens=null",
+    "train.eval_every=0",
+    "train.peak_flops=5e10",
+    "optim.lr=3e-3",
+    "optim.grad_clip=0.6",
+    "schedule.lr_shape=constant",
+    "schedule.warmup_tokens=0",
+    "schedule.batch_final_tokens=512",
+    "schedule.batch_ramp_tokens=0",
+    "parallel.zero_stage=1",
+    "checkpoint.every_steps=5",
+    "checkpoint.keep=3",
+    "logging.progress=false",
+    "spike.min_history=8",
+    "spike.window=16",
+    "spike.snapshot_every=5",
+    "spike.skip=4",
+    "spike.threshold=5",
+]
 
 
 def corpus() -> list[str]:
@@ -60,19 +80,28 @@ def corpus() -> list[str]:
 
 def plan(rng: random.Random) -> dict:
     spike = rng.choice(["poison", "nan", "none"])
-    return {"kills": sorted(rng.sample(range(2, STEPS - 3), rng.randint(0, 2))),  # after these steps
-            "spike": spike,
-            "poison_step": rng.randint(24, STEPS - 6) if spike == "poison" else None,
-            "nan_step": rng.randint(12, STEPS - 2) if spike == "nan" else None}
+    return {
+        "kills": sorted(rng.sample(range(2, STEPS - 3), rng.randint(0, 2))),  # after these steps
+        "spike": spike,
+        "poison_step": rng.randint(24, STEPS - 6) if spike == "poison" else None,
+        "nan_step": rng.randint(12, STEPS - 2) if spike == "nan" else None,
+    }
 
 
 def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
     run = work / "run"
     work.mkdir(parents=True)
     faults = [f"nan_loss@{p['nan_step']}"] if p["nan_step"] is not None else []
-    cmd = supervise_command(pretrain_command(REPO / "configs" / "tiny-cpu.yaml", [*RUN, f"run.dir={run}",
-                                             f"data.path={data}"], faults=faults, poison=poison(p),
-                                             fault_state=work / "faults"), max_restarts=8)
+    cmd = supervise_command(
+        pretrain_command(
+            REPO / "configs" / "tiny-cpu.yaml",
+            [*RUN, f"run.dir={run}", f"data.path={data}"],
+            faults=faults,
+            poison=poison(p),
+            fault_state=work / "faults",
+        ),
+        max_restarts=8,
+    )
     kills, killed_in = list(p["kills"]), set()
     with open(work / "supervise.log", "w") as log:
         sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -90,10 +119,15 @@ def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
     output = (work / "supervise.log").read_text()
     latest = Checkpointer(run, keep=99).latest() if code == 0 else None
     rollbacks = [r for r in read_metrics(run) if r["kind"] == "rollback"]
-    return {"exit": code, "kills": len(p["kills"]) - len(kills), "restarts": output.count("supervise: restart"),
-            "rollbacks": len(rollbacks), "steps": [r["step"] for r in read_metrics(run) if r["kind"] == "train"],
-            "losses": [r["loss"] for r in read_metrics(run) if r["kind"] == "train"],
-            "final": Checkpointer.read_state(latest) if latest else None}
+    return {
+        "exit": code,
+        "kills": len(p["kills"]) - len(kills),
+        "restarts": output.count("supervise: restart"),
+        "rollbacks": len(rollbacks),
+        "steps": [r["step"] for r in read_metrics(run) if r["kind"] == "train"],
+        "losses": [r["loss"] for r in read_metrics(run) if r["kind"] == "train"],
+        "final": Checkpointer.read_state(latest) if latest else None,
+    }
 
 
 def poison(p: dict) -> str | None:
@@ -109,14 +143,19 @@ def reference(work: Path, data: Path, skipped: list, poisoned: str | None, cache
     key = (skip, poisoned)
     if key not in cache:
         run = work / f"reference-{len(cache)}"
-        cmd = pretrain_command(REPO / "configs" / "tiny-cpu.yaml",
-                               [*RUN, f"run.dir={run}", f"data.path={data}", f"data.skip={skip}"], resume="none",
-                               poison=poisoned)
+        cmd = pretrain_command(
+            REPO / "configs" / "tiny-cpu.yaml",
+            [*RUN, f"run.dir={run}", f"data.path={data}", f"data.skip={skip}"],
+            resume="none",
+            poison=poisoned,
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"reference run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        cache[key] = {"losses": [r["loss"] for r in read_metrics(run) if r["kind"] == "train"],
-                      "final": Checkpointer.read_state(Checkpointer(run, keep=99).latest())}
+        cache[key] = {
+            "losses": [r["loss"] for r in read_metrics(run) if r["kind"] == "train"],
+            "final": Checkpointer.read_state(Checkpointer(run, keep=99).latest()),
+        }
     return cache[key]
 
 
@@ -151,7 +190,9 @@ def main():
         p = plan(rng)
         t0 = time.perf_counter()
         trial = run_trial(work / f"trial-{i:02d}", data, p, rng)
-        ok_run = trial["exit"] == 0 and trial["steps"] == list(range(1, STEPS + 1)) and trial["final"] is not None
+        ok_run = (
+            trial["exit"] == 0 and trial["steps"] == list(range(1, STEPS + 1)) and trial["final"] is not None
+        )
         lost = poison_trained = None
         matched = False
         if ok_run:
@@ -160,29 +201,69 @@ def main():
             matched = trial["losses"] == ref["losses"]
             if p["poison_step"] is not None:
                 start = (p["poison_step"] - 1) * SAMPLES_PER_STEP
-                poison_trained = len(trained(sampler(trial)) & set(range(start, start + 2 * SAMPLES_PER_STEP)))
-        row = {"trial": i, "kills": trial["kills"], "spike": p["spike"],
-               "at_step": p["poison_step"] or p["nan_step"], "restarts": trial["restarts"],
-               "rollbacks": trial["rollbacks"], "finished": ok_run, "data_lost": lost,
-               "poison_trained": poison_trained, "matched": matched,
-               "seconds": round(time.perf_counter() - t0, 1)}
+                poison_trained = len(
+                    trained(sampler(trial)) & set(range(start, start + 2 * SAMPLES_PER_STEP))
+                )
+        row = {
+            "trial": i,
+            "kills": trial["kills"],
+            "spike": p["spike"],
+            "at_step": p["poison_step"] or p["nan_step"],
+            "restarts": trial["restarts"],
+            "rollbacks": trial["rollbacks"],
+            "finished": ok_run,
+            "data_lost": lost,
+            "poison_trained": poison_trained,
+            "matched": matched,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         rows.append(row)
         print(f"trial {i}: {row}", flush=True)
 
-    print_table(f"Soak: {args.trials} trials of a {STEPS}-step tiny run, 2 ranks (seed {seed})",
-                ["trial", "kills", "spike", "at step", "restarts", "rollbacks", "finished", "data lost",
-                 "poison trained", "matched"],
-                [[r["trial"], r["kills"], r["spike"], r["at_step"] or "-", r["restarts"], r["rollbacks"],
-                  r["finished"], r["data_lost"], "-" if r["poison_trained"] is None else r["poison_trained"],
-                  r["matched"]] for r in rows])
-    summary = {"trials": len(rows), "recoveries": sum(r["restarts"] + r["rollbacks"] for r in rows),
-               "kills": sum(r["kills"] for r in rows), "spikes": sum(r["spike"] != "none" for r in rows),
-               "finished": sum(r["finished"] for r in rows),
-               "data_lost": sum(r["data_lost"] or 0 for r in rows),
-               "all_matched": all(r["matched"] for r in rows)}
-    print(f"\ntrials {summary['trials']}, recoveries {summary['recoveries']} "
-          f"({summary['kills']} kills, {summary['spikes']} injected spikes), finished {summary['finished']}, "
-          f"data lost {summary['data_lost']} samples, every final trajectory matched: {summary['all_matched']}")
+    print_table(
+        f"Soak: {args.trials} trials of a {STEPS}-step tiny run, 2 ranks (seed {seed})",
+        [
+            "trial",
+            "kills",
+            "spike",
+            "at step",
+            "restarts",
+            "rollbacks",
+            "finished",
+            "data lost",
+            "poison trained",
+            "matched",
+        ],
+        [
+            [
+                r["trial"],
+                r["kills"],
+                r["spike"],
+                r["at_step"] or "-",
+                r["restarts"],
+                r["rollbacks"],
+                r["finished"],
+                r["data_lost"],
+                "-" if r["poison_trained"] is None else r["poison_trained"],
+                r["matched"],
+            ]
+            for r in rows
+        ],
+    )
+    summary = {
+        "trials": len(rows),
+        "recoveries": sum(r["restarts"] + r["rollbacks"] for r in rows),
+        "kills": sum(r["kills"] for r in rows),
+        "spikes": sum(r["spike"] != "none" for r in rows),
+        "finished": sum(r["finished"] for r in rows),
+        "data_lost": sum(r["data_lost"] or 0 for r in rows),
+        "all_matched": all(r["matched"] for r in rows),
+    }
+    print(
+        f"\ntrials {summary['trials']}, recoveries {summary['recoveries']} "
+        f"({summary['kills']} kills, {summary['spikes']} injected spikes), finished {summary['finished']}, "
+        f"data lost {summary['data_lost']} samples, every final trajectory matched: {summary['all_matched']}"
+    )
     write_json(args.json, {"seed": seed, "machine": machine(), "summary": summary, "trials": rows})
     return 0 if summary["all_matched"] and summary["finished"] == summary["trials"] else 1
 

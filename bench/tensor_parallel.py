@@ -19,16 +19,38 @@ import shutil
 import tempfile
 from pathlib import Path
 
-MODEL = ["model.n_layer=10", "model.d_model=384", "model.n_head=6", "train.seq_len=256", "train.micro_batch=4",
-         "schedule.batch_final_tokens=2048", "schedule.batch_ramp_tokens=0", "train.eval_samples=0",
-         "checkpoint.every_steps=0", "logging.progress=false", "schedule.warmup_tokens=0", "schedule.lr_shape=constant",
-         "train.peak_flops=1e11", "train.precision=fp32", "parallel.zero_stage=1"]
+MODEL = [
+    "model.n_layer=10",
+    "model.d_model=384",
+    "model.n_head=6",
+    "train.seq_len=256",
+    "train.micro_batch=4",
+    "schedule.batch_final_tokens=2048",
+    "schedule.batch_ramp_tokens=0",
+    "train.eval_samples=0",
+    "checkpoint.every_steps=0",
+    "logging.progress=false",
+    "schedule.warmup_tokens=0",
+    "schedule.lr_shape=constant",
+    "train.peak_flops=1e11",
+    "train.precision=fp32",
+    "parallel.zero_stage=1",
+]
 
 
 def step_time(work: Path, data: Path, tp: int, threads: int, steps: int) -> float:
-    return launched_step_time(work / f"tp{tp}-t{threads}",
-                              [*MODEL, f"data.path={data}", f"parallel.tensor_parallel={tp}",
-                               f"train.max_steps={steps}", "train.max_tokens=null"], nproc=tp, threads=threads)
+    return launched_step_time(
+        work / f"tp{tp}-t{threads}",
+        [
+            *MODEL,
+            f"data.path={data}",
+            f"parallel.tensor_parallel={tp}",
+            f"train.max_steps={steps}",
+            "train.max_tokens=null",
+        ],
+        nproc=tp,
+        threads=threads,
+    )
 
 
 def main():
@@ -42,8 +64,11 @@ def main():
     base = times["1 process, 1 thread"]
     rows = [[name, t, f"{base / t:.2f}x"] for name, t in times.items()]
     efficiency = base / (2 * times["T=2, 1 thread each"])
-    print_table("tensor parallel T=2 vs one process, same global batch (2048 tokens, ~20M parameters, fp32)",
-                ["layout", "s/step", "speedup"], rows)
+    print_table(
+        "tensor parallel T=2 vs one process, same global batch (2048 tokens, ~20M parameters, fp32)",
+        ["layout", "s/step", "speedup"],
+        rows,
+    )
     print(f"T=2 efficiency on 2 cores: {efficiency:.2f}")
     shutil.rmtree(work, ignore_errors=True)
     write_json(args.json, {"machine": machine(), "step_s": times, "tp2_efficiency": efficiency})

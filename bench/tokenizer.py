@@ -56,8 +56,9 @@ def hf_train(sentences, vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(sentences, trainer)
 
 
@@ -68,7 +69,12 @@ def main():
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-tok-"))
     (work / "stdlib").mkdir()
-    corpora = {f"stdlib-{args.stdlib_mb:g}MB": ([str(stdlib_slice(work / "stdlib", args.stdlib_mb))], CorpusOptions())}
+    corpora = {
+        f"stdlib-{args.stdlib_mb:g}MB": (
+            [str(stdlib_slice(work / "stdlib", args.stdlib_mb))],
+            CorpusOptions(),
+        )
+    }
     shakespeare = SHARED_DATA / "tinyshakespeare.txt"
     if shakespeare.is_file():
         corpora["tinyshakespeare"] = ([str(shakespeare)], CorpusOptions(txt_documents="paragraph"))
@@ -82,18 +88,32 @@ def main():
             sentences = sampled_sentences(inputs, corpus_options, options)
             kwargs = options.sentencepiece_kwargs()
 
-            fns = {"raw": partial(raw_sentencepiece, sentences, kwargs),
-                   "ours": partial(train_tokenizer, inputs, work / "out", options, corpus_options, progress=False),
-                   "hf": partial(hf_train, sentences, vocab)}  # tokenizers comes with transformers
+            fns = {
+                "raw": partial(raw_sentencepiece, sentences, kwargs),
+                "ours": partial(
+                    train_tokenizer, inputs, work / "out", options, corpus_options, progress=False
+                ),
+                "hf": partial(hf_train, sentences, vocab),
+            }  # tokenizers comes with transformers
             t = interleaved_medians(fns, args.repeat)
             t_raw, t_ours, t_hf = t["raw"], t["ours"], t["hf"]
             mb = sum(len(s.encode()) for s in sentences) / 1e6
-            row = {"corpus": name, "vocab": vocab, "sample_mb": mb, "megatrain_s": t_ours,
-                   "sentencepiece_s": t_raw, "ratio": t_ours / t_raw, "hf_tokenizers_s": t_hf}
+            row = {
+                "corpus": name,
+                "vocab": vocab,
+                "sample_mb": mb,
+                "megatrain_s": t_ours,
+                "sentencepiece_s": t_raw,
+                "ratio": t_ours / t_raw,
+                "hf_tokenizers_s": t_hf,
+            }
             results.append(row)
             rows.append([name, vocab, mb, t_ours, t_raw, f"{t_ours / t_raw:.3f}x", t_hf])
-    print_table("tokenizer training (median seconds; goal: ratio <= 1.10x)",
-                ["corpus", "vocab", "MB", "megatrain", "sentencepiece", "ratio", "hf tokenizers (ref)"], rows)
+    print_table(
+        "tokenizer training (median seconds; goal: ratio <= 1.10x)",
+        ["corpus", "vocab", "MB", "megatrain", "sentencepiece", "ratio", "hf tokenizers (ref)"],
+        rows,
+    )
     shutil.rmtree(work, ignore_errors=True)
     write_json(args.json, {"machine": machine(), "train": results})
 

@@ -32,9 +32,15 @@ def run(main: Callable[[], int | None]) -> None:
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
     """--device and --dtype of a script that runs a trained model (generate, evaluate)."""
-    p.add_argument("--device", help="where the model runs: cpu, cuda, cuda:N (default: cuda when there is one)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="the weights' and activations' precision (bf16: half the memory, not the same figures)")
+    p.add_argument(
+        "--device", help="where the model runs: cpu, cuda, cuda:N (default: cuda when there is one)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the weights' and activations' precision (bf16: half the memory, not the same figures)",
+    )
 
 
 def placement(args: argparse.Namespace) -> tuple:

@@ -21,11 +21,16 @@ from _cli import run
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step-N) or a run directory")
+    p.add_argument(
+        "checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step-N) or a run directory"
+    )
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="output file (.safetensors) of the consolidated weights")
-    out.add_argument("--layout-free", action="store_true",
-                     help="write the layout-free training state into the checkpoint directory")
+    out.add_argument(
+        "--layout-free",
+        action="store_true",
+        help="write the layout-free training state into the checkpoint directory",
+    )
     return p.parse_args()
 
 

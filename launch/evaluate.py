@@ -33,8 +33,12 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
     p.add_argument("--tokenizer", required=True, help="the tokenizer directory the run's data was made with")
-    p.add_argument("--input", nargs="+", required=True, help="corpus files/directories, or a prepared data directory")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window step in tokens (default: the context)")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="corpus files/directories, or a prepared data directory"
+    )
+    p.add_argument(
+        "--stride", type=int, default=None, help="sliding-window step in tokens (default: the context)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_placement_args(p)
@@ -74,14 +78,18 @@ def main():
     tok = Tokenizer.load(args.tokenizer)
     model = load_model(args.checkpoint, tok, device, dtype)
     scores = Scores()
-    for source, ids, nbytes in tqdm(documents(args.input, tok), desc="evaluate", unit="doc", disable=args.quiet):
+    for source, ids, nbytes in tqdm(
+        documents(args.input, tok), desc="evaluate", unit="doc", disable=args.quiet
+    ):
         scores.add(source, score_document(model, ids, nbytes, tok.eod_id, args.stride))
     if scores.total.documents == 0:
         raise UserError(f"{' '.join(args.input)}: no documents to score (an empty corpus)")
     result = scores.summary()
-    print(f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, bits per byte "
-          f"{result['bits_per_byte']:.4f} ({result['documents']} documents, {result['tokens']:,} tokens, "
-          f"{result['bytes']:,} bytes)")
+    print(
+        f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, bits per byte "
+        f"{result['bits_per_byte']:.4f} ({result['documents']} documents, {result['tokens']:,} tokens, "
+        f"{result['bytes']:,} bytes)"
+    )
     if args.json:
         write_atomically(Path(args.json), json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -27,7 +27,9 @@ def parse_args():
     p.add_argument("checkpoint", help="a run directory or a checkpoint directory")
     p.add_argument("--tokenizer", required=True, help="the tokenizer directory the run's data was made with")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights in fp32 (default) or bf16")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="weights in fp32 (default) or bf16"
+    )
     return p.parse_args()
 
 

@@ -6,8 +6,8 @@
 
 Generation stops at the end-of-document token or --max-new-tokens. One prompt and one
 sample stream to the terminal as they are produced; otherwise the samples of all prompts
-of one token length are drawn as one batch. A prompt longer than the model's context keeps its last tokens (and says so).
---temperature 0 is greedy.
+of one token length are drawn as one batch. A prompt longer than the model's context keeps
+its last tokens (and says so). --temperature 0 is greedy.
 """
 
 import argparse
@@ -49,7 +49,7 @@ class Stream:
     def __call__(self, token: torch.Tensor) -> None:
         self.ids.append(int(token[0]))
         text = self.tok.decode([i for i in self.ids if i != self.tok.eod_id])
-        print(text[len(self.text):], end="", flush=True)
+        print(text[len(self.text) :], end="", flush=True)
         self.text = text
 
 
@@ -60,12 +60,19 @@ def main():
     model = load_model(args.checkpoint, tok, device, dtype)
     prompts = [args.prompt] if args.prompt is not None else Path(args.prompt_file).read_text().splitlines()
     generator = torch.Generator(device).manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tok.eod_id,
-                    generator=generator)
+    sampling = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=tok.eod_id,
+        generator=generator,
+    )
     encoded = [prompt_ids(tok, p, model.cfg.seq_len) for p in prompts]
     if len(prompts) == 1 and args.num_samples == 1:  # stream it
         print(prompts[0], end="", flush=True)
-        model.generate(torch.tensor(encoded, device=device), args.max_new_tokens, on_token=Stream(tok), **sampling)
+        model.generate(
+            torch.tensor(encoded, device=device), args.max_new_tokens, on_token=Stream(tok), **sampling
+        )
         print()
         return
     by_length: dict[int, list[int]] = {}  # prompts of one length form one batch (no padding needed)
@@ -74,13 +81,16 @@ def main():
     samples: dict[int, list[list[int]]] = {}
     n = args.num_samples
     for length, members in by_length.items():
-        out = model.generate(torch.tensor([encoded[i] for i in members for _ in range(n)], device=device),
-                             args.max_new_tokens, **sampling)
+        out = model.generate(
+            torch.tensor([encoded[i] for i in members for _ in range(n)], device=device),
+            args.max_new_tokens,
+            **sampling,
+        )
         for k, i in enumerate(members):
-            samples[i] = out[k * n:(k + 1) * n, length:].tolist()
+            samples[i] = out[k * n : (k + 1) * n, length:].tolist()
     for i, prompt in enumerate(prompts):
         for j, row in enumerate(samples[i]):
-            row = row[:row.index(tok.eod_id)] if tok.eod_id in row else row
+            row = row[: row.index(tok.eod_id)] if tok.eod_id in row else row
             title = f"sample {j + 1}" if len(prompts) == 1 else f"prompt {i + 1}, sample {j + 1}"
             print(f"--- {title}\n{prompt}{tok.decode(row)}")
 
@@ -89,9 +99,12 @@ def prompt_ids(tok: Tokenizer, prompt: str, context: int) -> list[int]:
     """The prompt's ids; one longer than the context keeps its last tokens, and says so."""
     ids = tok.encode(prompt)
     if len(ids) >= context:
-        print(f"note: the prompt has {len(ids)} tokens; the model's context is {context}: "
-              f"generating from its last {context - 1}", file=sys.stderr)
-        ids = ids[-(context - 1):]
+        print(
+            f"note: the prompt has {len(ids)} tokens; the model's context is {context}: "
+            f"generating from its last {context - 1}",
+            file=sys.stderr,
+        )
+        ids = ids[-(context - 1) :]
     return ids
 
 

@@ -3,7 +3,8 @@ time and training days for a config on a layout; or every layout that fits, fast
 
     python launch/plan.py --config configs/gpt3-13b.yaml --gpus 64 --gpu h100
     python launch/plan.py --config configs/gpt3-13b.yaml --gpus 64 --gpu h100 --search
-    python launch/plan.py --config configs/gpt3-1.3b.yaml --gpus 8 --gpu-mem-gb 24 --peak-tflops 165 --json plan.json
+    python launch/plan.py --config configs/gpt3-1.3b.yaml --gpus 8 --gpu-mem-gb 24 --peak-tflops 165 \
+        --json plan.json
 
 No data is needed: the vocabulary comes from model.vocab_size, else the data's manifest when
 it exists, else --vocab-size (GPT-3's 50257). Estimates, not measurements: docs/planning.md.
@@ -35,7 +36,9 @@ def parse_args():
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu", help=f"a known GPU: {', '.join(g.key for g in GPUS)}")
     p.add_argument("--gpu-mem-gb", type=float, help="device memory in GB (instead of --gpu)")
-    p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s in the training precision (with --gpu-mem-gb)")
+    p.add_argument(
+        "--peak-tflops", type=float, help="dense peak TFLOP/s in the training precision (with --gpu-mem-gb)"
+    )
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--intra-node-gbs", type=float, default=300, help="all-reduce GB/s per GPU within a node")
     p.add_argument("--inter-node-gbs", type=float, default=25, help="all-reduce GB/s per GPU between nodes")
@@ -51,8 +54,10 @@ def device(args, precision: str) -> tuple[float, float, str]:
     if args.gpu:
         gpu = gpu_by_key(args.gpu)
         if gpu is None:
-            raise UserError(f"--gpu {args.gpu}: not a known GPU; known: {', '.join(g.key for g in GPUS)} "
-                            "(or give --gpu-mem-gb and --peak-tflops)")
+            raise UserError(
+                f"--gpu {args.gpu}: not a known GPU; known: {', '.join(g.key for g in GPUS)} "
+                "(or give --gpu-mem-gb and --peak-tflops)"
+            )
         dtype = MATMUL_DTYPE[precision]
         return gpu.memory_gb * 1e9, gpu.tflops[dtype] * 1e12, f"{gpu.name}, {dtype} peak"
     if args.gpu_mem_gb is None or args.peak_tflops is None:
@@ -72,20 +77,32 @@ def vocab_size(cfg, default: int) -> tuple[int, str]:
 
 def show(p: dict) -> None:
     mem, lay = p["per_rank_bytes"], p["layout"]
-    print(f"layout: ZeRO-{lay['zero_stage']}, {lay['pipeline_stages']} pipeline x {lay['tensor_parallel']} tensor x "
-          f"{lay['data_parallel']} data parallel, micro_batch {lay['micro_batch']}, activation checkpointing "
-          f"{'on' if lay['activation_checkpointing'] else 'off'}")
-    print("per rank: " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total")
-          + f" GiB; total {mem['total'] / GIB:.2f} GiB of {p['device_bytes'] / GIB:.1f}: "
-          + ("fits" if p["fits"] else f"DOES NOT FIT by {(mem['total'] - p['device_bytes']) / GIB:.2f} GiB"))
-    print(f"host per node: {p['host_bytes_per_node'] / GIB:.1f} GiB of rollback points; checkpoint "
-          f"{p['checkpoint_bytes'] / GIB:.1f} GiB on disk")
-    print(f"step {p['step_time_s']:.2f}s at the full batch ({p['comm_time_s']:.2f}s of it communication), "
-          f"{p['tokens_per_s']:,.0f} tokens/s (MFU "
-          f"{p['assumed_mfu']:.0%} assumed); {p['train_days']:.1f} days, {p['gpu_hours']:,.0f} GPU-hours")
+    print(
+        f"layout: ZeRO-{lay['zero_stage']}, {lay['pipeline_stages']} pipeline x {lay['tensor_parallel']} "
+        "tensor x "
+        f"{lay['data_parallel']} data parallel, micro_batch {lay['micro_batch']}, activation checkpointing "
+        f"{'on' if lay['activation_checkpointing'] else 'off'}"
+    )
+    print(
+        "per rank: "
+        + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total")
+        + f" GiB; total {mem['total'] / GIB:.2f} GiB of {p['device_bytes'] / GIB:.1f}: "
+        + ("fits" if p["fits"] else f"DOES NOT FIT by {(mem['total'] - p['device_bytes']) / GIB:.2f} GiB")
+    )
+    print(
+        f"host per node: {p['host_bytes_per_node'] / GIB:.1f} GiB of rollback points; checkpoint "
+        f"{p['checkpoint_bytes'] / GIB:.1f} GiB on disk"
+    )
+    print(
+        f"step {p['step_time_s']:.2f}s at the full batch ({p['comm_time_s']:.2f}s of it communication), "
+        f"{p['tokens_per_s']:,.0f} tokens/s (MFU "
+        f"{p['assumed_mfu']:.0%} assumed); {p['train_days']:.1f} days, {p['gpu_hours']:,.0f} GPU-hours"
+    )
     for st in p["ramp_stages"]:
-        print(f"  tokens {st['from_tokens']:.3g}-{st['to_tokens']:.3g}: batch {st['batch_tokens']:,.0f}, "
-              f"step {st['step_time_s']:.2f}s, {st['days']:.2f} days, {st['gpu_hours']:,.0f} GPU-hours")
+        print(
+            f"  tokens {st['from_tokens']:.3g}-{st['to_tokens']:.3g}: batch {st['batch_tokens']:,.0f}, "
+            f"step {st['step_time_s']:.2f}s, {st['days']:.2f} days, {st['gpu_hours']:,.0f} GPU-hours"
+        )
 
 
 def main():
@@ -101,26 +118,43 @@ def main():
     print(f"{args.config}: {args.gpus} GPUs ({source}), vocabulary {vocab} ({vocab_source})")
     model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_stages
     if args.gpus < 1 or args.gpus % model_parallel:
-        raise UserError(f"--gpus {args.gpus}: the config's layout needs a multiple of parallel.tensor_parallel x "
-                        f"parallel.pipeline_stages = {model_parallel} GPUs")
+        raise UserError(
+            f"--gpus {args.gpus}: the config's layout needs a multiple of parallel.tensor_parallel x "
+            f"parallel.pipeline_stages = {model_parallel} GPUs"
+        )
     links = Links(args.intra_node_gbs * 1e9, args.inter_node_gbs * 1e9)
-    mine = plan(cfg, model, Layout.from_config(cfg, args.gpus), memory, peak, args.mfu, args.gpus_per_node,
-                links=links)
+    mine = plan(
+        cfg,
+        model,
+        Layout.from_config(cfg, args.gpus),
+        memory,
+        peak,
+        args.mfu,
+        args.gpus_per_node,
+        links=links,
+    )
     show(mine)
     out = dict(mine)
     if args.search:
         found = search(cfg, model, args.gpus, args.gpus_per_node, memory, peak, args.mfu, links=links)
         if not found:
-            fewest = smallest_fitting_gpus(cfg, model, args.gpus_per_node, memory, peak, mfu=args.mfu, links=links)
-            raise UserError(f"{args.config}: no layout of {args.gpus} GPUs fits {memory / 1e9:.0f} GB per GPU; "
-                            + (f"the fewest that can: --gpus {fewest}" if fewest else "nor of any count up to 65536"))
+            fewest = smallest_fitting_gpus(
+                cfg, model, args.gpus_per_node, memory, peak, mfu=args.mfu, links=links
+            )
+            raise UserError(
+                f"{args.config}: no layout of {args.gpus} GPUs fits {memory / 1e9:.0f} GB per GPU; "
+                + (f"the fewest that can: --gpus {fewest}" if fewest else "nor of any count up to 65536")
+            )
         out["candidates"] = found
         print(f"\n{len(found)} layouts fit; the fastest {min(args.top, len(found))}:")
-        for p in found[:args.top]:
+        for p in found[: args.top]:
             lay = p["layout"]
-            print(f"  {p['step_time_s']:8.2f}s/step {p['per_rank_bytes']['total'] / GIB:7.2f} GiB  ZeRO-{lay['zero_stage']} "
-                  f"TP{lay['tensor_parallel']} PP{lay['pipeline_stages']} DP{lay['data_parallel']} "
-                  f"mb{lay['micro_batch']} ckpt={'on' if lay['activation_checkpointing'] else 'off'}")
+            print(
+                f"  {p['step_time_s']:8.2f}s/step {p['per_rank_bytes']['total'] / GIB:7.2f} GiB  "
+                f"ZeRO-{lay['zero_stage']} "
+                f"TP{lay['tensor_parallel']} PP{lay['pipeline_stages']} DP{lay['data_parallel']} "
+                f"mb{lay['micro_batch']} ckpt={'on' if lay['activation_checkpointing'] else 'off'}"
+            )
         if found:
             print(f"best: {found[0]['sets']}")
     if args.json:

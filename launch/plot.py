@@ -1,7 +1,7 @@
 """Draw a run's training curves, or a config's schedules without training.
 
-    python launch/plot.py RUN_DIR                          # writes RUN_DIR/curves.png
-    python launch/plot.py --schedule configs/gpt3-175b.yaml --json schedule.json [--dp 64]
+python launch/plot.py RUN_DIR                          # writes RUN_DIR/curves.png
+python launch/plot.py --schedule configs/gpt3-175b.yaml --json schedule.json [--dp 64]
 """
 
 import argparse
@@ -18,10 +18,14 @@ from _cli import run
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="a run directory with metrics.jsonl")
-    p.add_argument("--schedule", metavar="CONFIG", help="plot this config's LR, batch and mixture schedules instead")
+    p.add_argument(
+        "--schedule", metavar="CONFIG", help="plot this config's LR, batch and mixture schedules instead"
+    )
     p.add_argument("--json", metavar="FILE", help="with --schedule: also write the sampled points as JSON")
     p.add_argument("--dp", type=int, default=1, help="with --schedule: data-parallel ranks (batch rounding)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --schedule: config overrides")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="with --schedule: config overrides"
+    )
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png, or CONFIG's name + .schedule.png)")
     args = p.parse_args()
     if bool(args.run_dir) == bool(args.schedule):

@@ -1,6 +1,6 @@
 """Encode a corpus into Arrow token shards with a trained tokenizer.
 
-    python launch/prepare_data.py --tokenizer runs/tok --input data/ --out runs/data --workers 2
+python launch/prepare_data.py --tokenizer runs/tok --input data/ --out runs/data --workers 2
 """
 
 import argparse
@@ -15,12 +15,26 @@ from _cli import run
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory made by train_tokenizer.py")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="files, directories (recursive), globs, or builtin:stdlib; .txt .jsonl .parquet .arrow, optionally .gz")
-    p.add_argument("--out", required=True, metavar="DIR", help="output: DIR/train and DIR/valid with manifest.json")
-    p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: cores)")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB of tokens (default 256)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="files, directories (recursive), globs, or builtin:stdlib; "
+        ".txt .jsonl .parquet .arrow, optionally .gz",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output: DIR/train and DIR/valid with manifest.json"
+    )
+    p.add_argument(
+        "--valid-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)"
+    )
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (default: cores)"
+    )
+    p.add_argument(
+        "--shard-mb", type=float, default=256.0, help="target shard size in MB of tokens (default 256)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the train/valid split")
     p.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
     p.add_argument("--text-field", default="text", help="JSON field with the text in .jsonl")
@@ -32,11 +46,23 @@ def parse_args():
 
 def main():
     args = parse_args()
-    corpus = CorpusOptions(txt_documents=args.txt_documents, text_field=args.text_field,
-                           text_column=args.text_column, invalid_utf8=args.invalid_utf8)
-    report = prepare_dataset(args.tokenizer, args.input, args.out, valid_fraction=args.valid_fraction,
-                             workers=args.workers, shard_mb=args.shard_mb, seed=args.seed,
-                             corpus_options=corpus, progress=not args.quiet)
+    corpus = CorpusOptions(
+        txt_documents=args.txt_documents,
+        text_field=args.text_field,
+        text_column=args.text_column,
+        invalid_utf8=args.invalid_utf8,
+    )
+    report = prepare_dataset(
+        args.tokenizer,
+        args.input,
+        args.out,
+        valid_fraction=args.valid_fraction,
+        workers=args.workers,
+        shard_mb=args.shard_mb,
+        seed=args.seed,
+        corpus_options=corpus,
+        progress=not args.quiet,
+    )
     print("\n".join(report.lines()))
 
 

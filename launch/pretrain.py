@@ -22,11 +22,22 @@ from _cli import run
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
-    p.add_argument("--resume", default="auto",
-                   help="auto: the newest intact checkpoint in run.dir if any (default); none; or a checkpoint directory")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=50 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: the newest intact checkpoint in run.dir if any (default); none; "
+        "or a checkpoint directory",
+    )
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
 

@@ -29,15 +29,31 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-restarts", type=int, default=10)
     p.add_argument("--delay", type=float, default=5.0, help="seconds between a crash and the relaunch")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile the command launches on: re-read before every launch")
-    p.add_argument("--min-ranks", type=int, default=1,
-                   help="with --hostfile: stop instead of relaunching on fewer ranks than this")
-    p.add_argument("--heartbeat", help="the run's RUN_DIR/heartbeat, touched after every step (with --hang-timeout)")
-    p.add_argument("--hang-timeout", type=float, default=0.0,
-                   help="seconds without a heartbeat after which the run is taken as hung and relaunched (0: never); "
-                        "more than the longest checkpoint write plus evaluation, and than the start")
-    p.add_argument("--hang-grace", type=float, default=60.0,
-                   help="seconds between the SIGTERM to a hung run and the SIGKILL to what is left of it")
+    p.add_argument(
+        "--hostfile", help="DeepSpeed hostfile the command launches on: re-read before every launch"
+    )
+    p.add_argument(
+        "--min-ranks",
+        type=int,
+        default=1,
+        help="with --hostfile: stop instead of relaunching on fewer ranks than this",
+    )
+    p.add_argument(
+        "--heartbeat", help="the run's RUN_DIR/heartbeat, touched after every step (with --hang-timeout)"
+    )
+    p.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=0.0,
+        help="seconds without a heartbeat after which the run is taken as hung and relaunched (0: never); "
+        "more than the longest checkpoint write plus evaluation, and than the start",
+    )
+    p.add_argument(
+        "--hang-grace",
+        type=float,
+        default=60.0,
+        help="seconds between the SIGTERM to a hung run and the SIGKILL to what is left of it",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     args = p.parse_args()
     if (args.heartbeat is None) != (args.hang_timeout <= 0):
@@ -53,9 +69,17 @@ def parse_args():
 
 def main():
     args = parse_args()
-    return supervise(args.cmd, args.max_restarts, args.delay, log=lambda m: print(m, flush=True),
-                     hostfile=args.hostfile and Path(args.hostfile), min_ranks=args.min_ranks,
-                     heartbeat=args.heartbeat and Path(args.heartbeat), hang_timeout=args.hang_timeout, hang_grace=args.hang_grace)
+    return supervise(
+        args.cmd,
+        args.max_restarts,
+        args.delay,
+        log=lambda m: print(m, flush=True),
+        hostfile=args.hostfile and Path(args.hostfile),
+        min_ranks=args.min_ranks,
+        heartbeat=args.heartbeat and Path(args.heartbeat),
+        hang_timeout=args.hang_timeout,
+        hang_grace=args.hang_grace,
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Train a SentencePiece BPE tokenizer on a corpus.
 
-    python launch/train_tokenizer.py --input data/ 'more/*.jsonl.gz' --vocab-size 32768 --out runs/tok
-    python launch/train_tokenizer.py --input builtin:stdlib --vocab-size 8192 --out runs/demo/tokenizer
+python launch/train_tokenizer.py --input data/ 'more/*.jsonl.gz' --vocab-size 32768 --out runs/tok
+python launch/train_tokenizer.py --input builtin:stdlib --vocab-size 8192 --out runs/demo/tokenizer
 """
 
 import argparse
@@ -14,28 +14,61 @@ from _cli import run
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="files, directories (recursive), globs, or builtin:stdlib; .txt .jsonl .parquet .arrow, optionally .gz")
-    p.add_argument("--vocab-size", type=int, required=True, help="pieces in the vocabulary, specials and bytes included")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="files, directories (recursive), globs, or builtin:stdlib; "
+        ".txt .jsonl .parquet .arrow, optionally .gz",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, required=True, help="pieces in the vocabulary, specials and bytes included"
+    )
     p.add_argument("--out", required=True, help="directory for tokenizer.model and tokenizer.json")
-    p.add_argument("--txt-documents", choices=["file", "paragraph"], default="file",
-                   help="a .txt document is the whole file (default) or a blank-line-separated paragraph")
+    p.add_argument(
+        "--txt-documents",
+        choices=["file", "paragraph"],
+        default="file",
+        help="a .txt document is the whole file (default) or a blank-line-separated paragraph",
+    )
     p.add_argument("--text-field", default="text", help="JSON field with the text in .jsonl (default: text)")
-    p.add_argument("--text-column", default="text", help="column with the text in .parquet/.arrow (default: text)")
-    p.add_argument("--invalid-utf8", choices=["skip", "fail"], default="skip",
-                   help="drop documents that are not UTF-8 and report them (default), or stop at the first")
-    p.add_argument("--no-byte-fallback", dest="byte_fallback", action="store_false",
-                   help="map unknown characters to <unk> instead of UTF-8 byte pieces")
+    p.add_argument(
+        "--text-column", default="text", help="column with the text in .parquet/.arrow (default: text)"
+    )
+    p.add_argument(
+        "--invalid-utf8",
+        choices=["skip", "fail"],
+        default="skip",
+        help="drop documents that are not UTF-8 and report them (default), or stop at the first",
+    )
+    p.add_argument(
+        "--no-byte-fallback",
+        dest="byte_fallback",
+        action="store_false",
+        help="map unknown characters to <unk> instead of UTF-8 byte pieces",
+    )
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--normalization", choices=["identity", "nfkc"], default="identity")
     p.add_argument("--split-digits", action="store_true", help="numbers become single digits")
     p.add_argument("--user-symbols", nargs="*", default=[], help="extra pieces matched verbatim in text")
-    p.add_argument("--max-sentence-length", type=int, default=4192,
-                   help="longest piece SentencePiece sees, in bytes; longer documents are cut at line ends")
-    p.add_argument("--allow-smaller-vocab", action="store_true",
-                   help="accept fewer pieces than --vocab-size when the corpus cannot support it")
-    p.add_argument("--sample-bytes", type=float, default=200e6,
-                   help="text to train on, sampled by document (default 200e6; SentencePiece needs 10-15x in RAM)")
+    p.add_argument(
+        "--max-sentence-length",
+        type=int,
+        default=4192,
+        help="longest piece SentencePiece sees, in bytes; longer documents are cut at line ends",
+    )
+    p.add_argument(
+        "--allow-smaller-vocab",
+        action="store_true",
+        help="accept fewer pieces than --vocab-size when the corpus cannot support it",
+    )
+    p.add_argument(
+        "--sample-bytes",
+        type=float,
+        default=200e6,
+        help="text to train on, sampled by document (default 200e6; SentencePiece needs 10-15x in RAM)",
+    )
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0, help="seeds the document sample")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

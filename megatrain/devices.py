@@ -44,7 +44,9 @@ def gpu_by_key(key: str) -> GPU | None:
     return next((g for g in GPUS if g.key == key.lower()), None)
 
 
-def host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+def host_memory(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int:
     """Bytes of host memory this process may use: the machine's RAM, or less where its cgroup
     (a container, a Slurm job) is limited to less: cgroup v2's memory.max, v1's
     memory.limit_in_bytes, the smallest on the way from its own group to the root."""

@@ -104,8 +104,10 @@ class SafetensorsFile:
 
         lo, hi = self.shares(n)[i]
         h = hashlib.sha256()
-        with open(path, "r+b") as f, tqdm(total=hi - lo, unit="B", unit_scale=True, desc=progress,
-                                          disable=progress is None) as bar:
+        with (
+            open(path, "r+b") as f,
+            tqdm(total=hi - lo, unit="B", unit_scale=True, desc=progress, disable=progress is None) as bar,
+        ):
             f.seek(lo)
             if lo == 0:
                 f.write(self.head)
@@ -116,8 +118,10 @@ class SafetensorsFile:
                 t = self.tensors[k]
                 t = t.make() if isinstance(t, Deferred) else t
                 if (tuple(t.shape), t.dtype) != self.declared[k]:
-                    raise ValueError(f"{k}: made as {list(t.shape)} {t.dtype}, declared "
-                                     f"{list(self.declared[k][0])} {self.declared[k][1]}")
+                    raise ValueError(
+                        f"{k}: made as {list(t.shape)} {t.dtype}, declared "
+                        f"{list(self.declared[k][0])} {self.declared[k][1]}"
+                    )
                 data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.write(data.data)
                 h.update(data.data)
@@ -128,8 +132,9 @@ class SafetensorsFile:
         return {"bytes": hi - lo, "sha256": h.hexdigest()}
 
 
-def save_safetensors_atomically(path: Path, tensors: Mapping, metadata: dict[str, str],
-                                progress: str | None = None) -> str:
+def save_safetensors_atomically(
+    path: Path, tensors: Mapping, metadata: dict[str, str], progress: str | None = None
+) -> str:
     """SafetensorsFile(tensors, metadata) written by this process as write_atomically writes;
     `progress` names a tqdm bar over its bytes. Returns the file's sha256."""
     file = SafetensorsFile(tensors, metadata)
@@ -166,16 +171,27 @@ def read_deferred_tensors(file: Path) -> dict[str, Deferred]:
         tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
         tensors = torch.load(file, map_location="cpu", weights_only=True)
-    return {k: Deferred(tuple(t.shape), torch.float32, functools.partial(t.to, torch.float32))
-            for k, t in tensors.items()}
+    return {
+        k: Deferred(tuple(t.shape), torch.float32, functools.partial(t.to, torch.float32))
+        for k, t in tensors.items()
+    }
 
 
 def _dtype_names() -> dict:
     import torch
 
-    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}
+    return {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }
 
 
 def write_json_atomically(path: Path, obj) -> None:
@@ -197,4 +213,6 @@ def file_sha256(path: Path, start: int = 0, length: int | None = None, block: in
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSON-lines file (metrics.jsonl, events.jsonl); none if it does not exist."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )

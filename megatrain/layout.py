@@ -30,11 +30,22 @@ class Layout:
         `world` ranks must divide into whole pipelines and tensor-parallel groups."""
         par = cfg.parallel
         P, T = par.pipeline_stages, par.tensor_parallel
-        for key, size in (("pipeline_stages", P), ("tensor_parallel", T), ("pipeline_stages x tensor_parallel", P * T)):
+        for key, size in (
+            ("pipeline_stages", P),
+            ("tensor_parallel", T),
+            ("pipeline_stages x tensor_parallel", P * T),
+        ):
             if world % size:
                 raise UserError(f"parallel.{key}={size} does not divide the {world} ranks")
-        return cls(par.zero_stage, T, P, world // (T * P), cfg.train.micro_batch,
-                   cfg.model.activation_checkpointing or par.activation_checkpoint_interval > 0, rank)
+        return cls(
+            par.zero_stage,
+            T,
+            P,
+            world // (T * P),
+            cfg.train.micro_batch,
+            cfg.model.activation_checkpointing or par.activation_checkpoint_interval > 0,
+            rank,
+        )
 
     @classmethod
     def from_checkpoint(cls, form: dict) -> Layout:
@@ -43,8 +54,12 @@ class Layout:
 
     def checkpoint_form(self) -> dict:
         """What a checkpoint records of the layout (megatrain.json "layout")."""
-        return {"dp_size": self.data_parallel, "zero_stage": self.zero_stage, "pipeline_stages": self.pipeline_stages,
-                "tensor_parallel": self.tensor_parallel}
+        return {
+            "dp_size": self.data_parallel,
+            "zero_stage": self.zero_stage,
+            "pipeline_stages": self.pipeline_stages,
+            "tensor_parallel": self.tensor_parallel,
+        }
 
     @property
     def world(self) -> int:
@@ -98,9 +113,13 @@ class Layout:
 
     def sets(self) -> str:
         """The --set line that launches this layout."""
-        return (f"--set parallel.zero_stage={self.zero_stage} --set parallel.tensor_parallel={self.tensor_parallel} "
-                f"--set parallel.pipeline_stages={self.pipeline_stages} --set train.micro_batch={self.micro_batch} "
-                f"--set model.activation_checkpointing={str(self.activation_checkpointing).lower()}")
+        return (
+            f"--set parallel.zero_stage={self.zero_stage} --set "
+            f"parallel.tensor_parallel={self.tensor_parallel} "
+            f"--set parallel.pipeline_stages={self.pipeline_stages} --set "
+            f"train.micro_batch={self.micro_batch} "
+            f"--set model.activation_checkpointing={str(self.activation_checkpointing).lower()}"
+        )
 
     def as_dict(self) -> dict:
         """The sizes and choices, without the rank (the planner's JSON)."""

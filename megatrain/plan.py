@@ -13,8 +13,9 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
               (ZeRO-2: a 1/D share) during the backward pass, or at the step the fp32
               gradients of the partition that replace them (ZeRO-2 in bf16 sums them in an
               fp32 partition of that size); ZeRO-1 in bf16 with fp32 accumulation
-              (DeepSpeed's BF16_Optimizer) whole fp32 gradients beside the bf16 ones; ZeRO-3 the 16-bit share plus
-              the fp32 one, made one sub-group (sub_group_size, 1e9 elements) at a time
+              (DeepSpeed's BF16_Optimizer) whole fp32 gradients beside the bf16 ones; ZeRO-3
+              the 16-bit share plus the fp32 one, made one sub-group (sub_group_size, 1e9
+              elements) at a time
   optimizer   AdamW's two fp32 moments and the fp32 master weights where they are a copy
               (bf16, or any ZeRO stage), a 1/D share under ZeRO 1-3
   activations per micro-batch and layer s*b*h*(10 + 24/T) in 2-byte units (Korthikanti et
@@ -82,7 +83,9 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     zero = cfg.deepspeed.get("zero_optimization", {})
     if Z == 0:  # DeepSpeed's bf16/fp16 optimizer keeps an fp32 copy of every gradient
         grads = params * w + (params * 4 if mixed else 0)
-    elif bf16_optimizer(cfg.train, Z):  # DeepSpeed's BF16_Optimizer: whole fp32 gradients beside the bf16 ones
+    elif bf16_optimizer(
+        cfg.train, Z
+    ):  # DeepSpeed's BF16_Optimizer: whole fp32 gradients beside the bf16 ones
         grads = params * (w + 4)
     elif Z < 3:  # the 16-bit gradients (ZeRO-2: a share) until the step turns them into fp32 ones
         grads = max(params * w / (D if Z == 2 else 1), params * 4 / D)
@@ -111,7 +114,13 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
         prefetch = min(zero.get("stage3_prefetch_bucket_size", DEFAULT_PREFETCH), params)
         live = min(zero.get("stage3_max_live_parameters", DEFAULT_LIVE), params)
         buffers += (prefetch + live) * w
-    out = {"params": weights, "grads": grads, "optimizer": optimizer, "activations": activations, "buffers": buffers}
+    out = {
+        "params": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "activations": activations,
+        "buffers": buffers,
+    }
     out["allowance"] = ALLOCATOR_SHARE * sum(out.values())
     out["total"] = sum(out.values())
     return out
@@ -144,7 +153,9 @@ class Links:
     inter_node: float = 25e9
 
 
-def comm_time(cfg: Config, m: GPTConfig, lay: Layout, batch_tokens: float, gpus_per_node: int, links: Links) -> float:
+def comm_time(
+    cfg: Config, m: GPTConfig, lay: Layout, batch_tokens: float, gpus_per_node: int, links: Links
+) -> float:
     """Seconds of communication in one step (module docstring)."""
     w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     T, P, D = lay.tensor_parallel, lay.pipeline_stages, lay.data_parallel
@@ -162,8 +173,17 @@ def comm_time(cfg: Config, m: GPTConfig, lay: Layout, batch_tokens: float, gpus_
     return tp + dp + pipe
 
 
-def plan(cfg: Config, m: GPTConfig, lay: Layout, device_memory: float, peak_flops: float, mfu: float = 0.4,
-         gpus_per_node: int = 8, on_gpu: bool = True, links: Links = Links()) -> dict:
+def plan(
+    cfg: Config,
+    m: GPTConfig,
+    lay: Layout,
+    device_memory: float,
+    peak_flops: float,
+    mfu: float = 0.4,
+    gpus_per_node: int = 8,
+    on_gpu: bool = True,
+    links: Links = Links(),
+) -> dict:
     """The planner's answer for one layout, as launch/plan.py --json writes it."""
     memory = per_rank_bytes(cfg, m, lay, on_gpu)
     fixed = CUDA_CONTEXT_BYTES if on_gpu else CPU_PROCESS_BYTES
@@ -186,22 +206,39 @@ def plan(cfg: Config, m: GPTConfig, lay: Layout, device_memory: float, peak_flop
             continue
         batch = _batch_at(cfg, (start + end) / 2 if end <= ramp else end)
         seconds = (end - start) / batch * step_time(batch)
-        stages.append({"from_tokens": start, "to_tokens": end, "batch_tokens": batch, "step_time_s": step_time(batch),
-                       "days": seconds / 86400, "gpu_hours": seconds * world / 3600})
+        stages.append(
+            {
+                "from_tokens": start,
+                "to_tokens": end,
+                "batch_tokens": batch,
+                "step_time_s": step_time(batch),
+                "days": seconds / 86400,
+                "gpu_hours": seconds * world / 3600,
+            }
+        )
     final = cfg.schedule.batch_final_tokens
     snapshot = memory["params"] * (lay.data_parallel if lay.zero_stage == 3 else 1) + memory["optimizer"]
     rollback = cfg.spike.snapshots * snapshot if cfg.spike.enabled and lay.zero_stage != 3 else 0
     n = param_count(m)
     w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     masters = 4 if w == 2 or lay.zero_stage >= 1 else 0
-    return {"fits": bool(memory["total"] <= device_memory), "layout": lay.as_dict(), "world": world,
-            "per_rank_bytes": memory, "device_bytes": device_memory,
-            "host_bytes_per_node": rollback * min(gpus_per_node, world),
-            "checkpoint_bytes": n * (w + 8 + masters), "step_time_s": step_time(final),
-            "tokens_per_s": final / step_time(final),
-            "comm_time_s": comm_time(cfg, m, lay, final, gpus_per_node, links), "train_days": sum(x["days"] for x in stages),
-            "gpu_hours": sum(x["gpu_hours"] for x in stages), "ramp_stages": stages, "assumed_mfu": mfu,
-            "sets": lay.sets()}
+    return {
+        "fits": bool(memory["total"] <= device_memory),
+        "layout": lay.as_dict(),
+        "world": world,
+        "per_rank_bytes": memory,
+        "device_bytes": device_memory,
+        "host_bytes_per_node": rollback * min(gpus_per_node, world),
+        "checkpoint_bytes": n * (w + 8 + masters),
+        "step_time_s": step_time(final),
+        "tokens_per_s": final / step_time(final),
+        "comm_time_s": comm_time(cfg, m, lay, final, gpus_per_node, links),
+        "train_days": sum(x["days"] for x in stages),
+        "gpu_hours": sum(x["gpu_hours"] for x in stages),
+        "ramp_stages": stages,
+        "assumed_mfu": mfu,
+        "sets": lay.sets(),
+    }
 
 
 def _batch_at(cfg: Config, tokens: float) -> float:
@@ -232,16 +269,36 @@ def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
                         yield Layout(Z, T, P, D, b, ckpt)
 
 
-def search(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int, device_memory: float, peak_flops: float,
-           mfu: float = 0.4, on_gpu: bool = True, links: Links = Links()) -> list[dict]:
+def search(
+    cfg: Config,
+    m: GPTConfig,
+    gpus: int,
+    gpus_per_node: int,
+    device_memory: float,
+    peak_flops: float,
+    mfu: float = 0.4,
+    on_gpu: bool = True,
+    links: Links = Links(),
+) -> list[dict]:
     """Every layout that fits, fastest first (ties: less memory)."""
-    plans = [plan(cfg, m, lay, device_memory, peak_flops, mfu, gpus_per_node, on_gpu, links)
-             for lay in layouts(cfg, m, gpus, gpus_per_node)]
-    return sorted((p for p in plans if p["fits"]), key=lambda p: (p["step_time_s"], p["per_rank_bytes"]["total"]))
+    plans = [
+        plan(cfg, m, lay, device_memory, peak_flops, mfu, gpus_per_node, on_gpu, links)
+        for lay in layouts(cfg, m, gpus, gpus_per_node)
+    ]
+    return sorted(
+        (p for p in plans if p["fits"]), key=lambda p: (p["step_time_s"], p["per_rank_bytes"]["total"])
+    )
 
 
-def smallest_fitting_gpus(cfg: Config, m: GPTConfig, gpus_per_node: int, device_memory: float, peak_flops: float,
-                          limit: int = 1 << 16, **kw) -> int | None:
+def smallest_fitting_gpus(
+    cfg: Config,
+    m: GPTConfig,
+    gpus_per_node: int,
+    device_memory: float,
+    peak_flops: float,
+    limit: int = 1 << 16,
+    **kw,
+) -> int | None:
     """The fewest GPUs (whole nodes, doubling) on which some layout fits, or None up to `limit`."""
     gpus = gpus_per_node
     while gpus <= limit:

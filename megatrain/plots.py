@@ -28,12 +28,20 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.plot(tokens, [r["loss"] for r in train], lw=1, label="train loss")
     for name in dict.fromkeys(r.get("set", "valid") for r in valid):  # one curve per validation set
         points = [r for r in valid if r.get("set", "valid") == name]
-        ax.plot([r["tokens"] for r in points], [r["val_loss"] for r in points], "o-", ms=3,
-                label=f"validation loss ({name})")
+        ax.plot(
+            [r["tokens"] for r in points],
+            [r["val_loss"] for r in points],
+            "o-",
+            ms=3,
+            label=f"validation loss ({name})",
+        )
     ax.set_ylabel("loss")
     ax.legend()
-    panels = [(axes[0][1], "lr", "learning rate"), (axes[1][0], "batch_tokens", "global batch (tokens)"),
-              (axes[1][1], "grad_norm", "gradient norm (before clipping)")]
+    panels = [
+        (axes[0][1], "lr", "learning rate"),
+        (axes[1][0], "batch_tokens", "global batch (tokens)"),
+        (axes[1][1], "grad_norm", "gradient norm (before clipping)"),
+    ]
     for ax, key, label in panels:
         points = [(r["tokens"], r[key]) for r in train if r.get(key) is not None]
         if points:
@@ -62,8 +70,12 @@ def _plot_sources(share_ax, tokens_ax, train: list[dict]) -> None:
     for name in train[-1]["source_tokens"]:
         seen = [r.get("source_tokens", {}).get(name, 0) for r in train]
         before = [0, *seen[:-1]]
-        share_ax.plot(tokens, [(b - a) / r["batch_tokens"] for a, b, r in zip(before, seen, train, strict=True)],
-                      lw=1, label=name)
+        share_ax.plot(
+            tokens,
+            [(b - a) / r["batch_tokens"] for a, b, r in zip(before, seen, train, strict=True)],
+            lw=1,
+            label=name,
+        )
         tokens_ax.plot(tokens, seen, lw=1, label=name)
     share_ax.set_ylabel("share of the batch, by source")
     share_ax.legend()
@@ -114,8 +126,12 @@ def plot_schedule(cfg, dp_size: int, out: str | Path) -> Path:
     axes[1].set_ylabel("global batch (tokens)")
     if mixture:
         for name in data["points"][0]["mixture"]:
-            axes[2].plot(tokens, [p["mixture"][name] for p in data["points"]], label=name,
-                         drawstyle="steps-post" if cfg.data.stage_shape == "stepwise" else "default")
+            axes[2].plot(
+                tokens,
+                [p["mixture"][name] for p in data["points"]],
+                label=name,
+                drawstyle="steps-post" if cfg.data.stage_shape == "stepwise" else "default",
+            )
         axes[2].set_ylabel("mixture weight")
         axes[2].legend()
     axes[-1].set_xlabel("tokens")
@@ -128,7 +144,9 @@ def plot_schedule(cfg, dp_size: int, out: str | Path) -> Path:
         for name, t in data["marks"].items():
             if name not in ("start", "beyond"):
                 ax.axvline(t, color="gray", ls=":", lw=0.8)
-    fig.suptitle(f"{cfg.run.name or Path(cfg.run.dir).name}: schedules by tokens ({dp_size} data-parallel rank(s))")
+    fig.suptitle(
+        f"{cfg.run.name or Path(cfg.run.dir).name}: schedules by tokens ({dp_size} data-parallel rank(s))"
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -32,9 +32,14 @@ class Score:
 
     def summary(self) -> dict:
         loss = self.nll / max(self.tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                "bits_per_byte": self.nll / math.log(2) / max(self.bytes, 1), "tokens": self.tokens,
-                "bytes": self.bytes, "documents": self.documents}
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": self.nll / math.log(2) / max(self.bytes, 1),
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "documents": self.documents,
+        }
 
 
 @dataclass
@@ -63,8 +68,8 @@ def score_document(model, ids: list[int], nbytes: int, eod_id: int, stride: int 
     while done < n:
         end = min(begin + context, n)
         logits = model(tokens[begin:end][None])[0].float()
-        losses = F.cross_entropy(logits, tokens[begin + 1:end + 1], reduction="none")
-        nll += float(losses[done - begin:].sum(dtype=torch.float64))  # only the targets not scored before
+        losses = F.cross_entropy(logits, tokens[begin + 1 : end + 1], reduction="none")
+        nll += float(losses[done - begin :].sum(dtype=torch.float64))  # only the targets not scored before
         done = end
         begin += stride
     return Score(nll=nll, tokens=n, bytes=nbytes, documents=1)

@@ -37,8 +37,11 @@ import psutil
 
 from megatrain.errors import ExitCode, UserError
 
-FINAL_EXITS = {ExitCode.OK: "finished", ExitCode.BAD_INPUT: "bad input",
-               ExitCode.GAVE_UP: "the loss kept spiking (spike.max_rollbacks)"}
+FINAL_EXITS = {
+    ExitCode.OK: "finished",
+    ExitCode.BAD_INPUT: "bad input",
+    ExitCode.GAVE_UP: "the loss kept spiking (spike.max_rollbacks)",
+}
 
 
 def hostfile_ranks(path: Path) -> dict[str, int]:
@@ -72,9 +75,17 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
-def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
-              hostfile: Path | None = None, min_ranks: int = 1, heartbeat: Path | None = None,
-              hang_timeout: float = 0.0, hang_grace: float = 60.0) -> int:
+def supervise(
+    cmd: list[str],
+    max_restarts: int,
+    delay: float = 5.0,
+    log=print,
+    hostfile: Path | None = None,
+    min_ranks: int = 1,
+    heartbeat: Path | None = None,
+    hang_timeout: float = 0.0,
+    hang_grace: float = 60.0,
+) -> int:
     stop = {"signal": None}
     stopping = threading.Event()  # also ends a restart delay early
     child: subprocess.Popen | None = None
@@ -106,20 +117,34 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
             if attempt:
                 log(f"supervise: restart {attempt}/{max_restarts} in {delay:g}s")
                 if stopping.wait(delay):  # a signal during the delay: no restart
-                    log(f"supervise: stopped by {signal.Signals(stop['signal']).name} before restart {attempt}")
+                    log(
+                        f"supervise: stopped by {signal.Signals(stop['signal']).name} before restart "
+                        f"{attempt}"
+                    )
                     return code
             if hostfile is not None:
                 ranks = sum(hostfile_ranks(hostfile).values())
                 if ranks != launched_ranks:
-                    change = f" (was {launched_ranks}: the run resumes on the new layout)" if launched_ranks else ""
+                    change = (
+                        f" (was {launched_ranks}: the run resumes on the new layout)"
+                        if launched_ranks
+                        else ""
+                    )
                     log(f"supervise: {hostfile}: {ranks} rank(s){change}")
                 if ranks < min_ranks:
-                    log(f"supervise: {hostfile} has {ranks} rank(s), fewer than --min-ranks {min_ranks}; stopping")
+                    log(
+                        f"supervise: {hostfile} has {ranks} rank(s), fewer than --min-ranks {min_ranks}; "
+                        "stopping"
+                    )
                     return code
                 launched_ranks = ranks
             launch = [a.replace("{ranks}", str(launched_ranks)) for a in cmd] if hostfile is not None else cmd
             child = subprocess.Popen(launch, start_new_session=True)
-            code = _wait(child, heartbeat, hang_timeout, hang_grace, stopping, log) if hang_timeout else child.wait()
+            code = (
+                _wait(child, heartbeat, hang_timeout, hang_grace, stopping, log)
+                if hang_timeout
+                else child.wait()
+            )
             if stop["signal"] is not None:
                 log(f"supervise: stopped by {signal.Signals(stop['signal']).name}; the run exited {code}")
                 return code
@@ -134,8 +159,14 @@ def supervise(cmd: list[str], max_restarts: int, delay: float = 5.0, log=print,
             signal.signal(s, handler)
 
 
-def _wait(child: subprocess.Popen, heartbeat: Path, hang_timeout: float, hang_grace: float,
-          stopping: threading.Event, log) -> int:
+def _wait(
+    child: subprocess.Popen,
+    heartbeat: Path,
+    hang_timeout: float,
+    hang_grace: float,
+    stopping: threading.Event,
+    log,
+) -> int:
     """The child's exit status; if its heartbeat stops for hang_timeout seconds, it is
     stopped (SIGTERM to its group, SIGKILL to what is left of the group after hang_grace)
     and its status returned. Once a signal was passed on to it, it is left to write its
@@ -153,8 +184,10 @@ def _wait(child: subprocess.Popen, heartbeat: Path, hang_timeout: float, hang_gr
             last = launched
         if time.time() - last > hang_timeout:
             break
-    log(f"supervise: the run hung: {heartbeat} not touched for {time.time() - last:.0f}s "
-        f"(--hang-timeout {hang_timeout:g}); stopping it")
+    log(
+        f"supervise: the run hung: {heartbeat} not touched for {time.time() - last:.0f}s "
+        f"(--hang-timeout {hang_timeout:g}); stopping it"
+    )
     _signal_group(child.pid, signal.SIGTERM)
     # The whole group gets the grace, not only the child: DeepSpeed's runner exits at once
     # on SIGTERM while its launcher is still ending the ranks.
@@ -188,4 +221,3 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def _describe(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else "a crash or a killed rank"
-

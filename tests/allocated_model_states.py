@@ -37,10 +37,17 @@ from megatrain.train import distributed as dist  # noqa: E402
 from megatrain.train.callbacks import Callback  # noqa: E402
 
 MEASURED_STEP = 2  # the moments exist from the first step
-MODEL = ["model.n_layer=4", "model.d_model=256", "model.n_head=4", "train.max_steps=2", "train.eval_every=0",
-         "checkpoint.every_steps=0", "spike.enabled=false",
-         # A small reduce bucket, so that the model states are what is measured.
-         "deepspeed.zero_optimization.reduce_bucket_size=100000"]
+MODEL = [
+    "model.n_layer=4",
+    "model.d_model=256",
+    "model.n_head=4",
+    "train.max_steps=2",
+    "train.eval_every=0",
+    "checkpoint.every_steps=0",
+    "spike.enabled=false",
+    # A small reduce bucket, so that the model states are what is measured.
+    "deepspeed.zero_optimization.reduce_bucket_size=100000",
+]
 
 
 def tensor_bytes() -> int:
@@ -57,7 +64,9 @@ class AllocatedTensors(Callback):
 
     def on_start(self, trainer):
         engine_optimizer = trainer.module.engine.optimizer
-        base = getattr(engine_optimizer, "optimizer", engine_optimizer)  # ZeRO's, or DeepSpeed's bf16 wrapper's
+        base = getattr(
+            engine_optimizer, "optimizer", engine_optimizer
+        )  # ZeRO's, or DeepSpeed's bf16 wrapper's
         for optimizer in {id(o): o for o in (engine_optimizer, base)}.values():
             self._count_before(optimizer, "step", trainer)
         self._count_before(trainer.module.engine, "backward", trainer, after=True)
@@ -91,17 +100,30 @@ def main():
     results = []
     for precision, stages in (("bf16", range(4)), ("fp32", [1])):
         for stage in stages:
-            cfg = load_config(TINY_CONFIG, [f"run.dir={args.run_dir}/z{stage}-{precision}", f"data.path={args.data}",
-                                            f"parallel.zero_stage={stage}", f"train.precision={precision}", *MODEL])
+            cfg = load_config(
+                TINY_CONFIG,
+                [
+                    f"run.dir={args.run_dir}/z{stage}-{precision}",
+                    f"data.path={args.data}",
+                    f"parallel.zero_stage={stage}",
+                    f"train.precision={precision}",
+                    *MODEL,
+                ],
+            )
             gc.collect()
             before = tensor_bytes()
             probe = AllocatedTensors()
             trainer = Trainer(cfg, resume="none", callbacks=[probe])
             trainer.fit()
             predicted = per_rank_bytes(cfg, trainer.model_cfg, Layout.from_config(cfg, dist.world_size()))
-            results.append({"zero_stage": stage, "precision": precision,
-                            "measured": max(dist.all_gather_object(max(probe.counts) - before)),
-                            "predicted": predicted["params"] + predicted["grads"] + predicted["optimizer"]})
+            results.append(
+                {
+                    "zero_stage": stage,
+                    "precision": precision,
+                    "measured": max(dist.all_gather_object(max(probe.counts) - before)),
+                    "predicted": predicted["params"] + predicted["grads"] + predicted["optimizer"],
+                }
+            )
             del trainer, probe
             gc.collect()
     if dist.is_main():

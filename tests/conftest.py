@@ -26,7 +26,9 @@ def small_tokenizer(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory, small_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("data") / "data"
-    prepare_dataset(small_tokenizer, SMALL_CORPUS, out, valid_fraction=0.05, workers=2, shard_mb=0.1, progress=False)
+    prepare_dataset(
+        small_tokenizer, SMALL_CORPUS, out, valid_fraction=0.05, workers=2, shard_mb=0.1, progress=False
+    )
     return out
 
 

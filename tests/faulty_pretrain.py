@@ -95,7 +95,9 @@ def install_checkpoint_faults(faults: Faults) -> None:
 
     def _listing(directory):
         files = listing(directory)
-        return files[::2] if faults.fires("stale_listing", checkpoint_step(Path(directory.name[5:]))) else files
+        return (
+            files[::2] if faults.fires("stale_listing", checkpoint_step(Path(directory.name[5:]))) else files
+        )
 
     checkpoint._listing = _listing
 
@@ -148,8 +150,16 @@ class RecordSamples(Callback):
             batch = tokens()
             with open(self.out, "a") as f:
                 indices = batches.sampler.at(batches.sampler.last_positions).tolist()
-                f.write(json.dumps({"step": trainer.progress.step + 1, "mp_rank": trainer.layout.mp_rank,
-                                    "samples": indices}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": trainer.progress.step + 1,
+                            "mp_rank": trainer.layout.mp_rank,
+                            "samples": indices,
+                        }
+                    )
+                    + "\n"
+                )
             return batch
 
         batches.tokens = recorded_tokens
@@ -208,8 +218,12 @@ def main():
     args, rest = p.parse_known_args()
     faults = Faults(args.fault, args.fault_state)
     install_checkpoint_faults(faults)
-    callbacks = [NaNLoss(faults), Hang(faults), *([Poison(args.poison)] if args.poison else []),
-                 *([RecordSamples(args.record_samples)] if args.record_samples else [])]
+    callbacks = [
+        NaNLoss(faults),
+        Hang(faults),
+        *([Poison(args.poison)] if args.poison else []),
+        *([RecordSamples(args.record_samples)] if args.record_samples else []),
+    ]
     return pretrain.main(own_run_dir(faults, rest), callbacks=callbacks)
 
 

@@ -35,8 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 # The deepspeed launcher: beside the interpreter in a venv, else on PATH (`pip install --target DIR`
 # puts it in DIR/bin, as on the GPU machine: tests/gpu/on_device.sh).
-DEEPSPEED = next((str(p) for p in [Path(sys.executable).parent / "deepspeed"] if p.exists()),
-                 shutil.which("deepspeed") or "deepspeed")
+DEEPSPEED = next(
+    (str(p) for p in [Path(sys.executable).parent / "deepspeed"] if p.exists()),
+    shutil.which("deepspeed") or "deepspeed",
+)
 FAULTY_PRETRAIN = REPO / "tests" / "faulty_pretrain.py"
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -58,23 +60,43 @@ SMALL_CORPUS = [str(STDLIB / name) for name in ("json", "email", "html", "http")
 
 def run_script(script: str, *args: str, check: bool = True, timeout: float = 600, env: dict | None = None):
     """Run launch/<script> in a fresh interpreter, as a user would."""
-    proc = subprocess.run([sys.executable, str(LAUNCH / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, str(LAUNCH / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def pretrain(run_dir, data, *sets: str, nproc: int = 2, check: bool = True, config=TINY_CONFIG,
-             resume: str = "auto", timeout: float = 600, env: dict | None = None, **faults):
+def pretrain(
+    run_dir,
+    data,
+    *sets: str,
+    nproc: int = 2,
+    check: bool = True,
+    config=TINY_CONFIG,
+    resume: str = "auto",
+    timeout: float = 600,
+    env: dict | None = None,
+    **faults,
+):
     """launch/pretrain.py through the real deepspeed launcher (nproc ranks), or plain python
     (nproc=0); `faults` as pretrain_command takes them. Checks that no shared memory is left."""
-    cmd = pretrain_command(config, [f"run.dir={run_dir}", f"data.path={data}", *sets], nproc=nproc, resume=resume,
-                           **faults)
+    cmd = pretrain_command(
+        config, [f"run.dir={run_dir}", f"data.path={data}", *sets], nproc=nproc, resume=resume, **faults
+    )
     before = shm_buffers()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"pretrain failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+        )
     assert shm_buffers() <= before, "the run left DeepSpeed's shared-memory buffers in /dev/shm"
     return proc
 
@@ -99,27 +121,52 @@ def copy_until(run_dir, dest, step: int):
     return dest
 
 
-def pretrain_command(config, sets: list[str], nproc: int = 2, resume: str = "auto", faults: list[str] = (),
-                     poison: str | None = None, fault_state: str | None = None,
-                     record_samples: str | None = None) -> list[str]:
+def pretrain_command(
+    config,
+    sets: list[str],
+    nproc: int = 2,
+    resume: str = "auto",
+    faults: list[str] = (),
+    poison: str | None = None,
+    fault_state: str | None = None,
+    record_samples: str | None = None,
+) -> list[str]:
     """launch/pretrain.py through the real deepspeed launcher with `nproc` ranks on a free
     port, or in plain python (nproc=0); `sets` are KEY=VALUE overrides. With faults,
     poison or record_samples, tests/faulty_pretrain.py runs instead (see there)."""
-    injected = [*[a for f in faults for a in ("--fault", f)], *(["--poison", poison] if poison else []),
-                *(["--fault-state", str(fault_state)] if fault_state else []),
-                *(["--record-samples", str(record_samples)] if record_samples else [])]
+    injected = [
+        *[a for f in faults for a in ("--fault", f)],
+        *(["--poison", poison] if poison else []),
+        *(["--fault-state", str(fault_state)] if fault_state else []),
+        *(["--record-samples", str(record_samples)] if record_samples else []),
+    ]
     entry = FAULTY_PRETRAIN if injected else LAUNCH / "pretrain.py"
-    script = [str(entry), *injected, "--config", str(config), "--resume", resume,
-              *[a for s in sets for a in ("--set", s)]]
+    script = [
+        str(entry),
+        *injected,
+        "--config",
+        str(config),
+        "--resume",
+        resume,
+        *[a for s in sets for a in ("--set", s)],
+    ]
     if not nproc:
         return [sys.executable, *script]
-    return [DEEPSPEED, "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), *script]
+    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), *script]
 
 
 def supervise_command(cmd: list[str], max_restarts: int, delay: float = 0, *options: str) -> list[str]:
-    return [sys.executable, str(LAUNCH / "supervise.py"), "--max-restarts", str(max_restarts),
-            "--delay", str(delay), *options, "--", *cmd]
+    return [
+        sys.executable,
+        str(LAUNCH / "supervise.py"),
+        "--max-restarts",
+        str(max_restarts),
+        "--delay",
+        str(delay),
+        *options,
+        "--",
+        *cmd,
+    ]
 
 
 def launches(run_dir: Path) -> int:
@@ -130,8 +177,9 @@ def launches(run_dir: Path) -> int:
 
 def last_train_row(run_dir: Path) -> dict:
     """The newest training row of metrics.jsonl, or {"step": 0}."""
-    return _read(lambda: ([r for r in read_metrics(run_dir) if r["kind"] == "train"] or [{"step": 0}])[-1],
-                 {"step": 0})
+    return _read(
+        lambda: ([r for r in read_metrics(run_dir) if r["kind"] == "train"] or [{"step": 0}])[-1], {"step": 0}
+    )
 
 
 def _read(fn, default):
@@ -141,7 +189,9 @@ def _read(fn, default):
         return default
 
 
-def kill_a_rank(root_pid: int, rng: random.Random, step_time: float, still_wanted=lambda: True) -> psutil.Process | None:
+def kill_a_rank(
+    root_pid: int, rng: random.Random, step_time: float, still_wanted=lambda: True
+) -> psutil.Process | None:
     """SIGKILL a random rank below `root_pid` at a random moment of the next step (the
     last one took `step_time` seconds); the victim, or None when there was no rank or
     `still_wanted()` says, after the wait, that the run has moved on (steps can be faster
@@ -171,8 +221,10 @@ def samples_by_step(*dirs, steps: range) -> dict[int, list[int]]:
 def flat_state(run, step: int) -> tuple[dict[str, torch.Tensor], int]:
     """Each kind of training state (weights, moments) of a checkpoint, as one vector."""
     tensors, opt_step = layout_free.read(run / "checkpoints" / f"step-{step:08d}")
-    return {kind: torch.cat([tensors[k].flatten() for k in sorted(tensors) if k.startswith(f"{kind}/")])
-            for kind in layout_free.KINDS}, opt_step
+    return {
+        kind: torch.cat([tensors[k].flatten() for k in sorted(tensors) if k.startswith(f"{kind}/")])
+        for kind in layout_free.KINDS
+    }, opt_step
 
 
 def assert_same_state(a, b, rel: float):
@@ -182,7 +234,9 @@ def assert_same_state(a, b, rel: float):
         assert ((va[kind] - vb[kind]).norm() / va[kind].norm()).item() < rel, kind
 
 
-def accumulation_error(data, stage: int, micro_batches: int, *sets: str, size: tuple[int, int] = (64, 2)) -> dict:
+def accumulation_error(
+    data, stage: int, micro_batches: int, *sets: str, size: tuple[int, int] = (64, 2)
+) -> dict:
     """In a world of one (call it in its own process): the gradient megatrain's optimizer is
     handed after one bf16 step of `micro_batches` micro-batches under ZeRO `stage`, against the
     same bf16 model's micro-batch gradients summed exactly (float64): the relative error the
@@ -193,38 +247,64 @@ def accumulation_error(data, stage: int, micro_batches: int, *sets: str, size: t
     from megatrain.model.gpt import initial_value
     from megatrain.train.train_module import TrainModule, init_layout
 
-    cfg = load_config(TINY_CONFIG, [f"data.path={data}", f"parallel.zero_stage={stage}", "train.precision=bf16",
-                                    f"model.d_model={size[0]}", "model.n_head=4", f"model.n_layer={size[1]}", *sets])
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            f"data.path={data}",
+            f"parallel.zero_stage={stage}",
+            "train.precision=bf16",
+            f"model.d_model={size[0]}",
+            "model.n_head=4",
+            f"model.n_layer={size[1]}",
+            *sets,
+        ],
+    )
     shape = GPTConfig.from_config(cfg, 1024)
     module = TrainModule(cfg, shape, micro_batches, init_layout(cfg))
     opt, seen = module.client_optimizer, {}
     step = opt.step
 
     def recording_step(*args, **kwargs):  # the gradients as the optimizer gets them
-        seen.update({id(p): p.grad.double().clone() for g in opt.param_groups for p in g["params"]
-                     if p.grad is not None})
+        seen.update(
+            {
+                id(p): p.grad.double().clone()
+                for g in opt.param_groups
+                for p in g["params"]
+                if p.grad is not None
+            }
+        )
         return step(*args, **kwargs)
 
     opt.step = recording_step
     t = cfg.train
-    batches = [torch.randint(0, 1024, (t.micro_batch, t.seq_len + 1), generator=torch.Generator().manual_seed(i))
-               for i in range(micro_batches)]
+    batches = [
+        torch.randint(0, 1024, (t.micro_batch, t.seq_len + 1), generator=torch.Generator().manual_seed(i))
+        for i in range(micro_batches)
+    ]
     todo = iter(batches)
     module.set_lr(0.0)
     module.step(lambda: (lambda b: (b[:, :-1], b[:, 1:]))(next(todo)))
     got, named = {}, dict(module.engine.module.named_parameters())
-    masters = {id(lp): hp for lps, hps in zip(getattr(module.engine.optimizer, "fp16_groups", []),
-                                              getattr(module.engine.optimizer, "fp32_groups", []), strict=True)
-               for lp, hp in zip(lps, hps, strict=True)}
+    masters = {
+        id(lp): hp
+        for lps, hps in zip(
+            getattr(module.engine.optimizer, "fp16_groups", []),
+            getattr(module.engine.optimizer, "fp32_groups", []),
+            strict=True,
+        )
+        for lp, hp in zip(lps, hps, strict=True)
+    }
     for name, p in named.items():
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is not None:  # a flat fp32 partition (ZeRO 1-2, BF16_Optimizer): the parameter's fragment
             address = mapping.get_hp_fragment_address()
             flat = seen[id(opt.param_groups[mapping.param_group_index]["params"][0])]
-            got[name] = flat[address.start:address.start + address.numel]
+            got[name] = flat[address.start : address.start + address.numel]
         else:  # ZeRO-0: DeepSpeed's fp32 copy of the parameter
             got[name] = seen[id(masters.get(id(p), p))].reshape(-1)
-    exact, summed = ({n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in named.items()} for _ in range(2))
+    exact, summed = (
+        {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in named.items()} for _ in range(2)
+    )
     for dtype, into in ((torch.float64, exact), (torch.bfloat16, summed)):
         model = GPT(shape).to(dtype)
         for n, p in model.named_parameters():
@@ -238,8 +318,11 @@ def accumulation_error(data, stage: int, micro_batches: int, *sets: str, size: t
     def relative(a, b):
         return float(torch.cat([a[n] - b[n] for n in b]).norm() / torch.cat(list(b.values())).norm())
 
-    return {"error": relative(got, summed), "compute_error": relative(summed, exact),
-            "wrapper": type(module.engine.optimizer).__name__}
+    return {
+        "error": relative(got, summed),
+        "compute_error": relative(summed, exact),
+        "wrapper": type(module.engine.optimizer).__name__,
+    }
 
 
 def edit_megatrain_json(ckpt: Path, edit) -> None:

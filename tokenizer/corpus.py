@@ -109,7 +109,9 @@ def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         out.extend(Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
     return out
 
@@ -163,7 +165,10 @@ def resolve_inputs(specs: list[str]) -> list[CorpusFile]:
             seen.add(key)
             unique.append(f)
     if not unique:
-        raise CorpusError(f"{' '.join(specs)}: no corpus files found (looked for {', '.join(sorted(WALK_SUFFIXES))}, optionally .gz)")
+        raise CorpusError(
+            f"{' '.join(specs)}: no corpus files found (looked for {', '.join(sorted(WALK_SUFFIXES))}, "
+            "optionally .gz)"
+        )
     return unique
 
 
@@ -176,7 +181,9 @@ def _decode(data: bytes, source: str, options: CorpusOptions, stats: CorpusStats
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         if options.invalid_utf8 == "fail":
-            raise CorpusError(f"{source}: invalid UTF-8 at byte {e.start} (use --invalid-utf8 skip to drop such documents)") from None
+            raise CorpusError(
+                f"{source}: invalid UTF-8 at byte {e.start} (use --invalid-utf8 skip to drop such documents)"
+            ) from None
         stats.skip("documents with invalid UTF-8", source)
         return None
 
@@ -197,7 +204,9 @@ def _encodable(text: str, source: str, options: CorpusOptions, stats: CorpusStat
         return True
     except UnicodeEncodeError as e:
         if options.invalid_utf8 == "fail":
-            raise CorpusError(f"{source}: text is not valid Unicode (lone surrogate at character {e.start})") from None
+            raise CorpusError(
+                f"{source}: text is not valid Unicode (lone surrogate at character {e.start})"
+            ) from None
         stats.skip("documents with invalid UTF-8", source)
         return False
 
@@ -300,10 +309,14 @@ def _read_jsonl(cf: CorpusFile, options: CorpusOptions, stats: CorpusStats) -> I
                 raise CorpusError(f"{where}: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or options.text_field not in obj:
                 keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise CorpusError(f"{where}: no field {options.text_field!r} (found: {keys}); choose one with --text-field")
+                raise CorpusError(
+                    f"{where}: no field {options.text_field!r} (found: {keys}); choose one with --text-field"
+                )
             text = obj[options.text_field]
             if not isinstance(text, str):
-                raise CorpusError(f"{where}: field {options.text_field!r} is {type(text).__name__}, not a string")
+                raise CorpusError(
+                    f"{where}: field {options.text_field!r} is {type(text).__name__}, not a string"
+                )
             if not _encodable(text, where, options, stats):  # JSON escapes can hold lone surrogates
                 continue
             if text:
@@ -338,9 +351,13 @@ def _arrow_batches(cf: CorpusFile, column: str) -> Iterator:
                 batches = lambda: iter(reader)  # noqa: E731
             names = reader.schema.names
     except (pa.ArrowInvalid, OSError) as e:
-        raise CorpusError(f"{source}: not a readable {_suffix(cf.path)} file ({str(e).splitlines()[0]})") from None
+        raise CorpusError(
+            f"{source}: not a readable {_suffix(cf.path)} file ({str(e).splitlines()[0]})"
+        ) from None
     if column not in names:
-        raise CorpusError(f"{source}: no column {column!r} (columns: {', '.join(names)}); choose one with --text-column")
+        raise CorpusError(
+            f"{source}: no column {column!r} (columns: {', '.join(names)}); choose one with --text-column"
+        )
     yield from batches()
 
 
@@ -366,7 +383,9 @@ def iter_pieces(files: list[CorpusFile], options: CorpusOptions, stats: CorpusSt
     """Every document of every file, in order, as pieces (see the module docstring)."""
     for cf in files:
         fmt = _suffix(cf.path)
-        reader = _read_jsonl if fmt == ".jsonl" else _read_table if fmt in (".parquet", ".arrow") else _read_text
+        reader = (
+            _read_jsonl if fmt == ".jsonl" else _read_table if fmt in (".parquet", ".arrow") else _read_text
+        )
         stats.files += 1
         try:
             for piece in reader(cf, options, stats):

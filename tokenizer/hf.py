@@ -32,11 +32,22 @@ def to_hf(tok: Tokenizer, model_max_length: int):
     scores = {piece: p.score for piece, p in zip(pieces, proto.pieces, strict=True) if p.type == NORMAL_PIECE}
     vocab = {piece: i for i, piece in enumerate(pieces)}
     merges = generate_merges({p: vocab[p] for p in scores}, scores)  # normal pieces only: specials never form
-    backend = Backend(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=SPECIAL_PIECES["unk"],
-                                 fuse_unk=True))
+    backend = Backend(
+        models.BPE(
+            vocab=vocab, merges=merges, byte_fallback=True, unk_token=SPECIAL_PIECES["unk"], fuse_unk=True
+        )
+    )
     backend.normalizer = normalizers.Replace(" ", MARK)
-    backend.decoder = decoders.Sequence([decoders.Replace(MARK, " "), decoders.ByteFallback(), decoders.Fuse()])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(MARK, " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, model_max_length=model_max_length, split_special_tokens=True,
-        unk_token=SPECIAL_PIECES["unk"], bos_token=SPECIAL_PIECES["bos"], pad_token=SPECIAL_PIECES["pad"],
-        eos_token=SPECIAL_PIECES["eod"], clean_up_tokenization_spaces=False)
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        split_special_tokens=True,
+        unk_token=SPECIAL_PIECES["unk"],
+        bos_token=SPECIAL_PIECES["bos"],
+        pad_token=SPECIAL_PIECES["pad"],
+        eos_token=SPECIAL_PIECES["eod"],
+        clean_up_tokenization_spaces=False,
+    )

@@ -47,7 +47,10 @@ class Tokenizer:
         for name, expected in ids.items():
             piece = self._sp.id_to_piece(expected)
             if piece != SPECIAL_PIECES[name]:
-                raise InputError(f"{source}: special token {name!r} should be {SPECIAL_PIECES[name]!r} at id {expected}, found {piece!r}")
+                raise InputError(
+                    f"{source}: special token {name!r} should be {SPECIAL_PIECES[name]!r} at id {expected}, "
+                    f"found {piece!r}"
+                )
         self.unk_id, self.bos_id, self.eos_id = ids["unk"], ids["bos"], ids["eos"]
         self.pad_id, self.eod_id = ids["pad"], ids["eod"]
         self._mark_bytes = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_MARK.encode()]
@@ -59,9 +62,13 @@ class Tokenizer:
         directory = Path(directory)
         model_path, meta_path = directory / MODEL_FILE, directory / META_FILE
         if not directory.is_dir():
-            raise InputError(f"{directory}: no such tokenizer directory (train one with launch/train_tokenizer.py)")
+            raise InputError(
+                f"{directory}: no such tokenizer directory (train one with launch/train_tokenizer.py)"
+            )
         if not model_path.is_file():
-            raise InputError(f"{directory}: no {MODEL_FILE} in this directory (train one with launch/train_tokenizer.py)")
+            raise InputError(
+                f"{directory}: no {MODEL_FILE} in this directory (train one with launch/train_tokenizer.py)"
+            )
         proto = model_path.read_bytes()
         meta = {}
         if meta_path.is_file():
@@ -70,7 +77,9 @@ class Tokenizer:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise InputError(f"{meta_path}: damaged tokenizer metadata ({e})") from None
             if meta.get("sha256") not in (None, sha256_bytes(proto)):
-                raise InputError(f"{model_path}: sha256 differs from {META_FILE}; the model file was changed or damaged")
+                raise InputError(
+                    f"{model_path}: sha256 differs from {META_FILE}; the model file was changed or damaged"
+                )
         try:
             return cls(proto, meta, source=str(directory))
         except RuntimeError as e:

@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from tokenizer.corpus import CorpusOptions, CorpusStats, iter_pieces, resolve_inputs
 from tokenizer.errors import InputError
-from tokenizer.tokenizer import FORMAT, META_FILE, MODEL_FILE, SPECIAL_IDS, SPECIAL_PIECES, Tokenizer, sha256_bytes
+from tokenizer.tokenizer import (
+    FORMAT,
+    META_FILE,
+    MODEL_FILE,
+    SPECIAL_IDS,
+    SPECIAL_PIECES,
+    Tokenizer,
+    sha256_bytes,
+)
 
 HELDOUT_PROBABILITY = 0.02
 
@@ -141,7 +149,9 @@ def sample_corpus(pieces, sample_bytes: int, heldout_bytes: int, seed: int) -> S
         sample = Sample(sample.heldout, sample.heldout, sample.heldout_bytes, sample.heldout_bytes, True)
     elif not sample.heldout:
         heldout = sample.train[:64]
-        sample = Sample(sample.train, heldout, sample.train_bytes, sum(len(t.encode()) for t in heldout), True)
+        sample = Sample(
+            sample.train, heldout, sample.train_bytes, sum(len(t.encode()) for t in heldout), True
+        )
     return sample
 
 
@@ -184,7 +194,8 @@ class TrainReport:
             f"tokenizer: {self.out_dir}  vocab {self.vocab_size}  in {self.seconds:.1f}s",
             f"corpus: {c['files']} files, {c['documents']} documents, {c['bytes'] / 1e6:.1f} MB read",
             f"sample: {s['documents']} documents, {s['bytes'] / 1e6:.1f} MB; "
-            f"{s['split_documents']} long documents cut into {s['split_pieces']} pieces <= {s['max_sentence_length']} bytes",
+            f"{s['split_documents']} long documents cut into {s['split_pieces']} pieces <= "
+            f"{s['max_sentence_length']} bytes",
             f"held-out{where}: {h['documents']} documents, {h['bytes'] / 1e6:.2f} MB: "
             f"{h['bytes_per_token']:.3f} bytes/token, {h['tokens_per_word']:.3f} tokens/word",
             *self.skipped,
@@ -199,12 +210,15 @@ def _explain_sentencepiece_error(err: RuntimeError, options: TrainerOptions) -> 
     msg = str(err)
     if m := _SP_VOCAB_TOO_HIGH.search(msg):
         return InputError(
-            f"vocab size {m.group(1)} is too large for this corpus sample: SentencePiece found only enough distinct "
-            f"merges for {m.group(2)} pieces; use --vocab-size {m.group(2)} or less, more text, or --allow-smaller-vocab"
+            f"vocab size {m.group(1)} is too large for this corpus sample: SentencePiece found only enough "
+            "distinct "
+            f"merges for {m.group(2)} pieces; use --vocab-size {m.group(2)} or less, more text, or "
+            "--allow-smaller-vocab"
         )
     if m := _SP_VOCAB_TOO_SMALL.search(msg):
         return InputError(
-            f"vocab size {m.group(1)} is too small: this sample needs {m.group(2)} pieces just for its specials, "
+            f"vocab size {m.group(1)} is too small: this sample needs {m.group(2)} pieces just for its "
+            "specials, "
             f"characters and (with byte fallback) the 256 byte pieces; use --vocab-size above {m.group(2)}"
         )
     return InputError(f"SentencePiece failed: {msg.splitlines()[0] if msg else type(err).__name__}")
@@ -256,7 +270,9 @@ def train_tokenizer(
 
     model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options.sentencepiece_kwargs())
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, **options.sentencepiece_kwargs()
+        )
     except RuntimeError as e:
         raise _explain_sentencepiece_error(e, options) from None
     proto = model.getvalue()
@@ -300,6 +316,8 @@ def train_tokenizer(
         "heldout": report.heldout,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically({out_dir / MODEL_FILE: proto, out_dir / META_FILE: (json.dumps(meta, indent=2) + "\n").encode()})
+    _write_atomically(
+        {out_dir / MODEL_FILE: proto, out_dir / META_FILE: (json.dumps(meta, indent=2) + "\n").encode()}
+    )
     report.seconds = time.perf_counter() - t0
     return report

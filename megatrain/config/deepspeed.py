@@ -10,7 +10,11 @@ from megatrain.config.schema import Config, TrainConfig
 def deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in top.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = (
+            deep_merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
+            else copy.deepcopy(v)
+        )
     return out
 
 
@@ -53,12 +57,21 @@ def deepspeed_config(cfg: Config, layout, grad_accum: int, norm) -> dict:
         ds["zero_optimization"]["compute_grad_norm"] = False
     if o.name == "adamw":  # DeepSpeed builds its own optimizer; otherwise the trainer passes one
         # lr 0 until the trainer sets it before the first step (train/optimizer.py: CONSTRUCTION_LR).
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": 0.0, "betas": list(o.betas), "eps": o.eps,
-                                                       "weight_decay": o.weight_decay}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": 0.0, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+        }
     if t.precision == "bf16-autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if t.precision == "fp16":
         # Dynamic loss scaling: start at 2^16, halve on overflow, double after 1000 clean steps.
-        ds["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                           "hysteresis": 2, "min_loss_scale": 1})
+        ds["fp16"].update(
+            {
+                "loss_scale": 0,
+                "initial_scale_power": 16,
+                "loss_scale_window": 1000,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
+        )
     return deep_merge(ds, cfg.deepspeed)

@@ -73,7 +73,9 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
     try:
         return _check(value, tp)
     except _Mismatch:
-        raise UserError(f"{source}: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}") from None
+        raise UserError(
+            f"{source}: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        ) from None
 
 
 def _check(value: Any, tp) -> Any:
@@ -117,7 +119,9 @@ def _source_of(key: str, sources: dict) -> str:
 def _build(cls, raw: dict, prefix: str, sources: dict) -> Any:
     if not isinstance(raw, dict):
         section = prefix.rstrip(".")
-        raise UserError(f"{_source_of(section, sources)}: {section} must be a mapping, got {type(raw).__name__}")
+        raise UserError(
+            f"{_source_of(section, sources)}: {section} must be a mapping, got {type(raw).__name__}"
+        )
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}

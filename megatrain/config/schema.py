@@ -91,7 +91,10 @@ class ModelConfig:
         if self.vocab_size is not None and self.vocab_size <= 0:
             yield "model.vocab_size", "must be positive"
         if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
-            yield "model.n_kv_head", f"({self.n_kv_head}) must be a positive divisor of model.n_head ({self.n_head})"
+            yield (
+                "model.n_kv_head",
+                f"({self.n_kv_head}) must be a positive divisor of model.n_head ({self.n_head})",
+            )
         if self.ffn_hidden is not None and self.ffn_hidden < 1:
             yield "model.ffn_hidden", "must be positive"
         yield from _at_least(self, "model", ffn_multiple_of=1)
@@ -166,8 +169,10 @@ class DataConfig:
                 return
             unknown = set(stage["weights"]) - set(names)
             if unknown:
-                yield f"data.stages[{i}].weights", (f"names unknown source(s) {sorted(unknown)}; the sources are "
-                                                    f"{names} (data.path)")
+                yield (
+                    f"data.stages[{i}].weights",
+                    (f"names unknown source(s) {sorted(unknown)}; the sources are {names} (data.path)"),
+                )
                 return
         from megatrain.schedule.mixture import MixtureSchedule  # the schedule checks its own keyframes
 
@@ -176,7 +181,10 @@ class DataConfig:
         except (ValueError, TypeError) as e:
             yield "data.stages" if self.stages else "data.path", f"is not a valid mixture: {e}"
         if not all(len(x) == 2 and min(x) >= 0 for x in self.skip):
-            yield "data.skip", f"must be [[position, samples], ...] with non-negative numbers, got {self.skip!r}"
+            yield (
+                "data.skip",
+                f"must be [[position, samples], ...] with non-negative numbers, got {self.skip!r}",
+            )
 
 
 @dataclass
@@ -186,7 +194,8 @@ class TrainConfig:
     micro_batch: int = 1
     """Samples per rank per forward/backward."""
     max_steps: int | None = None
-    """Stop after this many optimizer steps (None: no limit). At least one of max_steps/max_tokens is needed."""
+    """Stop after this many optimizer steps (None: no limit). At least one of max_steps and
+    max_tokens is needed."""
     max_tokens: int | None = None
     """Stop once this many tokens were consumed (None: no limit)."""
     precision: Literal["bf16", "bf16-autocast", "fp16", "fp32"] = "bf16"
@@ -276,16 +285,25 @@ class ScheduleConfig:
     again); keep continues from a megatrain checkpoint's step and tokens."""
 
     def problems(self, cfg: Config) -> Problems:
-        yield from _at_least(self, "schedule", batch_final_tokens=1, batch_start_tokens=1, batch_ramp_tokens=0)
+        yield from _at_least(
+            self, "schedule", batch_final_tokens=1, batch_start_tokens=1, batch_ramp_tokens=0
+        )
         if self.batch_ramp_tokens and self.batch_start_tokens > self.batch_final_tokens:
-            yield "schedule.batch_start_tokens", (f"({self.batch_start_tokens}) must not exceed "
-                                                  f"schedule.batch_final_tokens ({self.batch_final_tokens})")
+            yield (
+                "schedule.batch_start_tokens",
+                (
+                    f"({self.batch_start_tokens}) must not exceed "
+                    f"schedule.batch_final_tokens ({self.batch_final_tokens})"
+                ),
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             yield "schedule.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
         from megatrain.schedule import BatchSchedule, LRSchedule  # the schedules check their own parameters
 
-        for key, build in (("schedule.warmup_tokens", lambda: LRSchedule.from_config(cfg)),
-                           ("schedule.batch_steps", lambda: BatchSchedule.from_config(cfg, dp_size=1))):
+        for key, build in (
+            ("schedule.warmup_tokens", lambda: LRSchedule.from_config(cfg)),
+            ("schedule.batch_steps", lambda: BatchSchedule.from_config(cfg, dp_size=1)),
+        ):
             try:
                 build()
             except ValueError as e:
@@ -313,34 +331,59 @@ class ParallelConfig:
         """The tensor-parallel size against the model's heads and MLP width."""
         tp = self.tensor_parallel
         if tp > 1 and cfg.model.n_head % tp:
-            yield f"parallel.tensor_parallel={tp}", f"must divide model.n_head ({cfg.model.n_head}): heads are split"
+            yield (
+                f"parallel.tensor_parallel={tp}",
+                f"must divide model.n_head ({cfg.model.n_head}): heads are split",
+            )
         elif tp > 1 and cfg.model.n_kv_head and cfg.model.n_kv_head % tp:
-            yield f"parallel.tensor_parallel={tp}", (f"must divide model.n_kv_head ({cfg.model.n_kv_head}): key/value "
-                                                     "heads are split too")
+            yield (
+                f"parallel.tensor_parallel={tp}",
+                (f"must divide model.n_kv_head ({cfg.model.n_kv_head}): key/value heads are split too"),
+            )
         if tp > 1 and cfg.model.ffn_hidden and cfg.model.ffn_hidden % tp:
             yield f"parallel.tensor_parallel={tp}", f"must divide model.ffn_hidden ({cfg.model.ffn_hidden})"
 
     def problems(self, cfg: Config) -> Problems:
         if self.zero_stage not in (0, 1, 2, 3):
             yield "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
-        yield from _at_least(self, "parallel", pipeline_stages=1, tensor_parallel=1, activation_checkpoint_interval=0)
+        yield from _at_least(
+            self, "parallel", pipeline_stages=1, tensor_parallel=1, activation_checkpoint_interval=0
+        )
         tp = self.tensor_parallel
         if tp > 1 and self.pipeline_stages > 1:
-            yield f"parallel.tensor_parallel={tp}", (
-                f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline engine "
-                "keeps its own pipe x data process grid, which AutoTP's tensor-parallel groups are not part of")
+            yield (
+                f"parallel.tensor_parallel={tp}",
+                (
+                    f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's "
+                    "pipeline engine "
+                    "keeps its own pipe x data process grid, which AutoTP's tensor-parallel groups are not "
+                    "part of"
+                ),
+            )
         if tp > 1 and self.zero_stage == 3:
-            yield f"parallel.tensor_parallel={tp}", (
-                "cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP training supports ZeRO 0-2 (under "
-                "ZeRO-3 it partitions the whole model before AutoTP shards it, and its checkpoints' parameter shapes "
-                "then do not match their partitions); use parallel.zero_stage=2 or 1")
+            yield (
+                f"parallel.tensor_parallel={tp}",
+                (
+                    "cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP training supports "
+                    "ZeRO 0-2 (under "
+                    "ZeRO-3 it partitions the whole model before AutoTP shards it, and its checkpoints' "
+                    "parameter shapes "
+                    "then do not match their partitions); use parallel.zero_stage=2 or 1"
+                ),
+            )
         if not cfg.model.init_from:  # else checked once the source has given the shape (init_from.py)
             yield from self.shape_problems(cfg)
         if self.pipeline_stages > 1 and self.zero_stage > 1:
-            yield f"parallel.zero_stage={self.zero_stage}", (
-                f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's pipeline "
-                "engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule still needs); "
-                "use parallel.zero_stage=1")
+            yield (
+                f"parallel.zero_stage={self.zero_stage}",
+                (
+                    f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's "
+                    "pipeline "
+                    "engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule "
+                    "still needs); "
+                    "use parallel.zero_stage=1"
+                ),
+            )
 
 
 @dataclass
@@ -394,9 +437,14 @@ class SpikeConfig:
     def problems(self, cfg: Config) -> Problems:
         if not self.watch or not set(self.watch) <= {"loss", "grad_norm"}:
             yield "spike.watch", f"must list 'loss' and/or 'grad_norm', got {self.watch}"
-        yield from _at_least(self, "spike", window=2, patience=1, skip=0, max_rollbacks=0, snapshot_every=1, snapshots=0)
+        yield from _at_least(
+            self, "spike", window=2, patience=1, skip=0, max_rollbacks=0, snapshot_every=1, snapshots=0
+        )
         if not 1 <= self.min_history <= self.window:
-            yield "spike.min_history", f"must be between 1 and spike.window ({self.window}), got {self.min_history}"
+            yield (
+                "spike.min_history",
+                f"must be between 1 and spike.window ({self.window}), got {self.min_history}",
+            )
         if self.threshold <= 0:
             yield "spike.threshold", f"must be > 0, got {self.threshold}"
 

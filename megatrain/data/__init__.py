@@ -6,4 +6,11 @@ from megatrain.data.permutation import Permutation
 from megatrain.data.prepare import PrepareReport, prepare_dataset
 from megatrain.data.sampler import ResumableSampler
 
-__all__ = ["BlendedDataset", "Permutation", "PrepareReport", "ResumableSampler", "TokenDataset", "prepare_dataset"]
+__all__ = [
+    "BlendedDataset",
+    "Permutation",
+    "PrepareReport",
+    "ResumableSampler",
+    "TokenDataset",
+    "prepare_dataset",
+]

@@ -100,14 +100,18 @@ class BlendedDataset:
         self.datasets = [d for d, _ in datasets_and_weights]
         weights = np.array([float(w) for _, w in datasets_and_weights])
         if (weights < 0).any() or not np.isfinite(weights).all() or not weights.sum() > 0:
-            raise UserError(f"blend weights must be non-negative numbers with a positive sum, got {weights.tolist()}")
+            raise UserError(
+                f"blend weights must be non-negative numbers with a positive sum, got {weights.tolist()}"
+            )
         seq_lens = {d.seq_len for d in self.datasets}
         if len(seq_lens) != 1:
             raise UserError(f"blended datasets have different seq_len: {sorted(seq_lens)}")
         tokenizers = {getattr(d, "tokenizer_sha256", None) for d in self.datasets}
         if len(tokenizers) > 1:
-            raise UserError("blended datasets were made with different tokenizers: "
-                            + ", ".join(f"{getattr(d, 'dir', d)}" for d in self.datasets))
+            raise UserError(
+                "blended datasets were made with different tokenizers: "
+                + ", ".join(f"{getattr(d, 'dir', d)}" for d in self.datasets)
+            )
         self.tokenizer_sha256 = tokenizers.pop()
         self.seq_len = seq_lens.pop()
         self.dtype = np.result_type(*[d.dtype for d in self.datasets])  # the widest token dtype

@@ -31,7 +31,9 @@ class TokenDataset:
         self.manifest = read_manifest(self.dir)
         self.seq_len = seq_len
         if not self.manifest["complete"]:
-            raise UserError(f"{self.dir / MANIFEST}: the split is incomplete (prepare_data.py stopped early); re-run it")
+            raise UserError(
+                f"{self.dir / MANIFEST}: the split is incomplete (prepare_data.py stopped early); re-run it"
+            )
         self.dtype = np.dtype(self.manifest["dtype"])
         chunks = []
         for entry in self.manifest["shards"]:
@@ -39,17 +41,24 @@ class TokenDataset:
             if not shard.is_file():
                 raise UserError(f"{shard}: listed in the manifest but missing")
             if shard.stat().st_size != entry["bytes"]:
-                raise UserError(f"{shard}: {shard.stat().st_size} bytes, the manifest says {entry['bytes']} (damaged)")
+                raise UserError(
+                    f"{shard}: {shard.stat().st_size} bytes, the manifest says {entry['bytes']} (damaged)"
+                )
             chunks.extend(open_shard(shard, self.dtype))
         self._chunks = [c for c in chunks if len(c)]
         lengths = np.array([len(c) for c in self._chunks], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
         self.num_tokens = int(self._starts[-1])
         if self.num_tokens != self.manifest["num_tokens"]:
-            raise UserError(f"{self.dir}: shards hold {self.num_tokens} tokens, the manifest says {self.manifest['num_tokens']}")
+            raise UserError(
+                f"{self.dir}: shards hold {self.num_tokens} tokens, the manifest says "
+                f"{self.manifest['num_tokens']}"
+            )
         self.num_samples = max(0, (self.num_tokens - 1) // seq_len)
         if self.num_samples == 0 and seq_len > 0:
-            raise UserError(f"{self.dir}: {self.num_tokens} tokens are fewer than one sample of {seq_len + 1}")
+            raise UserError(
+                f"{self.dir}: {self.num_tokens} tokens are fewer than one sample of {seq_len + 1}"
+            )
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -69,11 +78,11 @@ class TokenDataset:
         k = int(np.searchsorted(self._starts, start, side="right")) - 1
         offset = start - int(self._starts[k])
         if stop <= self._starts[k + 1]:
-            return self._chunks[k][offset:offset + stop - start]
+            return self._chunks[k][offset : offset + stop - start]
         parts, pos = [], start
         while pos < stop:
             end = min(stop, int(self._starts[k + 1]))
-            parts.append(self._chunks[k][pos - int(self._starts[k]):end - int(self._starts[k])])
+            parts.append(self._chunks[k][pos - int(self._starts[k]) : end - int(self._starts[k])])
             pos, k = end, k + 1
         return np.concatenate(parts)
 

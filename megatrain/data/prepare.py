@@ -39,7 +39,10 @@ class PrepareReport:
 
     def lines(self) -> list[str]:
         rate = self.text_bytes / 1e6 / max(self.seconds, 1e-9)
-        out = [f"data: {self.out_dir}  {self.text_bytes / 1e6:.1f} MB of text in {self.seconds:.1f}s ({rate:.2f} MB/s)"]
+        out = [
+            f"data: {self.out_dir}  {self.text_bytes / 1e6:.1f} MB of text in {self.seconds:.1f}s "
+            f"({rate:.2f} MB/s)"
+        ]
         for name, s in self.splits.items():
             out.append(f"  {name}: {s['documents']} documents, {s['tokens']} tokens, {s['shards']} shard(s)")
         return out + self.skipped + self.warnings
@@ -62,7 +65,9 @@ def encode_job(tok: Tokenizer, texts: list[str], ends: list[bool], dtype: np.dty
 
 
 def _encode_in_worker(job: tuple) -> tuple[np.ndarray, ...]:
-    return tuple(encode_job(_worker_tokenizer, texts, ends, _worker_tokenizer.token_dtype) for texts, ends in job)
+    return tuple(
+        encode_job(_worker_tokenizer, texts, ends, _worker_tokenizer.token_dtype) for texts, ends in job
+    )
 
 
 def _check_out_dir(out: Path, tok: Tokenizer) -> None:
@@ -72,8 +77,10 @@ def _check_out_dir(out: Path, tok: Tokenizer) -> None:
         if (d / MANIFEST).is_file():
             old = read_manifest(d).get("tokenizer_sha256")
             if old != tok.sha256:
-                raise UserError(f"{d}: holds shards made with another tokenizer (sha256 {old[:12]}..., this one "
-                                f"{tok.sha256[:12]}...); choose another --out or delete that directory")
+                raise UserError(
+                    f"{d}: holds shards made with another tokenizer (sha256 {old[:12]}..., this one "
+                    f"{tok.sha256[:12]}...); choose another --out or delete that directory"
+                )
     for split in SPLITS:
         d = out / split
         if d.is_dir():
@@ -128,12 +135,21 @@ def prepare_dataset(
     pieces = iter_pieces(files, corpus_options, stats)
     first = next(pieces, None)  # before touching the output: an empty corpus changes nothing
     if first is None:
-        raise UserError(f"{' '.join(inputs)}: the corpus holds no documents ({stats.files} files read; "
-                        + ("; ".join(stats.report_lines()) or "all empty") + ")")
+        raise UserError(
+            f"{' '.join(inputs)}: the corpus holds no documents ({stats.files} files read; "
+            + ("; ".join(stats.report_lines()) or "all empty")
+            + ")"
+        )
     _check_out_dir(out, tok)
     dtype = tok.token_dtype
-    header = {"tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
-              "inputs": list(inputs), "valid_fraction": valid_fraction, "seed": seed}
+    header = {
+        "tokenizer_sha256": tok.sha256,
+        "vocab_size": tok.vocab_size,
+        "eod_id": tok.eod_id,
+        "inputs": list(inputs),
+        "valid_fraction": valid_fraction,
+        "seed": seed,
+    }
     shard_tokens = max(1, int(shard_mb * 1e6) // dtype.itemsize)
     writers = {s: ShardWriter(out / s, s, header, dtype, shard_tokens) for s in SPLITS}
 
@@ -177,8 +193,14 @@ def prepare_dataset(
 
     report = PrepareReport(str(out), time.perf_counter() - t0, text_bytes, skipped=stats.report_lines())
     for s, m in manifests.items():
-        report.splits[s] = {"documents": m["num_documents"], "tokens": m["num_tokens"], "shards": len(m["shards"])}
+        report.splits[s] = {
+            "documents": m["num_documents"],
+            "tokens": m["num_tokens"],
+            "shards": len(m["shards"]),
+        }
     if valid_fraction > 0 and manifests["valid"]["num_documents"] == 0:
-        report.warnings.append("warning: the valid split is empty (too few documents for --valid-fraction); "
-                               "training will report no validation loss")
+        report.warnings.append(
+            "warning: the valid split is empty (too few documents for --valid-fraction); "
+            "training will report no validation loss"
+        )
     return report

@@ -23,7 +23,9 @@ from megatrain.errors import UserError
 
 
 class ResumableSampler:
-    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ):
         if num_samples <= 0:
             raise UserError(f"the dataset has no samples (num_samples={num_samples})")
         if not 0 <= rank < world_size:
@@ -71,13 +73,20 @@ class ResumableSampler:
         self.consumed += num_samples
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed, "num_samples": self.num_samples,
-                "skipped": [list(s) for s in self.skipped]}
+        return {
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "skipped": [list(s) for s in self.skipped],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
             raise UserError(
-                f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, this run has "
-                f"{self.num_samples} with seed {self.seed}: the data, seq_len or seed changed since the checkpoint")
+                f"sampler state is for {state['num_samples']} samples with seed {state['seed']}, this run "
+                "has "
+                f"{self.num_samples} with seed {self.seed}: the data, seq_len or seed changed since the "
+                "checkpoint"
+            )
         self.consumed = int(state["consumed"])
         self.skipped = [list(s) for s in state.get("skipped", [])]

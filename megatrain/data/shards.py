@@ -49,7 +49,9 @@ def read_manifest(split_dir: Path) -> dict:
 
 def disk_error(path: Path, err: OSError) -> str:
     reason = err.strerror or str(err).splitlines()[0]
-    if err.errno in (28, 27, 122) or "No space" in str(err) or "too large" in str(err):  # ENOSPC, EFBIG, EDQUOT
+    if (
+        err.errno in (28, 27, 122) or "No space" in str(err) or "too large" in str(err)
+    ):  # ENOSPC, EFBIG, EDQUOT
         reason = f"disk full ({reason})"
     return f"{path}: {reason}"
 
@@ -63,11 +65,21 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.eod_id = header["eod_id"]
         self.shard_tokens = shard_tokens
-        self.schema = pa.schema([("tokens", pa.from_numpy_dtype(self.dtype))],
-                                metadata={"tokenizer_sha256": header["tokenizer_sha256"]})
-        self.manifest = {"format": FORMAT, "split": split, **header, "dtype": self.dtype.name,
-                         "complete": False, "num_tokens": 0, "num_documents": 0, "num_bytes": 0,
-                         "shards": []}
+        self.schema = pa.schema(
+            [("tokens", pa.from_numpy_dtype(self.dtype))],
+            metadata={"tokenizer_sha256": header["tokenizer_sha256"]},
+        )
+        self.manifest = {
+            "format": FORMAT,
+            "split": split,
+            **header,
+            "dtype": self.dtype.name,
+            "complete": False,
+            "num_tokens": 0,
+            "num_documents": 0,
+            "num_bytes": 0,
+            "shards": [],
+        }
         self._writer = None
         self._path: Path | None = None
         self._tokens = self._docs = 0
@@ -127,12 +139,20 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         tmp = self._tmp
-        entry = {"file": self._path.name, "num_tokens": self._tokens, "num_documents": self._docs,
-                 "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
+        entry = {
+            "file": self._path.name,
+            "num_tokens": self._tokens,
+            "num_documents": self._docs,
+            "bytes": tmp.stat().st_size,
+            "sha256": file_sha256(tmp),
+        }
         os.replace(tmp, self._path)
-        listed = dict(self.manifest, shards=self.manifest["shards"] + [entry],
-                      num_tokens=self.manifest["num_tokens"] + self._tokens,
-                      num_documents=self.manifest["num_documents"] + self._docs)
+        listed = dict(
+            self.manifest,
+            shards=self.manifest["shards"] + [entry],
+            num_tokens=self.manifest["num_tokens"] + self._tokens,
+            num_documents=self.manifest["num_documents"] + self._docs,
+        )
         try:
             write_json_atomically(self.dir / MANIFEST, listed)
         except OSError:
@@ -149,8 +169,10 @@ class ShardWriter:
             path = self._path or self.dir / MANIFEST
             self.abort()
             n = len(self.manifest["shards"])
-            raise UserError(f"{disk_error(path, e)}; removed the partial shard, the {n} earlier "
-                            f"shard(s) are intact and listed in {self.dir / MANIFEST}") from None
+            raise UserError(
+                f"{disk_error(path, e)}; removed the partial shard, the {n} earlier "
+                f"shard(s) are intact and listed in {self.dir / MANIFEST}"
+            ) from None
 
 
 def open_shard(path: Path, dtype: np.dtype) -> list[np.ndarray]:

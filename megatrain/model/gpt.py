@@ -31,8 +31,21 @@ from torch.utils.checkpoint import checkpoint
 
 # What rebuilding the model needs, stored in checkpoints; keys a checkpoint lacks (written
 # before they existed) take their defaults.
-SHAPE = ("arch", "vocab_size", "seq_len", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "bias",
-         "tie_embeddings", "qk_norm", "rope_theta", "norm_eps")
+SHAPE = (
+    "arch",
+    "vocab_size",
+    "seq_len",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "d_model",
+    "ffn_hidden",
+    "bias",
+    "tie_embeddings",
+    "qk_norm",
+    "rope_theta",
+    "norm_eps",
+)
 ARCHS = ("gpt3", "llama")
 
 
@@ -92,12 +105,29 @@ class GPTConfig:
     def from_config(cls, cfg, vocab_size: int) -> GPTConfig:
         """From a run config (megatrain.config.Config) and the vocabulary it trains with."""
         m = cfg.model
-        ffn_hidden = m.ffn_hidden or (llama_ffn_hidden(m.d_model, m.ffn_multiple_of) if m.arch == "llama" else None)
-        return cls(vocab_size=vocab_size, seq_len=cfg.train.seq_len, n_layer=m.n_layer, n_head=m.n_head,
-                   d_model=m.d_model, arch=m.arch, n_kv_head=m.n_kv_head, ffn_hidden=ffn_hidden, bias=m.bias,
-                   tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-                   dropout=m.dropout, z_loss=cfg.optim.z_loss, init_std=m.init_std,
-                   activation_checkpointing=m.activation_checkpointing, init_seed=cfg.run.seed)
+        ffn_hidden = m.ffn_hidden or (
+            llama_ffn_hidden(m.d_model, m.ffn_multiple_of) if m.arch == "llama" else None
+        )
+        return cls(
+            vocab_size=vocab_size,
+            seq_len=cfg.train.seq_len,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            d_model=m.d_model,
+            arch=m.arch,
+            n_kv_head=m.n_kv_head,
+            ffn_hidden=ffn_hidden,
+            bias=m.bias,
+            tie_embeddings=m.tie_embeddings,
+            qk_norm=m.qk_norm,
+            rope_theta=m.rope_theta,
+            norm_eps=m.norm_eps,
+            dropout=m.dropout,
+            z_loss=cfg.optim.z_loss,
+            init_std=m.init_std,
+            activation_checkpointing=m.activation_checkpointing,
+            init_seed=cfg.run.seed,
+        )
 
     @classmethod
     def from_shape(cls, shape: dict) -> GPTConfig:
@@ -188,7 +218,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.rope_theta = cfg.rope_theta if cfg.rotary else None
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
+            self.q_norm, self.k_norm = (
+                RMSNorm(self.head_dim, cfg.norm_eps),
+                RMSNorm(self.head_dim, cfg.norm_eps),
+            )
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -215,7 +248,9 @@ class CausalSelfAttention(nn.Module):
         if self.group > 1:  # each key/value head serves `group` query heads
             k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
         causal = T > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, q.shape[1] * self.head_dim)))
 
 
@@ -329,8 +364,15 @@ def is_drawn(name: str, cfg: GPTConfig) -> bool:
     return _init_rule(name, cfg)[0] is None
 
 
-def initial_value_pieces(name: str, shape, cfg: GPTConfig, start: int = 0, stop: int | None = None,
-                         piece: int = INIT_PIECE, wanted=None):
+def initial_value_pieces(
+    name: str,
+    shape,
+    cfg: GPTConfig,
+    start: int = 0,
+    stop: int | None = None,
+    piece: int = INIT_PIECE,
+    wanted=None,
+):
     """The pieces of initial_value(name, shape, cfg), flattened, that overlap its elements
     [start, stop), as (offset, values), each drawn from its own generator: a large parameter
     is never whole in memory, and only the pieces asked for are drawn (`wanted(k)`: only
@@ -378,8 +420,13 @@ class GPT(nn.Module):
             for name, param in self.named_parameters():
                 init_parameter(name, param, cfg)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list[dict] | None = None,
-                start: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        caches: list[dict] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
         """Logits [B, T, vocab], or the mean loss when targets are given. `caches` (one dict
         per block) and `start` (the position of idx[:, 0]) are for generation."""
         x = self.embed(idx, start)
@@ -392,9 +439,18 @@ class GPT(nn.Module):
         return logits if targets is None else self.loss_fn(logits, targets)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True, on_token=None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        on_token=None,
+    ) -> torch.Tensor:
         """Continue the prompts idx [B, T] by up to max_new_tokens, within the context
         (seq_len); temperature 0 is greedy. With the KV cache each new token costs one
         position's forward pass. A row that produced eos_id continues with eos_id.
@@ -412,12 +468,19 @@ class GPT(nn.Module):
                 on_token(token)
             if bool(done.all()) or out.shape[1] == self.cfg.seq_len:
                 break
-            logits = (self(token[:, None], caches=caches, start=out.shape[1] - 1) if use_cache else self(out))[:, -1]
+            logits = (
+                self(token[:, None], caches=caches, start=out.shape[1] - 1) if use_cache else self(out)
+            )[:, -1]
         return out
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next tokens [B] from logits [B, vocab]: argmax at temperature 0, else a draw from
     the softmax at `temperature`, kept to the top_k tokens and to the smallest set whose
     probability reaches top_p."""

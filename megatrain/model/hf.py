@@ -31,32 +31,54 @@ from megatrain.files import Deferred, read_deferred_tensors
 from megatrain.model.gpt import GPTConfig
 
 # GPT name -> GPT-2 name inside transformer.h.{i}; Conv1D weights are transposed.
-_BLOCK = {"ln1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "ln2": "ln_2",
-          "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+_BLOCK = {
+    "ln1": "ln_1",
+    "attn.qkv": "attn.c_attn",
+    "attn.proj": "attn.c_proj",
+    "ln2": "ln_2",
+    "mlp.fc": "mlp.c_fc",
+    "mlp.proj": "mlp.c_proj",
+}
 _CONV1D = {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}
 
 
 def gpt2_config(cfg: GPTConfig, eos_id: int):
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.seq_len, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_inner=cfg.ffn_hidden, activation_function="gelu_new",
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
-                      tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id)
+    return GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.seq_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.ffn_hidden,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=cfg.norm_eps,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
 
 
 def to_gpt2_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """GPT's parameters (as GPT.state_dict() names them) under GPT2LMHeadModel's names."""
     d = cfg.d_model
-    out = {"transformer.wte.weight": sd["embed.wte.weight"], "transformer.wpe.weight": sd["embed.positions.wpe.weight"],
-           "transformer.ln_f.weight": sd["head.ln_f.weight"],
-           "transformer.ln_f.bias": sd.get("head.ln_f.bias", torch.zeros(d))}
+    out = {
+        "transformer.wte.weight": sd["embed.wte.weight"],
+        "transformer.wpe.weight": sd["embed.positions.wpe.weight"],
+        "transformer.ln_f.weight": sd["head.ln_f.weight"],
+        "transformer.ln_f.bias": sd.get("head.ln_f.bias", torch.zeros(d)),
+    }
     for i in range(cfg.n_layer):
         for ours, theirs in _BLOCK.items():
             weight = sd[f"blocks.{i}.{ours}.weight"]
             out[f"transformer.h.{i}.{theirs}.weight"] = weight.t().contiguous() if ours in _CONV1D else weight
-            out[f"transformer.h.{i}.{theirs}.bias"] = sd.get(f"blocks.{i}.{ours}.bias",
-                                                             torch.zeros(weight.shape[0]))
+            out[f"transformer.h.{i}.{theirs}.bias"] = sd.get(
+                f"blocks.{i}.{ours}.bias", torch.zeros(weight.shape[0])
+            )
     out["lm_head.weight"] = out["transformer.wte.weight"]  # tied
     return out
 
@@ -73,21 +95,31 @@ def to_gpt2(sd: dict[str, torch.Tensor], cfg: GPTConfig, eos_id: int):
 
 
 # GPT name -> Llama/Qwen3 name inside model.layers.{i} (weights cut from a fused one are separate).
-_LLAMA_BLOCK = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm", "attn.proj": "self_attn.o_proj",
-                "mlp.proj": "mlp.down_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+_LLAMA_BLOCK = {
+    "ln1": "input_layernorm",
+    "ln2": "post_attention_layernorm",
+    "attn.proj": "self_attn.o_proj",
+    "mlp.proj": "mlp.down_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
+}
 
 
 def hf_class_name(cfg: GPTConfig) -> str:
     """The transformers class a model of `cfg` exports to (UserError if none has its architecture)."""
     if cfg.arch == "gpt3":
         if cfg.qk_norm:
-            raise UserError("a gpt3 model with model.qk_norm has no Hugging Face class (GPT-2 has no QK-norm); "
-                            "train arch: llama with qk_norm to export it (as Qwen3ForCausalLM)")
+            raise UserError(
+                "a gpt3 model with model.qk_norm has no Hugging Face class (GPT-2 has no QK-norm); "
+                "train arch: llama with qk_norm to export it (as Qwen3ForCausalLM)"
+            )
         return "GPT2LMHeadModel"
     if cfg.qk_norm:
         if cfg.bias:
-            raise UserError("a llama model with model.qk_norm and biases has no Hugging Face class (Qwen3's MLP has "
-                            "no biases)")
+            raise UserError(
+                "a llama model with model.qk_norm and biases has no Hugging Face class (Qwen3's MLP has "
+                "no biases)"
+            )
         return "Qwen3ForCausalLM"
     return "LlamaForCausalLM"
 
@@ -96,12 +128,24 @@ def llama_config(cfg: GPTConfig, eos_id: int):
     import transformers
 
     kind = hf_class_name(cfg).removesuffix("ForCausalLM")
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
-                  head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.seq_len,
-                  rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_dropout=0.0,
-                  bos_token_id=eos_id, eos_token_id=eos_id)
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=cfg.bias,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_dropout=0.0,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
     if kind == "Llama":
         return transformers.LlamaConfig(mlp_bias=cfg.bias, **common)
     return transformers.Qwen3Config(use_sliding_window=False, **common)
@@ -110,14 +154,20 @@ def llama_config(cfg: GPTConfig, eos_id: int):
 def to_llama_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """GPT's parameters (arch llama) under LlamaForCausalLM's (or Qwen3ForCausalLM's) names."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    out = {"model.embed_tokens.weight": sd["embed.wte.weight"], "model.norm.weight": sd["head.ln_f.weight"],
-           "lm_head.weight": sd["embed.wte.weight"] if cfg.tie_embeddings else sd["head.lm_head.weight"]}
+    out = {
+        "model.embed_tokens.weight": sd["embed.wte.weight"],
+        "model.norm.weight": sd["head.ln_f.weight"],
+        "lm_head.weight": sd["embed.wte.weight"] if cfg.tie_embeddings else sd["head.lm_head.weight"],
+    }
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         for kind in ("weight", "bias"):
             if f"{ours}attn.qkv.{kind}" in sd:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), sd[f"{ours}attn.qkv.{kind}"].split([q, kv, kv]),
-                                      strict=True):
+                for name, part in zip(
+                    ("q_proj", "k_proj", "v_proj"),
+                    sd[f"{ours}attn.qkv.{kind}"].split([q, kv, kv]),
+                    strict=True,
+                ):
                     out[f"{theirs}self_attn.{name}.{kind}"] = part
             if f"{ours}mlp.fc.{kind}" in sd:
                 gate, up = sd[f"{ours}mlp.fc.{kind}"].chunk(2)
@@ -139,7 +189,9 @@ def to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig, eos_id: int):
     theirs = to_llama_state_dict(sd, cfg)
     missing, unexpected = model.load_state_dict(theirs, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
-        raise RuntimeError(f"{hf_class_name(cfg)} mapping is incomplete: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"{hf_class_name(cfg)} mapping is incomplete: missing {missing}, unexpected {unexpected}"
+        )
     return model.eval()
 
 
@@ -158,8 +210,15 @@ def _hf_config(path: Path) -> dict:
         raise UserError(f"{file}: not valid JSON ({e})") from None
     classes = config.get("architectures") or []
     if len(classes) != 1 or classes[0] not in SUPPORTED:
-        raise UserError(f"{file}: " + (f"{', '.join(classes)} cannot be imported" if classes else
-                                       "names no model class (architectures)") + f"; supported: {', '.join(SUPPORTED)}")
+        raise UserError(
+            f"{file}: "
+            + (
+                f"{', '.join(classes)} cannot be imported"
+                if classes
+                else "names no model class (architectures)"
+            )
+            + f"; supported: {', '.join(SUPPORTED)}"
+        )
     return config
 
 
@@ -169,19 +228,35 @@ def read_hf_shape(path: str | Path) -> dict:
     kind, file = c["architectures"][0], Path(path) / "config.json"
 
     def refuse(what: str):
-        raise UserError(f"{file}: {kind} with {what} computes differently from megatrain's model; not importable")
+        raise UserError(
+            f"{file}: {kind} with {what} computes differently from megatrain's model; not importable"
+        )
 
     if kind == "GPT2LMHeadModel":
         if c.get("activation_function", "gelu_new") != "gelu_new":
-            refuse(f"activation_function {c['activation_function']!r} (megatrain's GELU is the tanh form, gelu_new)")
+            refuse(
+                f"activation_function {c['activation_function']!r} (megatrain's GELU is the tanh form, "
+                "gelu_new)"
+            )
         if c.get("scale_attn_by_inverse_layer_idx") or not c.get("scale_attn_weights", True):
             refuse("another attention scaling")
         if not c.get("tie_word_embeddings", True):
             refuse("untied embeddings")
-        return {"arch": "gpt3", "vocab_size": c["vocab_size"], "seq_len": c["n_positions"], "n_layer": c["n_layer"],
-                "n_head": c["n_head"], "n_kv_head": c["n_head"], "d_model": c["n_embd"],
-                "ffn_hidden": c.get("n_inner") or 4 * c["n_embd"], "bias": True, "tie_embeddings": True,
-                "qk_norm": False, "rope_theta": 10000.0, "norm_eps": c.get("layer_norm_epsilon", 1e-5)}
+        return {
+            "arch": "gpt3",
+            "vocab_size": c["vocab_size"],
+            "seq_len": c["n_positions"],
+            "n_layer": c["n_layer"],
+            "n_head": c["n_head"],
+            "n_kv_head": c["n_head"],
+            "d_model": c["n_embd"],
+            "ffn_hidden": c.get("n_inner") or 4 * c["n_embd"],
+            "bias": True,
+            "tie_embeddings": True,
+            "qk_norm": False,
+            "rope_theta": 10000.0,
+            "norm_eps": c.get("layer_norm_epsilon", 1e-5),
+        }
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
@@ -195,12 +270,21 @@ def read_hf_shape(path: str | Path) -> dict:
         refuse("attention_bias and mlp_bias differing")
     if kind == "Qwen3ForCausalLM" and (bias or c.get("use_sliding_window")):
         refuse("attention biases or sliding-window attention")
-    return {"arch": "llama", "vocab_size": c["vocab_size"], "seq_len": c.get("max_position_embeddings", 2048),
-            "n_layer": c["num_hidden_layers"], "n_head": heads, "n_kv_head": c.get("num_key_value_heads", heads),
-            "d_model": d, "ffn_hidden": c["intermediate_size"], "bias": bias,
-            "tie_embeddings": bool(c.get("tie_word_embeddings", False)), "qk_norm": kind == "Qwen3ForCausalLM",
-            "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-            "norm_eps": c.get("rms_norm_eps", 1e-6)}
+    return {
+        "arch": "llama",
+        "vocab_size": c["vocab_size"],
+        "seq_len": c.get("max_position_embeddings", 2048),
+        "n_layer": c["num_hidden_layers"],
+        "n_head": heads,
+        "n_kv_head": c.get("num_key_value_heads", heads),
+        "d_model": d,
+        "ffn_hidden": c["intermediate_size"],
+        "bias": bias,
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "qk_norm": kind == "Qwen3ForCausalLM",
+        "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        "norm_eps": c.get("rms_norm_eps", 1e-6),
+    }
 
 
 def read_hf_tokenizer_sha(path: str | Path) -> str | None:
@@ -217,13 +301,17 @@ def _hf_tensors(path: Path) -> dict[str, Deferred]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             missing = [s for s in shards if not (path / s).is_file()]
             if missing:
-                raise UserError(f"{path}: partial directory: {', '.join(missing)} listed in {index_name} is missing")
+                raise UserError(
+                    f"{path}: partial directory: {', '.join(missing)} listed in {index_name} is missing"
+                )
             return {k: d for s in shards for k, d in read_deferred_tensors(path / s).items()}
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (path / name).is_file():
             return read_deferred_tensors(path / name)
-    raise UserError(f"{path}: partial directory: config.json but no weights (model.safetensors, "
-                    "pytorch_model.bin or a sharded index)")
+    raise UserError(
+        f"{path}: partial directory: config.json but no weights (model.safetensors, "
+        "pytorch_model.bin or a sharded index)"
+    )
 
 
 def read_hf_weights(path: str | Path, cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -243,8 +331,10 @@ def hf_weights_deferred(path: str | Path, cfg: GPTConfig) -> dict[str, Deferred]
     mapping = {ours: rule(ours, cfg) for ours in names}
     missing = sorted({n for sources, _ in mapping.values() for n in sources if n not in theirs})
     if missing:
-        raise UserError(f"{path}: partial directory: the weights lack {', '.join(missing[:3])}"
-                        + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        raise UserError(
+            f"{path}: partial directory: the weights lack {', '.join(missing[:3])}"
+            + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
 
     def made(sources, join):
         return join([theirs[n].make() for n in sources])
@@ -262,8 +352,12 @@ def _same(tensors):
 
 def _from_gpt2(name: str, cfg: GPTConfig):
     """(GPT-2 names, how to make GPT's parameter `name` of them): to_gpt2_state_dict backwards."""
-    top = {"embed.wte.weight": "transformer.wte.weight", "embed.positions.wpe.weight": "transformer.wpe.weight",
-           "head.ln_f.weight": "transformer.ln_f.weight", "head.ln_f.bias": "transformer.ln_f.bias"}
+    top = {
+        "embed.wte.weight": "transformer.wte.weight",
+        "embed.positions.wpe.weight": "transformer.wpe.weight",
+        "head.ln_f.weight": "transformer.ln_f.weight",
+        "head.ln_f.bias": "transformer.ln_f.bias",
+    }
     if name in top:
         return [top[name]], _same
     _, i, rest = name.split(".", 2)
@@ -276,8 +370,11 @@ def _from_gpt2(name: str, cfg: GPTConfig):
 
 def _from_llama(name: str, cfg: GPTConfig):
     """(Llama/Qwen3 names, how to make GPT's parameter `name` of them): to_llama_state_dict backwards."""
-    top = {"embed.wte.weight": "model.embed_tokens.weight", "head.ln_f.weight": "model.norm.weight",
-           "head.lm_head.weight": "lm_head.weight"}
+    top = {
+        "embed.wte.weight": "model.embed_tokens.weight",
+        "head.ln_f.weight": "model.norm.weight",
+        "head.lm_head.weight": "lm_head.weight",
+    }
     if name in top:
         return [top[name]], _same
     _, i, rest = name.split(".", 2)

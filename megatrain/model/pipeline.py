@@ -36,14 +36,20 @@ def pipeline_layers(cfg: GPTConfig) -> list:
 
     if cfg.tie_embeddings:
         embedding = TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, tied_weight_attr="weight")
-        output = TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=_unembed,
-                               tied_weight_attr="weight")
+        output = TiedLayerSpec(
+            "wte", nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=_unembed, tied_weight_attr="weight"
+        )
     else:
         embedding = LayerSpec(nn.Embedding, cfg.vocab_size, cfg.d_model)
         output = LayerSpec(nn.Linear, cfg.d_model, cfg.vocab_size, bias=False)
     norm, args, kwargs = norm_spec(cfg, cfg.d_model)
-    return [embedding, LayerSpec(Positions, cfg), *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)],
-            LayerSpec(norm, *args, **kwargs), output]
+    return [
+        embedding,
+        LayerSpec(Positions, cfg),
+        *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)],
+        LayerSpec(norm, *args, **kwargs),
+        output,
+    ]
 
 
 def canonical_name(name: str, n_layer: int) -> str:
@@ -69,8 +75,13 @@ def canonical_name(name: str, n_layer: int) -> str:
     raise ValueError(f"no GPT parameter for pipeline layer {layer} ({name})")
 
 
-def build_pipeline(cfg: GPTConfig, num_stages: int, partition_method: str = "parameters",
-                   activation_checkpoint_interval: int = 0, init_weights: bool = True):
+def build_pipeline(
+    cfg: GPTConfig,
+    num_stages: int,
+    partition_method: str = "parameters",
+    activation_checkpoint_interval: int = 0,
+    init_weights: bool = True,
+):
     """The pipeline module (needs torch.distributed initialised: DeepSpeed builds only this
     rank's stage). It may be built on the meta device (`init_weights=False`): DeepSpeed's
     move to the rank's device then waits for the parameters to be allocated."""
@@ -87,14 +98,20 @@ def build_pipeline(cfg: GPTConfig, num_stages: int, partition_method: str = "par
             return super().to(*args, **kwargs)
 
     if partition_method not in PARTITION_METHODS:
-        raise ValueError(f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}")
-    module = GPTPipeline(layers=pipeline_layers(cfg), num_stages=num_stages, loss_fn=LMLoss(cfg.z_loss),
-                         partition_method=PARTITION_METHODS[partition_method],
-                         activation_checkpoint_interval=activation_checkpoint_interval,
-                         # Blocks only: DeepSpeed's default checkpoints every layer with parameters,
-                         # the embedding too, whose int64 input under its reentrant checkpoint leaves
-                         # nothing on the first stage that requires grad (backward then fails).
-                         checkpointable_layers=[Block.__name__])
+        raise ValueError(
+            f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}"
+        )
+    module = GPTPipeline(
+        layers=pipeline_layers(cfg),
+        num_stages=num_stages,
+        loss_fn=LMLoss(cfg.z_loss),
+        partition_method=PARTITION_METHODS[partition_method],
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        # Blocks only: DeepSpeed's default checkpoints every layer with parameters,
+        # the embedding too, whose int64 input under its reentrant checkpoint leaves
+        # nothing on the first stage that requires grad (backward then fails).
+        checkpointable_layers=[Block.__name__],
+    )
     if init_weights:
         for name, param in module.named_parameters():
             init_parameter(canonical_name(name, cfg.n_layer), param, cfg)

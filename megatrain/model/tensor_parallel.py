@@ -51,7 +51,9 @@ def autotp_config(size: int, cfg: GPTConfig) -> dict:
         if sizes:  # equal sub-parameters as a count, unequal ones (grouped-query q|k|v) by size
             spec.update(shape=[len(sizes) if len(set(sizes)) == 1 else list(sizes), -1], partition_dim=0)
         out.append(spec)
-    out += [{"patterns": [p], "partition_type": "skip", "grad_allreduce": True} for p in summed_gradients(cfg)]
+    out += [
+        {"patterns": [p], "partition_type": "skip", "grad_allreduce": True} for p in summed_gradients(cfg)
+    ]
     return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": out}}
 
 
@@ -66,7 +68,9 @@ def split_of(name: str, cfg: GPTConfig) -> tuple[int, tuple[int, ...] | None] | 
     return None
 
 
-def shard_ranges(name: str, shape, rank: int, size: int, cfg: GPTConfig) -> tuple[int, list[tuple[int, int]]] | None:
+def shard_ranges(
+    name: str, shape, rank: int, size: int, cfg: GPTConfig
+) -> tuple[int, list[tuple[int, int]]] | None:
     """(dimension, [(start, stop), ...]): the slices of whole parameter `name` (of `shape`)
     that rank `rank`'s shard is made of, one per sub-parameter, in order; None when every
     rank keeps it whole. A reader can take just these (layout_free.load_into)."""

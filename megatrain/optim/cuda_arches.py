@@ -22,4 +22,5 @@ def gencode_flags(archs: list[str]) -> list[str]:
     """nvcc's -gencode flags: SASS for each, PTX for the newest."""
     newest = max(archs, key=int)
     return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs] + [
-        f"-gencode=arch=compute_{newest},code=compute_{newest}"]
+        f"-gencode=arch=compute_{newest},code=compute_{newest}"
+    ]

@@ -51,20 +51,33 @@ def fused_op_runs_on(device_type: str) -> bool:
     or MEGATRAIN_CPU_ONLY) has none for CUDA tensors, and calling it would crash in the
     dispatcher."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return _OPS is not None and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "megatrain::adamw_clip_step_", key)
+    return (
+        _OPS is not None
+        and key is not None
+        and torch._C._dispatch_has_kernel_for_dispatch_key("megatrain::adamw_clip_step_", key)
+    )
 
 
 class FusedAdamWClip(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.1,
-                 max_grad_norm: float = 1.0, use_fused_op: bool | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        max_grad_norm: float = 1.0,
+        use_fused_op: bool | None = None,
+    ):
         if lr < 0 or eps < 0 or weight_decay < 0 or max_grad_norm < 0:
             raise ValueError("lr, eps, weight_decay and max_grad_norm must be >= 0")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.max_grad_norm = max_grad_norm
-        self.norm_group = None  # process group whose ranks hold distinct gradient shards (None: this rank's alone)
+        self.norm_group = (
+            None  # process group whose ranks hold distinct gradient shards (None: this rank's alone)
+        )
         self.use_fused_op = fused_op_available() if use_fused_op is None else use_fused_op
         self._forced = use_fused_op is True
         if self.use_fused_op and not fused_op_available():
@@ -93,14 +106,22 @@ class FusedAdamWClip(torch.optim.Optimizer):
         if device.type not in self._op_on:
             runs = self.use_fused_op and fused_op_runs_on(device.type)
             if self.use_fused_op and not runs:
-                message = (f"megatrain's fused AdamW op was built without {device.type} kernels (a CPU-only build: "
-                           "nvcc missing or MEGATRAIN_CPU_ONLY set at install)")
+                message = (
+                    f"megatrain's fused AdamW op was built without {device.type} kernels (a CPU-only build: "
+                    "nvcc missing or MEGATRAIN_CPU_ONLY set at install)"
+                )
                 if self._forced:
-                    raise RuntimeError(f"{message}; rebuild it with CUDA (make install on a machine with nvcc)")
+                    raise RuntimeError(
+                        f"{message}; rebuild it with CUDA (make install on a machine with nvcc)"
+                    )
                 log.warning("%s; using the pure-torch path with the same arithmetic (slower)", message)
             if runs and (problem := fused_op_disagrees(device)):  # a kernel never run on this device model
-                log.error("megatrain's fused AdamW op disagrees with the torch path on %s (%s): training "
-                          "continues on the torch path", device, problem)
+                log.error(
+                    "megatrain's fused AdamW op disagrees with the torch path on %s (%s): training "
+                    "continues on the torch path",
+                    device,
+                    problem,
+                )
                 runs = False
             self._op_on[device.type] = runs
         return self._op_on[device.type]
@@ -122,7 +143,9 @@ class FusedAdamWClip(torch.optim.Optimizer):
         state = self.state[p]
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(
+                p, dtype=torch.float32, memory_format=torch.contiguous_format
+            )
         state["step"] = step
         return state
 
@@ -146,7 +169,9 @@ class FusedAdamWClip(torch.optim.Optimizer):
                 parts = [(flat, group["weight_decay"], id(p) not in self._not_in_norm)]
             else:
                 views = [t.view(-1) for t in flat]
-                parts = [(tuple(v.narrow(0, s, n) for v in views), wd, inc) for s, n, wd, inc in segments if n]
+                parts = [
+                    (tuple(v.narrow(0, s, n) for v in views), wd, inc) for s, n, wd, inc in segments if n
+                ]
             for (pp, gg, mm, vv), wd, in_norm in parts:
                 ps.append(pp), gs.append(gg), ms.append(mm), vs.append(vv)
                 lrs.append(float(group["lr"])), wds.append(float(wd))
@@ -177,22 +202,50 @@ class FusedAdamWClip(torch.optim.Optimizer):
         if self.norm_group is not None:
             torch.distributed.all_reduce(norm_sq, group=self.norm_group)
         if use_op:
-            _OPS.adamw_clip_step_(ps, gs, ms, vs, lrs, wds, beta1, beta2, eps, norm_sq, self.max_grad_norm,
-                                  step, self.skipped_steps)
+            _OPS.adamw_clip_step_(
+                ps,
+                gs,
+                ms,
+                vs,
+                lrs,
+                wds,
+                beta1,
+                beta2,
+                eps,
+                norm_sq,
+                self.max_grad_norm,
+                step,
+                self.skipped_steps,
+            )
         else:
-            _adamw_clip_step_torch(ps, gs, ms, vs, lrs, wds, beta1, beta2, eps, norm_sq, self.max_grad_norm,
-                                   step, self.skipped_steps)
+            _adamw_clip_step_torch(
+                ps,
+                gs,
+                ms,
+                vs,
+                lrs,
+                wds,
+                beta1,
+                beta2,
+                eps,
+                norm_sq,
+                self.max_grad_norm,
+                step,
+                self.skipped_steps,
+            )
         self.last_grad_norm = norm_sq.sqrt().reshape(())
         return self.last_grad_norm
-
 
 
 def _warn_fallback() -> None:
     global _warned
     if not _warned:
         _warned = True
-        log.warning("megatrain: the fused AdamW op is not available (%s); using the pure-torch path "
-                    "with the same arithmetic (slower)", _OP_ERROR or "disabled")
+        log.warning(
+            "megatrain: the fused AdamW op is not available (%s); using the pure-torch path "
+            "with the same arithmetic (slower)",
+            _OP_ERROR or "disabled",
+        )
 
 
 def fused_op_disagrees(device: torch.device, op_step=None) -> str | None:
@@ -212,19 +265,43 @@ def _compare_with_torch(device: torch.device, op_step) -> str | None:
 
     def problem():  # small params (their rounding stays far below an update), clipped gradients, zero moments
         g = torch.Generator().manual_seed(1234)
-        params, grads = ([torch.randn(n, generator=g).to(device) * scale for n in sizes] for scale in (1e-3, 3))
-        return params, grads, [torch.zeros(n, device=device) for n in sizes], [torch.zeros(n, device=device) for n in sizes]
+        params, grads = (
+            [torch.randn(n, generator=g).to(device) * scale for n in sizes] for scale in (1e-3, 3)
+        )
+        return (
+            params,
+            grads,
+            [torch.zeros(n, device=device) for n in sizes],
+            [torch.zeros(n, device=device) for n in sizes],
+        )
 
     results = []
-    for sum_squares, step_fn in ((_OPS.sum_squares, op_step or _OPS.adamw_clip_step_),
-                                 (lambda gs: _sum_squares_torch(gs, device), _adamw_clip_step_torch)):
+    for sum_squares, step_fn in (
+        (_OPS.sum_squares, op_step or _OPS.adamw_clip_step_),
+        (lambda gs: _sum_squares_torch(gs, device), _adamw_clip_step_torch),
+    ):
         ps, gs, ms, vs = problem()
         step, skipped = torch.zeros((), device=device), torch.zeros((), dtype=torch.int64, device=device)
         for _ in range(2):
-            step_fn(ps, gs, ms, vs, [1e-3] * len(ps), [0.1] * len(ps), 0.9, 0.95, 1e-8, sum_squares(gs), 1.0,
-                    step, skipped)
+            step_fn(
+                ps,
+                gs,
+                ms,
+                vs,
+                [1e-3] * len(ps),
+                [0.1] * len(ps),
+                0.9,
+                0.95,
+                1e-8,
+                sum_squares(gs),
+                1.0,
+                step,
+                skipped,
+            )
         start = problem()[0]
-        results.append({"updates": [p - p0 for p, p0 in zip(ps, start, strict=True)], "exp_avg": ms, "exp_avg_sq": vs})
+        results.append(
+            {"updates": [p - p0 for p, p0 in zip(ps, start, strict=True)], "exp_avg": ms, "exp_avg_sq": vs}
+        )
     for name in results[0]:
         ours, ref = (torch.cat([t.double().cpu() for t in r[name]]) for r in results)
         error = float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
@@ -234,6 +311,7 @@ def _compare_with_torch(device: torch.device, op_step) -> str | None:
 
 
 # --- the same two passes in plain torch (fp32 arithmetic, same order) ---------------
+
 
 def _sum_squares_torch(tensors, device) -> torch.Tensor:
     total = torch.zeros(1, dtype=torch.float64, device=device)

@@ -31,9 +31,14 @@ class GradNormPolicy:
     def decide(cls, optim, train, layout) -> GradNormPolicy:
         """From cfg.optim, cfg.train and the Layout."""
         kernel = optim.name == "fused_adamw" and not layout.partitioned_parameters
-        whole_fp32 = layout.zero_stage == 0 and train.precision in ("fp32", "bf16-autocast") and not layout.pipeline
-        return cls(kernel_clips=kernel,
-                   source="kernel" if kernel else "measured" if whole_fp32 else "deepspeed",
-                   deepspeed_clip=0.0 if kernel else optim.grad_clip,
-                   deepspeed_norm=not (kernel and layout.flat_partitions) or bf16_optimizer(train, layout.zero_stage),
-                   single_group=kernel and layout.flat_partitions)
+        whole_fp32 = (
+            layout.zero_stage == 0 and train.precision in ("fp32", "bf16-autocast") and not layout.pipeline
+        )
+        return cls(
+            kernel_clips=kernel,
+            source="kernel" if kernel else "measured" if whole_fp32 else "deepspeed",
+            deepspeed_clip=0.0 if kernel else optim.grad_clip,
+            deepspeed_norm=not (kernel and layout.flat_partitions)
+            or bf16_optimizer(train, layout.zero_stage),
+            single_group=kernel and layout.flat_partitions,
+        )

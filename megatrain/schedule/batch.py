@@ -28,8 +28,10 @@ class BatchSchedule:
                 raise ValueError(f"batch steps must start at 0 tokens, got {list(self.steps)}")
             pairs = zip(self.steps, self.steps[1:], strict=False)
             if any(b[0] <= a[0] or b[1] < a[1] for a, b in pairs) or any(size <= 0 for _, size in self.steps):
-                raise ValueError(f"batch steps need increasing token counts and non-decreasing positive sizes, "
-                                 f"got {list(self.steps)}")
+                raise ValueError(
+                    f"batch steps need increasing token counts and non-decreasing positive sizes, "
+                    f"got {list(self.steps)}"
+                )
 
     @classmethod
     def from_config(cls, cfg, dp_size: int, unit_tokens: int | None = None) -> BatchSchedule:
@@ -37,9 +39,14 @@ class BatchSchedule:
         s, t = cfg.schedule, cfg.train
         steps = tuple((a, b) for a, b in s.batch_steps) if s.batch_steps is not None else None
         split = t.micro_batch * t.seq_len * dp_size
-        return cls(final_tokens=s.batch_final_tokens, unit_tokens=unit_tokens or split,
-                   start_tokens=s.batch_start_tokens, ramp_tokens=s.batch_ramp_tokens, steps=steps,
-                   split_tokens=split)
+        return cls(
+            final_tokens=s.batch_final_tokens,
+            unit_tokens=unit_tokens or split,
+            start_tokens=s.batch_start_tokens,
+            ramp_tokens=s.batch_ramp_tokens,
+            steps=steps,
+            split_tokens=split,
+        )
 
     @property
     def split(self) -> int:
@@ -61,8 +68,13 @@ class BatchSchedule:
         """The global batch sizes the schedule can still produce from `tokens` on: a ramp
         passes through every multiple of the unit up to its final batch."""
         if self.steps is not None:
-            return sorted({self(tokens), *(self._rounded(size) for start, size in self.steps if start >= tokens)})
-        first, last = self(tokens) // self.unit_tokens, self(max(tokens, self.ramp_tokens)) // self.unit_tokens
+            return sorted(
+                {self(tokens), *(self._rounded(size) for start, size in self.steps if start >= tokens)}
+            )
+        first, last = (
+            self(tokens) // self.unit_tokens,
+            self(max(tokens, self.ramp_tokens)) // self.unit_tokens,
+        )
         return [m * self.unit_tokens for m in range(first, last + 1)]
 
     def rounding_notes(self) -> list[str]:
@@ -70,13 +82,17 @@ class BatchSchedule:
         if self.steps is not None:
             configured = [size for _, size in self.steps]
         else:
-            configured = [self.start_tokens] * bool(self.ramp_tokens and self.start_tokens) + [self.final_tokens]
+            configured = [self.start_tokens] * bool(self.ramp_tokens and self.start_tokens) + [
+                self.final_tokens
+            ]
         notes = []
         for size in dict.fromkeys(configured):
             actual = max(1, size // self.unit_tokens) * self.unit_tokens
             if abs(actual - size) > 0.01 * size:
-                notes.append(f"global batch {size:,} tokens is rounded to {actual:,}: a whole number of micro_batch "
-                             f"x seq_len x data-parallel ranks ({self.unit_tokens:,} tokens), at least one per rank")
+                notes.append(
+                    f"global batch {size:,} tokens is rounded to {actual:,}: a whole number of micro_batch "
+                    f"x seq_len x data-parallel ranks ({self.unit_tokens:,} tokens), at least one per rank"
+                )
         return notes
 
     def _rounded(self, size: float) -> int:

@@ -23,13 +23,20 @@ class LRSchedule:
         if self.shape not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown LR shape {self.shape!r}")
         if self.warmup_tokens < 0 or (self.shape != "constant" and self.warmup_tokens > self.decay_tokens):
-            raise ValueError(f"need 0 <= warmup_tokens ({self.warmup_tokens}) <= decay_tokens ({self.decay_tokens})")
+            raise ValueError(
+                f"need 0 <= warmup_tokens ({self.warmup_tokens}) <= decay_tokens ({self.decay_tokens})"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> LRSchedule:
         s = cfg.schedule
-        return cls(peak=cfg.optim.lr, warmup_tokens=s.warmup_tokens, decay_tokens=s.decay_tokens,
-                   min_lr_ratio=s.min_lr_ratio, shape=s.lr_shape)
+        return cls(
+            peak=cfg.optim.lr,
+            warmup_tokens=s.warmup_tokens,
+            decay_tokens=s.decay_tokens,
+            min_lr_ratio=s.min_lr_ratio,
+            shape=s.lr_shape,
+        )
 
     def __call__(self, tokens: int) -> float:
         if tokens < self.warmup_tokens:

@@ -21,7 +21,9 @@ SHAPES = ("stepwise", "linear")
 @dataclass(frozen=True)
 class MixtureSchedule:
     names: tuple[str, ...]
-    keyframes: tuple[tuple[int, tuple[float, ...]], ...]  # (tokens, weights by source), tokens increasing from 0
+    keyframes: tuple[
+        tuple[int, tuple[float, ...]], ...
+    ]  # (tokens, weights by source), tokens increasing from 0
     shape: str = "stepwise"
 
     def __post_init__(self):
@@ -35,10 +37,14 @@ class MixtureSchedule:
                 raise ValueError(f"stage boundaries must increase: {b:,} tokens comes after {a:,}")
         for t, w in self.keyframes:
             if len(w) != len(self.names):
-                raise ValueError(f"the stage at {t:,} tokens has {len(w)} weights for {len(self.names)} sources")
+                raise ValueError(
+                    f"the stage at {t:,} tokens has {len(w)} weights for {len(self.names)} sources"
+                )
             if any(x < 0 or not np.isfinite(x) for x in w) or not sum(w) > 0:
-                raise ValueError(f"the weights of the stage at {t:,} tokens must be non-negative and sum to a "
-                                 f"positive number, got {list(w)}")
+                raise ValueError(
+                    f"the weights of the stage at {t:,} tokens must be non-negative and sum to a "
+                    f"positive number, got {list(w)}"
+                )
 
     @classmethod
     def from_config(cls, cfg) -> MixtureSchedule:
@@ -54,7 +60,11 @@ class MixtureSchedule:
 
     def describe(self) -> dict:
         """The schedule as JSON-ready lists (a run's state records it, to refuse a changed one)."""
-        return {"sources": list(self.names), "shape": self.shape, "stages": [[t, list(w)] for t, w in self.keyframes]}
+        return {
+            "sources": list(self.names),
+            "shape": self.shape,
+            "stages": [[t, list(w)] for t, w in self.keyframes],
+        }
 
     @property
     def staged(self) -> bool:

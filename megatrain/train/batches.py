@@ -19,8 +19,11 @@ def build_datasets(cfg: Config):
     """Training samples (one dataset or a blend), {name: validation samples}, vocab size."""
     seq_len = cfg.train.seq_len
     datasets = [(TokenDataset(path, seq_len, split="train"), weight) for path, weight in cfg.data.sources()]
-    train = datasets[0][0] if len(datasets) == 1 else BlendedDataset(datasets, seed=data_seed(cfg),
-                                                                     schedule=MixtureSchedule.from_config(cfg))
+    train = (
+        datasets[0][0]
+        if len(datasets) == 1
+        else BlendedDataset(datasets, seed=data_seed(cfg), schedule=MixtureSchedule.from_config(cfg))
+    )
     vocab = max(d.manifest["vocab_size"] for d, _ in datasets)
     valid = {}
     for name, path in cfg.data.valid_sets().items():
@@ -31,8 +34,10 @@ def build_datasets(cfg: Config):
                 print(f"warning: no validation set {name!r} ({e})", flush=True)
             continue
         if valid[name].tokenizer_sha256 != datasets[0][0].tokenizer_sha256:
-            raise UserError(f"{valid[name].dir}: validation data was made with another tokenizer than "
-                            f"{datasets[0][0].dir}")
+            raise UserError(
+                f"{valid[name].dir}: validation data was made with another tokenizer than "
+                f"{datasets[0][0].dir}"
+            )
     return train, valid, vocab
 
 
@@ -56,11 +61,23 @@ class TrainBatches:
     samples trained on from each source (every rank counts the whole global batch's:
     the sources of a position are arithmetic, so no collective is needed)."""
 
-    def __init__(self, data: DataConfig, micro_batch: int, dataset, seed: int, dp_rank: int, dp_size: int, device):
+    def __init__(
+        self, data: DataConfig, micro_batch: int, dataset, seed: int, dp_rank: int, dp_size: int, device
+    ):
         """`data`: cfg.data; `seed`: data_seed(cfg); this rank's share of the global order."""
-        self.dataset, self.device, self.micro_batch, self.seq_len = dataset, device, micro_batch, dataset.seq_len
-        self.sampler = ResumableSampler(len(dataset), seed=seed, rank=dp_rank, world_size=dp_size,
-                                        shuffle=not getattr(dataset, "ordered", False))
+        self.dataset, self.device, self.micro_batch, self.seq_len = (
+            dataset,
+            device,
+            micro_batch,
+            dataset.seq_len,
+        )
+        self.sampler = ResumableSampler(
+            len(dataset),
+            seed=seed,
+            rank=dp_rank,
+            world_size=dp_size,
+            shuffle=not getattr(dataset, "ordered", False),
+        )
         self.skips = sorted((p, n) for p, n in data.skip)
         self.skip_index = 0  # data.skip entries applied so far
         self.mixture = getattr(dataset, "schedule", None)  # a blend's MixtureSchedule (None: one dataset)
@@ -85,8 +102,9 @@ class TrainBatches:
         """Host tokens of this rank's next micro-batch ([micro_batch, seq_len + 1])."""
         if self.mixture is not None:  # the sources of every rank's samples of this micro-batch
             every_rank = self.consumed + np.arange(self.micro_batch * self.sampler.world_size)
-            self.source_samples += np.bincount(self.dataset.sources(self.sampler.at(every_rank)),
-                                               minlength=len(self.source_samples))
+            self.source_samples += np.bincount(
+                self.dataset.sources(self.sampler.at(every_rank)), minlength=len(self.source_samples)
+            )
         return self.dataset.batch(self.sampler.next(self.micro_batch))
 
     def metrics(self) -> dict:
@@ -94,8 +112,12 @@ class TrainBatches:
         mixture's stage."""
         if self.mixture is None:
             return {}
-        row = {"source_tokens": {name: int(n) * self.seq_len
-                                 for name, n in zip(self.source_names, self.source_samples, strict=True)}}
+        row = {
+            "source_tokens": {
+                name: int(n) * self.seq_len
+                for name, n in zip(self.source_names, self.source_samples, strict=True)
+            }
+        }
         if self.mixture.staged:  # the stage of the last sample drawn
             row["mixture_stage"] = self.mixture.stage(max(self.consumed - 1, 0) * self.seq_len)
         return row
@@ -104,8 +126,11 @@ class TrainBatches:
         return to_micro_batch(self.tokens(), self.device)
 
     def state_dict(self) -> dict:
-        state = {"sampler": self.sampler.state_dict(), "skip_index": self.skip_index,
-                 "source_samples": dict(zip(self.source_names, self.source_samples.tolist(), strict=True))}
+        state = {
+            "sampler": self.sampler.state_dict(),
+            "skip_index": self.skip_index,
+            "source_samples": dict(zip(self.source_names, self.source_samples.tolist(), strict=True)),
+        }
         if self.mixture is not None:
             state["mixture"] = self.mixture.describe()
         return state
@@ -113,11 +138,12 @@ class TrainBatches:
     def load_state_dict(self, state: dict) -> None:
         mixture = self.mixture.describe() if self.mixture is not None else None
         if "mixture" in state and state["mixture"] != mixture:
-            raise UserError(f"the data mixture changed since the checkpoint ({state.get('mixture')} then, {mixture} "
-                            "now): the sample order would not continue; start a new run from the checkpoint with "
-                            "model.init_from instead")
+            raise UserError(
+                f"the data mixture changed since the checkpoint ({state.get('mixture')} then, {mixture} "
+                "now): the sample order would not continue; start a new run from the checkpoint with "
+                "model.init_from instead"
+            )
         self.sampler.load_state_dict(state["sampler"])
         self.skip_index = state["skip_index"]
         saved = state["source_samples"]  # (a source added since: from 0)
         self.source_samples[:] = [saved.get(name, 0) for name in self.source_names]
-

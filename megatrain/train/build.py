@@ -31,8 +31,9 @@ from megatrain.train.ds_internals import cut_for_tensor_parallel, finish_tensor_
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
 
 
-def build_model(cfg: Config, model_cfg: GPTConfig, layout: Layout, ds_config: dict,
-                device: torch.device) -> torch.nn.Module:
+def build_model(
+    cfg: Config, model_cfg: GPTConfig, layout: Layout, ds_config: dict, device: torch.device
+) -> torch.nn.Module:
     """Collective (every rank calls it); needs torch.distributed initialised."""
     import deepspeed
 
@@ -41,18 +42,25 @@ def build_model(cfg: Config, model_cfg: GPTConfig, layout: Layout, ds_config: di
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = GPT(model_cfg, init_weights=False)
         with torch.no_grad():
-            for name, param in model.named_parameters():  # each rank draws and writes its own slice: no gather
+            for (
+                name,
+                param,
+            ) in model.named_parameters():  # each rank draws and writes its own slice: no gather
                 part = param.ds_tensor.view(-1)
                 lo = layout.dp_rank * part.numel()  # this rank's elements of the flattened parameter
-                for offset, values in initial_value_pieces(name, param.ds_shape, model_cfg, lo, lo + part.numel()):
+                for offset, values in initial_value_pieces(
+                    name, param.ds_shape, model_cfg, lo, lo + part.numel()
+                ):
                     a, b = max(lo, offset), min(lo + part.numel(), offset + values.numel())
                     if a < b:
-                        part[a - lo:b - lo].copy_(values[a - offset:b - offset])
+                        part[a - lo : b - lo].copy_(values[a - offset : b - offset])
         return model
     with torch.device("meta"):
         if layout.pipeline:
             interval = par.activation_checkpoint_interval or int(model_cfg.activation_checkpointing)
-            model = build_pipeline(model_cfg, par.pipeline_stages, par.partition_method, interval, init_weights=False)
+            model = build_pipeline(
+                model_cfg, par.pipeline_stages, par.partition_method, interval, init_weights=False
+            )
         else:
             model = GPT(model_cfg, init_weights=False)
     whole_shapes = {name: p.shape for name, p in model.named_parameters()}
@@ -75,8 +83,9 @@ def build_model(cfg: Config, model_cfg: GPTConfig, layout: Layout, ds_config: di
     return model
 
 
-def initial_value_drawn_in_turn(name: str, shape, model_cfg: GPTConfig, device: torch.device,
-                                piece: int = INIT_PIECE) -> torch.Tensor:
+def initial_value_drawn_in_turn(
+    name: str, shape, model_cfg: GPTConfig, device: torch.device, piece: int = INIT_PIECE
+) -> torch.Tensor:
     """Collective (every rank, the same parameters in the same order): initial_value on
     `device`, its pieces drawn by the ranks in turn (starting from a rank the name picks, so
     that one-piece parameters spread too) and summed in one all-reduce."""
@@ -86,7 +95,9 @@ def initial_value_drawn_in_turn(name: str, shape, model_cfg: GPTConfig, device: 
     first = zlib.crc32(name.encode()) % world
     mine = (dist.rank() - first) % world
     out = torch.zeros(math.prod(shape), dtype=torch.float32, device=device)
-    for offset, values in initial_value_pieces(name, shape, model_cfg, piece=piece, wanted=lambda k: k % world == mine):
-        out[offset:offset + values.numel()].copy_(values)
+    for offset, values in initial_value_pieces(
+        name, shape, model_cfg, piece=piece, wanted=lambda k: k % world == mine
+    ):
+        out[offset : offset + values.numel()].copy_(values)
     torch.distributed.all_reduce(out)
     return out.view(shape)

@@ -53,8 +53,14 @@ class LogMetrics(Callback):
         trainer.log.log(row)
         self.first, self.last = self.first or row, row
         if row["step"] % self.log_every == 0:
-            trainer.log.progress(row["step"], row["tokens"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                 batch=row["batch_tokens"], tok_s=f"{row['tokens_per_s']:.0f}")
+            trainer.log.progress(
+                row["step"],
+                row["tokens"],
+                loss=f"{row['loss']:.4f}",
+                lr=f"{row['lr']:.2e}",
+                batch=row["batch_tokens"],
+                tok_s=f"{row['tokens_per_s']:.0f}",
+            )
         return False
 
 
@@ -95,10 +101,20 @@ class Evaluate(Callback):
         if n == 0:
             return None
         positions = np.arange(trainer.layout.dp_rank, n, trainer.layout.data_parallel)
-        batches = [to_micro_batch(data.batch(positions[s:s + mb]), module.device) for s in range(0, len(positions), mb)]
+        batches = [
+            to_micro_batch(data.batch(positions[s : s + mb]), module.device)
+            for s in range(0, len(positions), mb)
+        ]
         loss = module.evaluate(batches)
-        row = {"kind": "valid", "set": name, "step": trainer.progress.step, "tokens": trainer.progress.tokens,
-               "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_samples": n}
+        row = {
+            "kind": "valid",
+            "set": name,
+            "step": trainer.progress.step,
+            "tokens": trainer.progress.tokens,
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_samples": n,
+        }
         if data.bytes_per_token:
             row["val_bpb"] = loss / math.log(2) / data.bytes_per_token
         return row

@@ -59,16 +59,14 @@ def upgrade(saved: dict) -> dict:
 
 
 def _flavour_then(config: dict, layout: dict) -> str:
-    """The optimizer flavour (ds_internals.FLAVOURS) DeepSpeed made for checkpoints written
-    before megatrain recorded it: bf16 gradients were then summed in bf16 everywhere."""
-    stage, precision = layout["zero_stage"], config["train"]["precision"]
-    if stage:
-        return "zero3" if stage == 3 else "zero12"
-    if precision == "bf16":
-        return "bf16" if layout["pipeline_stages"] > 1 else "copies"
-    if precision == "fp16":
-        return "fp16_flat" if config["optim"]["name"] == "adamw" else "copies"
-    return "plain"
+    """The optimizer flavour (ds_internals.FLAVOURS) of a checkpoint from before it was recorded."""
+    if layout["zero_stage"]:
+        return "zero3" if layout["zero_stage"] == 3 else "zero12"
+    mixed = {
+        "bf16": "bf16" if layout["pipeline_stages"] > 1 else "copies",
+        "fp16": "fp16_flat" if config["optim"]["name"] == "adamw" else "copies",
+    }
+    return mixed.get(config["train"]["precision"], "plain")
 
 
 def _listing(directory: Path) -> list[str]:
@@ -125,8 +123,10 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             latest = self.latest()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise RunError(f"{tmp}: checkpoint of step {step} could not be written ({reason}); removed it, "
-                           f"`latest` still names {latest.name if latest else 'no checkpoint'}") from e
+            raise RunError(
+                f"{tmp}: checkpoint of step {step} could not be written ({reason}); removed it, "
+                f"`latest` still names {latest.name if latest else 'no checkpoint'}"
+            ) from e
 
     def _write(self, engine, step: int, state: dict, rank_state: dict, tmp: Path) -> None:
         """Every rank writes its files into `tmp`; nothing is published yet."""
@@ -178,9 +178,11 @@ class Checkpointer:
         blind = [(r, host) for r, (host, seen) in enumerate(sees) if not seen]
         if blind:
             rank, host = blind[0]
-            raise UserError(f"run.dir={self.run_dir}: rank {rank} (on {host}) does not see the files rank 0 writes "
-                            f"there{f' (nor do {len(blind) - 1} other ranks)' if len(blind) > 1 else ''}; every rank "
-                            "writes checkpoints into it: put it on a filesystem all nodes share")
+            raise UserError(
+                f"run.dir={self.run_dir}: rank {rank} (on {host}) does not see the files rank 0 writes "
+                f"there{f' (nor do {len(blind) - 1} other ranks)' if len(blind) > 1 else ''}; every rank "
+                "writes checkpoints into it: put it on a filesystem all nodes share"
+            )
 
     def _point_latest(self, final: Path) -> None:
         """Rank 0: `latest` names the new checkpoint (atomically), then old ones are pruned."""
@@ -197,7 +199,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         complete = self.complete_checkpoints()
-        for old in complete[:-self.keep]:
+        for old in complete[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     # --- reading ----------------------------------------------------------------------
@@ -206,7 +208,9 @@ class Checkpointer:
         """Published checkpoint directories, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+        found = [
+            (int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+        ]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
@@ -237,7 +241,7 @@ class Checkpointer:
             for part in entry.get("parts", [entry]):
                 units.append((f, start, part["bytes"], part["sha256"]))
                 start += part["bytes"]
-        for f, start, length, sha in units[share[0]::share[1]]:
+        for f, start, length, sha in units[share[0] :: share[1]]:
             if file_sha256(f, start, length) != sha:
                 return f"{f}: sha256 does not match the manifest (altered)"
         return None

@@ -14,31 +14,46 @@ from megatrain.model import GPTConfig
 from megatrain.schedule import BatchSchedule
 from megatrain.train import distributed as dist
 from megatrain.train import init_from, layout_free
-from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.state import RNG
 
 
 class Checkpoints:
-    def __init__(self, cfg, layout: Layout, module, state, progress, log, files: Checkpointer, model_cfg: GPTConfig,
-                 tokenizer_sha256: str | None, batch_schedule: BatchSchedule):
-        """`state`: the run's registry (state.ResumableState); `batch_schedule`: the one the
-        run starts with, replaced by the one a checkpoint of another layout keeps."""
-        self.cfg, self.layout, self.module, self.state, self.progress, self.log = cfg, layout, module, state, progress, log
-        self.files, self.model_cfg, self.tokenizer_sha256 = files, model_cfg, tokenizer_sha256
-        self.batch_schedule = batch_schedule
+    def __init__(
+        self, cfg, layout, module, state, progress, log, files, model_cfg, tokenizer_sha256, batch_schedule
+    ):
+        """The Layout, the train module, the run's state registry (state.ResumableState) and
+        Progress, its RunLog, its Checkpointer (the files), the GPTConfig, the data's tokenizer
+        hash, and the BatchSchedule the run starts with (a checkpoint of another layout
+        replaces it with the one it keeps)."""
+        self.cfg, self.layout, self.module = cfg, layout, module
+        self.state, self.progress, self.log, self.files = state, progress, log, files
+        self.model_cfg, self.tokenizer_sha256, self.batch_schedule = (
+            model_cfg,
+            tokenizer_sha256,
+            batch_schedule,
+        )
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
 
     def save(self) -> Path:
         """Collective: DeepSpeed's state and every registered state, as step-N."""
         state = self.state.state_dict()
         # With this rank's optimizer parameters by name: another layout can read its ZeRO-0 state.
-        rank_state = {**state["rank"], "optimizer_params": {"mp_rank": self.layout.mp_rank,
-                                                            "groups": self.module.optimizer_params}}
-        meta = {"step": self.progress.step, "model_shape": self.model_cfg.shape(),
-                "layout": self.layout.checkpoint_form(), "tokenizer_sha256": self.tokenizer_sha256,
-                "batch_unit_tokens": self.batch_schedule.unit_tokens, "precision": self.cfg.train.precision,
-                "config": self.cfg.to_dict(), "loss_scale": self.module.loss_scale_state(),
-                "optimizer_flavour": self.module.flavour, "state": state["shared"]}
+        rank_state = {
+            **state["rank"],
+            "optimizer_params": {"mp_rank": self.layout.mp_rank, "groups": self.module.optimizer_params},
+        }
+        meta = {
+            "step": self.progress.step,
+            "model_shape": self.model_cfg.shape(),
+            "layout": self.layout.checkpoint_form(),
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "batch_unit_tokens": self.batch_schedule.unit_tokens,
+            "precision": self.cfg.train.precision,
+            "config": self.cfg.to_dict(),
+            "loss_scale": self.module.loss_scale_state(),
+            "optimizer_flavour": self.module.flavour,
+            "state": state["shared"],
+        }
         path = self.files.save(self.module.engine, self.progress.step, meta, rank_state)
         self.log.event("checkpoint", step=self.progress.step, path=str(path))
         self.saved_step = self.progress.step
@@ -52,7 +67,10 @@ class Checkpoints:
         saved = self.files.read_state(path)
         self._check_shape(path, saved)
         self._keep_global_batch(path, saved)
-        if (saved["layout"], saved["optimizer_flavour"]) == (self.layout.checkpoint_form(), self.module.flavour):
+        if (saved["layout"], saved["optimizer_flavour"]) == (
+            self.layout.checkpoint_form(),
+            self.module.flavour,
+        ):
             rank_state = self.files.load(self.module.engine, path)
         else:
             rank_state = self._reshard(path, saved)
@@ -75,8 +93,14 @@ class Checkpoints:
             old, new = f"{old} ({saved['optimizer_flavour']})", f"{new} ({self.module.flavour})"
         how = "converted to the layout-free form now" if converted else "from its layout-free form"
         self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
-        self.log.event("reshard", checkpoint=str(path), source_layout=saved["layout"],
-                       layout=self.layout.checkpoint_form(), converted=converted, loss_scale=carried)
+        self.log.event(
+            "reshard",
+            checkpoint=str(path),
+            source_layout=saved["layout"],
+            layout=self.layout.checkpoint_form(),
+            converted=converted,
+            loss_scale=carried,
+        )
         return {}
 
     def _keep_global_batch(self, path: Path, saved: dict) -> None:
@@ -89,12 +113,14 @@ class Checkpoints:
         if common % schedule.split:
             per_dp = common // (t.micro_batch * t.seq_len) if common % (t.micro_batch * t.seq_len) == 0 else 0
             fits = [d for d in range(1, per_dp + 1) if per_dp % d == 0]
-            raise UserError(f"{path}: the run's global batch ({', '.join(f'{s:,}' for s in sizes[:4])}"
-                            f"{', ...' if len(sizes) > 4 else ''} tokens) cannot be split on this layout: micro_batch "
-                            f"x seq_len x data-parallel ranks = {t.micro_batch} x {t.seq_len} x {dp} "
-                            f"= {schedule.split:,} tokens does not divide {common:,}; batch sizes this layout forms "
-                            f"are multiples of {schedule.split:,} tokens; data-parallel sizes that can with "
-                            f"micro_batch={t.micro_batch}: {', '.join(map(str, fits)) or 'none'}")
+            raise UserError(
+                f"{path}: the run's global batch ({', '.join(f'{s:,}' for s in sizes[:4])}"
+                f"{', ...' if len(sizes) > 4 else ''} tokens) cannot be split on this layout: micro_batch "
+                f"x seq_len x data-parallel ranks = {t.micro_batch} x {t.seq_len} x {dp} "
+                f"= {schedule.split:,} tokens does not divide {common:,}; batch sizes this layout forms "
+                f"are multiples of {schedule.split:,} tokens; data-parallel sizes that can with "
+                f"micro_batch={t.micro_batch}: {', '.join(map(str, fits)) or 'none'}"
+            )
         self.batch_schedule = schedule
 
     def _check_shape(self, path: Path, saved: dict) -> None:
@@ -102,8 +128,10 @@ class Checkpoints:
         theirs = GPTConfig.from_shape(saved["model_shape"]).shape()  # older checkpoints lack newer keys
         if theirs != shape:
             diff = {k: (theirs[k], v) for k, v in shape.items() if theirs[k] != v}
-            raise UserError(f"{path}: the checkpoint is for another model shape "
-                            + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items()))
+            raise UserError(
+                f"{path}: the checkpoint is for another model shape "
+                + ", ".join(f"{k}: {a} in the checkpoint, {b} now" for k, (a, b) in diff.items())
+            )
 
     def resume(self, resume: str, source: init_from.Source | None) -> None:
         """Collective: `--resume` (auto, none or a path): the checkpoint found, loaded; or a
@@ -138,9 +166,22 @@ class Checkpoints:
         if cfg.schedule.init_from == "keep":
             progress.step, progress.tokens = source.progress["step"], source.progress["tokens"]
             self.module.set_engine_counters(progress.step, progress.tokens // cfg.train.seq_len)
-        taken = "weights" + (f", optimizer state (step {optimizer_step})" if cfg.optim.init_from_state else "")
-        self.log.print(f"started from the {source.describe()}: {taken}; schedule position "
-                       + (f"kept (step {progress.step}, {progress.tokens:,} tokens)"
-                          if cfg.schedule.init_from == "keep" else "reset (warmup from 0 tokens)"))
-        self.log.event("init_from", source=str(source.path), kind=source.kind, optimizer_step=optimizer_step,
-                       step=progress.step, tokens=progress.tokens)
+        taken = "weights" + (
+            f", optimizer state (step {optimizer_step})" if cfg.optim.init_from_state else ""
+        )
+        self.log.print(
+            f"started from the {source.describe()}: {taken}; schedule position "
+            + (
+                f"kept (step {progress.step}, {progress.tokens:,} tokens)"
+                if cfg.schedule.init_from == "keep"
+                else "reset (warmup from 0 tokens)"
+            )
+        )
+        self.log.event(
+            "init_from",
+            source=str(source.path),
+            kind=source.kind,
+            optimizer_step=optimizer_step,
+            step=progress.step,
+            tokens=progress.tokens,
+        )

@@ -40,10 +40,14 @@ def consolidate(ckpt: str | Path, verified: bool = False) -> tuple[dict[str, tor
     tensors, _ = layout_free.read(ckpt, moments=False)
     sd = {k.removeprefix("param/"): v for k, v in tensors.items()}
     try:
-        GPT(cfg, init_weights=False).load_state_dict(sd, strict=True)  # every parameter present, every shape right
+        GPT(cfg, init_weights=False).load_state_dict(
+            sd, strict=True
+        )  # every parameter present, every shape right
     except RuntimeError as e:
-        raise UserError(f"{ckpt}: the weights do not fit the model shape in its {STATE} "
-                        f"({str(e).splitlines()[-1].strip()})") from None
+        raise UserError(
+            f"{ckpt}: the weights do not fit the model shape in its {STATE} "
+            f"({str(e).splitlines()[-1].strip()})"
+        ) from None
     return sd, cfg
 
 
@@ -70,8 +74,9 @@ def consolidate_any(source: str | Path) -> tuple[dict[str, torch.Tensor], GPTCon
     return sd, cfg, Checkpointer.read_state(path)
 
 
-def load_model(source: str | Path, tokenizer=None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> GPT:
+def load_model(
+    source: str | Path, tokenizer=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> GPT:
     """The plain GPT (eval mode) of a run or checkpoint directory, on `device` in `dtype`.
     With `tokenizer`, a check that it is the one the run's data was made with (by the data
     manifest's tokenizer hash when that data is at hand, else by vocabulary size)."""
@@ -80,10 +85,14 @@ def load_model(source: str | Path, tokenizer=None, device: str | torch.device = 
         for path in data_paths(state):
             sha = manifest_tokenizer(path)
             if sha is not None and sha != tokenizer.sha256:
-                raise UserError(f"{tokenizer.source}: not the tokenizer the run's data ({path}) was made with")
+                raise UserError(
+                    f"{tokenizer.source}: not the tokenizer the run's data ({path}) was made with"
+                )
         if tokenizer.vocab_size > cfg.vocab_size:
-            raise UserError(f"{tokenizer.source}: {tokenizer.vocab_size} tokens, the checkpoint's model has "
-                            f"{cfg.vocab_size}: not the tokenizer its data was made with")
+            raise UserError(
+                f"{tokenizer.source}: {tokenizer.vocab_size} tokens, the checkpoint's model has "
+                f"{cfg.vocab_size}: not the tokenizer its data was made with"
+            )
     model = GPT(cfg, init_weights=False)
     model.load_state_dict(sd)
     return model.to(device=device, dtype=dtype).eval()
@@ -92,7 +101,9 @@ def load_model(source: str | Path, tokenizer=None, device: str | torch.device = 
 def tokenizer_of(state: dict) -> str | None:
     """The tokenizer hash of a checkpoint's data (megatrain.json records it; older ones: by
     the data's manifest, when that data is at hand)."""
-    return state.get("tokenizer_sha256") or next((s for p in data_paths(state) if (s := manifest_tokenizer(p))), None)
+    return state.get("tokenizer_sha256") or next(
+        (s for p in data_paths(state) if (s := manifest_tokenizer(p))), None
+    )
 
 
 def data_paths(state: dict) -> list[str]:
@@ -152,8 +163,9 @@ def load_consolidated(path: str | Path) -> GPT:
     return model
 
 
-def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path,
-              dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(
+    source: str | Path, out: str | Path, tokenizer_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> Path:
     """A Hugging Face directory: GPT2LMHeadModel, or LlamaForCausalLM / Qwen3ForCausalLM
     for the llama architecture (megatrain/model/hf.py) (config.json, model.safetensors,
     generation_config.json with eos = megatrain's end-of-document id) and the tokenizer as
@@ -173,7 +185,9 @@ def export_hf(source: str | Path, out: str | Path, tokenizer_dir: str | Path,
     shutil.rmtree(tmp, ignore_errors=True)
     exported = hf.to_hf(model.state_dict(), model.cfg, eos_id=SPECIAL_IDS["eod"]).to(dtype)
     exported.generation_config.pad_token_id = SPECIAL_IDS["eod"]
-    exported.config.megatrain_tokenizer_sha256 = tok.sha256  # an import checks the data's tokenizer against it
+    exported.config.megatrain_tokenizer_sha256 = (
+        tok.sha256
+    )  # an import checks the data's tokenizer against it
     exported.save_pretrained(tmp)
     to_hf(tok, model_max_length=model.cfg.seq_len).save_pretrained(tmp)
     if out.exists():

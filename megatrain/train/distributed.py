@@ -49,9 +49,18 @@ def init_distributed() -> None:
 
 # What MPI-style launchers tell each process: (rank, world size, local rank, local size).
 _MPI_VARIABLES = {
-    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                 "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    "MVAPICH": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    "Open MPI": (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    "MVAPICH": (
+        "MV2_COMM_WORLD_RANK",
+        "MV2_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+        "MV2_COMM_WORLD_LOCAL_SIZE",
+    ),
     "MPICH / Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 }
 
@@ -66,8 +75,13 @@ def launcher_environment(env) -> dict[str, str]:
         return {}
     found = _mpi_world(env)
     if found is None:  # plain python
-        return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(free_port())}
+        return {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
     launcher, out = found
     if "MASTER_ADDR" not in env and launcher == "srun":
         out["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
@@ -76,9 +90,11 @@ def launcher_environment(env) -> dict[str, str]:
 
         if importlib.util.find_spec("mpi4py") is not None:
             return {}  # DeepSpeed's MPI discovery sets every variable from MPI itself
-        raise UserError(f"{launcher} started {out['WORLD_SIZE']} processes and MASTER_ADDR is not set: export "
-                        "MASTER_ADDR (rank 0's host) and MASTER_PORT to every process, or install mpi4py "
-                        "(DeepSpeed then discovers them through MPI)")
+        raise UserError(
+            f"{launcher} started {out['WORLD_SIZE']} processes and MASTER_ADDR is not set: export "
+            "MASTER_ADDR (rank 0's host) and MASTER_PORT to every process, or install mpi4py "
+            "(DeepSpeed then discovers them through MPI)"
+        )
     if "MASTER_PORT" not in env:  # a port of the job's own under Slurm: two jobs may share a node
         out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 40000 if "SLURM_JOB_ID" in env else 29500)
     return out
@@ -89,13 +105,21 @@ def _mpi_world(env) -> tuple[str, dict[str, str]] | None:
     more than one process; None otherwise (SLURM_NTASKS alone is also set in a batch script)."""
     for launcher, names in _MPI_VARIABLES.items():
         if int(env.get(names[1], 1)) > 1:
-            return launcher, dict(zip(("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE"),
-                                      (env.get(n, "0") for n in names), strict=True))
+            return launcher, dict(
+                zip(
+                    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE"),
+                    (env.get(n, "0") for n in names),
+                    strict=True,
+                )
+            )
     if int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:  # srun's own step
         per_node = _expand_counts(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]))
-        return "srun", {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
-                        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-                        "LOCAL_SIZE": str(per_node[int(env.get("SLURM_NODEID", 0))])}
+        return "srun", {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_SIZE": str(per_node[int(env.get("SLURM_NODEID", 0))]),
+        }
     return None
 
 
@@ -139,8 +163,8 @@ def _unlink_shm_buffer() -> None:
     if os.environ.get("LOCAL_SIZE") != str(world_size()):  # a world of one included
         return
     barrier()
-    env = os.environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank()}"
+    address = f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{rank()}"
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 

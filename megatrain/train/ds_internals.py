@@ -46,8 +46,10 @@ def check_version(version: str = deepspeed.__version__) -> None:
     """DeepSpeed's version is one this module was written for, or the override is set."""
     if version in SUPPORTED:
         return
-    message = (f"DeepSpeed {version} is installed; megatrain reaches into DeepSpeed's internals "
-               f"(megatrain/train/ds_internals.py) as they are in {', '.join(SUPPORTED)}")
+    message = (
+        f"DeepSpeed {version} is installed; megatrain reaches into DeepSpeed's internals "
+        f"(megatrain/train/ds_internals.py) as they are in {', '.join(SUPPORTED)}"
+    )
     if not os.environ.get(OVERRIDE):
         raise UserError(f"{message}: install deepspeed=={SUPPORTED[-1]}, or set {OVERRIDE}=1 to try anyway")
     log.warning("%s; %s=1 is set: going on, untested", message, OVERRIDE)
@@ -83,8 +85,11 @@ def master_copies(engine_optimizer) -> dict[int, torch.Tensor]:
     parameter (ZeRO-0 in bf16/fp16); empty otherwise."""
     if flavour(engine_optimizer) != "copies":
         return {}
-    return {id(lp): hp for lps, hps in zip(engine_optimizer.fp16_groups, engine_optimizer.fp32_groups, strict=True)
-            for lp, hp in zip(lps, hps, strict=True)}
+    return {
+        id(lp): hp
+        for lps, hps in zip(engine_optimizer.fp16_groups, engine_optimizer.fp32_groups, strict=True)
+        for lp, hp in zip(lps, hps, strict=True)
+    }
 
 
 def fragment(p: torch.Tensor) -> tuple[int, int, int] | None:
@@ -200,7 +205,9 @@ def _adam_state(base, tensor: torch.Tensor, step: int) -> dict:
         if kind not in state:
             state[kind] = torch.zeros_like(tensor, dtype=torch.float32, memory_format=torch.contiguous_format)
     # (ZeRO-3 empties the base optimizer's groups between steps: then the first stands for all)
-    group = next((g for g in base.param_groups if any(p is tensor for p in g["params"])), base.param_groups[0])
+    group = next(
+        (g for g in base.param_groups if any(p is tensor for p in g["params"])), base.param_groups[0]
+    )
     if "step" in group:  # DeepSpeed's FusedAdam, once it has stepped, starts new states' counts from here
         group["step"] = step
     if isinstance(base, torch.optim.AdamW | FusedAdamWClip):  # a float tensor, on the device when fused
@@ -254,13 +261,19 @@ def _zero_partitions(ckpt: Path, mp: int, kinds) -> tuple[dict[str, Deferred], i
     if not meta_file.is_file():
         meta_file = ckpt / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
     meta = _load(meta_file)
-    model_states = [z.zero_model_state(buffers={}, param_shapes=meta["param_shapes"],
-                                       shared_params=list(meta["shared_params"].items()),
-                                       ds_version=meta.get("ds_version"),
-                                       frozen_param_shapes=meta.get("frozen_param_shapes"),
-                                       frozen_param_fragments=meta.get("frozen_param_fragments"))]
-    files = sorted((str(p) for p in ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")),
-                   key=z.natural_keys)
+    model_states = [
+        z.zero_model_state(
+            buffers={},
+            param_shapes=meta["param_shapes"],
+            shared_params=list(meta["shared_params"].items()),
+            ds_version=meta.get("ds_version"),
+            frozen_param_shapes=meta.get("frozen_param_shapes"),
+            frozen_param_fragments=meta.get("frozen_param_fragments"),
+        )
+    ]
+    files = sorted(
+        (str(p) for p in ckpt.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt")), key=z.natural_keys
+    )
     flats: dict[str, list] = {k: [] for k in kinds}
     step_states = []
     for f in files:
@@ -284,13 +297,17 @@ def _zero_partitions(ckpt: Path, mp: int, kinds) -> tuple[dict[str, Deferred], i
             params = _zero2_params(files[0], flats[kind], meta["param_shapes"], paddings)
         else:
             with _quiet():  # zero_to_fp32's merge for ZeRO-3 is lazy already: a GatheredTensor per parameter
-                gathered = z._get_fp32_state_dict_from_zero3_checkpoint(len(files), flats[kind], model_states, False)
+                gathered = z._get_fp32_state_dict_from_zero3_checkpoint(
+                    len(files), flats[kind], model_states, False
+                )
             params = {k: Deferred(tuple(g.shape), g.dtype, g.contiguous) for k, g in gathered.items()}
         out.update({f"{kind}/{k}": d for k, d in params.items()})
     return out, (_step_of(step_states) if len(kinds) > 1 else None)
 
 
-def _zero2_params(file: str, flats: list[list[torch.Tensor]], param_shapes: list[dict], paddings) -> dict[str, Deferred]:
+def _zero2_params(
+    file: str, flats: list[list[torch.Tensor]], param_shapes: list[dict], paddings
+) -> dict[str, Deferred]:
     """Each parameter of ZeRO 1-2 partitions (rank -> flat group), made from the pieces
     the ranks hold: zero_to_fp32's reassembly (each group's partitions end to end, the
     parameters in order with their alignment padding), without concatenating whole groups."""
@@ -305,25 +322,33 @@ def _zero2_params(file: str, flats: list[list[torch.Tensor]], param_shapes: list
         offset = 0
         for i, (name, shape) in enumerate(shapes.items()):
             n = math.prod(shape)
-            out[name] = Deferred(tuple(shape), parts[0].dtype,
-                                 functools.partial(_span, parts, starts, offset, n, tuple(shape)))
+            out[name] = Deferred(
+                tuple(shape), parts[0].dtype, functools.partial(_span, parts, starts, offset, n, tuple(shape))
+            )
             offset += n + (paddings[g][i] if paddings is not None else 0)
         # ZeRO-2 pads each group to a multiple of 2 x ranks: what is left over is padding alone
         align = 2 * len(parts)
         if math.ceil(offset / align) != math.ceil(starts[-1] / align):
-            raise UserError(f"{file}: the parameters of group {g} take {offset} elements of its {starts[-1]}: "
-                            "the checkpoint does not match its model")
+            raise UserError(
+                f"{file}: the parameters of group {g} take {offset} elements of its {starts[-1]}: "
+                "the checkpoint does not match its model"
+            )
     return out
 
 
 def _span(parts: list[torch.Tensor], starts: list[int], offset: int, n: int, shape: tuple) -> torch.Tensor:
     """Elements [offset, offset + n) of the partitions laid end to end, as `shape`."""
-    pieces = [part[max(offset, lo) - lo:min(offset + n, hi) - lo]
-              for part, lo, hi in zip(parts, starts, starts[1:], strict=False) if max(offset, lo) < min(offset + n, hi)]
+    pieces = [
+        part[max(offset, lo) - lo : min(offset + n, hi) - lo]
+        for part, lo, hi in zip(parts, starts, starts[1:], strict=False)
+        if max(offset, lo) < min(offset + n, hi)
+    ]
     return torch.cat(pieces).view(shape)
 
 
-def _zero0(ckpt: Path, mp: int, kinds, pipeline_weights: dict | None, recorded_groups) -> tuple[dict[str, Deferred], int | None]:
+def _zero0(
+    ckpt: Path, mp: int, kinds, pipeline_weights: dict | None, recorded_groups
+) -> tuple[dict[str, Deferred], int | None]:
     """From a ZeRO-0 checkpoint: the module weights (a pipeline's, already read, else
     model-parallel rank `mp`'s), or with moments the client optimizer's state by the names
     megatrain recorded in its parameter order (`recorded_groups(mp)`)."""
@@ -359,7 +384,9 @@ def _counted_states(states, groups: list[list[str]], param_groups: list[dict]) -
     counted, start = [], 0
     for group, param_group in zip(groups, param_groups, strict=True):
         indices = range(start, start + len(group))
-        counted += [states[indices[-1]]] if "step" in param_group and indices else [states[i] for i in indices]
+        counted += (
+            [states[indices[-1]]] if "step" in param_group and indices else [states[i] for i in indices]
+        )
         start += len(group)
     return counted
 
@@ -388,8 +415,10 @@ def _split_flat(ckpt: Path, groups: list[list[str]], flats, states, weights) -> 
                 out[f"{kind}/{name}"] = _at_hand(states[index][kind].narrow(0, offset, n).view(shape))
             offset += n
         if offset != flat.numel():
-            raise UserError(f"{ckpt}: parameter group {index}'s flat fp32 master holds {flat.numel()} values, "
-                            f"its parameters {offset}")
+            raise UserError(
+                f"{ckpt}: parameter group {index}'s flat fp32 master holds {flat.numel()} values, "
+                f"its parameters {offset}"
+            )
     return out
 
 
@@ -398,7 +427,6 @@ def _quiet():
     """zero_to_fp32 narrates its progress on stdout and stderr."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
-
 
 
 # --- fp16's dynamic loss scale --------------------------------------------------------------
@@ -468,11 +496,20 @@ def cut_for_tensor_parallel(model: torch.nn.Module, ds_config: dict):
     tp_config = get_tensor_parallel_config(ds_config)
     size = tp_config.autotp_size
     groups._init_tp_mesh_device(tensor_model_parallel_size=size)  # the engine's own groups (it reuses them)
-    autotp = AutoTP(module=model, all_reduce_linears=(), prefix="", state_dict=None,
-                    linear_layer_setting=(torch.nn.Linear, torch.nn.Embedding), orig_layer_impl=None,
-                    keep_module_on_host=False, partition_config=tp_config.get_partition_config_object(),
-                    vocab_parallel_lm_head=False, model_config=None,
-                    tp_grain_size=tp_config.tensor_parallel.tp_grain_size, training_mode=True)
+    autotp = AutoTP(
+        module=model,
+        all_reduce_linears=(),
+        prefix="",
+        state_dict=None,
+        linear_layer_setting=(torch.nn.Linear, torch.nn.Embedding),
+        orig_layer_impl=None,
+        keep_module_on_host=False,
+        partition_config=tp_config.get_partition_config_object(),
+        vocab_parallel_lm_head=False,
+        model_config=None,
+        tp_grain_size=tp_config.tensor_parallel.tp_grain_size,
+        training_mode=True,
+    )
     autotp.set_tensor_parallel_config(size, groups.get_tensor_model_parallel_group())
     autotp.update_linear_policies()
     autotp._replace_module(model)

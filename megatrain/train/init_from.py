@@ -37,8 +37,19 @@ from megatrain.train import convert, layout_free
 from megatrain.train.checkpoint import Checkpointer
 
 # model.* keys that are the source's to say; one set in the config must agree.
-SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "bias", "tie_embeddings", "qk_norm",
-              "rope_theta", "norm_eps")
+SHAPE_KEYS = (
+    "arch",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "d_model",
+    "ffn_hidden",
+    "bias",
+    "tie_embeddings",
+    "qk_norm",
+    "rope_theta",
+    "norm_eps",
+)
 VOCAB_ROWS = ("embed.wte.weight", "head.lm_head.weight")
 
 
@@ -51,8 +62,11 @@ class Source:
     progress: dict | None = None  # a checkpoint's {"step", "tokens"}
 
     def describe(self) -> str:
-        return {"checkpoint": "megatrain checkpoint", "consolidated": "consolidated file",
-                "huggingface": "Hugging Face model"}[self.kind] + f" {self.path}"
+        return {
+            "checkpoint": "megatrain checkpoint",
+            "consolidated": "consolidated file",
+            "huggingface": "Hugging Face model",
+        }[self.kind] + f" {self.path}"
 
 
 def open_source(path: str | Path, verify: bool = True) -> Source:
@@ -64,15 +78,22 @@ def open_source(path: str | Path, verify: bool = True) -> Source:
     if path.is_file():
         meta = _safetensors_meta(path)
         if meta.get("format") != convert.FORMAT:
-            raise UserError(f"{path}: not a consolidated megatrain checkpoint (launch/convert_checkpoint.py writes "
-                            "them)")
-        return Source(path, "consolidated", GPTConfig(**json.loads(meta["config"])).shape(),
-                      meta.get("tokenizer_sha256"))
+            raise UserError(
+                f"{path}: not a consolidated megatrain checkpoint (launch/convert_checkpoint.py writes them)"
+            )
+        return Source(
+            path,
+            "consolidated",
+            GPTConfig(**json.loads(meta["config"])).shape(),
+            meta.get("tokenizer_sha256"),
+        )
     if (path / "config.json").is_file():
         return Source(path, "huggingface", hf.read_hf_shape(path), hf.read_hf_tokenizer_sha(path))
     if not any((path / name).exists() for name in ("checkpoints", "megatrain.json", "manifest.json")):
-        raise UserError(f"{path}: neither a megatrain run or checkpoint directory nor a Hugging Face model directory "
-                        "(no config.json) (model.init_from)")
+        raise UserError(
+            f"{path}: neither a megatrain run or checkpoint directory nor a Hugging Face model directory "
+            "(no config.json) (model.init_from)"
+        )
     # A checkpoint, or a run directory's newest intact one. Collective under torch.distributed:
     # every rank hashes its share of the files.
     ckpt, verified = convert.checkpoint_of(path) if verify else (Checkpointer(path, 1).latest() or path, True)
@@ -81,8 +102,13 @@ def open_source(path: str | Path, verify: bool = True) -> Source:
         raise UserError(f"{ckpt}: not a complete checkpoint: {problem}")
     state = Checkpointer.read_state(ckpt)
     progress = state["state"]["progress"]
-    return Source(ckpt, "checkpoint", GPTConfig.from_shape(state["model_shape"]).shape(), convert.tokenizer_of(state),
-                  {"step": progress["step"], "tokens": progress["tokens"]})
+    return Source(
+        ckpt,
+        "checkpoint",
+        GPTConfig.from_shape(state["model_shape"]).shape(),
+        convert.tokenizer_of(state),
+        {"step": progress["step"], "tokens": progress["tokens"]},
+    )
 
 
 def _safetensors_meta(path: Path) -> dict:
@@ -105,17 +131,25 @@ def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: s
     for key in SHAPE_KEYS:
         ours = getattr(m, key)
         if f"model.{key}" in cfg.explicit_keys and ours is not None and ours != theirs[key]:
-            raise UserError(f"{where}: model.{key} is {ours} in the config, {theirs[key]} in the source; leave it out "
-                            "(the source sets the shape) or start from another source")
+            raise UserError(
+                f"{where}: model.{key} is {ours} in the config, {theirs[key]} in the source; leave it out "
+                "(the source sets the shape) or start from another source"
+            )
     if source.kind != "checkpoint" and cfg.optim.init_from_state:
-        raise UserError(f"{where}: optim.init_from_state needs a megatrain checkpoint (a {source.describe()} has no "
-                        "optimizer state)")
+        raise UserError(
+            f"{where}: optim.init_from_state needs a megatrain checkpoint (a {source.describe()} has no "
+            "optimizer state)"
+        )
     if source.kind != "checkpoint" and cfg.schedule.init_from == "keep":
-        raise UserError(f"{where}: schedule.init_from=keep needs a megatrain checkpoint (a {source.describe()} has "
-                        "no schedule position)")
+        raise UserError(
+            f"{where}: schedule.init_from=keep needs a megatrain checkpoint (a {source.describe()} has "
+            "no schedule position)"
+        )
     if theirs["arch"] == "gpt3" and cfg.train.seq_len > theirs["seq_len"]:
-        raise UserError(f"{where}: the source has learned positions for {theirs['seq_len']} tokens, "
-                        f"train.seq_len={cfg.train.seq_len} is longer")
+        raise UserError(
+            f"{where}: the source has learned positions for {theirs['seq_len']} tokens, "
+            f"train.seq_len={cfg.train.seq_len} is longer"
+        )
     vocab = _vocab(cfg, source, data_vocab, data_tokenizer)
     for key in SHAPE_KEYS:
         setattr(m, key, theirs[key])
@@ -135,13 +169,16 @@ def _vocab(cfg: Config, source: Source, data_vocab: int, data_tokenizer: str | N
     wanted = cfg.model.vocab_size or theirs
     known = bool(source.tokenizer_sha256 and data_tokenizer)
     if known and source.tokenizer_sha256 != data_tokenizer:
-        what = f"was made with another tokenizer ({source.tokenizer_sha256[:12]}) than the data's ({data_tokenizer[:12]})"
+        theirs_hash, ours_hash = source.tokenizer_sha256[:12], data_tokenizer[:12]
+        what = f"was made with another tokenizer ({theirs_hash}) than the data's ({ours_hash})"
     elif theirs != wanted or theirs < data_vocab or (not known and theirs != data_vocab):
         what = f"has {theirs} tokens, the run {wanted} (the data's tokenizer: {data_vocab})"
     else:
         return wanted
-    raise UserError(f"model.init_from={source.path}: its vocabulary {what}; model.init_from_vocab=resize starts from "
-                    "it anyway (shared rows kept, new rows the mean embedding)")
+    raise UserError(
+        f"model.init_from={source.path}: its vocabulary {what}; model.init_from_vocab=resize starts from "
+        "it anyway (shared rows kept, new rows the mean embedding)"
+    )
 
 
 def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) -> Path:
@@ -152,8 +189,12 @@ def write_start(source: Source, model_cfg: GPTConfig, out: Path, moments: bool) 
     from megatrain.train import distributed as dist
 
     tensors, step = dist.on_every_rank(lambda: _start_tensors(source, model_cfg, moments))
-    layout_free.write_shared(out, tensors, {"format": layout_free.FORMAT, "optimizer_step": str(step)},
-                             progress=f"model.init_from to {out.name}")
+    layout_free.write_shared(
+        out,
+        tensors,
+        {"format": layout_free.FORMAT, "optimizer_step": str(step)},
+        progress=f"model.init_from to {out.name}",
+    )
     return out
 
 
@@ -167,8 +208,10 @@ def _start_tensors(source: Source, model_cfg: GPTConfig, moments: bool) -> tuple
     elif source.kind == "consolidated":
         tensors = {f"param/{k}": d for k, d in read_deferred_tensors(source.path).items()}
     else:
-        tensors = {f"param/{k}": d for k, d in hf.hf_weights_deferred(source.path, GPTConfig.from_shape(source.shape))
-                   .items()}
+        tensors = {
+            f"param/{k}": d
+            for k, d in hf.hf_weights_deferred(source.path, GPTConfig.from_shape(source.shape)).items()
+        }
     tensors = fit(tensors, model_cfg)
     with torch.device("meta"):
         expected = dict(GPT(model_cfg, init_weights=False).named_parameters())
@@ -177,8 +220,10 @@ def _start_tensors(source: Source, model_cfg: GPTConfig, moments: bool) -> tuple
         for kind in kinds:
             d = tensors.get(f"{kind}/{name}")
             if d is None or d.shape != tuple(p.shape):
-                raise UserError(f"{source.path}: {kind}/{name} is "
-                                + ("missing" if d is None else f"{list(d.shape)}, the model needs {list(p.shape)}"))
+                raise UserError(
+                    f"{source.path}: {kind}/{name} is "
+                    + ("missing" if d is None else f"{list(d.shape)}, the model needs {list(p.shape)}")
+                )
     return {f"{kind}/{name}": tensors[f"{kind}/{name}"] for name in expected for kind in kinds}, step
 
 
@@ -203,5 +248,5 @@ def _fitted(key: str, t: torch.Tensor, model_cfg: GPTConfig) -> torch.Tensor:
         fill = t.mean(0, keepdim=True) if kind == "param" else torch.zeros_like(t[:1])
         return torch.cat([t[:rows], fill.expand(model_cfg.vocab_size - rows, -1)])
     if name == "embed.positions.wpe.weight":
-        return t[:model_cfg.seq_len]
+        return t[: model_cfg.seq_len]
     return t

@@ -3,29 +3,18 @@ and the AdamW moments, and the optimizer's step count. Read from a checkpoint of
 layout, loaded into the live engine of any other (docs/checkpoints.md, "Resuming on
 another layout").
 
-    tensors, step = read(ckpt)                 # {"param/NAME", "exp_avg/NAME", "exp_avg_sq/NAME": fp32}
-    deferred, step = read_deferred(ckpt)       # the same, each made when asked for: one at a time
-    path, converted = ensure(ckpt)             # CKPT/layout-free.safetensors, written once by all ranks, atomically
-    load_into(module, path)                    # every rank takes its own slices
+    tensors, step = read(ckpt)            # {"param/NAME", "exp_avg/NAME", "exp_avg_sq/NAME": fp32}
+    deferred, step = read_deferred(ckpt)  # the same, each made when asked for: one at a time
+    path, converted = ensure(ckpt)        # CKPT/layout-free.safetensors, written once by all ranks
+    load_into(module, path)               # every rank takes its own slices
 
-Where a checkpoint keeps them (read by ds_internals.read_checkpoint, the wall around
-DeepSpeed's internals; this module speaks only of names and tensors):
-  ZeRO 1-3 (and a pipeline's ZeRO-1, stage by stage)
-        the fp32 partitions and, with the same flat layout, the moments, in the
-        *optim_states.pt files (ZeRO-1 in bf16 with fp32 accumulation: DeepSpeed's
-        BF16_Optimizer writes them alike); each parameter reassembled from the ranks' pieces
-        as DeepSpeed's zero_to_fp32 reassembles the weights (the moments the same way);
-  ZeRO-0
-        the client optimizer's state in the model-states file, by position in its
-        parameter groups: megatrain records the parameters' names in that order in each
-        rank's megatrain-rankNNNNN.pt ("optimizer_params"); the masters are the module
-        weights (fp32) or DeepSpeed's fp32 copies (bf16, fp16), under fp16 with DeepSpeed's
-        FusedAdam one flat fp32 tensor per parameter group (its moments likewise).
-A pipeline's names map back to GPT's (canonical_name); the tied embedding is kept by the
-first and the last stage, and both copies are checked to be equal before one is taken.
-Tensor-parallel ranks' shards are gathered into whole parameters (model/tensor_parallel.py);
-the parameters every rank keeps whole are checked to be equal; loading cuts each rank's
-shard again, and ds_internals.load_state sets each rank's part into the engine.
+DeepSpeed's files are read, and a live engine set, by the wall (ds_internals.py); this
+module speaks of names and tensors. ZeRO-0's optimizer state is by position: megatrain
+records the parameters' names in that order in each rank's megatrain-rankNNNNN.pt. A
+pipeline's names map back to GPT's (canonical_name); the tied embedding, kept by the first
+and last stage, and the parameters every tensor-parallel rank keeps whole are checked to be
+equal across their copies; tensor-parallel shards are gathered into whole parameters, and
+cut again on loading (model/tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -73,11 +62,15 @@ def read_deferred(ckpt: Path, moments: bool = True) -> tuple[dict[str, Deferred]
     # tensor-parallel rank; with neither, one.
     # A pipeline's weights are in per-layer files that no stage owns: read them once.
     weights = wall.pipeline_weights(ckpt) if pipeline else None
-    parts = [wall.read_checkpoint(ckpt, mp, kinds, weights, functools.partial(_recorded_groups, ckpt))
-             for mp in range(stages * tp)]
+    parts = [
+        wall.read_checkpoint(ckpt, mp, kinds, weights, functools.partial(_recorded_groups, ckpt))
+        for mp in range(stages * tp)
+    ]
     if moments and len({step for _, step in parts}) != 1:
-        raise UserError(f"{ckpt}: the optimizer's step counts disagree between parameters "
-                        f"({sorted({step for _, step in parts})})")
+        raise UserError(
+            f"{ckpt}: the optimizer's step counts disagree between parameters "
+            f"({sorted({step for _, step in parts})})"
+        )
     named = [{_key(key, n_layer, pipeline): d for key, d in part.items()} for part, _ in parts]
     if tp > 1:  # each tensor-parallel rank's shards, gathered into whole parameters
         model = GPTConfig.from_shape(state["model_shape"])
@@ -98,14 +91,17 @@ def _gathered(ckpt: Path, key: str, shards: list[Deferred], model: GPTConfig) ->
     """The whole parameter from the tensor-parallel ranks' shards; one that every rank keeps
     whole is checked to be the same on all."""
     name = key.partition("/")[2]
-    shape = tensor_parallel.gather(name, [torch.empty(d.shape, dtype=d.dtype, device="meta") for d in shards],
-                                   model).shape
+    shape = tensor_parallel.gather(
+        name, [torch.empty(d.shape, dtype=d.dtype, device="meta") for d in shards], model
+    ).shape
 
     def make():
         made = [d.make() for d in shards]
         if tensor_parallel.split_of(name, model) is None and not all(torch.equal(made[0], t) for t in made):
-            raise UserError(f"{ckpt}: the tensor-parallel ranks hold different copies of {key}, which every "
-                            "rank keeps whole: the checkpoint is inconsistent")
+            raise UserError(
+                f"{ckpt}: the tensor-parallel ranks hold different copies of {key}, which every "
+                "rank keeps whole: the checkpoint is inconsistent"
+            )
         return tensor_parallel.gather(name, made, model)
 
     return Deferred(tuple(shape), shards[0].dtype, make)
@@ -115,8 +111,10 @@ def _one_of_equal(ckpt: Path, key: str, first: Deferred, second: Deferred) -> De
     def make():
         a = first.make()
         if not torch.equal(a, second.make()):
-            raise UserError(f"{ckpt}: the pipeline stages hold different copies of {key} (the tied "
-                            "embedding): the checkpoint is inconsistent")
+            raise UserError(
+                f"{ckpt}: the pipeline stages hold different copies of {key} (the tied "
+                "embedding): the checkpoint is inconsistent"
+            )
         return a
 
     return Deferred(first.shape, first.dtype, make)
@@ -125,12 +123,16 @@ def _one_of_equal(ckpt: Path, key: str, first: Deferred, second: Deferred) -> De
 def _own(t: torch.Tensor) -> torch.Tensor:
     """`t` with a storage of its own: a view into a larger buffer (a checkpoint's flat
     partition) is copied, a tensor that already owns its storage is not."""
-    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    whole = (
+        t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
     return t if whole else t.clone()
 
 
 def _key(key: str, n_layer: int, pipeline: bool) -> str:
-    """"KIND/NAME" with NAME as the plain GPT's."""
+    """ "KIND/NAME" with NAME as the plain GPT's."""
     kind, _, name = key.partition("/")
     name = name.removeprefix("module.")
     return f"{kind}/{canonical_name(name, n_layer) if pipeline else name}"
@@ -142,8 +144,10 @@ def _recorded_groups(ckpt: Path, mp: int) -> list[list[str]]:
         record = torch.load(f, map_location="cpu", weights_only=False).get("optimizer_params")
         if record is not None and record["mp_rank"] == mp:
             return record["groups"]
-    raise UserError(f"{ckpt}: its ZeRO-0 optimizer state has no parameter names (written before megatrain "
-                    "recorded them): resume it on the layout that wrote it")
+    raise UserError(
+        f"{ckpt}: its ZeRO-0 optimizer state has no parameter names (written before megatrain "
+        "recorded them): resume it on the layout that wrote it"
+    )
 
 
 # --- the file ----------------------------------------------------------------------------
@@ -158,7 +162,11 @@ def write(ckpt: Path) -> Path:
 
     ckpt = Path(ckpt)
     tensors, step = dist.on_every_rank(lambda: read_deferred(ckpt))
-    meta = {"format": FORMAT, "optimizer_step": str(step), "checkpoint_manifest": file_sha256(ckpt / MANIFEST)}
+    meta = {
+        "format": FORMAT,
+        "optimizer_step": str(step),
+        "checkpoint_manifest": file_sha256(ckpt / MANIFEST),
+    }
     entry = write_shared(ckpt / FILE, tensors, meta, progress=f"{ckpt.name} to {FILE}")
 
     def list_it():
@@ -186,8 +194,9 @@ def write_shared(path: Path, tensors: dict, metadata: dict[str, str], progress: 
         progress += f" (rank 0's share of {ranks})"
     try:
         dist.on_every_rank(lambda: file.create(tmp) if dist.is_main() else None)
-        mine = dist.on_every_rank(lambda: file.write_share(tmp, dist.rank(), ranks,
-                                                           progress if dist.is_main() else None))
+        mine = dist.on_every_rank(
+            lambda: file.write_share(tmp, dist.rank(), ranks, progress if dist.is_main() else None)
+        )
         parts = [part for part in dist.all_gather_object(mine) if part["bytes"]]
         dist.on_every_rank(lambda: os.replace(tmp, path) if dist.is_main() else None)
     except BaseException:
@@ -229,7 +238,9 @@ def load_into(module, path: Path) -> int:
     engine, n_layer, pipeline = module.engine, module.model_cfg.n_layer, module.layout.pipeline
     with safe_open(str(path), "pt") as f:
         step = int(f.metadata()["optimizer_step"])
-        named = [(canonical_name(n, n_layer) if pipeline else n, p) for n, p in engine.module.named_parameters()]
+        named = [
+            (canonical_name(n, n_layer) if pipeline else n, p) for n, p in engine.module.named_parameters()
+        ]
         moments = MOMENTS if f"{MOMENTS[0]}/{named[0][0]}" in f.keys() else ()
         with torch.no_grad():
             wall.load_state(engine.optimizer, named, _Parts(f, module), step, moments)
@@ -248,8 +259,9 @@ class _Parts:
     def shard(self, kind: str, name: str) -> torch.Tensor:
         """Parameter `name` as this rank holds it: whole, or its tensor-parallel shard."""
         key = f"{kind}/{name}"
-        cut = tensor_parallel.shard_ranges(name, self.f.get_slice(key).get_shape(), self.tp_rank, self.tp_size,
-                                           self.model_cfg)
+        cut = tensor_parallel.shard_ranges(
+            name, self.f.get_slice(key).get_shape(), self.tp_rank, self.tp_size, self.model_cfg
+        )
         if cut is None:
             return self.f.get_tensor(key)
         dim, ranges = cut
@@ -266,5 +278,3 @@ class _Parts:
         row = math.prod(shape[1:])
         first, last = start // row, -(-(start + n) // row)
         return self.f.get_slice(key)[first:last].reshape(-1).narrow(0, start - first * row, n)
-
-

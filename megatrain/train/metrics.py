@@ -38,15 +38,26 @@ class RunLog:
         name = run.name or run_dir.name
         if logging.progress:  # counts tokens when the run ends by tokens (the batch may grow), else steps
             self._by_tokens = t.max_steps is None
-            self._bar = tqdm(total=t.max_tokens if self._by_tokens else t.max_steps, desc=name,
-                             unit="tok" if self._by_tokens else "step", unit_scale=self._by_tokens, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=t.max_tokens if self._by_tokens else t.max_steps,
+                desc=name,
+                unit="tok" if self._by_tokens else "step",
+                unit_scale=self._by_tokens,
+                dynamic_ncols=True,
+            )
         if logging.wandb:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
             os.environ.setdefault("WANDB_SILENT", "true")
-            self._wandb = wandb.init(project=logging.wandb_project, name=name, dir=str(run_dir),
-                                     config=resolved, resume="allow", id=_wandb_id(run_dir))
+            self._wandb = wandb.init(
+                project=logging.wandb_project,
+                name=name,
+                dir=str(run_dir),
+                config=resolved,
+                resume="allow",
+                id=_wandb_id(run_dir),
+            )
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps after `step` (resume from a checkpoint at `step`)."""

@@ -38,8 +38,8 @@ DS_OPTIMIZER = {"adamw"}  # names DeepSpeed builds itself from its JSON config
 # The learning rate every optimizer is built with; the trainer sets the schedule's before each
 # step. DeepSpeed's ZeRO-0 fp16/bf16 wrappers (FP16_UnfusedOptimizer, FP16_Optimizer) step the
 # optimizer once at construction with zero gradients, to create its state: at lr 0 that step
-# moves no weight (decoupled weight decay included), and forget_construction_step() then drops
-# the state it made, so the first real update counts as step 1.
+# moves no weight (decoupled weight decay included), and the train module then drops the
+# state it made, so the first real update counts as step 1.
 CONSTRUCTION_LR = 0.0
 
 
@@ -57,13 +57,9 @@ def build_optimizer(optim, model: nn.Module, norm: GradNormPolicy):
     return groups, FusedAdamWClip(groups, **hyper, weight_decay=optim.weight_decay, max_grad_norm=max_norm)
 
 
-def forget_construction_step(base_optimizer) -> None:
-    """After deepspeed.initialize: drop optimizer state a wrapper's construction step made
-    (its step count and zero moments); a fresh optimizer has none, and makes it at its first step."""
-    base_optimizer.state.clear()
-
-
-def attach(optimizer, model: nn.Module, weight_decay: float, layout: Layout, norm: GradNormPolicy, engine) -> None:
+def attach(
+    optimizer, model: nn.Module, weight_decay: float, layout: Layout, norm: GradNormPolicy, engine
+) -> None:
     """After deepspeed.initialize: tell FusedAdamWClip how its tensors relate to the model,
     and which ranks to all-reduce the squared norm over."""
     if not norm.kernel_clips:
@@ -71,8 +67,11 @@ def attach(optimizer, model: nn.Module, weight_decay: float, layout: Layout, nor
     # Gradients another rank also holds count once: the later pipeline stage's copy of the
     # tied embeddings, and under tensor parallelism every parameter AutoTP left whole
     # (LayerNorms, row-parallel biases, embeddings) except on the group's first rank.
-    replicated = {id(p) for p in model.parameters() if getattr(p, "ds_pipe_replicated", False)
-                  or (layout.tp_rank > 0 and not is_tensor_parallel(p))}
+    replicated = {
+        id(p)
+        for p in model.parameters()
+        if getattr(p, "ds_pipe_replicated", False) or (layout.tp_rank > 0 and not is_tensor_parallel(p))
+    }
     mapped = {id(p): (p, place) for p in model.parameters() if (place := wall.fragment(p)) is not None}
     if mapped:  # DeepSpeed hands us flat fp32 partitions: every rank holds a distinct shard
         decayed = {id(p) for g in param_groups(model, 1.0) if g["weight_decay"] > 0 for p in g["params"]}

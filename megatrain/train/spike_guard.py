@@ -67,7 +67,9 @@ class SpikeGuard:
                 continue
             bounds = self.limits(name)
             if bounds is not None and value > bounds[1] and above is None:
-                above = Verdict(True, began=step, signal=name, value=value, baseline=bounds[0], limit=bounds[1])
+                above = Verdict(
+                    True, began=step, signal=name, value=value, baseline=bounds[0], limit=bounds[1]
+                )
         if above is None:
             self.pending = []
             for name in self.cfg.watch:

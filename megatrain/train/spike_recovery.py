@@ -11,7 +11,8 @@ the abandoned steps and marks the rollback, and training continues. More than
 checkpoint is clean).
 
 What it needs from the trainer is narrow: `snapshot()` / `restore(point)`,
-`checkpoints.files.newest_before(step)` / `checkpoints.load(path)`, `stop()`, `batches.skip(n)`, `progress`, `log`.
+`checkpoints.files.newest_before(step)` / `checkpoints.load(path)`, `stop()`,
+`batches.skip(n)`, `progress`, `log`.
 A point costs a host copy of this rank's parameters and optimizer state (~16 bytes per
 fp32 parameter with AdamW); under ZeRO-3 (DeepSpeed-private partitions) and with
 spike.snapshots = 0, rollbacks go to disk checkpoints.
@@ -61,8 +62,10 @@ class SpikeRecovery(Callback):
         if self.keep:  # as many points as the host-memory budget holds
             per_point, budget = trainer.module.snapshot_bytes(), snapshot_budget(self.cfg)
             fit = min(self.keep, budget // max(per_point, 1))
-            message = (f"spike: rollback points of {per_point / 2**20:,.1f} MiB per rank, {fit} of spike.snapshots="
-                       f"{self.keep} within {budget / 2**30:,.1f} GiB of host memory (spike.snapshot_memory_gb)")
+            message = (
+                f"spike: rollback points of {per_point / 2**20:,.1f} MiB per rank, {fit} of spike.snapshots="
+                f"{self.keep} within {budget / 2**30:,.1f} GiB of host memory (spike.snapshot_memory_gb)"
+            )
             if fit == 0:
                 message += "; rollbacks will use disk checkpoints"
             trainer.log.print(message)
@@ -74,8 +77,9 @@ class SpikeRecovery(Callback):
         """This rank's verdict on the finished step."""
         if self.guard is None:
             return False
-        self.verdict = self.guard.observe(row["step"], {"loss": row["loss"], "grad_norm": row.get("grad_norm")},
-                                          trainer.module.overflow)
+        self.verdict = self.guard.observe(
+            row["step"], {"loss": row["loss"], "grad_norm": row.get("grad_norm")}, trainer.module.overflow
+        )
         return self.verdict.spike
 
     def on_step(self, trainer, row, flagged) -> bool:
@@ -84,9 +88,11 @@ class SpikeRecovery(Callback):
             return False
         self.roll_back(trainer, row)
         log = trainer.log
-        log.print(f"loss spike at step {row['step']} (loss {row['loss']:.4f}): rolled back to step "
-                  f"{trainer.progress.step} ({self.last_source}), skipped {self.last_skipped} samples "
-                  f"[rollback {self.rollbacks}/{self.cfg.max_rollbacks}]")
+        log.print(
+            f"loss spike at step {row['step']} (loss {row['loss']:.4f}): rolled back to step "
+            f"{trainer.progress.step} ({self.last_source}), skipped {self.last_skipped} samples "
+            f"[rollback {self.rollbacks}/{self.cfg.max_rollbacks}]"
+        )
         # Checkpoints of the abandoned timeline go first: pruning keeps the newest steps,
         # and `--resume auto` must never find one of them.
         trainer.checkpoints.files.discard_after(trainer.progress.step)
@@ -99,7 +105,11 @@ class SpikeRecovery(Callback):
     def _maybe_capture(self, trainer) -> None:
         """A rollback point every spike.snapshot_every steps (the newest spike.snapshots kept)."""
         step = trainer.progress.step
-        if self.keep and step % self.cfg.snapshot_every == 0 and not (self.points and self.points[-1]["step"] == step):
+        if (
+            self.keep
+            and step % self.cfg.snapshot_every == 0
+            and not (self.points and self.points[-1]["step"] == step)
+        ):
             oldest = self.points[0] if len(self.points) == self.keep else None  # about to be dropped
             self.points.append(trainer.snapshot(reuse=oldest))
 
@@ -108,15 +118,19 @@ class SpikeRecovery(Callback):
         began = self.verdict.began if self.verdict.began is not None else trainer.progress.step
         consumed_after_spike = trainer.batches.consumed
         rollbacks = self.rollbacks
-        point = next((p for p in reversed(self.points) if p["step"] < began), None)  # the state after a step < began
+        point = next(
+            (p for p in reversed(self.points) if p["step"] < began), None
+        )  # the state after a step < began
         if point is not None:
             trainer.restore(point)
             self.last_source = "memory"
         else:
             path = trainer.checkpoints.files.newest_before(began)
             if path is None:
-                raise RuntimeError(f"a loss spike began at step {began}, and there is no rollback point or "
-                                   "checkpoint before it (the spike guard needs spike.min_history steps first)")
+                raise RuntimeError(
+                    f"a loss spike began at step {began}, and there is no rollback point or "
+                    "checkpoint before it (the spike guard needs spike.min_history steps first)"
+                )
             trainer.checkpoints.load(path)
             self.last_source = str(path)
         self.rollbacks = rollbacks + 1  # restoring brought back an older count
@@ -127,15 +141,39 @@ class SpikeRecovery(Callback):
             at_least = self.cfg.skip // self.seq_len
         else:  # batches at the batch size of the spike
             at_least = self.cfg.skip * spike_row["batch_tokens"] // self.seq_len
-        position = trainer.batches.consumed  # where the skip starts: data.skip=[[position, skipped]] repeats it
+        position = (
+            trainer.batches.consumed
+        )  # where the skip starts: data.skip=[[position, skipped]] repeats it
         self.last_skipped = max(at_least, consumed_after_spike - position)
         trainer.batches.skip(self.last_skipped)
         v = self.verdict
-        trainer.log.event("rollback", step=spike_row["step"], tokens=spike_row["tokens"], loss=spike_row["loss"],
-                          grad_norm=spike_row.get("grad_norm"), signal=v.signal, value=v.value, baseline=v.baseline,
-                          limit=v.limit, began=began, restored_step=step, restored_tokens=tokens, position=position,
-                          skipped_samples=self.last_skipped, source=self.last_source, rollbacks=self.rollbacks)
+        trainer.log.event(
+            "rollback",
+            step=spike_row["step"],
+            tokens=spike_row["tokens"],
+            loss=spike_row["loss"],
+            grad_norm=spike_row.get("grad_norm"),
+            signal=v.signal,
+            value=v.value,
+            baseline=v.baseline,
+            limit=v.limit,
+            began=began,
+            restored_step=step,
+            restored_tokens=tokens,
+            position=position,
+            skipped_samples=self.last_skipped,
+            source=self.last_source,
+            rollbacks=self.rollbacks,
+        )
         trainer.log.truncate_after(step)
-        trainer.log.log({"kind": "rollback", "step": step, "tokens": tokens, "spike_step": spike_row["step"],
-                         "position": position, "skipped_samples": self.last_skipped})
+        trainer.log.log(
+            {
+                "kind": "rollback",
+                "step": step,
+                "tokens": tokens,
+                "spike_step": spike_row["step"],
+                "position": position,
+                "skipped_samples": self.last_skipped,
+            }
+        )
         self.verdict = Verdict(False)

@@ -34,8 +34,12 @@ class ResumableState:
 
     def state_dict(self) -> dict:
         """{"shared": {name: state}, "rank": {name: state}}, copied: later changes do not reach it."""
-        return copy.deepcopy({"shared": {k: v.state_dict() for k, v in self._shared.items()},
-                              "rank": {k: v.state_dict() for k, v in self._per_rank.items()}})
+        return copy.deepcopy(
+            {
+                "shared": {k: v.state_dict() for k, v in self._shared.items()},
+                "rank": {k: v.state_dict() for k, v in self._per_rank.items()},
+            }
+        )
 
     def load_state_dict(self, state: dict) -> None:
         for part, objs in (("shared", self._shared), ("rank", self._per_rank)):
@@ -64,8 +68,12 @@ class RNG:
     another's."""
 
     def state_dict(self) -> dict:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])

@@ -1,13 +1,12 @@
 """The train module: the DeepSpeed engine and everything about one optimizer step.
 
-    module = TrainModule(cfg, model_cfg, grad_accum)
+    module = TrainModule(cfg, model_cfg, grad_accum, layout)
     module.set_lr(lr); module.set_micro_batches(n)
     loss, grad_norm = module.step(next_micro_batch)   # n forward/backward passes, one update
 
-It owns the engine, the precision, the optimizer's wiring into DeepSpeed and the one
-answer to "where does the grad norm come from", hides pipeline vs data parallel behind
-`step()` and `evaluate()`, and copies its training tensors out and back in (`capture` /
-`restore`) for in-memory rollback points.
+It owns the engine, the precision and the optimizer's wiring, hides pipeline vs data
+parallel behind `step()` and `evaluate()`, and copies its training tensors out and back in
+(`capture` / `restore`) for in-memory rollback points.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from megatrain.optim.grad_norm import GradNormPolicy
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
 from megatrain.train.build import build_model
-from megatrain.train.optimizer import attach, build_optimizer, forget_construction_step, is_tensor_parallel
+from megatrain.train.optimizer import attach, build_optimizer, is_tensor_parallel
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 
@@ -38,8 +37,10 @@ def init_layout(cfg: Config) -> Layout:
     from deepspeed.accelerator import get_accelerator
 
     if cfg.train.precision == "fp16" and get_accelerator().device_name() == "cpu":
-        raise UserError("train.precision=fp16: DeepSpeed does not support fp16 on its CPU accelerator; "
-                        "use train.precision=bf16 (or fp32)")
+        raise UserError(
+            "train.precision=fp16: DeepSpeed does not support fp16 on its CPU accelerator; "
+            "use train.precision=bf16 (or fp32)"
+        )
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dist.init_distributed()
     return Layout.from_config(cfg, dist.world_size(), dist.rank())
@@ -72,13 +73,14 @@ class TrainModule:
         # The optimizer's parameters by name in its own order: a ZeRO-0 checkpoint keeps its
         # state by position only, and resuming on another layout needs the names (layout_free.py).
         self.optimizer_params = [[names[id(p)] for p in g["params"]] for g in groups]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
-                                                    optimizer=self.client_optimizer, config=ds_config)
-        if layout.pipeline and (self.engine.stage_id, self.engine.grid.data_parallel_id) != (layout.stage,
-                                                                                             layout.dp_rank):
-            raise RuntimeError(f"DeepSpeed's pipeline grid put rank {layout.rank} at stage {self.engine.stage_id}, "
-                               f"data-parallel rank {self.engine.grid.data_parallel_id}; megatrain's Layout says "
-                               f"{layout.stage}, {layout.dp_rank}")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=self.client_optimizer, config=ds_config
+        )
+        place = (self.engine.stage_id, self.engine.grid.data_parallel_id) if layout.pipeline else None
+        if place not in (None, (layout.stage, layout.dp_rank)):  # (stage, data-parallel rank)
+            raise RuntimeError(
+                f"rank {layout.rank}: DeepSpeed's pipeline grid says {place}, megatrain's Layout not"
+            )
         attach(self.client_optimizer, model, cfg.optim.weight_decay, layout, self.norm, self.engine)
         if layout.world == 1 and layout.zero_stage == 0:
             # DeepSpeed all-reduces ZeRO-0 gradients in a world of one too: it flattens them
@@ -87,7 +89,9 @@ class TrainModule:
         self.device = self.engine.device
         # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
         self.base_optimizer = wall.base_optimizer(self.engine.optimizer)
-        forget_construction_step(self.base_optimizer)
+        # The state a ZeRO-0 wrapper's construction step made (optimizer.CONSTRUCTION_LR): a
+        # fresh optimizer has none, and makes it at its first step.
+        self.base_optimizer.state.clear()
         self.fp16 = t.precision == "fp16"
 
     @property
@@ -155,8 +159,9 @@ class TrainModule:
             return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
         z_sum = loss_fn.take_z()[0].to(loss_sum)
         # The logged loss is the cross-entropy alone; the z term is its own metric.
-        loss, self.z_loss = dist.all_reduce_mean(torch.stack([loss_sum - loss_fn.z_loss * z_sum, z_sum])
-                                                 / self.grad_accum)
+        loss, self.z_loss = dist.all_reduce_mean(
+            torch.stack([loss_sum - loss_fn.z_loss * z_sum, z_sum]) / self.grad_accum
+        )
         return loss, grad_norm
 
     def _measured_norm(self) -> float:
@@ -194,7 +199,9 @@ class TrainModule:
         row = {"micro_batches": self.engine.micro_batches} if self.layout.pipeline else {}
         if self.engine.module.loss_fn.z_loss:
             row["z_loss"] = self.z_loss  # mean log(Z)^2 over the global batch, before the coefficient
-        row["skipped_steps"] = self.engine.skipped_steps  # updates left out for a non-finite gradient, cumulative
+        row["skipped_steps"] = (
+            self.engine.skipped_steps
+        )  # updates left out for a non-finite gradient, cumulative
         if self.fp16:
             row["loss_scale"] = wall.loss_scale(self.engine.optimizer)
         return row
@@ -257,8 +264,12 @@ class TrainModule:
     def _state_counts(self) -> dict[str, tuple[dict, str]]:
         """Optimizer state kept as plain numbers (DeepSpeed's own Adams count steps in an
         int), by key: the dict that holds each and its name there."""
-        return {f"opt.state.{key}.{name}": (state, name) for key, _, state in self._optimizer_states()
-                for name, value in state.items() if isinstance(value, int | float) and not isinstance(value, bool)}
+        return {
+            f"opt.state.{key}.{name}": (state, name)
+            for key, _, state in self._optimizer_states()
+            for name, value in state.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
 
     def _optimizer_states(self):
         """(position key, parameter, its optimizer state) for each of the optimizer's parameters."""
@@ -272,7 +283,9 @@ class TrainModule:
         tensors = self._state_tensors()
         sizes = [t.numel() * t.element_size() for t in tensors.values()]
         if not any(k.startswith("opt.state.") for k in tensors):
-            sizes += [4 * p.numel() for g in self.base_optimizer.param_groups for p in g["params"]] * 2  # the moments
+            sizes += [
+                4 * p.numel() for g in self.base_optimizer.param_groups for p in g["params"]
+            ] * 2  # the moments
         return sum(host_block_bytes(n, pinned=self.device.type == "cuda") for n in sizes)
 
     def capture(self, reuse: dict | None = None) -> dict:
@@ -289,10 +302,12 @@ class TrainModule:
             if out is None or out.shape != t.shape or out.dtype != t.dtype:
                 out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pinned)
             tensors[key] = out.copy_(t.detach(), non_blocking=pinned)
-        return {"tensors": tensors,
-                "counts": {key: state[name] for key, (state, name) in self._state_counts().items()},
-                "engine_counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
-                "loss_scale": self.loss_scale_state()}
+        return {
+            "tensors": tensors,
+            "counts": {key: state[name] for key, (state, name) in self._state_counts().items()},
+            "engine_counters": {k: getattr(self.engine, k) for k in _ENGINE_COUNTERS},
+            "loss_scale": self.loss_scale_state(),
+        }
 
     def restore(self, snapshot: dict) -> None:
         """Copy a snapshot back in place. Optimizer state created after it (the moments
@@ -305,7 +320,9 @@ class TrainModule:
                 elif key.startswith("opt.state."):
                     t.zero_()
                 else:
-                    raise RuntimeError(f"rollback point has no copy of {key}: the model changed since it was taken")
+                    raise RuntimeError(
+                        f"rollback point has no copy of {key}: the model changed since it was taken"
+                    )
         for key, (state, name) in self._state_counts().items():
             state[name] = snapshot["counts"].get(key, 0)  # made after the point: as a fresh optimizer's
         for name, value in snapshot["engine_counters"].items():

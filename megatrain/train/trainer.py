@@ -49,7 +49,9 @@ class Trainer:
         else:
             self.model_cfg = GPTConfig.from_config(cfg, cfg.model.vocab_size or data_vocab)
         if self.model_cfg.vocab_size < data_vocab:
-            raise UserError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's {data_vocab}")
+            raise UserError(
+                f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's {data_vocab}"
+            )
         self.tokenizer_sha256 = train_data.tokenizer_sha256
         self.run_dir = Path(cfg.run.dir)
         files = Checkpointer(self.run_dir, cfg.checkpoint.keep)
@@ -60,14 +62,28 @@ class Trainer:
         self.lr_schedule = LRSchedule.from_config(cfg)
         batch_schedule = BatchSchedule.from_config(cfg, self.layout.data_parallel)
         self.module = module or TrainModule(cfg, self.model_cfg, batch_schedule.micro_batches(0), self.layout)
-        self.batches = TrainBatches(cfg.data, t.micro_batch, train_data, data_seed(cfg), self.layout.dp_rank,
-                                    self.layout.data_parallel, self.module.device)
+        self.batches = TrainBatches(
+            cfg.data,
+            t.micro_batch,
+            train_data,
+            data_seed(cfg),
+            self.layout.dp_rank,
+            self.layout.data_parallel,
+            self.module.device,
+        )
         self.recovery = SpikeRecovery(cfg.spike, t.seq_len, in_memory=not self.layout.partitioned_parameters)
         self.metrics = LogMetrics(t.log_every)
         self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)
         self.preemption = Preemption()
-        self.callbacks = [self.recovery, self.metrics, self.evaluation, CheckpointEvery(cfg.checkpoint.every_steps),
-                          self.preemption, *callbacks, Heartbeat(self.run_dir / "heartbeat", dist.is_main())]
+        self.callbacks = [
+            self.recovery,
+            self.metrics,
+            self.evaluation,
+            CheckpointEvery(cfg.checkpoint.every_steps),
+            self.preemption,
+            *callbacks,
+            Heartbeat(self.run_dir / "heartbeat", dist.is_main()),
+        ]
         self.state = ResumableState()
         self.state.register("progress", self.progress)
         self.state.register("data", self.batches)
@@ -75,29 +91,58 @@ class Trainer:
         for cb in self.callbacks:
             if cb.stateful:
                 self.state.register(cb.name, cb)
-        self.checkpoints = Checkpoints(cfg, self.layout, self.module, self.state, self.progress, self.log, files,
-                                       self.model_cfg, self.tokenizer_sha256, batch_schedule)
+        self.checkpoints = Checkpoints(
+            cfg,
+            self.layout,
+            self.module,
+            self.state,
+            self.progress,
+            self.log,
+            files,
+            self.model_cfg,
+            self.tokenizer_sha256,
+            batch_schedule,
+        )
         self.outcome: str | None = None  # a callback's stop(): "stopped", "gave_up"
         self.final_checkpoint = False
         RNG.seed(cfg.run.seed, self.layout.rng_index)
         self.checkpoints.resume(resume, self.source)
         self.flops_per_token = flops_per_token(self.model_cfg)
         # With activation checkpointing the hardware also recomputes the blocks' forward pass.
-        self.hardware_flops_per_token = (self.flops_per_token + self.layout.activation_checkpointing
-                                         * recompute_flops_per_token(self.model_cfg))
+        self.hardware_flops_per_token = (
+            self.flops_per_token
+            + self.layout.activation_checkpointing * recompute_flops_per_token(self.model_cfg)
+        )
         self.peak_flops, self.peak_source = peak_flops(cfg, self.module.device)
         params, lay = param_count(self.model_cfg), self.layout
-        self.log.event("start", step=self.progress.step, world_size=lay.world, params=params,
-                       peak_flops=self.peak_flops, peak_flops_source=self.peak_source)
-        ranks = (f"{lay.world} ranks: {lay.pipeline_stages} pipeline x {lay.tensor_parallel} tensor x "
-                 f"{lay.data_parallel} data parallel" if lay.world > lay.data_parallel else f"{lay.world} rank(s)")
-        self.log.print(f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
-                       f"{ranks}, ZeRO-{lay.zero_stage}, {self._precision_text()}; "
-                       f"global batch {self.batch_tokens} tokens ({self.module.grad_accum} x {t.micro_batch} x "
-                       f"{t.seq_len} x {lay.data_parallel}); "
-                       + (f"MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank ({self.peak_source})"
-                          if self.peak_flops else f"no MFU: {self.peak_source}"))
-        for note in self.batch_schedule.rounding_notes():  # the schedule departs from the config: say so
+        self.log.event(
+            "start",
+            step=self.progress.step,
+            world_size=lay.world,
+            params=params,
+            peak_flops=self.peak_flops,
+            peak_flops_source=self.peak_source,
+        )
+        ranks = (
+            f"{lay.world} ranks: {lay.pipeline_stages} pipeline x {lay.tensor_parallel} tensor x "
+            f"{lay.data_parallel} data parallel"
+            if lay.world > lay.data_parallel
+            else f"{lay.world} rank(s)"
+        )
+        self.log.print(
+            f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+            f"{ranks}, ZeRO-{lay.zero_stage}, {self._precision_text()}; "
+            f"global batch {self.batch_tokens} tokens ({self.module.grad_accum} x {t.micro_batch} x "
+            f"{t.seq_len} x {lay.data_parallel}); "
+            + (
+                f"MFU peak {self.peak_flops / 1e9:.1f} GFLOP/s per rank ({self.peak_source})"
+                if self.peak_flops
+                else f"no MFU: {self.peak_source}"
+            )
+        )
+        for (
+            note
+        ) in self.checkpoints.batch_schedule.rounding_notes():  # the schedule departs from the config: say so
             self.log.print(f"schedule: {note}")
             self.log.event("batch_rounded", note=note)
 
@@ -109,11 +154,17 @@ class Trainer:
             if fp32_accumulation(t, self.layout.zero_stage):
                 return "bf16 (gradients summed and reduced in fp32)"
             return "bf16 (gradients summed and reduced in bf16" + (
-                ": DeepSpeed has no fp32 path without ZeRO; ZeRO-1 or 2 has)" if t.grad_accum_dtype == "fp32" else ")")
+                ": DeepSpeed has no fp32 path without ZeRO; ZeRO-1 or 2 has)"
+                if t.grad_accum_dtype == "fp32"
+                else ")"
+            )
         if self.module.device.type != "cuda" or t.precision not in ("fp32", "bf16-autocast"):
             return t.precision
-        return t.precision + (" (fp32 matmuls in TF32)" if t.tf32 else " (fp32 matmuls in full fp32; train.tf32=true "
-                                                                         "runs them in TF32)")
+        return t.precision + (
+            " (fp32 matmuls in TF32)"
+            if t.tf32
+            else " (fp32 matmuls in full fp32; train.tf32=true runs them in TF32)"
+        )
 
     def _check_plan(self) -> None:
         """The planner's memory prediction for this layout, printed before anything is
@@ -121,25 +172,31 @@ class Trainer:
         fastest layout of these ranks that fits."""
         memory, where = device_memory()
         on_gpu = where.startswith("GPU")
-        mine = plan(self.cfg, self.model_cfg, self.layout, memory, peak_flops=1.0, on_gpu=on_gpu)  # memory only
+        mine = plan(
+            self.cfg, self.model_cfg, self.layout, memory, peak_flops=1.0, on_gpu=on_gpu
+        )  # memory only
         parts = mine["per_rank_bytes"]
         breakdown = ", ".join(f"{k} {human(v)}" for k, v in parts.items() if k != "total")
-        self.log.print(f"plan: {human(parts['total'])} per rank predicted ({breakdown}) of {human(memory)} ({where})")
+        self.log.print(
+            f"plan: {human(parts['total'])} per rank predicted ({breakdown}) of {human(memory)} ({where})"
+        )
         if mine["fits"] or not self.cfg.plan.check:
             return
-        fitting = search(self.cfg, self.model_cfg, dist.world_size(), dist.local_world_size(), memory, 1.0,
-                         on_gpu=on_gpu)
+        fitting = search(
+            self.cfg, self.model_cfg, dist.world_size(), dist.local_world_size(), memory, 1.0, on_gpu=on_gpu
+        )
         largest = max((k for k in parts if k not in ("total", "allowance")), key=parts.get)
-        raise UserError(f"plan: this layout needs {human(parts['total'])} per rank ({largest} "
-                        f"{human(parts[largest])}), {where} has {human(memory)}: over by "
-                        f"{human(parts['total'] - memory)}; "
-                        + (f"the fastest layout of {dist.world_size()} rank(s) that fits: {fitting[0]['sets']}"
-                           if fitting else f"no layout of {dist.world_size()} rank(s) fits")
-                        + "; --set plan.check=false starts anyway")
-
-    @property
-    def batch_schedule(self) -> BatchSchedule:
-        return self.checkpoints.batch_schedule
+        raise UserError(
+            f"plan: this layout needs {human(parts['total'])} per rank ({largest} "
+            f"{human(parts[largest])}), {where} has {human(memory)}: over by "
+            f"{human(parts['total'] - memory)}; "
+            + (
+                f"the fastest layout of {dist.world_size()} rank(s) that fits: {fitting[0]['sets']}"
+                if fitting
+                else f"no layout of {dist.world_size()} rank(s) fits"
+            )
+            + "; --set plan.check=false starts anyway"
+        )
 
     @property
     def batch_tokens(self) -> int:
@@ -151,8 +208,11 @@ class Trainer:
     def snapshot(self, reuse: dict | None = None) -> dict:
         """An in-memory rollback point: the engine's tensors and every registered state
         (`reuse`: an older point whose host buffers to overwrite)."""
-        return {"step": self.progress.step, "engine": self.module.capture(reuse and reuse["engine"]),
-                "state": self.state.state_dict()}
+        return {
+            "step": self.progress.step,
+            "engine": self.module.capture(reuse and reuse["engine"]),
+            "state": self.state.state_dict(),
+        }
 
     def restore(self, point: dict) -> None:
         self.module.restore(point["engine"])
@@ -169,7 +229,8 @@ class Trainer:
     def _done(self) -> bool:
         t = self.cfg.train
         return (t.max_steps is not None and self.progress.step >= t.max_steps) or (
-            t.max_tokens is not None and self.progress.tokens >= t.max_tokens)
+            t.max_tokens is not None and self.progress.tokens >= t.max_tokens
+        )
 
     def train_step(self) -> dict:
         """One optimizer step over the global batch, with the schedules set from the tokens
@@ -179,15 +240,27 @@ class Trainer:
         self.batches.at_step_boundary()
         lr = self.lr_schedule(self.progress.tokens)
         self.module.set_lr(lr)
-        self.module.set_micro_batches(self.batch_schedule.micro_batches(self.progress.tokens), self.cfg.train.micro_batch)
+        micro_batches = self.checkpoints.batch_schedule.micro_batches(self.progress.tokens)
+        self.module.set_micro_batches(micro_batches, self.cfg.train.micro_batch)
         loss, grad_norm = self.module.step(self.batches.next)
         self.progress.step += 1
         self.progress.tokens += self.batch_tokens
         dt = time.perf_counter() - t0
         tokens_per_s = self.batch_tokens / dt
-        row = {"kind": "train", "step": self.progress.step, "tokens": self.progress.tokens, "loss": loss, "lr": lr,
-               "batch_tokens": self.batch_tokens, "grad_accum": self.module.grad_accum, "grad_norm": grad_norm,
-               "tokens_per_s": tokens_per_s, "step_time": dt, **self.module.step_stats(), **self.batches.metrics()}
+        row = {
+            "kind": "train",
+            "step": self.progress.step,
+            "tokens": self.progress.tokens,
+            "loss": loss,
+            "lr": lr,
+            "batch_tokens": self.batch_tokens,
+            "grad_accum": self.module.grad_accum,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "step_time": dt,
+            **self.module.step_stats(),
+            **self.batches.metrics(),
+        }
         if self.peak_flops:  # model FLOPs (6N + attention); hardware FLOPs add recomputation
             peak = self.peak_flops * self.layout.world
             row.update(mfu=self.flops_per_token * tokens_per_s / peak, mfu_peak=self.peak_source)
@@ -204,7 +277,9 @@ class Trainer:
             cb.on_start(self)
         while self.outcome is None and not self._done():
             row = self.train_step()
-            flags = dist.any_rank([cb.flag(self, row) for cb in self.callbacks])  # one collective: all ranks agree
+            flags = dist.any_rank(
+                [cb.flag(self, row) for cb in self.callbacks]
+            )  # one collective: all ranks agree
             for cb, flagged in zip(self.callbacks, flags, strict=True):
                 if cb.on_step(self, row, flagged):
                     break  # the step was undone
@@ -220,23 +295,36 @@ class Trainer:
     def _finish(self, elapsed: float, tokens: int, checkpoint: Path) -> dict:
         first, last, val = self.metrics.first, self.metrics.last, self.evaluation.last
         step, cfg = self.progress.step, self.cfg
-        summary = {"outcome": self.outcome, "steps": step, "tokens": self.progress.tokens, "seconds": elapsed,
-                   "first_loss": first and first["loss"], "final_loss": last and last["loss"],
-                   "val_loss": val and val["val_loss"], "rollbacks": self.recovery.rollbacks,
-                   "tokens_per_s": tokens / elapsed}
+        summary = {
+            "outcome": self.outcome,
+            "steps": step,
+            "tokens": self.progress.tokens,
+            "seconds": elapsed,
+            "first_loss": first and first["loss"],
+            "final_loss": last and last["loss"],
+            "val_loss": val and val["val_loss"],
+            "rollbacks": self.recovery.rollbacks,
+            "tokens_per_s": tokens / elapsed,
+        }
         self.log.event("end", **{k: v for k, v in summary.items() if v is not None})
         if self.outcome == "stopped":
-            self.log.print(f"stopped by {self.preemption.signal_name or 'a request on another rank'} after step {step}; "
-                           f"checkpoint {checkpoint}; continue with --resume auto")
+            self.log.print(
+                f"stopped by {self.preemption.signal_name or 'a request on another rank'} after step {step}; "
+                f"checkpoint {checkpoint}; continue with --resume auto"
+            )
         elif self.outcome == "gave_up":
-            self.log.print(f"stopping: the loss spiked again after {cfg.spike.max_rollbacks} rollbacks "
-                           f"(spike.max_rollbacks); rolled back to step {step}, checkpoint {checkpoint}. "
-                           "Look at events.jsonl; lower the learning rate or raise spike.skip before resuming")
+            self.log.print(
+                f"stopping: the loss spiked again after {cfg.spike.max_rollbacks} rollbacks "
+                f"(spike.max_rollbacks); rolled back to step {step}, checkpoint {checkpoint}. "
+                "Look at events.jsonl; lower the learning rate or raise spike.skip before resuming"
+            )
         elif last:
             val_text = f", val loss {val['val_loss']:.4f} (ppl {val['val_ppl']:.1f})" if val else ""
-            self.log.print(f"done: {step} steps, {self.progress.tokens:,} tokens in {elapsed:.0f}s; "
-                           f"loss {first['loss']:.4f} -> {last['loss']:.4f}{val_text}; "
-                           f"{last['tokens_per_s']:,.0f} tokens/s{_mfu_text(last)}; run dir {self.run_dir}")
+            self.log.print(
+                f"done: {step} steps, {self.progress.tokens:,} tokens in {elapsed:.0f}s; "
+                f"loss {first['loss']:.4f} -> {last['loss']:.4f}{val_text}; "
+                f"{last['tokens_per_s']:,.0f} tokens/s{_mfu_text(last)}; run dir {self.run_dir}"
+            )
         self.log.close()
         return summary
 
@@ -244,4 +332,6 @@ class Trainer:
 def _mfu_text(row: dict) -> str:
     if "mfu" not in row:
         return ""
-    return f", MFU {100 * row['mfu']:.2f}%" + (" of a CPU matmul probe" if row["mfu_peak"] == CPU_PROBE else "")
+    return f", MFU {100 * row['mfu']:.2f}%" + (
+        " of a CPU matmul probe" if row["mfu_peak"] == CPU_PROBE else ""
+    )

@@ -7,8 +7,14 @@ from helpers import pretrain
 
 from megatrain.train.metrics import read_metrics
 
-COMMON = ["train.max_steps=6", "train.eval_every=0", "checkpoint.every_steps=0", "optim.lr=1e-2",
-          "optim.grad_clip=1.0", "train.precision=fp32"]
+COMMON = [
+    "train.max_steps=6",
+    "train.eval_every=0",
+    "checkpoint.every_steps=0",
+    "optim.lr=1e-2",
+    "optim.grad_clip=1.0",
+    "train.precision=fp32",
+]
 
 
 def _rows(run):
@@ -21,7 +27,9 @@ def test_fused_equals_deepspeed_adamw_with_clipping(stage, tmp_path, small_data)
     clipping active in some steps: the norm is taken over both ranks' gradient shards (one
     all-reduce), and weight decay still skips biases, norms and embeddings inside the flat
     ZeRO partition."""
-    pretrain(tmp_path / "fused", small_data, *COMMON, f"parallel.zero_stage={stage}", "optim.name=fused_adamw")
+    pretrain(
+        tmp_path / "fused", small_data, *COMMON, f"parallel.zero_stage={stage}", "optim.name=fused_adamw"
+    )
     pretrain(tmp_path / "stock", small_data, *COMMON, f"parallel.zero_stage={stage}", "optim.name=adamw")
     fused, stock = _rows(tmp_path / "fused"), _rows(tmp_path / "stock")
     assert [r["loss"] for r in fused] == pytest.approx([r["loss"] for r in stock], rel=2e-5)
@@ -30,4 +38,3 @@ def test_fused_equals_deepspeed_adamw_with_clipping(stage, tmp_path, small_data)
     assert any(clipped), [r["grad_norm"] for r in fused]  # clipping really happened
     assert all(r["skipped_steps"] == 0 for r in fused)
     assert fused[-1]["loss"] < fused[0]["loss"]
-

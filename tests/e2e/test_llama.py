@@ -14,11 +14,21 @@ from megatrain.data import TokenDataset
 from megatrain.train.convert import load_model
 from megatrain.train.metrics import read_metrics
 
-LLAMA = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.tie_embeddings=false",
-         "optim.z_loss=1e-4", "train.max_steps=12", "checkpoint.every_steps=6", "train.eval_every=6"]
-LAYOUTS = {"zero3": (2, ["parallel.zero_stage=3", "model.activation_checkpointing=true"]),
-           "pipe2": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
-           "tp2": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"])}
+LLAMA = [
+    "model.arch=llama",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.tie_embeddings=false",
+    "optim.z_loss=1e-4",
+    "train.max_steps=12",
+    "checkpoint.every_steps=6",
+    "train.eval_every=6",
+]
+LAYOUTS = {
+    "zero3": (2, ["parallel.zero_stage=3", "model.activation_checkpointing=true"]),
+    "pipe2": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
+    "tp2": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +56,9 @@ def test_every_layout_follows_the_same_trajectory(llama_run, tmp_path, small_dat
     nproc, sets = LAYOUTS[layout]
     pretrain(tmp_path / "run", small_data, *LLAMA, *sets, nproc=nproc)
     assert train_losses(tmp_path / "run") == pytest.approx(train_losses(llama_run), rel=1e-5)
-    z = [[r["z_loss"] for r in read_metrics(d) if r["kind"] == "train"] for d in (tmp_path / "run", llama_run)]
+    z = [
+        [r["z_loss"] for r in read_metrics(d) if r["kind"] == "train"] for d in (tmp_path / "run", llama_run)
+    ]
     assert z[0] == pytest.approx(z[1], rel=1e-4)
 
 
@@ -78,20 +90,38 @@ def test_export_generate_and_evaluate(llama_run, small_data, small_tokenizer, tm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "hf"
-    run_script("export_hf.py", llama_run, "--tokenizer", small_tokenizer, "--out", out, env={"HF_HUB_OFFLINE": "1"})
+    run_script(
+        "export_hf.py", llama_run, "--tokenizer", small_tokenizer, "--out", out, env={"HF_HUB_OFFLINE": "1"}
+    )
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 2
     ours = load_model(llama_run)
-    real = torch.from_numpy(TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64"))[:, :-1]
+    real = torch.from_numpy(
+        TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64")
+    )[:, :-1]
     with torch.no_grad():
         assert float((hf(real).logits - ours(real)).abs().max()) < 1e-4
     hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     prompt = hf_tok("def parse(self, text):\n    return", return_tensors="pt")["input_ids"]
-    greedy = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                         eos_token_id=None)
+    greedy = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None
+    )
     assert torch.equal(ours.generate(prompt, 12, temperature=0), greedy)
-    proc = run_script("generate.py", "--checkpoint", llama_run, "--tokenizer", small_tokenizer, "--prompt", "def ",
-                      "--temperature", "0", "--max-new-tokens", "8")
+    proc = run_script(
+        "generate.py",
+        "--checkpoint",
+        llama_run,
+        "--tokenizer",
+        small_tokenizer,
+        "--prompt",
+        "def ",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    )
     assert proc.stdout.strip()
-    proc = run_script("evaluate.py", "--checkpoint", llama_run, "--tokenizer", small_tokenizer, "--input", small_data)
+    proc = run_script(
+        "evaluate.py", "--checkpoint", llama_run, "--tokenizer", small_tokenizer, "--input", small_data
+    )
     assert "bits per byte" in proc.stdout

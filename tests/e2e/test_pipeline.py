@@ -35,7 +35,9 @@ def test_pipeline_equals_data_parallel(p2_run, runs):
     p2 = [r for r in read_metrics(p2_run) if r["kind"] == "train"]
     p1 = [r for r in read_metrics(runs(1, "fp32")) if r["kind"] == "train"]
     assert [r["grad_norm"] for r in p2] == pytest.approx([r["grad_norm"] for r in p1], rel=1e-5)
-    assert any(r["grad_norm"] > 0.6 for r in p2) and any(r["grad_norm"] < 0.6 for r in p2)  # clipped steps: the norm spans both stages, tied table once
+    assert any(r["grad_norm"] > 0.6 for r in p2) and any(
+        r["grad_norm"] < 0.6 for r in p2
+    )  # clipped steps: the norm spans both stages, tied table once
     assert all(r["micro_batches"] == r["grad_accum"] == 4 for r in p2)  # 512 tokens / (4 x 32 x 1 rank)
 
 
@@ -50,7 +52,9 @@ def test_pipeline_with_activation_checkpointing(p2_run, tmp_path, small_data):
     """The blocks are recomputed in the backward pass, the embedding is not (its int64 input
     under DeepSpeed's reentrant checkpoint left nothing on the first stage requiring grad,
     and the backward raised): the same losses as without, and the hardware does more."""
-    pretrain(tmp_path / "run", small_data, *PIPE, "model.activation_checkpointing=true", "checkpoint.every_steps=0")
+    pretrain(
+        tmp_path / "run", small_data, *PIPE, "model.activation_checkpointing=true", "checkpoint.every_steps=0"
+    )
     assert train_losses(tmp_path / "run") == train_losses(p2_run)
     assert all(r["hfu"] > r["mfu"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train")
 
@@ -65,13 +69,22 @@ def test_pipeline_times_data_parallel_four_processes(tmp_path, small_data, runs)
 
 
 def test_zero2_with_pipeline_is_refused(tmp_path, small_data):
-    proc = pretrain(tmp_path / "run", small_data, "parallel.pipeline_stages=2", "parallel.zero_stage=2", nproc=0,
-                    check=False)
+    proc = pretrain(
+        tmp_path / "run",
+        small_data,
+        "parallel.pipeline_stages=2",
+        "parallel.zero_stage=2",
+        nproc=0,
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {TINY_CONFIG}: parallel.zero_stage=2 cannot be combined with parallel.pipeline_stages=2: DeepSpeed's "
-        "pipeline engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule still needs); "
-        "use parallel.zero_stage=1"]
+        f"error: {TINY_CONFIG}: parallel.zero_stage=2 cannot be combined with parallel.pipeline_stages=2: "
+        "DeepSpeed's "
+        "pipeline engine supports ZeRO-1 at most (it would partition gradients the pipeline schedule still "
+        "needs); "
+        "use parallel.zero_stage=1"
+    ]
 
 
 def test_pipeline_resume_is_exact(p2_run, tmp_path, small_data):
@@ -82,9 +95,16 @@ def test_pipeline_resume_is_exact(p2_run, tmp_path, small_data):
 
 
 def test_batch_ramp_changes_pipeline_micro_batches(tmp_path, small_data):
-    ramp = ["schedule.batch_start_tokens=128", "schedule.batch_final_tokens=1024", "schedule.batch_ramp_tokens=3000",
-            "train.micro_batch=2", "train.max_steps=null", "train.max_tokens=4096", "checkpoint.every_steps=0",
-            "train.eval_every=0"]
+    ramp = [
+        "schedule.batch_start_tokens=128",
+        "schedule.batch_final_tokens=1024",
+        "schedule.batch_ramp_tokens=3000",
+        "train.micro_batch=2",
+        "train.max_steps=null",
+        "train.max_tokens=4096",
+        "checkpoint.every_steps=0",
+        "train.eval_every=0",
+    ]
     pretrain(tmp_path / "run", small_data, *PIPE, *ramp)
     rows = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     micro = [r["micro_batches"] for r in rows]
@@ -94,6 +114,7 @@ def test_batch_ramp_changes_pipeline_micro_batches(tmp_path, small_data):
 
 
 # --- one consolidated state dict from any layout ----------------------------------------
+
 
 def _validation_loss(model: GPT, data, n_samples: int, micro_batch: int) -> float:
     """The trainer's validation: the first n samples of valid/, mean over equal micro-batches."""
@@ -109,11 +130,24 @@ def _validation_loss(model: GPT, data, n_samples: int, micro_batch: int) -> floa
 
 @pytest.mark.parametrize("layout", ["zero0", "zero1", "zero3", "pipeline"])
 def test_converted_checkpoint_gives_the_reported_validation_loss(layout, runs, p2_run, small_data, tmp_path):
-    run = {"zero0": lambda: runs(0, "fp32"), "zero1": lambda: runs(1, "fp32"), "zero3": lambda: runs(3, "fp32"),
-           "pipeline": lambda: p2_run}[layout]()
+    run = {
+        "zero0": lambda: runs(0, "fp32"),
+        "zero1": lambda: runs(1, "fp32"),
+        "zero3": lambda: runs(3, "fp32"),
+        "pipeline": lambda: p2_run,
+    }[layout]()
     out = tmp_path / "gpt.safetensors"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "convert_checkpoint.py"),
-                           str(run / "checkpoints" / "step-00000006"), "--out", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "convert_checkpoint.py"),
+            str(run / "checkpoints" / "step-00000006"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[8:9] == b"{"  # a safetensors header, no pickle
     model = load_consolidated(out)
@@ -126,6 +160,7 @@ def test_converted_checkpoint_gives_the_reported_validation_loss(layout, runs, p
 
 # --- two "nodes" on one machine ------------------------------------------------------
 
+
 def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs):
     """Two deepspeed launchers as two nodes (--no_ssh, node_rank 0 and 1, one rank each) give
     the loss trajectory of one launcher with 2 ranks."""
@@ -134,16 +169,46 @@ def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs)
     port = free_port()
     run = tmp_path / "run"
     launcher = DEEPSPEED
-    script = [str(REPO / "launch" / "pretrain.py"), "--config", str(TINY_CONFIG), "--set", f"run.dir={run}",
-              "--set", f"data.path={small_data}", "--set", "parallel.zero_stage=1"]
+    script = [
+        str(REPO / "launch" / "pretrain.py"),
+        "--config",
+        str(TINY_CONFIG),
+        "--set",
+        f"run.dir={run}",
+        "--set",
+        f"data.path={small_data}",
+        "--set",
+        "parallel.zero_stage=1",
+    ]
     # Each "node" would take every core of this machine (one local rank each): give each rank
     # the one core it has under one launcher, and with it the same arithmetic.
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2))}
-    nodes = [subprocess.Popen([launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                               "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1",
-                               "--master_port", str(port), *script],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                launcher,
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(rank),
+                "--num_nodes",
+                "2",
+                "--num_gpus",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                *script,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert "done:" in outputs[0]
@@ -156,20 +221,47 @@ def test_an_mpi_style_launch_is_one_world(tmp_path, small_data, runs):
     launcher's 2 ranks, and one checkpoint with both ranks' files (each had been a world of
     one, both writing one run directory)."""
     run, port = tmp_path / "run", free_port()
-    script = [sys.executable, str(REPO / "launch" / "pretrain.py"), "--config", str(TINY_CONFIG), "--set",
-              f"run.dir={run}", "--set", f"data.path={small_data}", "--set", "parallel.zero_stage=1"]
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")}
-    ranks = [subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**base, "OMPI_COMM_WORLD_RANK": str(r), "OMPI_COMM_WORLD_SIZE": "2",
-                                   "OMPI_COMM_WORLD_LOCAL_RANK": str(r), "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in (0, 1)]
+    script = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--config",
+        str(TINY_CONFIG),
+        "--set",
+        f"run.dir={run}",
+        "--set",
+        f"data.path={small_data}",
+        "--set",
+        "parallel.zero_stage=1",
+    ]
+    base = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
+    }
+    ranks = [
+        subprocess.Popen(
+            script,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={
+                **base,
+                "OMPI_COMM_WORLD_RANK": str(r),
+                "OMPI_COMM_WORLD_SIZE": "2",
+                "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for r in (0, 1)
+    ]
     outputs = [rank.communicate(timeout=600)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     assert "2 rank(s), ZeRO-1" in outputs[0]
     assert train_losses(run) == train_losses(runs(1, "fp32"))
     assert sorted(p.name for p in (run / "checkpoints" / "step-00000006").glob("megatrain-rank*.pt")) == [
-        "megatrain-rank00000.pt", "megatrain-rank00001.pt"]
+        "megatrain-rank00000.pt",
+        "megatrain-rank00001.pt",
+    ]
 
 
 def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
@@ -187,9 +279,12 @@ def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
 
     cfg = load_config(TINY_CONFIG, [f"data.path={small_data}"])
     wide = ["model.d_model=1280", "model.n_head=8", "model.n_layer=1"]  # mlp.fc: 4 x 1280^2 = 1.56 pieces
-    for name, layout in [("zero1", ["parallel.zero_stage=1"]), ("pipeline", PIPE),
-                         ("tp2-wide", ["parallel.tensor_parallel=2", "parallel.zero_stage=1", *wide]),
-                         ("zero3-wide", ["parallel.zero_stage=3", *wide])]:
+    for name, layout in [
+        ("zero1", ["parallel.zero_stage=1"]),
+        ("pipeline", PIPE),
+        ("tp2-wide", ["parallel.tensor_parallel=2", "parallel.zero_stage=1", *wide]),
+        ("zero3-wide", ["parallel.zero_stage=3", *wide]),
+    ]:
         run = tmp_path / name
         pretrain(run, small_data, *layout, "train.max_steps=0", "train.eval_every=0")
         sd, model_cfg = consolidate(run / "checkpoints" / "step-00000000")
@@ -200,8 +295,9 @@ def test_initial_weights_are_the_same_in_every_layout(tmp_path, small_data):
 
 
 @pytest.mark.parametrize("layout", ["zero1", "zero3", "pipeline"])
-def test_hugging_face_export_gives_the_same_logits_and_greedy_text(layout, runs, p2_run, small_data, small_tokenizer,
-                                                                    tmp_path):
+def test_hugging_face_export_gives_the_same_logits_and_greedy_text(
+    layout, runs, p2_run, small_data, small_tokenizer, tmp_path
+):
     """launch/export_hf.py from a run directory: transformers loads it offline as
     GPT2LMHeadModel with its tokenizer; its fp32 logits equal megatrain's within 1e-4 on
     random and real inputs, and its greedy generation equals megatrain's (KV cache) token
@@ -212,11 +308,24 @@ def test_hugging_face_export_gives_the_same_logits_and_greedy_text(layout, runs,
 
     from tokenizer import Tokenizer
 
-    run = {"zero1": lambda: runs(1, "fp32"), "zero3": lambda: runs(3, "fp32"), "pipeline": lambda: p2_run}[layout]()
+    run = {"zero1": lambda: runs(1, "fp32"), "zero3": lambda: runs(3, "fp32"), "pipeline": lambda: p2_run}[
+        layout
+    ]()
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(run), "--tokenizer",
-                           str(small_tokenizer), "--out", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "export_hf.py"),
+            str(run),
+            "--tokenizer",
+            str(small_tokenizer),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel" and hf.generation_config.eos_token_id == 4
@@ -234,8 +343,9 @@ def test_hugging_face_export_gives_the_same_logits_and_greedy_text(layout, runs,
     prompt = hf_tok(text, return_tensors="pt")["input_ids"]
     assert prompt[0].tolist() == tok.encode(text)
     greedy = ours.generate(prompt, 16, temperature=0)
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
-                         eos_token_id=None)
+    theirs = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False, eos_token_id=None
+    )
     assert torch.equal(greedy, theirs) and hf_tok.decode(theirs[0]) == tok.decode(greedy[0].tolist())
 
 
@@ -244,20 +354,43 @@ def test_export_refuses_a_damaged_checkpoint(runs, small_tokenizer, tmp_path):
     target = run / "checkpoints" / "step-00000006" / "mp_rank_00_model_states.pt"
     target.write_bytes(target.read_bytes()[:-100])
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "export_hf.py"), str(target.parent), "--tokenizer",
-                           str(small_tokenizer), "--out", str(out)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "export_hf.py"),
+            str(target.parent),
+            "--tokenizer",
+            str(small_tokenizer),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "mp_rank_00_model_states.pt" in proc.stderr.strip().splitlines()[-1]
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp"))
 
 
-def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_tokenizer, small_data, tmp_path):
+def test_generate_script_streams_greedy_text_and_cuts_long_prompts(
+    runs, small_tokenizer, small_data, tmp_path
+):
     """launch/generate.py on a run: greedy text equals the model's own greedy continuation;
     a prompt longer than the context keeps its last tokens and says so."""
     from tokenizer import Tokenizer
 
     run = runs(1, "fp32")
-    script = [sys.executable, str(REPO / "launch" / "generate.py"), "--checkpoint", str(run), "--tokenizer",
-              str(small_tokenizer), "--max-new-tokens", "12", "--temperature", "0"]
+    script = [
+        sys.executable,
+        str(REPO / "launch" / "generate.py"),
+        "--checkpoint",
+        str(run),
+        "--tokenizer",
+        str(small_tokenizer),
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    ]
     proc = subprocess.run([*script, "--prompt", "def parse("], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     tok = Tokenizer.load(small_tokenizer)
@@ -265,27 +398,36 @@ def test_generate_script_streams_greedy_text_and_cuts_long_prompts(runs, small_t
     model = GPT(cfg).eval()
     model.load_state_dict(sd)
     ids = tok.encode("def parse(")
-    new = model.generate(torch.tensor([ids]), 12, temperature=0, eos_id=tok.eod_id)[0, len(ids):].tolist()
+    new = model.generate(torch.tensor([ids]), 12, temperature=0, eos_id=tok.eod_id)[0, len(ids) :].tolist()
     expected = "def parse(" + tok.decode([i for i in new if i != tok.eod_id])
-    assert proc.stdout[proc.stdout.index("def parse("):] == expected + "\n"  # after DeepSpeed's import banner
+    assert (
+        proc.stdout[proc.stdout.index("def parse(") :] == expected + "\n"
+    )  # after DeepSpeed's import banner
     long = "x = 1\n" * 40
     proc = subprocess.run([*script, "--prompt", long, "--num-samples", "2"], capture_output=True, text=True)
     assert proc.returncode == 0 and f"generating from its last {cfg.seq_len - 1}" in proc.stderr
     assert proc.stdout.count("--- sample") == 2
     prompts = tmp_path / "prompts.txt"  # two prompts of one length form one batch, the third its own
     prompts.write_text("def f(\nimport os\ndef g(\n")
-    proc = subprocess.run([*script, "--prompt-file", str(prompts), "--num-samples", "2"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*script, "--prompt-file", str(prompts), "--num-samples", "2"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     heads = [line for line in proc.stdout.splitlines() if line.startswith("--- prompt")]
     assert heads == [f"--- prompt {i}, sample {j}" for i in (1, 2, 3) for j in (1, 2)]
     # --device and --dtype: the model's own greedy text in bf16; a device that is not here is one line
-    proc = subprocess.run([*script, "--prompt", "def parse(", "--device", "cpu", "--dtype", "bf16"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*script, "--prompt", "def parse(", "--device", "cpu", "--dtype", "bf16"],
+        capture_output=True,
+        text=True,
+    )
     bf16 = load_model(run, tok, "cpu", torch.bfloat16)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    new = bf16.generate(torch.tensor([ids]), 12, temperature=0, eos_id=tok.eod_id)[0, len(ids):].tolist()
+    new = bf16.generate(torch.tensor([ids]), 12, temperature=0, eos_id=tok.eod_id)[0, len(ids) :].tolist()
     expected = "def parse(" + tok.decode([i for i in new if i != tok.eod_id])
-    assert proc.returncode == 0 and proc.stdout[proc.stdout.index("def parse("):] == expected + "\n", proc.stderr
+    assert proc.returncode == 0 and proc.stdout[proc.stdout.index("def parse(") :] == expected + "\n", (
+        proc.stderr
+    )
     if not torch.cuda.is_available():
         proc = subprocess.run([*script, "--prompt", "x", "--device", "cuda"], capture_output=True, text=True)
         assert proc.returncode == 2 and "no CUDA device here" in proc.stderr.strip().splitlines()[-1]
@@ -301,23 +443,38 @@ def test_evaluate_script_scores_documents_in_bits_per_byte(runs, small_tokenizer
     from helpers import SMALL_CORPUS
 
     run = runs(1, "fp32")
-    script = [sys.executable, str(REPO / "launch" / "evaluate.py"), "--checkpoint", str(run), "--tokenizer",
-              str(small_tokenizer), "--quiet", "--stride", "16"]
+    script = [
+        sys.executable,
+        str(REPO / "launch" / "evaluate.py"),
+        "--checkpoint",
+        str(run),
+        "--tokenizer",
+        str(small_tokenizer),
+        "--quiet",
+        "--stride",
+        "16",
+    ]
     files = sorted(Path(SMALL_CORPUS[0]).glob("*.py"))[:3]
     for inputs in ([str(f) for f in files], [str(small_data)]):
         out = tmp_path / "eval.json"
-        proc = subprocess.run([*script, "--input", *inputs, "--json", str(out)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [*script, "--input", *inputs, "--json", str(out)], capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr
         result = json.loads(out.read_text())
         assert {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "documents", "files"} <= set(result)
         assert result["documents"] > 0 and result["bytes"] > result["tokens"] > 0
-        assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2)
-                                                        / result["bytes"])
+        assert result["bits_per_byte"] == pytest.approx(
+            result["loss"] * result["tokens"] / math.log(2) / result["bytes"]
+        )
         assert 0 < result["bits_per_byte"] < 8 * 2  # better than nothing, on text the run trained on
         assert sum(f["documents"] for f in result["files"]) == result["documents"]
     # in bf16 (half the memory): nearly the same figure
-    proc = subprocess.run([*script, "--input", str(small_data), "--json", str(tmp_path / "bf16.json"), "--dtype",
-                           "bf16"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*script, "--input", str(small_data), "--json", str(tmp_path / "bf16.json"), "--dtype", "bf16"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     bf16 = json.loads((tmp_path / "bf16.json").read_text())
     assert bf16["tokens"] == result["tokens"] and bf16["loss"] == pytest.approx(result["loss"], rel=0.02)
@@ -338,15 +495,41 @@ def test_export_in_bf16_and_one_line_refusals(runs, small_tokenizer, tmp_path):
 
     run = runs(1, "fp32")
     export = [sys.executable, str(REPO / "launch" / "export_hf.py")]
-    proc = subprocess.run([*export, str(run), "--tokenizer", str(small_tokenizer), "--out", str(tmp_path / "bf16"),
-                           "--dtype", "bf16"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            *export,
+            str(run),
+            "--tokenizer",
+            str(small_tokenizer),
+            "--out",
+            str(tmp_path / "bf16"),
+            "--dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", local_files_only=True, dtype="auto")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     other = tmp_path / "other-tok"
-    run_script("train_tokenizer.py", "--input", SMALL_CORPUS[0], "--vocab-size", "500", "--out", other, "--quiet")
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), "--checkpoint", str(run),
-                           "--tokenizer", str(other), "--prompt", "x"], capture_output=True, text=True)
+    run_script(
+        "train_tokenizer.py", "--input", SMALL_CORPUS[0], "--vocab-size", "500", "--out", other, "--quiet"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "generate.py"),
+            "--checkpoint",
+            str(run),
+            "--tokenizer",
+            str(other),
+            "--prompt",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "not the tokenizer the run's data" in proc.stderr.strip().splitlines()[-1]
     bad = copy_until(run, tmp_path / "bad", step=6)
     state_file = bad / "checkpoints" / "step-00000006" / "megatrain.json"
@@ -357,9 +540,19 @@ def test_export_in_bf16_and_one_line_refusals(runs, small_tokenizer, tmp_path):
     entries = json.loads(manifest.read_text())
     from megatrain.files import file_sha256
 
-    entries["files"]["megatrain.json"] = {"bytes": state_file.stat().st_size, "sha256": file_sha256(state_file)}
+    entries["files"]["megatrain.json"] = {
+        "bytes": state_file.stat().st_size,
+        "sha256": file_sha256(state_file),
+    }
     manifest.write_text(json.dumps(entries))
-    proc = subprocess.run([*export, str(bad), "--tokenizer", str(small_tokenizer), "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*export, str(bad), "--tokenizer", str(small_tokenizer), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 2 and "the weights do not fit the model shape" in last and not (tmp_path / "x").exists()
+    assert (
+        proc.returncode == 2
+        and "the weights do not fit the model shape" in last
+        and not (tmp_path / "x").exists()
+    )

@@ -17,8 +17,10 @@ STAGES = [0, 1, 2, 3]
 
 # Every stage in fp32 and bf16; bf16-autocast (torch.autocast around the forward pass, which
 # no stage changes) with whole parameters (ZeRO-0) and with partitioned ones (ZeRO-3).
-@pytest.mark.parametrize("stage, precision", [(stage, p) for stage in STAGES for p in ("fp32", "bf16")]
-                         + [(0, "bf16-autocast"), (3, "bf16-autocast")])
+@pytest.mark.parametrize(
+    "stage, precision",
+    [(stage, p) for stage in STAGES for p in ("fp32", "bf16")] + [(0, "bf16-autocast"), (3, "bf16-autocast")],
+)
 def test_every_zero_stage_trains(runs, stage, precision):
     losses = train_losses(runs(stage, precision))
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
@@ -76,7 +78,9 @@ def test_checkpoints_are_published_atomically(runs):
     for c in ckpts:
         assert Checkpointer.verify(c) is None
         manifest = json.loads((c / "manifest.json").read_text())
-        assert {"megatrain.json", "megatrain-rank00000.pt", "megatrain-rank00001.pt"} <= set(manifest["files"])
+        assert {"megatrain.json", "megatrain-rank00000.pt", "megatrain-rank00001.pt"} <= set(
+            manifest["files"]
+        )
 
 
 def test_resume_is_exact_in_fp32(runs, tmp_path, small_data):
@@ -93,8 +97,13 @@ def test_resume_in_bf16_within_tolerance(runs, tmp_path, small_data):
     keeps fp32 master weights in its checkpoint; on this CPU it even comes out bitwise)."""
     straight = runs(1, "bf16")
     resumed = copy_until(straight, tmp_path / "resumed", step=6)  # `latest` says 6; resume from 3 by path
-    pretrain(resumed, small_data, "parallel.zero_stage=1", "train.precision=bf16",
-             resume=str(resumed / "checkpoints" / "step-00000003"))
+    pretrain(
+        resumed,
+        small_data,
+        "parallel.zero_stage=1",
+        "train.precision=bf16",
+        resume=str(resumed / "checkpoints" / "step-00000003"),
+    )
     assert train_losses(resumed) == pytest.approx(train_losses(straight), rel=1e-3)
 
 
@@ -102,8 +111,7 @@ def test_kill_during_checkpoint_write_keeps_latest(runs, tmp_path, small_data):
     """SIGKILL of rank 1 while it writes checkpoint 6: `latest` stays on 3, and --resume auto
     finishes the run with the losses of a run that was never killed."""
     run = tmp_path / "run"
-    proc = pretrain(run, small_data, "parallel.zero_stage=1", check=False,
-                    faults=["checkpoint_write@6:1"])
+    proc = pretrain(run, small_data, "parallel.zero_stage=1", check=False, faults=["checkpoint_write@6:1"])
     assert proc.returncode != 0
     assert (run / "latest").read_text().strip() == "checkpoints/step-00000003"
     # the unfinished write is never published (rank 0 may remove it before the launcher stops it)
@@ -147,27 +155,36 @@ def test_a_run_dir_a_rank_does_not_share_is_refused(runs, tmp_path, small_data):
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = pretrain(run, small_data, "parallel.zero_stage=1", check=False, faults=["own_run_dir@0:1"])
     assert proc.returncode == 2
-    assert (f"error: run.dir={run}: rank 1 (on " in proc.stderr and "does not see the files rank 0 writes there; "
-            "every rank writes checkpoints into it: put it on a filesystem all nodes share" in proc.stderr)
+    assert (
+        f"error: run.dir={run}: rank 1 (on " in proc.stderr
+        and "does not see the files rank 0 writes there; "
+        "every rank writes checkpoints into it: put it on a filesystem all nodes share"
+        in proc.stderr
+    )
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_changed_model_shape_is_refused(runs, tmp_path, small_data):
     """(A changed layout is resumed: tests/e2e/test_reshard.py.)"""
     run = copy_until(runs(1, "fp32"), tmp_path / "run", step=6)
-    proc = pretrain(run, small_data, "parallel.zero_stage=1", "model.n_layer=3", "train.max_steps=8", nproc=0,
-                    check=False)
+    proc = pretrain(
+        run, small_data, "parallel.zero_stage=1", "model.n_layer=3", "train.max_steps=8", nproc=0, check=False
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith(
-        "the checkpoint is for another model shape n_layer: 2 in the checkpoint, 3 now")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("the checkpoint is for another model shape n_layer: 2 in the checkpoint, 3 now")
+    )
 
 
 def test_a_layout_predicted_not_to_fit_is_refused_before_anything_is_allocated(tmp_path, small_data):
     """GPT-3 175B's shape on one CPU rank: the planner's prediction (terabytes) is printed
     and the run refused in one line, before the model is built."""
     run = tmp_path / "run"
-    proc = pretrain(run, small_data, "model.n_layer=96", "model.d_model=12288", "model.n_head=96", nproc=0,
-                    check=False)
+    proc = pretrain(
+        run, small_data, "model.n_layer=96", "model.d_model=12288", "model.n_head=96", nproc=0, check=False
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "plan: " in proc.stdout and "GiB per rank predicted (params " in proc.stdout
     line = proc.stderr.strip().splitlines()[-1]
@@ -181,8 +198,13 @@ def test_world_of_one_zero0_skips_the_allreduce_without_changing_numerics(tmp_pa
     ZeRO-1, which reduces into its own partition, follows the same trajectory."""
     losses = {}
     for stage in (0, 1):
-        pretrain(tmp_path / f"zero{stage}", small_data, f"parallel.zero_stage={stage}", "checkpoint.every_steps=0",
-                 nproc=0)
+        pretrain(
+            tmp_path / f"zero{stage}",
+            small_data,
+            f"parallel.zero_stage={stage}",
+            "checkpoint.every_steps=0",
+            nproc=0,
+        )
         losses[stage] = train_losses(tmp_path / f"zero{stage}")
     assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
@@ -207,8 +229,10 @@ def test_single_process_with_wandb_offline_and_plot(tmp_path, small_data):
 def test_fp16_refused_on_cpu_with_pointer_to_bf16(tmp_path, small_data):
     proc = pretrain(tmp_path / "run", small_data, "train.precision=fp16", nproc=0, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("error: train.precision=fp16: DeepSpeed does not support fp16 on "
-                                                    "its CPU accelerator; use train.precision=bf16 (or fp32)")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: train.precision=fp16: DeepSpeed does not support fp16 on "
+        "its CPU accelerator; use train.precision=bf16 (or fp32)"
+    )
 
 
 def test_zero3_non_finite_gradients_skip_the_whole_step(tmp_path, small_data):
@@ -216,19 +240,34 @@ def test_zero3_non_finite_gradients_skip_the_whole_step(tmp_path, small_data):
     off) every sub-group on every rank skips together: the fp32 partitions and the step
     counts after step 3 equal those after step 2, and step 4 trains again."""
     run = tmp_path / "run"
-    pretrain(run, small_data, "parallel.zero_stage=3", "spike.enabled=false", "train.max_steps=4",
-             "checkpoint.every_steps=1", "checkpoint.keep=9", "train.eval_every=0", faults=["nan_loss@3"])
+    pretrain(
+        run,
+        small_data,
+        "parallel.zero_stage=3",
+        "spike.enabled=false",
+        "train.max_steps=4",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=9",
+        "train.eval_every=0",
+        faults=["nan_loss@3"],
+    )
     assert math.isnan(train_losses(run)[2])
 
     def optimizer_states(step):
         files = sorted((run / "checkpoints" / f"step-{step:08d}").glob("*optim_states.pt"))
         assert len(files) == 2  # one per rank
-        states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
-        return ([t for s in states for t in s["fp32_flat_groups"]],
-                [float(v["step"]) for s in states for v in s["optimizer_state_dict"]["state"].values()])
+        states = [
+            torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files
+        ]
+        return (
+            [t for s in states for t in s["fp32_flat_groups"]],
+            [float(v["step"]) for s in states for v in s["optimizer_state_dict"]["state"].values()],
+        )
 
     (w2, n2), (w3, n3), (w4, n4) = (optimizer_states(s) for s in (2, 3, 4))
-    assert len(n2) >= 4 and n2 == n3 == [2.0] * len(n2) and n4 == [3.0] * len(n4)  # every sub-group, both ranks
+    assert (
+        len(n2) >= 4 and n2 == n3 == [2.0] * len(n2) and n4 == [3.0] * len(n4)
+    )  # every sub-group, both ranks
     assert all(torch.equal(a, b) for a, b in zip(w2, w3, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(w3, w4, strict=True))
 
@@ -239,8 +278,17 @@ def test_a_step_deepspeed_skips_logs_an_infinite_norm(tmp_path, small_data):
     earlier norm to fall back on (it raised), a later one must not log the step before's:
     both log an infinite norm and count as skipped; training goes on (spike guard off)."""
     run = tmp_path / "run"
-    pretrain(run, small_data, "parallel.zero_stage=1", "train.precision=bf16", "spike.enabled=false",
-             "train.max_steps=4", "checkpoint.every_steps=0", "train.eval_every=0", faults=["nan_loss@1", "nan_loss@3"])
+    pretrain(
+        run,
+        small_data,
+        "parallel.zero_stage=1",
+        "train.precision=bf16",
+        "spike.enabled=false",
+        "train.max_steps=4",
+        "checkpoint.every_steps=0",
+        "train.eval_every=0",
+        faults=["nan_loss@1", "nan_loss@3"],
+    )
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert [r["grad_norm"] for r in rows][0::2] == [math.inf, math.inf]
     assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["loss"]) for r in rows[1::2])
@@ -254,8 +302,14 @@ def test_named_validation_sets_each_get_loss_and_bits_per_byte(tmp_path, small_d
     from megatrain.data import TokenDataset
 
     run = tmp_path / "run"
-    pretrain(run, small_data, f"data.valid={{code: {small_data}, again: {small_data}}}", "train.max_steps=2",
-             "train.eval_every=1", "checkpoint.every_steps=0")
+    pretrain(
+        run,
+        small_data,
+        f"data.valid={{code: {small_data}, again: {small_data}}}",
+        "train.max_steps=2",
+        "train.eval_every=1",
+        "checkpoint.every_steps=0",
+    )
     valid = [r for r in read_metrics(run) if r["kind"] == "valid"]
     assert [(r["step"], r["set"]) for r in valid] == [(1, "code"), (1, "again"), (2, "code"), (2, "again")]
     data = TokenDataset(small_data, 32, split="valid")

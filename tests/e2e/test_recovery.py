@@ -30,8 +30,16 @@ from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_events, read_metrics
 
 # 16 samples (512 tokens) per step with 2 ranks; the guard judges from step 8 on.
-GUARD = ["train.max_steps=40", "train.eval_every=0", "checkpoint.every_steps=10", "spike.min_history=8",
-         "spike.window=16", "spike.snapshot_every=5", "spike.skip=4", "spike.threshold=5"]
+GUARD = [
+    "train.max_steps=40",
+    "train.eval_every=0",
+    "checkpoint.every_steps=10",
+    "spike.min_history=8",
+    "spike.window=16",
+    "spike.snapshot_every=5",
+    "spike.skip=4",
+    "spike.threshold=5",
+]
 POISON_AT = 30 * 16  # the samples of steps 31 and 32
 
 
@@ -49,23 +57,38 @@ def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout
     # step for step: the rollback restored everything
     assert train_losses(run) == (pytest.approx(train_losses(clean), rel=rel) if rel else train_losses(clean))
     # and both end at the same sample position, having skipped the same stretch
-    final = [Checkpointer.read_state(Checkpointer(r, keep=9).latest())["state"]["data"]["sampler"] for r in (run, clean)]
+    final = [
+        Checkpointer.read_state(Checkpointer(r, keep=9).latest())["state"]["data"]["sampler"]
+        for r in (run, clean)
+    ]
     assert final[0] == final[1] and final[0]["skipped"] == [[rb["position"], rb["skipped_samples"]]]
     rows = read_metrics(run)
     marker = [r for r in rows if r["kind"] == "rollback"]
-    assert marker == [{"kind": "rollback", "step": restored, "tokens": restored * 512, "spike_step": rb["step"],
-                       "position": rb["position"], "skipped_samples": rb["skipped_samples"]}]
+    assert marker == [
+        {
+            "kind": "rollback",
+            "step": restored,
+            "tokens": restored * 512,
+            "spike_step": rb["step"],
+            "position": rb["position"],
+            "skipped_samples": rb["skipped_samples"],
+        }
+    ]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 41))
     return rb
 
 
-@pytest.mark.parametrize("layout,source", [
-    (["parallel.zero_stage=0", "train.precision=fp32"], "memory"),
-    # the in-memory point holds DeepSpeed's flat fp32 partitions and the bf16 module weights
-    (["parallel.zero_stage=2", "train.precision=bf16"], "memory"),
-    # ZeRO-3 keeps parameters in DeepSpeed-private partitions: back to the disk checkpoint
-    (["parallel.zero_stage=3", "train.precision=fp32"], "checkpoints/step-00000030"),
-], ids=["zero0-fp32", "zero2-bf16", "zero3-fp32-disk"])
+@pytest.mark.parametrize(
+    "layout,source",
+    [
+        (["parallel.zero_stage=0", "train.precision=fp32"], "memory"),
+        # the in-memory point holds DeepSpeed's flat fp32 partitions and the bf16 module weights
+        (["parallel.zero_stage=2", "train.precision=bf16"], "memory"),
+        # ZeRO-3 keeps parameters in DeepSpeed-private partitions: back to the disk checkpoint
+        (["parallel.zero_stage=3", "train.precision=fp32"], "checkpoints/step-00000030"),
+    ],
+    ids=["zero0-fp32", "zero2-bf16", "zero3-fp32-disk"],
+)
 def test_poisoned_data_is_rolled_back_and_skipped(tmp_path, small_data, layout, source):
     run = tmp_path / "run"
     pretrain(run, small_data, *GUARD, *layout, poison=f"{POISON_AT}:32")
@@ -93,9 +116,18 @@ def test_rollback_cap_stops_a_run_that_keeps_spiking(tmp_path, small_data):
     patience 2 and a checkpoint every step, each spike leaves a checkpoint of its first step
     above the threshold: the abandoned timeline's, which must not survive (keep=1)."""
     run = tmp_path / "run"
-    proc = pretrain(run, small_data, *GUARD, "spike.skip=1", "spike.max_rollbacks=2", "spike.patience=2",
-                    "checkpoint.every_steps=1", "checkpoint.keep=1", check=False,
-                    poison=f"{POISON_AT}:2000")
+    proc = pretrain(
+        run,
+        small_data,
+        *GUARD,
+        "spike.skip=1",
+        "spike.max_rollbacks=2",
+        "spike.patience=2",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep=1",
+        check=False,
+        poison=f"{POISON_AT}:2000",
+    )
     assert proc.returncode == 3, proc.stdout[-3000:]
     assert "stopping: the loss spiked again after 2 rollbacks (spike.max_rollbacks)" in proc.stdout
     assert len(rollbacks(run)) == 3 and read_events(run)[-1]["outcome"] == "gave_up"
@@ -143,9 +175,15 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     # (launch, kill after this step, and before this one); step 1 includes warm-up
     kills = [(1, rng.randint(2, 5), 8), (3, rng.randint(5, 9), 12)]
     run = tmp_path / "run"
-    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG],
-                                             faults=["checkpoint_write@8:1", "checkpoint_publish@12"],
-                                             fault_state=tmp_path / "faults"), max_restarts=6)
+    cmd = supervise_command(
+        pretrain_command(
+            TINY_CONFIG,
+            [f"run.dir={run}", f"data.path={small_data}", *LONG],
+            faults=["checkpoint_write@8:1", "checkpoint_publish@12"],
+            fault_state=tmp_path / "faults",
+        ),
+        max_restarts=6,
+    )
     log_path = tmp_path / "supervise.log"  # a file, not a pipe: nobody reads a pipe while we poll
     shm_before = shm_buffers()
     with open(log_path, "w") as log:
@@ -183,9 +221,22 @@ def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, 
     --hang-timeout, ends it and relaunches; the run resumes from step 4 and ends with the
     losses of a run that never hung."""
     run = tmp_path / "run"
-    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG],
-                                             faults=["hang@6:1"], fault_state=tmp_path / "faults"), 2, 0,
-                            "--heartbeat", str(run / "heartbeat"), "--hang-timeout", "60", "--hang-grace", "5")
+    cmd = supervise_command(
+        pretrain_command(
+            TINY_CONFIG,
+            [f"run.dir={run}", f"data.path={small_data}", *LONG],
+            faults=["hang@6:1"],
+            fault_state=tmp_path / "faults",
+        ),
+        2,
+        0,
+        "--heartbeat",
+        str(run / "heartbeat"),
+        "--hang-timeout",
+        "60",
+        "--hang-grace",
+        "5",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 1: hangs after step 6" in proc.stdout
@@ -198,11 +249,15 @@ def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, small_data, baseline16):
     run = tmp_path / "run"
-    cmd = pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=100000"])
+    cmd = pretrain_command(
+        TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=100000"]
+    )
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while _last_step(run) < 3 and launcher.poll() is None:
         time.sleep(0.05)
-    rank_processes(launcher.pid)[-1].send_signal(signal.SIGTERM)  # a scheduler's preemption, reaching one rank
+    rank_processes(launcher.pid)[-1].send_signal(
+        signal.SIGTERM
+    )  # a scheduler's preemption, reaching one rank
     output = launcher.communicate(timeout=120)[0]
     assert launcher.returncode == 0, output[-3000:]
     assert "received SIGTERM: stopping after this step with a checkpoint" in output
@@ -220,8 +275,12 @@ def test_sigterm_to_the_supervisor_reaches_the_ranks_and_the_run_exits_0(tmp_pat
     die at once and kill its ranks 30 s later): they checkpoint, the launcher exits 0, and
     supervision ends with that 0."""
     run = tmp_path / "run"
-    cmd = supervise_command(pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG,
-                                                           "train.max_steps=100000"]), 3)
+    cmd = supervise_command(
+        pretrain_command(
+            TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=100000"]
+        ),
+        3,
+    )
     sup = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while _last_step(run) < 3 and sup.poll() is None:
         time.sleep(0.05)
@@ -254,12 +313,24 @@ def test_disk_full_during_a_checkpoint_keeps_latest(tmp_path, small_data, baseli
     run = copy_until(baseline16, tmp_path / "run", step=8)
     limit = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))"
     script = REPO / "launch" / "pretrain.py"
-    code = (f"{limit}; import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, {str(script.parent)!r}); "
-            f"runpy.run_path({str(script)!r}, run_name='__main__')")
-    args = [str(script), "--config", str(TINY_CONFIG),
-            *[a for s in [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=12"] for a in ("--set", s)]]
+    code = (
+        f"{limit}; import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, {str(script.parent)!r}); "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    args = [
+        str(script),
+        "--config",
+        str(TINY_CONFIG),
+        *[
+            a
+            for s in [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=12"]
+            for a in ("--set", s)
+        ],
+    ]
     # one process (a world of one): the checkpoint of step 8 was written by 2 ranks, so start over at 0
-    proc = subprocess.run([sys.executable, "-c", code, *args, "--resume", "none"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args, "--resume", "none"], capture_output=True, text=True
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]  # a run error, not bad input: a supervisor may retry
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: ") and "checkpoint of step 4 could not be written" in err

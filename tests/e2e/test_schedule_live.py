@@ -9,10 +9,20 @@ from megatrain.config import load_config
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train.metrics import read_metrics
 
-RAMP = ["train.micro_batch=2", "schedule.lr_shape=cosine", "schedule.warmup_tokens=1024",
-        "schedule.decay_tokens=6144", "schedule.min_lr_ratio=0.1", "schedule.batch_start_tokens=128",
-        "schedule.batch_final_tokens=1024", "schedule.batch_ramp_tokens=4096", "train.max_steps=null",
-        "train.max_tokens=6144", "checkpoint.every_steps=4", "train.eval_every=0"]
+RAMP = [
+    "train.micro_batch=2",
+    "schedule.lr_shape=cosine",
+    "schedule.warmup_tokens=1024",
+    "schedule.decay_tokens=6144",
+    "schedule.min_lr_ratio=0.1",
+    "schedule.batch_start_tokens=128",
+    "schedule.batch_final_tokens=1024",
+    "schedule.batch_ramp_tokens=4096",
+    "train.max_steps=null",
+    "train.max_tokens=6144",
+    "checkpoint.every_steps=4",
+    "train.eval_every=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +44,9 @@ def test_live_loop_follows_the_schedules_by_tokens(ramp_run):
         assert r["tokens"] == consumed
     sizes = [r["batch_tokens"] for r in rows]
     assert sizes[0] == 128 and sizes[-1] == 1024 and len(set(sizes)) >= 4  # the batch grows
-    assert rows[0]["lr"] == 0.0 and max(r["lr"] for r in rows) > 0.9 * 3e-3 > rows[-1]["lr"]  # warmup, then decay
+    assert (
+        rows[0]["lr"] == 0.0 and max(r["lr"] for r in rows) > 0.9 * 3e-3 > rows[-1]["lr"]
+    )  # warmup, then decay
     assert consumed >= 6144
 
 
@@ -50,8 +62,14 @@ def test_resume_mid_ramp_lands_on_the_same_lr_and_batch(ramp_run, tmp_path, smal
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, small_data):
     """fp32: 4 micro-batches of 1 per rank give the step that one micro-batch of 4 per rank gives."""
-    common = ["schedule.batch_final_tokens=256", "train.max_steps=2", "train.eval_every=0", "train.eval_samples=0",
-              "checkpoint.every_steps=0", "optim.grad_clip=0"]
+    common = [
+        "schedule.batch_final_tokens=256",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.eval_samples=0",
+        "checkpoint.every_steps=0",
+        "optim.grad_clip=0",
+    ]
     pretrain(tmp_path / "acc", small_data, *common, "train.micro_batch=1")
     pretrain(tmp_path / "big", small_data, *common, "train.micro_batch=4")
     acc = [r for r in read_metrics(tmp_path / "acc") if r["kind"] == "train"]

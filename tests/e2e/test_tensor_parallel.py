@@ -8,7 +8,16 @@ import json
 
 import pytest
 import torch
-from helpers import LAYOUTS, LONG, assert_same_state, copy_until, flat_state, pretrain, samples_by_step, train_losses
+from helpers import (
+    LAYOUTS,
+    LONG,
+    assert_same_state,
+    copy_until,
+    flat_state,
+    pretrain,
+    samples_by_step,
+    train_losses,
+)
 
 from megatrain.data import TokenDataset
 from megatrain.train.convert import load_model
@@ -22,10 +31,14 @@ def test_tp2_follows_the_one_rank_trajectory(uninterrupted):
     assert train_losses(tp / "run") == pytest.approx(train_losses(one / "run"), rel=1e-5)
     # The global norm (which clips and which the spike guard watches) counts every parameter once.
     norms = [[r["grad_norm"] for r in read_metrics(d / "run") if r["kind"] == "train"] for d in (tp, one)]
-    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and min(norms[1]) < 0.6 < max(norms[1])  # clipped or not
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and min(norms[1]) < 0.6 < max(
+        norms[1]
+    )  # clipped or not
     assert_same_state(flat_state(tp / "run", 30), flat_state(one / "run", 30), rel=1e-5)
-    by_rank = [[json.loads(line)["samples"] for line in (tp / "samples" / f"samples-rank{r}.jsonl").open()]
-               for r in (0, 1)]
+    by_rank = [
+        [json.loads(line)["samples"] for line in (tp / "samples" / f"samples-rank{r}.jsonl").open()]
+        for r in (0, 1)
+    ]
     assert by_rank[0] == by_rank[1]  # the data-parallel rank, not the global rank, picks the slice
     steps = range(1, 31)
     assert samples_by_step(tp / "samples", steps=steps) == samples_by_step(one / "samples", steps=steps)
@@ -38,7 +51,9 @@ def test_tp2_resumes_exactly(uninterrupted, tmp_path, small_data):
     proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc)
     assert "2 ranks: 1 pipeline x 2 tensor x 1 data parallel, ZeRO-1" in proc.stdout
     assert "plan: " in proc.stdout and " per rank predicted (params " in proc.stdout
-    assert "resumed from" in proc.stdout and "resharded" not in proc.stdout  # DeepSpeed's own files, same layout
+    assert (
+        "resumed from" in proc.stdout and "resharded" not in proc.stdout
+    )  # DeepSpeed's own files, same layout
     assert train_losses(run) == train_losses(source)  # bitwise
 
 
@@ -46,7 +61,9 @@ def test_tp2_checkpoint_gives_the_one_rank_models_logits(uninterrupted, small_da
     """launch/convert_checkpoint.py and export gather the shards (layout_free.read)."""
     tp = load_model(uninterrupted("tp2-zero1") / "run")
     one = load_model(uninterrupted("1r-zero0") / "run")
-    tokens = torch.from_numpy(TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64"))
+    tokens = torch.from_numpy(
+        TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64")
+    )
     with torch.no_grad():
         a, b = tp(tokens[:, :-1]), one(tokens[:, :-1])
     assert ((a - b).norm() / b.norm()).item() < 1e-5
@@ -55,8 +72,16 @@ def test_tp2_checkpoint_gives_the_one_rank_models_logits(uninterrupted, small_da
 def test_tp2_times_dp2_equals_dp2(uninterrupted, tmp_path, small_data):
     """4 ranks as 2 data-parallel groups of 2 tensor-parallel ranks against 2 data-parallel
     ranks (ZeRO-1 in both): the same global batch, the same first 8 steps."""
-    pretrain(tmp_path / "tp", small_data, "parallel.tensor_parallel=2", "parallel.zero_stage=1", "train.max_steps=8",
-             "checkpoint.every_steps=0", "train.eval_every=0", nproc=4)
+    pretrain(
+        tmp_path / "tp",
+        small_data,
+        "parallel.tensor_parallel=2",
+        "parallel.zero_stage=1",
+        "train.max_steps=8",
+        "checkpoint.every_steps=0",
+        "train.eval_every=0",
+        nproc=4,
+    )
     reference = train_losses(uninterrupted("2r-zero1") / "run")[:8]
     assert train_losses(tmp_path / "tp") == pytest.approx(reference, rel=1e-5)
 
@@ -66,8 +91,14 @@ def test_dropout_masks_agree_within_a_tensor_parallel_group(tmp_path, small_data
     hold whole, so the parameters every rank keeps whole stay bitwise equal across the group
     (layout_free.read checks that) and so do their generators."""
     run = tmp_path / "run"  # ZeRO-0: whole gradients, the norm all-reduced over the group
-    pretrain(run, small_data, "parallel.tensor_parallel=2", "parallel.zero_stage=0", "model.dropout=0.1",
-             "train.eval_every=0")
+    pretrain(
+        run,
+        small_data,
+        "parallel.tensor_parallel=2",
+        "parallel.zero_stage=0",
+        "model.dropout=0.1",
+        "train.eval_every=0",
+    )
     flat_state(run, 6)  # raises if a replicated parameter differs between the two ranks
     ckpt = run / "checkpoints" / "step-00000006"
     rng = [torch.load(ckpt / f"megatrain-rank0000{r}.pt", weights_only=False)["rng"]["torch"] for r in (0, 1)]
@@ -93,8 +124,15 @@ def test_tp2_with_qk_norm_follows_one_process(tmp_path, small_data):
     their gradients are summed over the group, so the copies stay equal (the checkpoint
     converts: layout_free.read refuses copies that differ) and the run follows the losses
     and grad norms of one process, state included."""
-    llama = ["model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.tie_embeddings=false",
-             "model.qk_norm=true", "train.eval_every=0", "checkpoint.every_steps=6"]
+    llama = [
+        "model.arch=llama",
+        "model.n_head=4",
+        "model.n_kv_head=2",
+        "model.tie_embeddings=false",
+        "model.qk_norm=true",
+        "train.eval_every=0",
+        "checkpoint.every_steps=6",
+    ]
     pretrain(tmp_path / "tp", small_data, *llama, "parallel.tensor_parallel=2", "parallel.zero_stage=1")
     pretrain(tmp_path / "one", small_data, *llama, nproc=0)
     rows = [[r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("tp", "one")]

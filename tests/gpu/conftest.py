@@ -13,5 +13,14 @@ def pytest_runtest_logreport(report):
     if not path or (report.when != "call" and report.outcome == "passed"):
         return  # setup and teardown lines only when they fail or skip
     with open(path, "a") as f:
-        f.write(json.dumps({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
-                            "seconds": round(report.duration, 2)}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "test": report.nodeid,
+                    "when": report.when,
+                    "outcome": report.outcome,
+                    "seconds": round(report.duration, 2),
+                }
+            )
+            + "\n"
+        )

@@ -19,8 +19,10 @@ from helpers import pretrain, train_losses
 from megatrain.optim.fused_adamw import FusedAdamWClip, fused_op_runs_on
 from megatrain.train.metrics import read_metrics
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 CUDA = torch.device("cuda")
 
 
@@ -71,8 +73,9 @@ def test_cuda_binding_refuses_tensors_on_two_devices():
     m, v = torch.zeros(8), torch.zeros(8)  # on the host
     step, skipped = torch.zeros((), device=CUDA), torch.zeros((), dtype=torch.int64, device=CUDA)
     with pytest.raises(RuntimeError, match="moments must be on the parameters' device"):
-        torch.ops.megatrain.adamw_clip_step_([p], [g], [m], [v], [1e-3], [0.0], 0.9, 0.95, 1e-8,
-                                             torch.ones(1, device=CUDA), 1.0, step, skipped)
+        torch.ops.megatrain.adamw_clip_step_(
+            [p], [g], [m], [v], [1e-3], [0.0], 0.9, 0.95, 1e-8, torch.ones(1, device=CUDA), 1.0, step, skipped
+        )
 
 
 def test_cuda_kernel_past_2_to_the_31_elements():
@@ -106,7 +109,8 @@ def test_rng_state_is_the_ranks_own_gpu():
     drawn = torch.rand(5, device=CUDA)
     RNG().load_state_dict(saved)
     assert torch.equal(torch.rand(5, device=CUDA), drawn)
-    # one generator's state, not every visible GPU's (a resume on fewer GPUs per machine has no generator for them)
+    # one generator's state, not every visible GPU's (a resume on fewer GPUs per machine has no generator for
+    # them)
     assert isinstance(saved["cuda"], torch.Tensor)
 
 
@@ -122,8 +126,16 @@ def test_trainer_bf16_on_one_gpu(stage, tmp_path, small_data):
 def _trainer_bf16(stage: int, tmp_path, small_data) -> None:
     run = tmp_path / "run"
     nproc = 1 if stage == 1 else 0
-    pretrain(run, small_data, f"parallel.zero_stage={stage}", "train.precision=bf16", "train.max_steps=20",
-             "train.peak_flops=null", "checkpoint.every_steps=10", nproc=nproc)
+    pretrain(
+        run,
+        small_data,
+        f"parallel.zero_stage={stage}",
+        "train.precision=bf16",
+        "train.max_steps=20",
+        "train.peak_flops=null",
+        "checkpoint.every_steps=10",
+        nproc=nproc,
+    )
     losses = train_losses(run)
     assert len(losses) == 20 and losses[-1] < losses[0]
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
@@ -135,9 +147,17 @@ def _trainer_bf16(stage: int, tmp_path, small_data) -> None:
     # Resumed from step 10 on the GPU, one launch per stage: ZeRO 0 and 2 on their own stage
     # (DeepSpeed's own load), ZeRO 1 and 3 on each other's.
     resumed = stage if stage % 2 == 0 else (stage + 2) % 4
-    proc = pretrain(run, small_data, f"parallel.zero_stage={resumed}", "train.precision=bf16", "train.max_steps=20",
-                    "train.peak_flops=null", "checkpoint.every_steps=10", nproc=0,
-                    resume=str(run / "checkpoints" / "step-00000010"))
+    proc = pretrain(
+        run,
+        small_data,
+        f"parallel.zero_stage={resumed}",
+        "train.precision=bf16",
+        "train.max_steps=20",
+        "train.peak_flops=null",
+        "checkpoint.every_steps=10",
+        nproc=0,
+        resume=str(run / "checkpoints" / "step-00000010"),
+    )
     converted = f"to 1 data-parallel rank(s), ZeRO-{resumed}" in proc.stdout
     assert converted == (resumed != stage)
     assert train_losses(run) == pytest.approx(losses, rel=1e-2)
@@ -149,8 +169,17 @@ def test_fp16_first_steps_overflow_and_are_skipped(tmp_path, small_data):
     was read as None there: a TypeError at step 1, again at every restart). They log an
     infinite norm and count as skipped, the scale comes down, and training goes on."""
     run = tmp_path / "run"
-    pretrain(run, small_data, "parallel.zero_stage=1", "train.precision=fp16", "deepspeed.fp16.initial_scale_power=32",
-             "train.max_steps=12", "checkpoint.every_steps=0", "train.eval_every=0", nproc=0)
+    pretrain(
+        run,
+        small_data,
+        "parallel.zero_stage=1",
+        "train.precision=fp16",
+        "deepspeed.fp16.initial_scale_power=32",
+        "train.max_steps=12",
+        "checkpoint.every_steps=0",
+        "train.eval_every=0",
+        nproc=0,
+    )
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert rows[0]["grad_norm"] == math.inf and rows[0]["skipped_steps"] == 1
     skipped = rows[-1]["skipped_steps"]
@@ -166,8 +195,14 @@ def test_trainer_bf16_on_one_gpu_zero0_and_2(stage, tmp_path, small_data):
 
 def test_activation_checkpointing_on_gpu(tmp_path, small_data):
     run = tmp_path / "run"
-    pretrain(run, small_data, "model.activation_checkpointing=true", "train.precision=bf16", "train.max_steps=10",
-             nproc=0)
+    pretrain(
+        run,
+        small_data,
+        "model.activation_checkpointing=true",
+        "train.precision=bf16",
+        "train.max_steps=10",
+        nproc=0,
+    )
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["hfu"] > rows[-1]["mfu"]
 
@@ -180,15 +215,26 @@ def test_fp16_and_its_loss_scale_across_a_reshard_on_gpu(optimizer, tmp_path, sm
     overflows bring it down in the first steps, and a resume from step 10 on ZeRO-1 goes on
     from the scale reached, not from 2^24 again, and from the masters (the same losses)."""
     run = tmp_path / "run"
-    sets = ["train.precision=fp16", "train.max_steps=20", "checkpoint.every_steps=10",
-            "deepspeed.fp16.initial_scale_power=24", f"optim.name={optimizer}"]
+    sets = [
+        "train.precision=fp16",
+        "train.max_steps=20",
+        "checkpoint.every_steps=10",
+        "deepspeed.fp16.initial_scale_power=24",
+        f"optim.name={optimizer}",
+    ]
     pretrain(run, small_data, "parallel.zero_stage=0", *sets, nproc=0)
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
     scales, losses = [r["loss_scale"] for r in rows], [r["loss"] for r in rows]
     assert all(math.isfinite(s) for s in scales) and scales[9] < 2**24, scales
     assert losses[-1] < losses[0]
-    proc = pretrain(run, small_data, "parallel.zero_stage=1", *sets, nproc=0,
-                    resume=str(run / "checkpoints" / "step-00000010"))
+    proc = pretrain(
+        run,
+        small_data,
+        "parallel.zero_stage=1",
+        *sets,
+        nproc=0,
+        resume=str(run / "checkpoints" / "step-00000010"),
+    )
     assert "to 1 data-parallel rank(s), ZeRO-1" in proc.stdout
     resumed = [r for r in read_metrics(run) if r["kind"] == "train"]
     # ZeRO-1's scaler has hysteresis (ZeRO-0's has none to carry): an overflow at step 11
@@ -201,8 +247,18 @@ def test_llama_with_z_loss_and_qk_norm_on_gpu(tmp_path, small_data):
     """The llama architecture in bf16 on one GPU (rotary angles, RMSNorm in fp32, the z term
     kept on the device): the loss falls and the z-loss metric is logged."""
     run = tmp_path / "run"
-    pretrain(run, small_data, "model.arch=llama", "model.n_head=4", "model.n_kv_head=2", "model.qk_norm=true",
-             "optim.z_loss=1e-4", "train.precision=bf16", "train.max_steps=10", nproc=0)
+    pretrain(
+        run,
+        small_data,
+        "model.arch=llama",
+        "model.n_head=4",
+        "model.n_kv_head=2",
+        "model.qk_norm=true",
+        "optim.z_loss=1e-4",
+        "train.precision=bf16",
+        "train.max_steps=10",
+        nproc=0,
+    )
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
     assert rows[-1]["loss"] < rows[0]["loss"] and all(r["z_loss"] > 0 for r in rows)
 
@@ -214,19 +270,25 @@ def test_generate_and_evaluate_on_the_gpu(tmp_path, small_data, small_tokenizer)
     from helpers import run_script
 
     run = tmp_path / "run"
-    proc = pretrain(run, small_data, "train.max_steps=10", "train.tf32=true", "train.peak_flops=null", nproc=0)
+    proc = pretrain(
+        run, small_data, "train.max_steps=10", "train.tf32=true", "train.peak_flops=null", nproc=0
+    )
     assert "fp32 (fp32 matmuls in TF32)" in proc.stdout
     rows = [r for r in read_metrics(run) if r["kind"] == "train"]
     if any(k in torch.cuda.get_device_name() for k in ("A100", "H100", "H200", "L40S")):
         assert rows[-1]["mfu_peak"].endswith("tf32 data sheet")
     common = ["--checkpoint", run, "--tokenizer", small_tokenizer]
     gen = [*common, "--prompt", "def parse(", "--max-new-tokens", "12", "--temperature", "0"]
-    texts = [run_script("generate.py", *gen, *device).stdout.split("def parse(", 1)[1] for device in
-             ([], ["--device", "cpu"])]
+    texts = [
+        run_script("generate.py", *gen, *device).stdout.split("def parse(", 1)[1]
+        for device in ([], ["--device", "cpu"])
+    ]
     assert texts[0] == texts[1]
     scores = []
     for device in ([], ["--device", "cpu"]):
         out = tmp_path / f"eval{len(scores)}.json"
         run_script("evaluate.py", *common, "--input", small_data, "--quiet", "--json", out, *device)
         scores.append(json.loads(out.read_text()))
-    assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["loss"] == pytest.approx(scores[1]["loss"], rel=1e-4)
+    assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["loss"] == pytest.approx(
+        scores[1]["loss"], rel=1e-4
+    )

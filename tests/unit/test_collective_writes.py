@@ -19,12 +19,17 @@ from megatrain.files import Deferred, file_sha256
 from megatrain.train import distributed as dist
 from megatrain.train import layout_free
 
-TENSORS = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.float64),
-           "c": torch.full((7,), 2.0)}
+TENSORS = {
+    "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+    "b": torch.ones(5, dtype=torch.float64),
+    "c": torch.full((7,), 2.0),
+}
 
 
 def _rank(rank: int, tmp_path, case: str) -> None:
-    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=rank, world_size=2)
+    torch_dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/rendezvous", rank=rank, world_size=2
+    )
     try:
         outcome = {"result": _case(rank, tmp_path, case)}
     except Exception as e:  # noqa: BLE001 (what each rank raised is the result)
@@ -45,8 +50,12 @@ def _case(rank: int, tmp_path, case: str):
         return dist.on_every_rank(lambda: rank * 10)
     tensors = dict(TENSORS)
     if case == "write fails on rank 1":  # "a" is written by rank 0, "c" (placed last) by rank 1
-        tensors["c"] = Deferred((7,), torch.float32, lambda: _fail(UserError("the checkpoint is inconsistent")))
-    return layout_free.write_shared(tmp_path / "out.safetensors", tensors, {"format": "test/1"}, progress="test")
+        tensors["c"] = Deferred(
+            (7,), torch.float32, lambda: _fail(UserError("the checkpoint is inconsistent"))
+        )
+    return layout_free.write_shared(
+        tmp_path / "out.safetensors", tensors, {"format": "test/1"}, progress="test"
+    )
 
 
 def _drawn_in_turn() -> dict:
@@ -76,11 +85,14 @@ def _run(tmp_path, case: str) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("case, raised, message", [
-    ("user error on rank 1", ["UserError", "UserError"], ["data.bin: damaged", "data.bin: damaged"]),
-    ("crash on rank 0", ["OSError", "RuntimeError"], ["disk full", "rank 0 failed: disk full"]),
-    ("all well", [None, None], [None, None]),
-])
+@pytest.mark.parametrize(
+    "case, raised, message",
+    [
+        ("user error on rank 1", ["UserError", "UserError"], ["data.bin: damaged", "data.bin: damaged"]),
+        ("crash on rank 0", ["OSError", "RuntimeError"], ["disk full", "rank 0 failed: disk full"]),
+        ("all well", [None, None], [None, None]),
+    ],
+)
 def test_a_failure_on_one_rank_is_raised_on_every_rank(tmp_path, case, raised, message):
     outcomes = _run(tmp_path, case)
     assert [o.get("raised") for o in outcomes] == raised

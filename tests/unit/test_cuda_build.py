@@ -27,8 +27,10 @@ def _nvcc() -> str:
 
     found = shutil.which("nvcc") or (CUDA_HOME and str(Path(CUDA_HOME) / "bin" / "nvcc"))
     if not found or not Path(found).exists():
-        pytest.fail("nvcc not found (PATH or CUDA_HOME): the CUDA kernels were NOT compile-checked. Install the CUDA "
-                    "toolkit, or set MEGATRAIN_SKIP_CUDA_BUILD_TEST=1 to leave this check out knowingly.")
+        pytest.fail(
+            "nvcc not found (PATH or CUDA_HOME): the CUDA kernels were NOT compile-checked. Install the CUDA "
+            "toolkit, or set MEGATRAIN_SKIP_CUDA_BUILD_TEST=1 to leave this check out knowingly."
+        )
     return found
 
 
@@ -53,7 +55,17 @@ def test_cuda_sources_compile_for_sm80_and_sm90_with_ptx(cu, tmp_path):
     objects = {}
     for name, gencode in (("with", flags), ("without", flags[:-1])):
         objects[name] = tmp_path / f"{cu}.{name}.o"
-        cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-I{CSRC}", *gencode, str(CSRC / cu), "-o", str(objects[name])]
+        cmd = [
+            nvcc,
+            "-c",
+            "-std=c++17",
+            "-O3",
+            f"-I{CSRC}",
+            *gencode,
+            str(CSRC / cu),
+            "-o",
+            str(objects[name]),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, f"nvcc failed on {cu}:\n{proc.stderr}"
     blob = objects["with"].read_bytes()
@@ -71,10 +83,22 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     generated = tmp_path / "generated" / "c10" / "cuda" / "impl"
     generated.mkdir(parents=True)
     (generated / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    includes = [*include_paths(), str(_cuda_include(nvcc)), sysconfig.get_paths()["include"], str(CSRC),
-                str(tmp_path / "generated")]
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_fused_adamw", "-DTORCH_API_INCLUDE_EXTENSION_H",
-           *[f"-I{p}" for p in includes], str(CSRC / "fused_adamw_cuda_binding.cpp")]
+    includes = [
+        *include_paths(),
+        str(_cuda_include(nvcc)),
+        sysconfig.get_paths()["include"],
+        str(CSRC),
+        str(tmp_path / "generated"),
+    ]
+    cmd = [
+        "g++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-DTORCH_EXTENSION_NAME=_fused_adamw",
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        *[f"-I{p}" for p in includes],
+        str(CSRC / "fused_adamw_cuda_binding.cpp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -123,8 +147,9 @@ int main() {
 def test_multi_tensor_launch_planner(tmp_path):
     src, exe = tmp_path / "check.cpp", tmp_path / "check"
     src.write_text(PLANNER_CHECK)
-    proc = subprocess.run(["g++", "-std=c++17", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["g++", "-std=c++17", "-O1", f"-I{CSRC}", str(src), "-o", str(exe)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "OK", run.stdout

@@ -50,7 +50,9 @@ def test_shards_read_back_equal_to_encoded_stream(small_tokenizer, small_data):
 
 
 def test_same_shards_for_any_worker_count(tmp_path, small_tokenizer, small_data):
-    prepare_dataset(small_tokenizer, SMALL_CORPUS, tmp_path, valid_fraction=0.05, workers=1, shard_mb=0.1, progress=False)
+    prepare_dataset(
+        small_tokenizer, SMALL_CORPUS, tmp_path, valid_fraction=0.05, workers=1, shard_mb=0.1, progress=False
+    )
     a, b = read_manifest(small_data / "train"), read_manifest(tmp_path / "train")
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
@@ -60,7 +62,7 @@ def test_windows_cross_shards_and_batches(small_data):
     stream = ds.tokens(0, ds.num_tokens)
     assert len(ds) == (ds.num_tokens - 1) // 64
     for i in [0, 1, len(ds) // 2, len(ds) - 1] + list(range(0, len(ds), 97)):
-        assert np.array_equal(ds[i], stream[i * 64:i * 64 + 65])
+        assert np.array_equal(ds[i], stream[i * 64 : i * 64 + 65])
     batch = ds.batch([3, 0, 5])
     assert batch.dtype == ds.dtype == np.uint16 and batch.shape == (3, 65)  # widened on the device
     assert np.array_equal(batch[1], stream[:65])
@@ -69,8 +71,13 @@ def test_windows_cross_shards_and_batches(small_data):
 
 
 def test_uint32_tokens_round_trip(tmp_path):
-    w = ShardWriter(tmp_path / "train", "train", {"tokenizer_sha256": "x" * 64, "eod_id": 4, "vocab_size": 100_000},
-                    np.uint32, shard_tokens=1000)
+    w = ShardWriter(
+        tmp_path / "train",
+        "train",
+        {"tokenizer_sha256": "x" * 64, "eod_id": 4, "vocab_size": 100_000},
+        np.uint32,
+        shard_tokens=1000,
+    )
     tokens = np.random.default_rng(0).integers(0, 100_000, 3500, dtype=np.uint32)
     tokens[[10, 1999, 3499]] = 4
     for part in np.array_split(tokens, 7):
@@ -84,11 +91,15 @@ def test_uint32_tokens_round_trip(tmp_path):
 
 def test_refuses_directory_of_another_tokenizer(tmp_path, small_data):
     other = tmp_path / "tok2"
-    run_script("train_tokenizer.py", "--input", SMALL_CORPUS[0], "--vocab-size", "500", "--out", other, "--quiet")
+    run_script(
+        "train_tokenizer.py", "--input", SMALL_CORPUS[0], "--vocab-size", "500", "--out", other, "--quiet"
+    )
     out = tmp_path / "data"
     shutil.copytree(small_data, out)
     before = {p.name: p.read_bytes() for p in (out / "train").iterdir()}
-    proc = run_script("prepare_data.py", "--tokenizer", other, "--input", SMALL_CORPUS[0], "--out", out, check=False)
+    proc = run_script(
+        "prepare_data.py", "--tokenizer", other, "--input", SMALL_CORPUS[0], "--out", out, check=False
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "holds shards made with another tokenizer" in proc.stderr
@@ -104,12 +115,18 @@ def test_disk_full_removes_partial_shard_and_keeps_earlier(tmp_path, small_token
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old[1]))
-        with pytest.raises(UserError, match=r"shard-00002.arrow: disk full .*removed the partial shard, the 2 earlier"):
+        with pytest.raises(
+            UserError, match=r"shard-00002.arrow: disk full .*removed the partial shard, the 2 earlier"
+        ):
             w.write(np.arange(30_000) % 1000)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
         signal.signal(signal.SIGXFSZ, handler)
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["manifest.json", "shard-00000.arrow", "shard-00001.arrow"]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+        "manifest.json",
+        "shard-00000.arrow",
+        "shard-00001.arrow",
+    ]
     manifest = read_manifest(tmp_path / "train")
     assert not manifest["complete"] and len(manifest["shards"]) == 2
     for entry in manifest["shards"]:
@@ -119,13 +136,32 @@ def test_disk_full_removes_partial_shard_and_keeps_earlier(tmp_path, small_token
 
 
 def test_disk_full_through_the_cli(tmp_path, small_tokenizer):
-    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))"
+    limit = (
+        "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))"
+    )
     script = REPO / "launch" / "prepare_data.py"
-    code = f"{limit}; import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '{script.parent}'); " \
-           f"runpy.run_path('{script}', run_name='__main__')"
-    proc = subprocess.run([sys.executable, "-c", code, str(script), "--tokenizer", str(small_tokenizer),
-                           "--input", *SMALL_CORPUS, "--out", str(tmp_path), "--quiet"], capture_output=True, text=True)
+    code = (
+        f"{limit}; import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '{script.parent}'); "
+        f"runpy.run_path('{script}', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(script),
+            "--tokenizer",
+            str(small_tokenizer),
+            "--input",
+            *SMALL_CORPUS,
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "disk full" in err[0] and "removed the partial shard" in err[0]
@@ -150,13 +186,22 @@ def test_empty_corpus_changes_nothing(tmp_path, small_tokenizer, small_data):
     (tmp_path / "empty" / "a.txt").write_text("")
     out = tmp_path / "data"
     shutil.copytree(small_data, out)
-    proc = run_script("prepare_data.py", "--tokenizer", small_tokenizer, "--input", tmp_path / "empty", "--out", out,
-                      check=False)
+    proc = run_script(
+        "prepare_data.py",
+        "--tokenizer",
+        small_tokenizer,
+        "--input",
+        tmp_path / "empty",
+        "--out",
+        out,
+        check=False,
+    )
     assert proc.returncode == 2 and "holds no documents" in proc.stderr
     assert read_manifest(out / "train") == read_manifest(small_data / "train")
 
 
 # --- sampling ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
 def test_permutation_is_a_bijection(n):
@@ -183,7 +228,9 @@ def test_sampler_ranks_disjoint_and_covering(world):
     assert flat == single  # the global order does not depend on the world size
     first_epoch = single[:n]
     assert sorted(first_epoch) == list(range(n))  # an epoch covers every sample once
-    assert sorted(single[n:2 * n]) == list(range(n)) and single[n:2 * n] != first_epoch  # new order next epoch
+    assert (
+        sorted(single[n : 2 * n]) == list(range(n)) and single[n : 2 * n] != first_epoch
+    )  # new order next epoch
     for a in range(world):
         for b in range(a + 1, world):
             first = set(taken[a][: n // world]) & set(taken[b][: n // world])
@@ -230,7 +277,9 @@ def test_resume_exact_in_fresh_process(small_data):
     """)
     first = subprocess.run([sys.executable, "-c", code, "save"], capture_output=True, text=True, check=True)
     state, batches = first.stdout.splitlines()
-    second = subprocess.run([sys.executable, "-c", code, "load", state], capture_output=True, text=True, check=True)
+    second = subprocess.run(
+        [sys.executable, "-c", code, "load", state], capture_output=True, text=True, check=True
+    )
     assert json.loads(second.stdout) == json.loads(batches)
 
 
@@ -262,7 +311,9 @@ def _each_source_drawn_in_order(blend, positions):
 
 
 @pytest.mark.parametrize("shape", ["stepwise", "linear"])
-def test_mixture_schedule_moves_the_share_at_its_boundaries_and_stays_a_function_of_position(small_data, shape):
+def test_mixture_schedule_moves_the_share_at_its_boundaries_and_stays_a_function_of_position(
+    small_data, shape
+):
     from megatrain.data.blend import ROUND
     from megatrain.schedule.mixture import MixtureSchedule
 
@@ -278,13 +329,15 @@ def test_mixture_schedule_moves_the_share_at_its_boundaries_and_stays_a_function
     which = blend.sources(positions)
     _each_source_drawn_in_order(blend, positions)
     for start in range(0, 100_000, ROUND):  # the measured share of each round is the schedule's mean over it
-        window = which[start:start + ROUND]
+        window = which[start : start + ROUND]
         expected = np.mean([schedule(p * seq_len)[1] for p in range(start, start + ROUND)])
         assert abs(np.mean(window == 1) - expected) < 0.002, (start, expected)
     if shape == "stepwise":  # the boundary falls where the schedule says, to the sample
         assert np.mean(which[29_000:30_000] == 1) == pytest.approx(0.3, abs=0.002)
         assert np.mean(which[30_000:31_000] == 1) == pytest.approx(0.8, abs=0.002)
-        assert not (which[70_001:] == 1).any() and (which[69_000:70_001] == 1).any()  # 70K x 32 + 5: sample 70001
+        assert (
+            not (which[70_001:] == 1).any() and (which[69_000:70_001] == 1).any()
+        )  # 70K x 32 + 5: sample 70001
     # resumable: any position alone gives what the run in order gave; rows come from the named dataset
     probe = np.array([0, 29_999, 30_000, 45_678, 70_000, 70_001, 99_999])
     w, s = blend.locate(probe)
@@ -301,32 +354,55 @@ def test_an_unstaged_schedule_is_the_fixed_blend(small_data):
     train = TokenDataset(small_data, seq_len=32, split="train")
     valid = TokenDataset(small_data, seq_len=32, split="valid")
     fixed = BlendedDataset([(train, 0.3), (valid, 0.7)], seed=0)
-    single = BlendedDataset([(train, 0.3), (valid, 0.7)], seed=0,
-                            schedule=MixtureSchedule(("t", "v"), ((0, (0.3, 0.7)),)))
+    single = BlendedDataset(
+        [(train, 0.3), (valid, 0.7)], seed=0, schedule=MixtureSchedule(("t", "v"), ((0, (0.3, 0.7)),))
+    )
     assert not single.ordered
-    assert all(np.array_equal(a, b) for a, b in zip(fixed.locate(range(30_000)), single.locate(range(30_000)),
-                                                    strict=True))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(fixed.locate(range(30_000)), single.locate(range(30_000)), strict=True)
+    )
 
 
-@pytest.mark.parametrize("stages, message", [
-    ("[{tokens: 500, weights: {a: 1}}, {tokens: 100, weights: {b: 1}}]",
-     "data.stages is not a valid mixture: stage boundaries must increase: 100 tokens comes after 500"),
-    ("[{tokens: 500, weights: {a: 0, b: 0}}]", "data.stages is not a valid mixture: the weights of the stage at 500 "
-                                               "tokens must be non-negative and sum to a positive number, got [0.0, 0.0]"),
-    ("[{tokens: 500, weights: {a: 1, c: 1}}]", "data.stages[0].weights names unknown source(s) ['c']; the sources "
-                                               "are ['a', 'b'] (data.path)"),
-    ("[{tokens: 500, weight: {a: 1}}]", "data.stages[0] must be {tokens: T, weights: {name: W, ...}}"),
-])
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        (
+            "[{tokens: 500, weights: {a: 1}}, {tokens: 100, weights: {b: 1}}]",
+            "data.stages is not a valid mixture: stage boundaries must increase: 100 tokens comes after 500",
+        ),
+        (
+            "[{tokens: 500, weights: {a: 0, b: 0}}]",
+            "data.stages is not a valid mixture: the weights of the stage at 500 "
+            "tokens must be non-negative and sum to a positive number, got [0.0, 0.0]",
+        ),
+        (
+            "[{tokens: 500, weights: {a: 1, c: 1}}]",
+            "data.stages[0].weights names unknown source(s) ['c']; the sources are ['a', 'b'] (data.path)",
+        ),
+        ("[{tokens: 500, weight: {a: 1}}]", "data.stages[0] must be {tokens: T, weights: {name: W, ...}}"),
+    ],
+)
 def test_bad_mixture_stages_are_one_line_errors(stages, message):
     from megatrain.config import load_config
 
     with pytest.raises(UserError) as e:
-        load_config(None, ["train.max_steps=1", "data.path=[{path: x/a, weight: 1}, {path: y/b, weight: 1}]",
-                           f"data.stages={stages}"])
+        load_config(
+            None,
+            [
+                "train.max_steps=1",
+                "data.path=[{path: x/a, weight: 1}, {path: y/b, weight: 1}]",
+                f"data.stages={stages}",
+            ],
+        )
     assert message in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="data.stages need a blend of two or more sources in data.path"):
-        load_config(None, ["train.max_steps=1", "data.path=x/a", "data.stages=[{tokens: 5, weights: {a: 1}}]"])
-    with pytest.raises(UserError, match="data.path is not a valid mixture: the weights of the stage at 0 tokens"):
+        load_config(
+            None, ["train.max_steps=1", "data.path=x/a", "data.stages=[{tokens: 5, weights: {a: 1}}]"]
+        )
+    with pytest.raises(
+        UserError, match="data.path is not a valid mixture: the weights of the stage at 0 tokens"
+    ):
         load_config(None, ["train.max_steps=1", "data.path=[{path: x/a, weight: 0}, {path: y/b, weight: 0}]"])
 
 
@@ -338,17 +414,27 @@ def test_a_resume_with_another_mixture_is_refused_in_one_line(small_data):
     from megatrain.train.batches import TrainBatches, build_datasets, data_seed
 
     def batches(stage_tokens: int) -> TrainBatches:
-        cfg = load_config(None, ["train.max_steps=1", "train.seq_len=32", "train.micro_batch=4",
-                                 f"data.path=[{{path: {small_data}, name: a}}, {{path: {small_data}, name: b}}]",
-                                 f"data.stages=[{{tokens: {stage_tokens}, weights: {{a: 1, b: 3}}}}]"])
-        return TrainBatches(cfg.data, cfg.train.micro_batch, build_datasets(cfg)[0], data_seed(cfg), 0, 1,
-                            torch.device("cpu"))
+        cfg = load_config(
+            None,
+            [
+                "train.max_steps=1",
+                "train.seq_len=32",
+                "train.micro_batch=4",
+                f"data.path=[{{path: {small_data}, name: a}}, {{path: {small_data}, name: b}}]",
+                f"data.stages=[{{tokens: {stage_tokens}, weights: {{a: 1, b: 3}}}}]",
+            ],
+        )
+        return TrainBatches(
+            cfg.data, cfg.train.micro_batch, build_datasets(cfg)[0], data_seed(cfg), 0, 1, torch.device("cpu")
+        )
 
     first = batches(4096)
     for _ in range(40):
         first.next()
     state = first.state_dict()
-    assert sum(state["source_samples"].values()) == 160 and state["source_samples"]["b"] > 40  # stage 2 from 128
+    assert (
+        sum(state["source_samples"].values()) == 160 and state["source_samples"]["b"] > 40
+    )  # stage 2 from 128
     again = batches(4096)
     again.load_state_dict(state)
     assert np.array_equal(again.tokens(), first.tokens())  # the same order from the same state
@@ -360,8 +446,20 @@ def test_a_resume_with_another_mixture_is_refused_in_one_line(small_data):
 def test_a_blends_per_source_tokens_reach_wandb_as_one_key_per_source():
     from megatrain.train.metrics import wandb_values
 
-    row = {"kind": "train", "step": 7, "loss": 2.5, "tokens": 4096, "mixture_stage": 1,
-           "source_tokens": {"old": 3072, "new": 1024}, "mfu_basis": "cpu-probe"}
-    assert wandb_values(row) == {"train/loss": 2.5, "train/tokens": 4096, "train/mixture_stage": 1,
-                                 "train/source_tokens/old": 3072, "train/source_tokens/new": 1024}
+    row = {
+        "kind": "train",
+        "step": 7,
+        "loss": 2.5,
+        "tokens": 4096,
+        "mixture_stage": 1,
+        "source_tokens": {"old": 3072, "new": 1024},
+        "mfu_basis": "cpu-probe",
+    }
+    assert wandb_values(row) == {
+        "train/loss": 2.5,
+        "train/tokens": 4096,
+        "train/mixture_stage": 1,
+        "train/source_tokens/old": 3072,
+        "train/source_tokens/new": 1024,
+    }
     assert wandb_values({"kind": "valid", "set": "code", "step": 7, "loss": 3.0}) == {"valid/code/loss": 3.0}

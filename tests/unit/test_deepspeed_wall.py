@@ -40,8 +40,11 @@ def fp16_optimizer(seed: int):
     opt = FP16_Optimizer(torch.optim.AdamW(groups, lr=1e-3), dynamic_loss_scale=True, verbose=False)
     for flat in opt.fp32_groups_flat:
         flat.data.add_(torch.randn_like(flat) * 1e-4)
-        opt.optimizer.state[flat] = {"step": torch.tensor(7.0), "exp_avg": torch.randn_like(flat),
-                                     "exp_avg_sq": torch.rand_like(flat)}
+        opt.optimizer.state[flat] = {
+            "step": torch.tensor(7.0),
+            "exp_avg": torch.randn_like(flat),
+            "exp_avg_sq": torch.rand_like(flat),
+        }
     return model, opt, recorded
 
 
@@ -54,7 +57,9 @@ def test_fp16_flat_masters_read_and_loaded_master_by_master(tmp_path):
     from the old masters at the next step."""
     assert wall.flavour(fp16_optimizer(seed=0)[1]) == "fp16_flat"
     model, opt, recorded = fp16_optimizer(seed=0)
-    torch.save({"module": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "mp_rank_00_model_states.pt"
+    )
     torch.save({"optimizer_params": {"mp_rank": 0, "groups": recorded}}, tmp_path / "megatrain-rank00000.pt")
 
     read, step = wall.read_checkpoint(tmp_path, 0, layout_free.KINDS, None, lambda mp: recorded)
@@ -64,10 +69,14 @@ def test_fp16_flat_masters_read_and_loaded_master_by_master(tmp_path):
         offset, state = 0, opt.optimizer.state[flat]
         for name in group:
             n = params[name].numel()
-            assert torch.equal(read[f"param/{name}"].make().reshape(-1), flat[offset:offset + n])
-            assert not torch.equal(read[f"param/{name}"].make(), params[name].float())  # the masters, not the weights
+            assert torch.equal(read[f"param/{name}"].make().reshape(-1), flat[offset : offset + n])
+            assert not torch.equal(
+                read[f"param/{name}"].make(), params[name].float()
+            )  # the masters, not the weights
             for kind in layout_free.MOMENTS:
-                assert torch.equal(read[f"{kind}/{name}"].make().reshape(-1), state[kind][offset:offset + n])
+                assert torch.equal(
+                    read[f"{kind}/{name}"].make().reshape(-1), state[kind][offset : offset + n]
+                )
             offset += n
 
     # and into another FP16_Optimizer, as a resume on another layout loads them
@@ -75,8 +84,11 @@ def test_fp16_flat_masters_read_and_loaded_master_by_master(tmp_path):
     save_file({k: d.make().float().contiguous() for k, d in read.items()}, path, {"optimizer_step": "7"})
     other, other_opt, _ = fp16_optimizer(seed=1)
     other_opt.optimizer.state.clear()  # a fresh optimizer: its state is made by the load
-    module = types.SimpleNamespace(engine=types.SimpleNamespace(module=other, optimizer=other_opt),
-                                   layout=Layout(0, 1, 1, 1), model_cfg=SHAPE)
+    module = types.SimpleNamespace(
+        engine=types.SimpleNamespace(module=other, optimizer=other_opt),
+        layout=Layout(0, 1, 1, 1),
+        model_cfg=SHAPE,
+    )
     assert layout_free.load_into(module, path) == 7
     for flat, other_flat in zip(opt.fp32_groups_flat, other_opt.fp32_groups_flat, strict=True):
         assert torch.equal(other_flat, flat)
@@ -89,8 +101,14 @@ def test_fp16_flat_masters_read_and_loaded_master_by_master(tmp_path):
 
 # --- nobody else reaches in --------------------------------------------------------------
 
-PUBLIC_MODULES = {"deepspeed", "deepspeed.accelerator", "deepspeed.pipe"}  # and deepspeed.utils' safe_* accessors
-NOT_DEEPSPEED = re.compile(r"\b(?:self|cls|torch|os|sys)(?:\.\w+)+")  # attribute chains of no DeepSpeed object
+PUBLIC_MODULES = {
+    "deepspeed",
+    "deepspeed.accelerator",
+    "deepspeed.pipe",
+}  # and deepspeed.utils' safe_* accessors
+NOT_DEEPSPEED = re.compile(
+    r"\b(?:self|cls|torch|os|sys)(?:\.\w+)+"
+)  # attribute chains of no DeepSpeed object
 
 
 def test_deepspeed_internals_only_behind_the_wall():
@@ -104,20 +122,31 @@ def test_deepspeed_internals_only_behind_the_wall():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
             imported = re.search(r"^\s*(?:from|import)\s+(deepspeed[\w.]*)(?:\s+import\s+(.*))?", code)
-            if imported and imported.group(1) not in PUBLIC_MODULES and not (
-                    imported.group(1) == "deepspeed.utils" and re.fullmatch(r"[\w, ]*", imported.group(2) or "")
-                    and all(n.strip().startswith("safe_") for n in imported.group(2).split(","))):
+            if (
+                imported
+                and imported.group(1) not in PUBLIC_MODULES
+                and not (
+                    imported.group(1) == "deepspeed.utils"
+                    and re.fullmatch(r"[\w, ]*", imported.group(2) or "")
+                    and all(n.strip().startswith("safe_") for n in imported.group(2).split(","))
+                )
+            ):
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
-            private = re.search(r"\b\w+\._[A-Za-z]\w*|getattr\([^,]+,\s*[\"']_[A-Za-z]", NOT_DEEPSPEED.sub("", code))
+            private = re.search(
+                r"\b\w+\._[A-Za-z]\w*|getattr\([^,]+,\s*[\"']_[A-Za-z]", NOT_DEEPSPEED.sub("", code)
+            )
             if private and "megatrain._fused_adamw" not in code:
                 found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert found == []
 
 
 def test_another_deepspeed_version_is_refused_in_one_line(monkeypatch, caplog):
-    with pytest.raises(UserError, match=r"^DeepSpeed 0\.20\.0 is installed; megatrain reaches into DeepSpeed's internals "
-                                        r".* as they are in 0\.19\.8: install deepspeed==0\.19\.8, or set "
-                                        r"MEGATRAIN_UNSUPPORTED_DEEPSPEED=1 to try anyway$"):
+    with pytest.raises(
+        UserError,
+        match=r"^DeepSpeed 0\.20\.0 is installed; megatrain reaches into DeepSpeed's internals "
+        r".* as they are in 0\.19\.8: install deepspeed==0\.19\.8, or set "
+        r"MEGATRAIN_UNSUPPORTED_DEEPSPEED=1 to try anyway$",
+    ):
         wall.check_version("0.20.0")
     monkeypatch.setenv(wall.OVERRIDE, "1")
     wall.check_version("0.20.0")
@@ -133,7 +162,10 @@ FLAVOURS = {  # (settings, the flavour DeepSpeed makes of them)
     "DeepSpeed's AdamW fp32 ZeRO-0": (["parallel.zero_stage=0", "optim.name=adamw"], "plain"),
     "fused_adamw bf16 ZeRO-0": (["parallel.zero_stage=0", "train.precision=bf16"], "copies"),
     "fused_adamw fp32 ZeRO-1": (["parallel.zero_stage=1"], "zero12"),
-    "DeepSpeed's AdamW bf16 ZeRO-2": (["parallel.zero_stage=2", "train.precision=bf16", "optim.name=adamw"], "zero12"),
+    "DeepSpeed's AdamW bf16 ZeRO-2": (
+        ["parallel.zero_stage=2", "train.precision=bf16", "optim.name=adamw"],
+        "zero12",
+    ),
     "fused_adamw bf16 ZeRO-1": (["parallel.zero_stage=1", "train.precision=bf16"], "bf16"),
     "fused_adamw fp32 ZeRO-3": (["parallel.zero_stage=3"], "zero3"),
 }
@@ -153,18 +185,29 @@ def _contracts(data: str, work: str, out: str) -> None:
         g = torch.Generator().manual_seed(len(results))
         with torch.device("meta"):
             shapes = {n: p.shape for n, p in GPT(module.model_cfg, init_weights=False).named_parameters()}
-        values = {f"{kind}/{n}": torch.randn(shape, generator=g).abs() for n, shape in shapes.items()
-                  for kind in layout_free.KINDS}
+        values = {
+            f"{kind}/{n}": torch.randn(shape, generator=g).abs()
+            for n, shape in shapes.items()
+            for kind in layout_free.KINDS
+        }
         file = Path(work) / f"{len(results)}.safetensors"
         save_file(values, file, {"optimizer_step": "5"})
         layout_free.load_into(module, file)
         module.engine.save_checkpoint(work, tag=f"c{len(results)}")
-        read, step = wall.read_checkpoint(Path(work) / f"c{len(results)}", 0, layout_free.KINDS, None,
-                                          lambda mp, groups=module.optimizer_params: groups)
+        read, step = wall.read_checkpoint(
+            Path(work) / f"c{len(results)}",
+            0,
+            layout_free.KINDS,
+            None,
+            lambda mp, groups=module.optimizer_params: groups,
+        )
         read = {k.replace("/module.", "/"): d.make().float() for k, d in read.items()}
-        results[name] = {"flavour": wall.flavour(module.engine.optimizer), "step": step,
-                         "keys": sorted(read) == sorted(values),
-                         "differ": sorted(k for k in values if k in read and not torch.equal(read[k], values[k]))}
+        results[name] = {
+            "flavour": wall.flavour(module.engine.optimizer),
+            "step": step,
+            "keys": sorted(read) == sorted(values),
+            "differ": sorted(k for k in values if k in read and not torch.equal(read[k], values[k])),
+        }
     Path(out).write_text(json.dumps(results))
 
 
@@ -174,8 +217,12 @@ def _spawned(_rank, *args):
 
 def test_each_flavour_keeps_what_the_wall_sets_in_it(tmp_path, small_data):
     out = tmp_path / "out.json"
-    mp.start_processes(_spawned, args=(str(small_data), str(tmp_path), str(out)), nprocs=1, start_method="spawn")
+    mp.start_processes(
+        _spawned, args=(str(small_data), str(tmp_path), str(out)), nprocs=1, start_method="spawn"
+    )
     results = json.loads(out.read_text())
-    assert {name: r["flavour"] for name, r in results.items()} == {name: f for name, (_, f) in FLAVOURS.items()}
+    assert {name: r["flavour"] for name, r in results.items()} == {
+        name: f for name, (_, f) in FLAVOURS.items()
+    }
     for name, r in results.items():
         assert r == {"flavour": FLAVOURS[name][1], "step": 5, "keys": True, "differ": []}, name

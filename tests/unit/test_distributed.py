@@ -15,11 +15,23 @@ from megatrain.train import distributed as dist
 
 # --- who a process is ----------------------------------------------------------------------
 
-OPEN_MPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-            "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
-SRUN = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "12", "SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "12",
-        "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3,1",
-        "SLURM_STEP_NODELIST": "gpu[007-009,012]", "SLURM_JOB_NODELIST": "gpu[001-012]"}
+OPEN_MPI = {
+    "OMPI_COMM_WORLD_RANK": "5",
+    "OMPI_COMM_WORLD_SIZE": "16",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+}
+SRUN = {
+    "SLURM_JOB_ID": "123456",
+    "SLURM_NTASKS": "12",
+    "SLURM_PROCID": "9",
+    "SLURM_STEP_NUM_TASKS": "12",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "4(x2),3,1",
+    "SLURM_STEP_NODELIST": "gpu[007-009,012]",
+    "SLURM_JOB_NODELIST": "gpu[001-012]",
+}
 
 
 def test_the_deepspeed_launcher_and_torchrun_say_it_themselves():
@@ -27,22 +39,51 @@ def test_the_deepspeed_launcher_and_torchrun_say_it_themselves():
 
 
 def test_a_plain_process_is_a_world_of_one():
-    env = dist.launcher_environment({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"})  # a batch script: no step of srun
+    env = dist.launcher_environment(
+        {"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}
+    )  # a batch script: no step of srun
     assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == {
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+    }
 
 
 def test_mpirun_processes_take_their_ranks_from_mpi():
     env = dist.launcher_environment({**OPEN_MPI, "MASTER_ADDR": "node0"})
-    assert env == {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "MASTER_PORT": "29500"}
-    hydra = {"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2", "MASTER_ADDR": "n0",
-             "MASTER_PORT": "6000"}
-    assert dist.launcher_environment(hydra) == {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_SIZE": "2"}
+    assert env == {
+        "RANK": "5",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+        "LOCAL_SIZE": "4",
+        "MASTER_PORT": "29500",
+    }
+    hydra = {
+        "PMI_RANK": "2",
+        "PMI_SIZE": "4",
+        "MPI_LOCALRANKID": "0",
+        "MPI_LOCALNRANKS": "2",
+        "MASTER_ADDR": "n0",
+        "MASTER_PORT": "6000",
+    }
+    assert dist.launcher_environment(hydra) == {
+        "RANK": "2",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "0",
+        "LOCAL_SIZE": "2",
+    }
 
 
 def test_srun_tasks_meet_on_the_first_node_of_the_step():
-    assert dist.launcher_environment(SRUN) == {"RANK": "9", "WORLD_SIZE": "12", "LOCAL_RANK": "1", "LOCAL_SIZE": "3",
-                                               "MASTER_ADDR": "gpu007", "MASTER_PORT": str(20000 + 123456 % 40000)}
+    assert dist.launcher_environment(SRUN) == {
+        "RANK": "9",
+        "WORLD_SIZE": "12",
+        "LOCAL_RANK": "1",
+        "LOCAL_SIZE": "3",
+        "MASTER_ADDR": "gpu007",
+        "MASTER_PORT": str(20000 + 123456 % 40000),
+    }
     assert [dist.first_host(s) for s in ("n1,n2", "gpu[3-4]-ib,x", "login")] == ["n1", "gpu3-ib", "login"]
 
 
@@ -75,8 +116,16 @@ def _rank(rank: int, tmp_path, port: int) -> None:
 
     accelerator = Recording()
     set_accelerator(accelerator)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     dist.init_distributed()
     (tmp_path / f"rank{rank}.json").write_text(json.dumps(accelerator.told))
     dist.barrier()

@@ -12,8 +12,12 @@ from megatrain.files import Deferred, SafetensorsFile, file_sha256, save_safeten
 
 
 def test_streamed_safetensors_are_safetensors_own_bytes(tmp_path):
-    tensors = {"b": torch.randn(3, 5), "a.weight": torch.arange(6, dtype=torch.int64).reshape(2, 3),
-               "c": torch.randn(7, dtype=torch.float64).to(torch.bfloat16), "d": torch.tensor(2.5)}
+    tensors = {
+        "b": torch.randn(3, 5),
+        "a.weight": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "c": torch.randn(7, dtype=torch.float64).to(torch.bfloat16),
+        "d": torch.tensor(2.5),
+    }
     path = tmp_path / "state.safetensors"
     made = []
 
@@ -60,9 +64,13 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
         raise RuntimeError("the checkpoint is unreadable")
 
     with pytest.raises(RuntimeError, match="unreadable"):  # a tensor that cannot be made, half-way through
-        save_safetensors_atomically(path, {"a": torch.ones(3), "z": Deferred((2,), torch.float32, broken)},
-                                    {"format": "test/1"})
+        save_safetensors_atomically(
+            path, {"a": torch.ones(3), "z": Deferred((2,), torch.float32, broken)}, {"format": "test/1"}
+        )
     with pytest.raises(ValueError, match="z: made as \\[3\\]"):  # one made other than declared
-        save_safetensors_atomically(path, {"a": torch.ones(3), "z": Deferred((2,), torch.float32, lambda: torch.ones(3))},
-                                    {"format": "test/1"})
+        save_safetensors_atomically(
+            path,
+            {"a": torch.ones(3), "z": Deferred((2,), torch.float32, lambda: torch.ones(3))},
+            {"format": "test/1"},
+        )
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]

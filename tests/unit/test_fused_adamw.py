@@ -38,9 +38,14 @@ def _reference(params64, grads_per_step, lr, betas, eps, wd, max_norm, round_to=
             with torch.no_grad():
                 for p in ps:
                     p.copy_(p.to(round_to).double())
-        history.append(([p.detach().clone() for p in ps],
-                        [opt.state[p]["exp_avg"].clone() for p in ps],
-                        [opt.state[p]["exp_avg_sq"].clone() for p in ps], float(norm)))
+        history.append(
+            (
+                [p.detach().clone() for p in ps],
+                [opt.state[p]["exp_avg"].clone() for p in ps],
+                [opt.state[p]["exp_avg_sq"].clone() for p in ps],
+                float(norm),
+            )
+        )
     return history
 
 
@@ -70,8 +75,15 @@ def test_fp32_matches_float64_reference(use_op, clip_active):
     for _trial in range(3):
         lr, wd, betas, params64, grads = _random_case(clip_active)
         ours = [p.float().clone() for p in params64]
-        opt = FusedAdamWClip([{"params": ours}], lr=lr, betas=betas, eps=1e-8, weight_decay=wd, max_grad_norm=1.0,
-                             use_fused_op=use_op)
+        opt = FusedAdamWClip(
+            [{"params": ours}],
+            lr=lr,
+            betas=betas,
+            eps=1e-8,
+            weight_decay=wd,
+            max_grad_norm=1.0,
+            use_fused_op=use_op,
+        )
         ref = _reference(params64, grads, lr, betas, 1e-8, wd, 1.0)
         for step, step_grads in enumerate(grads):
             for p, g in zip(ours, step_grads, strict=True):
@@ -93,7 +105,9 @@ def test_bf16_params_and_grads(use_op):
     one differently rounded element would otherwise make the trajectories drift apart)."""
     lr, wd, betas, params64, grads = _random_case(clip_active=True)
     ours = [p.to(torch.bfloat16) for p in params64]
-    opt = FusedAdamWClip([{"params": ours}], lr=lr, betas=betas, weight_decay=wd, max_grad_norm=1.0, use_fused_op=use_op)
+    opt = FusedAdamWClip(
+        [{"params": ours}], lr=lr, betas=betas, weight_decay=wd, max_grad_norm=1.0, use_fused_op=use_op
+    )
     for step, step_grads in enumerate(grads, start=1):
         step_grads = [g.to(torch.bfloat16) for g in step_grads]
         ref = [p.double().requires_grad_(True) for p in ours]
@@ -101,9 +115,11 @@ def test_bf16_params_and_grads(use_op):
         for r, p, g in zip(ref, ours, step_grads, strict=True):
             r.grad = g.double()
             if step > 1:
-                ref_opt.state[r] = {"step": torch.tensor(float(step - 1), dtype=torch.float64),
-                                    "exp_avg": opt.state[p]["exp_avg"].double(),
-                                    "exp_avg_sq": opt.state[p]["exp_avg_sq"].double()}
+                ref_opt.state[r] = {
+                    "step": torch.tensor(float(step - 1), dtype=torch.float64),
+                    "exp_avg": opt.state[p]["exp_avg"].double(),
+                    "exp_avg_sq": opt.state[p]["exp_avg_sq"].double(),
+                }
             p.grad = g.clone()
         torch.nn.utils.clip_grad_norm_(ref, 1.0)
         ref_opt.step()
@@ -112,7 +128,12 @@ def test_bf16_params_and_grads(use_op):
             expected = b.detach().to(torch.bfloat16).double()
             ulp = expected.abs().clamp_min(1e-30) * 2.0**-7  # one bf16 unit in the last place
             assert ((a.double() - expected).abs() <= ulp).all()
-        assert _rel_err([opt.state[p]["exp_avg_sq"] for p in ours], [ref_opt.state[r]["exp_avg_sq"] for r in ref]) < 1e-6
+        assert (
+            _rel_err(
+                [opt.state[p]["exp_avg_sq"] for p in ours], [ref_opt.state[r]["exp_avg_sq"] for r in ref]
+            )
+            < 1e-6
+        )
 
 
 @pytest.mark.parametrize("use_op", PATHS)
@@ -136,15 +157,21 @@ def test_param_groups_and_no_clipping(use_op):
     """Per-group lr and weight decay; max_grad_norm=0 turns clipping off."""
     a64, b64 = torch.randn(300, dtype=torch.float64), torch.randn(17, dtype=torch.float64)
     a, b = a64.float(), b64.float()
-    opt = FusedAdamWClip([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lr": 1e-2}],
-                         lr=1e-3, max_grad_norm=0.0, use_fused_op=use_op)
+    opt = FusedAdamWClip(
+        [{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lr": 1e-2}],
+        lr=1e-3,
+        max_grad_norm=0.0,
+        use_fused_op=use_op,
+    )
     ga = torch.randn(300) * 50
     gb = torch.randn(17) * 50
     ra = _reference([a64], [[ga]], 1e-3, (0.9, 0.95), 1e-8, 0.1, 0.0)
     rb = _reference([b64], [[gb]], 1e-2, (0.9, 0.95), 1e-8, 0.0, 0.0)
     a.grad, b.grad = ga.clone(), gb.clone()
     norm = opt.step()
-    assert float(norm) == pytest.approx(float(torch.cat([ga, gb]).double().norm()), rel=1e-6)  # > 1, not clipped
+    assert float(norm) == pytest.approx(
+        float(torch.cat([ga, gb]).double().norm()), rel=1e-6
+    )  # > 1, not clipped
     assert _rel_err([a, b], [ra[0][0][0], rb[0][0][0]]) < 1e-6
 
 
@@ -203,13 +230,17 @@ def test_segments_equal_separate_tensors(use_op):
     included = torch.cat([g for g, inc in zip(grads, in_norm, strict=True) if inc])
     assert float(norm) == pytest.approx(float(included.double().norm()), rel=1e-6)
     separate = [p.clone() for p in pieces]
-    ref = FusedAdamWClip([{"params": [p], "weight_decay": wd} for p, wd in zip(separate, wds, strict=True)],
-                         lr=1e-2, max_grad_norm=0.0, use_fused_op=use_op)
+    ref = FusedAdamWClip(
+        [{"params": [p], "weight_decay": wd} for p, wd in zip(separate, wds, strict=True)],
+        lr=1e-2,
+        max_grad_norm=0.0,
+        use_fused_op=use_op,
+    )
     coef = min(1.0, 1.0 / (float(norm) + 1e-6))
     for p, g in zip(separate, grads, strict=True):
         p.grad = g * coef  # the clipping the segmented step applied, by hand
     ref.step()
-    assert _rel_err([flat[s:s + n] for s, n in zip(starts, sizes, strict=True)], separate) < 1e-6
+    assert _rel_err([flat[s : s + n] for s, n in zip(starts, sizes, strict=True)], separate) < 1e-6
     assert torch.equal(flat[-padding:], torch.zeros(padding))  # padding untouched
 
 
@@ -266,7 +297,9 @@ def test_a_device_without_kernels_falls_back_or_says_why(caplog):
     auto = FusedAdamWClip([p])
     with caplog.at_level("WARNING"):
         assert auto.uses_fused_op_on(torch.device("cpu"))
-        assert not auto.uses_fused_op_on(torch.device("cuda")) and not auto.uses_fused_op_on(torch.device("cuda"))
+        assert not auto.uses_fused_op_on(torch.device("cuda")) and not auto.uses_fused_op_on(
+            torch.device("cuda")
+        )
     [record] = [r for r in caplog.records if "built without cuda kernels" in r.getMessage()]  # said once
     assert "pure-torch path" in record.getMessage()
     with pytest.raises(RuntimeError, match="built without cuda kernels .* rebuild it with CUDA"):
@@ -284,7 +317,9 @@ def test_torch_adamw_is_torchs_fused_kernel():
 
     cfg = load_config(TINY_CONFIG, ["data.path=x", "optim.name=torch_adamw"])
     norm = GradNormPolicy.decide(cfg.optim, cfg.train, Layout.from_config(cfg, 1))
-    _, opt = build_optimizer(cfg.optim, GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=8)), norm)
+    _, opt = build_optimizer(
+        cfg.optim, GPT(GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=8)), norm
+    )
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and not opt.defaults["foreach"]
 
 
@@ -325,7 +360,8 @@ def test_an_op_that_cannot_launch_falls_back_to_the_torch_path(caplog):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device\nmore")
 
     assert fused_adamw.fused_op_disagrees(cpu, no_image) == (
-        "it raised RuntimeError: CUDA error: no kernel image is available for execution on the device")
+        "it raised RuntimeError: CUDA error: no kernel image is available for execution on the device"
+    )
     p = torch.nn.Parameter(torch.ones(3))
     opt = FusedAdamWClip([p], lr=0.1, weight_decay=0.0)
     original = fused_adamw.fused_op_disagrees

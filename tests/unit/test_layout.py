@@ -25,7 +25,10 @@ def test_coordinates_follow_deepspeeds_meshes():
     assert lay.partitioned_parameters and not lay.flat_partitions and lay.world == 4
     assert Layout.from_checkpoint(lay.checkpoint_form()) == lay
     assert lay.describe() == "4 data-parallel rank(s), ZeRO-3"
-    assert Layout(1, 2, 2, 1).describe() == "2 pipeline stages x tensor-parallel 2 x 1 data-parallel rank(s), ZeRO-1"
+    assert (
+        Layout(1, 2, 2, 1).describe()
+        == "2 pipeline stages x tensor-parallel 2 x 1 data-parallel rank(s), ZeRO-1"
+    )
 
 
 def test_a_world_that_does_not_divide_is_refused():
@@ -35,19 +38,38 @@ def test_a_world_that_does_not_divide_is_refused():
         Layout.from_config(cfg, 3)
 
 
-@pytest.mark.parametrize("sets, source, kernel_clips, deepspeed_norm, single_group", [
-    (["parallel.zero_stage=0"], "kernel", True, True, False),
-    (["parallel.zero_stage=1"], "kernel", True, False, True),
-    (["parallel.zero_stage=1", "train.precision=bf16"], "kernel", True, True, True),  # BF16_Optimizer norms anyway
-    (["parallel.zero_stage=2", "train.precision=bf16"], "kernel", True, False, True),
-    (["parallel.zero_stage=3"], "deepspeed", False, True, False),  # no call sees every gradient
-    (["parallel.zero_stage=0", "optim.name=torch_adamw"], "measured", False, True, False),
-    (["parallel.zero_stage=0", "optim.name=torch_adamw", "train.precision=bf16"], "deepspeed", False, True, False),
-    (["parallel.zero_stage=1", "optim.name=adamw"], "deepspeed", False, True, False),
-])
+@pytest.mark.parametrize(
+    "sets, source, kernel_clips, deepspeed_norm, single_group",
+    [
+        (["parallel.zero_stage=0"], "kernel", True, True, False),
+        (["parallel.zero_stage=1"], "kernel", True, False, True),
+        (
+            ["parallel.zero_stage=1", "train.precision=bf16"],
+            "kernel",
+            True,
+            True,
+            True,
+        ),  # BF16_Optimizer norms anyway
+        (["parallel.zero_stage=2", "train.precision=bf16"], "kernel", True, False, True),
+        (["parallel.zero_stage=3"], "deepspeed", False, True, False),  # no call sees every gradient
+        (["parallel.zero_stage=0", "optim.name=torch_adamw"], "measured", False, True, False),
+        (
+            ["parallel.zero_stage=0", "optim.name=torch_adamw", "train.precision=bf16"],
+            "deepspeed",
+            False,
+            True,
+            False,
+        ),
+        (["parallel.zero_stage=1", "optim.name=adamw"], "deepspeed", False, True, False),
+    ],
+)
 def test_who_computes_the_norm_and_who_clips(sets, source, kernel_clips, deepspeed_norm, single_group):
     cfg = load_config(TINY_CONFIG, ["data.path=x", *sets])
     norm = GradNormPolicy.decide(cfg.optim, cfg.train, Layout.from_config(cfg, 2))
     assert (norm.source, norm.kernel_clips, norm.deepspeed_norm, norm.single_group) == (
-        source, kernel_clips, deepspeed_norm, single_group)
+        source,
+        kernel_clips,
+        deepspeed_norm,
+        single_group,
+    )
     assert norm.deepspeed_clip == (0.0 if kernel_clips else cfg.optim.grad_clip)

@@ -45,14 +45,18 @@ class Counting:
 
 def test_parts_read_only_the_slices_a_rank_keeps(tmp_path):
     torch.manual_seed(0)
-    tensors = {"exp_avg/blocks.0.attn.qkv.weight": torch.randn(32, 16),  # q|k|v: 16 + 8 + 8 rows
-               "exp_avg/blocks.0.attn.proj.weight": torch.randn(16, 16),  # split by columns
-               "exp_avg/head.ln_f.weight": torch.randn(16)}
+    tensors = {
+        "exp_avg/blocks.0.attn.qkv.weight": torch.randn(32, 16),  # q|k|v: 16 + 8 + 8 rows
+        "exp_avg/blocks.0.attn.proj.weight": torch.randn(16, 16),  # split by columns
+        "exp_avg/head.ln_f.weight": torch.randn(16),
+    }
     save_file(tensors, tmp_path / "f.safetensors")
     with safe_open(str(tmp_path / "f.safetensors"), "pt") as f:
         for rank in (0, 1):
             counting = Counting(f)
-            parts = _Parts(counting, types.SimpleNamespace(layout=Layout(1, 2, 1, 1, rank=rank), model_cfg=CFG))
+            parts = _Parts(
+                counting, types.SimpleNamespace(layout=Layout(1, 2, 1, 1, rank=rank), model_cfg=CFG)
+            )
             for key, whole in tensors.items():
                 name = key.partition("/")[2]
                 before = counting.read
@@ -65,7 +69,11 @@ def test_parts_read_only_the_slices_a_rank_keeps(tmp_path):
         whole = tensors["exp_avg/blocks.0.attn.qkv.weight"]
         for start, n in [(0, 5), (37, 100), (500, 12), (511, 1), (0, 512)]:
             before = counting.read
-            assert torch.equal(parts.flat("exp_avg", "blocks.0.attn.qkv.weight", start, n),
-                               whole.reshape(-1)[start:start + n])
+            assert torch.equal(
+                parts.flat("exp_avg", "blocks.0.attn.qkv.weight", start, n),
+                whole.reshape(-1)[start : start + n],
+            )
             assert counting.read - before <= n + 2 * 16  # the rows the range lies in
-        assert torch.equal(parts.flat("exp_avg", "head.ln_f.weight", 3, 9), tensors["exp_avg/head.ln_f.weight"][3:12])
+        assert torch.equal(
+            parts.flat("exp_avg", "head.ln_f.weight", 3, 9), tensors["exp_avg/head.ln_f.weight"][3:12]
+        )

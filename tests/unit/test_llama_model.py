@@ -18,8 +18,21 @@ from megatrain.optim import param_groups
 
 
 def llama(**kw) -> GPTConfig:
-    return GPTConfig(**{"vocab_size": 97, "seq_len": 16, "n_layer": 2, "n_head": 4, "d_model": 32, "arch": "llama",
-                        "n_kv_head": 2, "ffn_hidden": 48, "bias": False, "init_seed": 5, **kw})
+    return GPTConfig(
+        **{
+            "vocab_size": 97,
+            "seq_len": 16,
+            "n_layer": 2,
+            "n_head": 4,
+            "d_model": 32,
+            "arch": "llama",
+            "n_kv_head": 2,
+            "ffn_hidden": 48,
+            "bias": False,
+            "init_seed": 5,
+            **kw,
+        }
+    )
 
 
 def rms_norm_reference(x, weight, eps):
@@ -30,7 +43,7 @@ def rotary_reference(x, start, theta):
     """x [B, H, T, d] as d/2 complex numbers z_i = x_i + i x_{i+d/2}, each turned by
     (start + t) * theta^(-2i/d)."""
     d, T = x.shape[-1], x.shape[2]
-    z = torch.complex(x[..., : d // 2], x[..., d // 2:])
+    z = torch.complex(x[..., : d // 2], x[..., d // 2 :])
     freq = theta ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
     angle = torch.arange(start, start + T, dtype=torch.float64)[:, None] * freq[None, :]
     z = z * torch.polar(torch.ones_like(angle), angle)
@@ -69,7 +82,9 @@ def test_rms_norm_and_rotary_match_float64_references():
         norm.weight.uniform_(0.5, 1.5)
     assert torch.allclose(norm(x), rms_norm_reference(x, norm.weight, 1e-5), rtol=1e-12, atol=1e-12)
     for start in (0, 5):
-        assert torch.allclose(rotate(x, start, 10000.0), rotary_reference(x, start, 10000.0), rtol=1e-10, atol=1e-12)
+        assert torch.allclose(
+            rotate(x, start, 10000.0), rotary_reference(x, start, 10000.0), rtol=1e-10, atol=1e-12
+        )
     # Rotation keeps norms and makes q.k depend on the offset between positions only.
     q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
     dots = [(rotate(q, a + 3, 500.0) * rotate(k, a, 500.0)).sum() for a in (0, 4, 11)]
@@ -91,7 +106,9 @@ def test_block_matches_the_written_out_reference(n_kv_head, qk_norm):
 
 
 def test_llama_sizes_parameters_and_groups():
-    assert llama_ffn_hidden(4096) == 11008 and llama_ffn_hidden(2048, 256) == 5632  # Llama 7B; a 2048-wide model
+    assert (
+        llama_ffn_hidden(4096) == 11008 and llama_ffn_hidden(2048, 256) == 5632
+    )  # Llama 7B; a 2048-wide model
     cfg = llama(tie_embeddings=False, qk_norm=True)
     model = GPT(cfg)
     assert sum(p.numel() for p in model.parameters()) == param_count(cfg)
@@ -118,10 +135,13 @@ def test_z_loss_gradient_is_the_formulas():
     assert torch.allclose(logits.grad.double().reshape(-1, 11), expected, rtol=1e-5, atol=1e-7)
     z, n = loss_fn.take_z()
     assert n == 1 and z.item() == pytest.approx((lse**2).mean().item(), rel=1e-6)
-    assert loss.item() == pytest.approx(F.cross_entropy(flat, targets.reshape(-1)).item() + 1e-2 * z.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(flat, targets.reshape(-1)).item() + 1e-2 * z.item(), rel=1e-6
+    )
     with torch.no_grad():  # evaluation: the cross-entropy alone, nothing kept
-        assert loss_fn(logits, targets).item() == pytest.approx(F.cross_entropy(flat, targets.reshape(-1)).item(),
-                                                                rel=1e-6)
+        assert loss_fn(logits, targets).item() == pytest.approx(
+            F.cross_entropy(flat, targets.reshape(-1)).item(), rel=1e-6
+        )
     assert loss_fn.take_z() == (None, 0)
 
 
@@ -136,8 +156,15 @@ def test_export_gives_the_same_logits_and_greedy_text(qk_norm, tie):
         ours, theirs = model(x), hf(x).logits
     assert ((ours - theirs).norm() / ours.norm()).item() < 1e-4
     prompt = x[:, :4]
-    greedy = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=10,
-                         min_new_tokens=10, eos_token_id=None, pad_token_id=0)
+    greedy = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=10,
+        min_new_tokens=10,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     assert torch.equal(model.generate(prompt, 10, temperature=0), greedy)
 
 

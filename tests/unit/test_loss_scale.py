@@ -20,14 +20,20 @@ from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
 
-ZERO_ARGS = {"init_scale": 2**16, "scale_window": 1000, "delayed_shift": 2, "consecutive_hysteresis": False,
-             "min_scale": 1}  # as DeepSpeed builds them from megatrain's fp16 config
+ZERO_ARGS = {
+    "init_scale": 2**16,
+    "scale_window": 1000,
+    "delayed_shift": 2,
+    "consecutive_hysteresis": False,
+    "min_scale": 1,
+}  # as DeepSpeed builds them from megatrain's fp16 config
 
 
 def zero0_fp16():
     param = torch.nn.Parameter(torch.zeros(8, dtype=torch.half))
-    return FP16_Optimizer(torch.optim.AdamW([param]), dynamic_loss_scale=True, initial_dynamic_scale=2**16,
-                          verbose=False)
+    return FP16_Optimizer(
+        torch.optim.AdamW([param]), dynamic_loss_scale=True, initial_dynamic_scale=2**16, verbose=False
+    )
 
 
 def zero_fp16(dtype=torch.half):
@@ -52,8 +58,16 @@ def in_a_world_of_one(case) -> None:
 
 
 def _rank(rank: int, case, port: int) -> None:
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     dist.init_distributed()
     case()
 

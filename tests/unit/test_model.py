@@ -28,12 +28,25 @@ def test_matmul_params_counts_the_module(bias):
 
 def test_gpt3_configs_have_the_papers_sizes():
     """Table 2.1 sizes with GPT-2's 50257-token vocabulary, within 3%."""
-    expected = {"125m": 125e6, "350m": 350e6, "760m": 760e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
-                "13b": 13e9, "175b": 175e9}
+    expected = {
+        "125m": 125e6,
+        "350m": 350e6,
+        "760m": 760e6,
+        "1.3b": 1.3e9,
+        "2.7b": 2.7e9,
+        "6.7b": 6.7e9,
+        "13b": 13e9,
+        "175b": 175e9,
+    }
     for name, n in expected.items():
         c = load_config(REPO / "configs" / f"gpt3-{name}.yaml")
-        g = GPTConfig(vocab_size=50257, seq_len=c.train.seq_len, n_layer=c.model.n_layer, n_head=c.model.n_head,
-                      d_model=c.model.d_model)
+        g = GPTConfig(
+            vocab_size=50257,
+            seq_len=c.train.seq_len,
+            n_layer=c.model.n_layer,
+            n_head=c.model.n_head,
+            d_model=c.model.d_model,
+        )
         total = matmul_params(g) + g.seq_len * g.d_model  # + learned positions
         assert abs(total / n - 1) < 0.03, (name, total)
         assert c.optim.betas == [0.9, 0.95] and c.optim.weight_decay == 0.1 and c.train.max_tokens == 300e9
@@ -94,7 +107,9 @@ def test_embeddings_tied():
     x = torch.randint(0, 97, (2, 9))
     model(x[:, :-1], x[:, 1:]).backward()
     names = [n for n, _ in model.named_parameters()]
-    assert not any("head" in n and "weight" in n and "ln" not in n for n in names)  # no separate output matrix
+    assert not any(
+        "head" in n and "weight" in n and "ln" not in n for n in names
+    )  # no separate output matrix
     # the token table gets gradient from the output projection for every vocabulary row
     assert (model.embed.wte.weight.grad.abs().sum(dim=1) > 0).all()
 
@@ -118,9 +133,23 @@ def test_pipeline_names_map_onto_gpt():
     cfg = GPTConfig(vocab_size=50, seq_len=8, n_layer=3, n_head=2, d_model=8)
     gpt_names = set(dict(GPT(cfg).named_parameters()))
     layer_names = ["0.weight", "1.wpe.weight", "5.weight", "5.bias", "tied_modules.wte.weight"] + [
-        f"{2 + i}.{rest}" for i in range(3) for rest in
-        ["ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-         "ln2.weight", "ln2.bias", "mlp.fc.weight", "mlp.fc.bias", "mlp.proj.weight", "mlp.proj.bias"]]
+        f"{2 + i}.{rest}"
+        for i in range(3)
+        for rest in [
+            "ln1.weight",
+            "ln1.bias",
+            "attn.qkv.weight",
+            "attn.qkv.bias",
+            "attn.proj.weight",
+            "attn.proj.bias",
+            "ln2.weight",
+            "ln2.bias",
+            "mlp.fc.weight",
+            "mlp.fc.bias",
+            "mlp.proj.weight",
+            "mlp.proj.bias",
+        ]
+    ]
     assert {canonical_name(n, 3) for n in layer_names} == gpt_names
     assert canonical_name("6.weight", 3) == "head.lm_head.weight"  # an untied output projection
     with pytest.raises(ValueError):
@@ -136,7 +165,12 @@ def test_initial_values_are_drawn_by_pieces_and_a_rank_draws_only_its_own(numel)
     from megatrain.model.gpt import _init_rule, initial_value, initial_value_pieces
 
     cfg = GPTConfig(vocab_size=50, seq_len=8, n_layer=2, n_head=2, d_model=8, init_seed=3)
-    for name in ("blocks.0.mlp.fc.weight", "blocks.1.attn.proj.weight", "blocks.0.ln1.weight", "head.ln_f.bias"):
+    for name in (
+        "blocks.0.mlp.fc.weight",
+        "blocks.1.attn.proj.weight",
+        "blocks.0.ln1.weight",
+        "head.ln_f.bias",
+    ):
         for piece in (16, 1000, 1 << 22):
             whole = initial_value(name, (numel,), cfg, piece=piece)
             pieces = list(initial_value_pieces(name, (numel,), cfg, piece=piece))
@@ -146,16 +180,20 @@ def test_initial_values_are_drawn_by_pieces_and_a_rank_draws_only_its_own(numel)
                 got = list(initial_value_pieces(name, (numel,), cfg, lo, hi, piece=piece))
                 assert [o for o, _ in got] == [o for o, v in pieces if o < hi and o + v.numel() > lo]
                 for o, v in got:
-                    assert torch.equal(v, whole[o:o + v.numel()])
+                    assert torch.equal(v, whole[o : o + v.numel()])
         if "weight" in name and "ln" not in name:
             _, std, seed = _init_rule(name, cfg)
             one_call = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
             assert torch.equal(initial_value(name, (numel,), cfg), one_call * whole.new_tensor(std))
             if numel > 16:  # separate generators: not one stream cut into pieces
-                assert not torch.equal(initial_value(name, (numel,), cfg, piece=16), initial_value(name, (numel,), cfg))
+                assert not torch.equal(
+                    initial_value(name, (numel,), cfg, piece=16), initial_value(name, (numel,), cfg)
+                )
     shape = (37, 29)  # a matrix is its flattened draw
-    assert torch.equal(initial_value("blocks.0.mlp.fc.weight", shape, cfg, piece=100).flatten(),
-                       initial_value("blocks.0.mlp.fc.weight", (37 * 29,), cfg, piece=100))
+    assert torch.equal(
+        initial_value("blocks.0.mlp.fc.weight", shape, cfg, piece=100).flatten(),
+        initial_value("blocks.0.mlp.fc.weight", (37 * 29,), cfg, piece=100),
+    )
 
 
 def test_generation_with_and_without_the_kv_cache_is_the_same():
@@ -171,7 +209,10 @@ def test_generation_with_and_without_the_kv_cache_is_the_same():
     first = int(cached[0, 5])
     stopped = model.generate(prompt[:1], 12, temperature=0, eos_id=first)
     assert stopped.shape == (1, 6)  # ends at eos
-    drawn = [model.generate(prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    drawn = [
+        model.generate(prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(s))
+        for s in (1, 1, 2)
+    ]
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
 
 
@@ -199,26 +240,40 @@ def test_tensor_parallel_shards_keep_whole_heads_and_gather_back():
     qkv = torch.arange(3 * d * d, dtype=torch.float32).reshape(3 * d, d)
     shards = [tp.shard("blocks.0.attn.qkv.weight", qkv, r, 2, cfg) for r in range(2)]
     q, k, v = qkv.chunk(3)
-    assert torch.equal(shards[1], torch.cat([q[d // 2:], k[d // 2:], v[d // 2:]]))
+    assert torch.equal(shards[1], torch.cat([q[d // 2 :], k[d // 2 :], v[d // 2 :]]))
     proj = torch.randn(d, d)
-    assert torch.equal(tp.shard("blocks.0.attn.proj.weight", proj, 1, 2, cfg), proj[:, d // 2:])
-    assert tp.split_of("blocks.0.attn.proj.bias", cfg) is None and tp.split_of("blocks.0.mlp.fc.bias", cfg) == (0, None)
+    assert torch.equal(tp.shard("blocks.0.attn.proj.weight", proj, 1, 2, cfg), proj[:, d // 2 :])
+    assert tp.split_of("blocks.0.attn.proj.bias", cfg) is None and tp.split_of(
+        "blocks.0.mlp.fc.bias", cfg
+    ) == (0, None)
     assert tp.split_of("embed.wte.weight", cfg) is None and tp.split_of("blocks.1.ln1.weight", cfg) is None
-    for name, full in [("blocks.0.attn.qkv.weight", qkv), ("blocks.0.attn.qkv.bias", torch.randn(3 * d)),
-                       ("blocks.0.attn.proj.weight", proj), ("blocks.3.mlp.fc.weight", torch.randn(4 * d, d)),
-                       ("blocks.3.mlp.proj.weight", torch.randn(d, 4 * d)), ("head.ln_f.weight", torch.randn(d))]:
-        assert torch.equal(tp.gather(name, [tp.shard(name, full, r, 4, cfg) for r in range(4)], cfg), full), name
+    for name, full in [
+        ("blocks.0.attn.qkv.weight", qkv),
+        ("blocks.0.attn.qkv.bias", torch.randn(3 * d)),
+        ("blocks.0.attn.proj.weight", proj),
+        ("blocks.3.mlp.fc.weight", torch.randn(4 * d, d)),
+        ("blocks.3.mlp.proj.weight", torch.randn(d, 4 * d)),
+        ("head.ln_f.weight", torch.randn(d)),
+    ]:
+        assert torch.equal(tp.gather(name, [tp.shard(name, full, r, 4, cfg) for r in range(4)], cfg), full), (
+            name
+        )
     # llama: 4 query heads of 2 dims sharing 2 key/value heads, a SwiGLU of 12 packed as gate|up.
-    llama = GPTConfig(vocab_size=16, seq_len=4, n_layer=1, n_head=4, d_model=d, arch="llama", n_kv_head=2,
-                      ffn_hidden=12)
+    llama = GPTConfig(
+        vocab_size=16, seq_len=4, n_layer=1, n_head=4, d_model=d, arch="llama", n_kv_head=2, ffn_hidden=12
+    )
     qkv = torch.randn(d + 2 * 4, d)
     q, k, v = qkv.split([d, 4, 4])
-    assert torch.equal(tp.shard("blocks.0.attn.qkv.weight", qkv, 1, 2, llama), torch.cat([q[4:], k[2:], v[2:]]))
+    assert torch.equal(
+        tp.shard("blocks.0.attn.qkv.weight", qkv, 1, 2, llama), torch.cat([q[4:], k[2:], v[2:]])
+    )
     fc = torch.randn(24, d)
     gate, up = fc.chunk(2)
     assert torch.equal(tp.shard("blocks.0.mlp.fc.weight", fc, 0, 2, llama), torch.cat([gate[:6], up[:6]]))
     for name, full in [("blocks.0.attn.qkv.weight", qkv), ("blocks.0.mlp.fc.weight", fc)]:
-        assert torch.equal(tp.gather(name, [tp.shard(name, full, r, 2, llama) for r in range(2)], llama), full)
+        assert torch.equal(
+            tp.gather(name, [tp.shard(name, full, r, 2, llama) for r in range(2)], llama), full
+        )
     specs = {s["patterns"][0]: s for s in tp.autotp_config(2, llama)["partition_config"]["layer_specs"]}
     assert specs[r".*\.attn\.qkv\.weight$"]["shape"] == [[d, 4, 4], -1]
     assert specs[r".*\.mlp\.fc\.weight$"]["shape"] == [2, -1]

@@ -40,8 +40,9 @@ def test_model_states_against_deepspeeds_estimators(path):
     m = GPTConfig.from_config(cfg, 50257)
     n, gpus = param_count(m), 16
     _, zero2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
-    _, zero3, largest = estimate_zero3_model_states_mem_needs(n, 12 * m.d_model**2, num_gpus_per_node=8,
-                                                               num_nodes=2, cpu_offload=False)
+    _, zero3, largest = estimate_zero3_model_states_mem_needs(
+        n, 12 * m.d_model**2, num_gpus_per_node=8, num_nodes=2, cpu_offload=False
+    )
     share = n / gpus
     expected = {2: zero2 - 2 * share, 3: zero3 - largest + 2 * share - 4 * max(0.0, share - 1e9)}
     ours = {z: model_states(per_rank_bytes(cfg, m, Layout(z, 1, 1, gpus, 1, True))) for z in (2, 3)}
@@ -56,12 +57,16 @@ def test_each_layout_moves_its_part():
     # ZeRO-1 in bf16 sums gradients in fp32 (DeepSpeed's BF16_Optimizer): whole fp32 ones beside the bf16
     assert at[1]["optimizer"] < at[0]["optimizer"] and at[1]["grads"] == pytest.approx(3 * at[0]["params"])
     bf16_sums = config("train.grad_accum_dtype=bf16")[0]
-    assert per_rank_bytes(bf16_sums, m, Layout(1, 1, 1, 8, 1, True))["grads"] == pytest.approx(at[0]["params"])
+    assert per_rank_bytes(bf16_sums, m, Layout(1, 1, 1, 8, 1, True))["grads"] == pytest.approx(
+        at[0]["params"]
+    )
     assert at[0]["grads"] == pytest.approx(3 * at[0]["params"])  # bf16 and DeepSpeed's fp32 copy
     assert at[2]["grads"] < at[1]["grads"] and at[3]["params"] < at[2]["params"]
     assert at[3]["total"] < at[2]["total"] < at[1]["total"] < at[0]["total"]
     tp = per_rank_bytes(cfg, m, Layout(1, 8, 1, 1, 1, True))
-    assert at[1]["params"] / 8 < tp["params"] < at[1]["params"] / 6  # the blocks split 8 ways, the embeddings whole
+    assert (
+        at[1]["params"] / 8 < tp["params"] < at[1]["params"] / 6
+    )  # the blocks split 8 ways, the embeddings whole
     no_ckpt = per_rank_bytes(cfg, m, Layout(1, 1, 1, 8, 1, False))
     assert no_ckpt["activations"] > 5 * at[1]["activations"]
     pipe = per_rank_bytes(cfg, m, Layout(1, 1, 4, 2, 1, True))
@@ -87,26 +92,58 @@ def test_fits_search_and_the_set_line():
 
 def test_cli_json_and_bad_input(tmp_path, small_data):
     out = tmp_path / "plan.json"
-    proc = run_script("plan.py", "--config", GPT3_13B, "--gpus", 64, "--gpu", "h100", "--search", "--json", out)
+    proc = run_script(
+        "plan.py", "--config", GPT3_13B, "--gpus", 64, "--gpu", "h100", "--search", "--json", out
+    )
     assert "best: --set parallel.zero_stage=" in proc.stdout
     got = json.loads(out.read_text())
-    assert set(got["layout"]) == {"zero_stage", "tensor_parallel", "pipeline_stages", "data_parallel", "micro_batch",
-                                  "activation_checkpointing"}
+    assert set(got["layout"]) == {
+        "zero_stage",
+        "tensor_parallel",
+        "pipeline_stages",
+        "data_parallel",
+        "micro_batch",
+        "activation_checkpointing",
+    }
     assert {"params", "grads", "optimizer", "activations", "buffers", "total"} <= set(got["per_rank_bytes"])
-    for key in ("fits", "host_bytes_per_node", "checkpoint_bytes", "step_time_s", "tokens_per_s", "train_days"):
+    for key in (
+        "fits",
+        "host_bytes_per_node",
+        "checkpoint_bytes",
+        "step_time_s",
+        "tokens_per_s",
+        "train_days",
+    ):
         assert key in got
     assert got["candidates"] and all(c["fits"] for c in got["candidates"])
     # The vocabulary from the data's manifest when the data exists.
-    proc = run_script("plan.py", "--config", GPT3_13B, "--set", f"data.path={small_data}", "--gpus", 8,
-                      "--gpu-mem-gb", 80, "--peak-tflops", 300)
+    proc = run_script(
+        "plan.py",
+        "--config",
+        GPT3_13B,
+        "--set",
+        f"data.path={small_data}",
+        "--gpus",
+        8,
+        "--gpu-mem-gb",
+        80,
+        "--peak-tflops",
+        300,
+    )
     assert "vocabulary 1024 (" in proc.stdout
-    for bad, message in ((["--gpu", "v100"], "error: --gpu v100: not a known GPU; known: h100-pcie, h100"),
-                         (["--gpu", "h100", "--set", "parallel={tensor_parallel: 8, zero_stage: 1}", "--gpus", 12],
-                          "error: --gpus 12: the config's layout needs a multiple of parallel.tensor_parallel x "
-                          "parallel.pipeline_stages = 8 GPUs"),
-                         (["--config", REPO / "configs" / "gpt3-175b.yaml", "--gpu", "h100", "--search"],
-                          "error: " + str(REPO / "configs" / "gpt3-175b.yaml") + ": no layout of 8 GPUs fits 80 GB "
-                          "per GPU; the fewest that can: --gpus 64")):
+    for bad, message in (
+        (["--gpu", "v100"], "error: --gpu v100: not a known GPU; known: h100-pcie, h100"),
+        (
+            ["--gpu", "h100", "--set", "parallel={tensor_parallel: 8, zero_stage: 1}", "--gpus", 12],
+            "error: --gpus 12: the config's layout needs a multiple of parallel.tensor_parallel x "
+            "parallel.pipeline_stages = 8 GPUs",
+        ),
+        (
+            ["--config", REPO / "configs" / "gpt3-175b.yaml", "--gpu", "h100", "--search"],
+            "error: " + str(REPO / "configs" / "gpt3-175b.yaml") + ": no layout of 8 GPUs fits 80 GB "
+            "per GPU; the fewest that can: --gpus 64",
+        ),
+    ):
         proc = run_script("plan.py", "--config", GPT3_13B, "--gpus", 8, *bad, check=False)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
 
@@ -127,8 +164,17 @@ def test_llama_counts_its_own_parameters_and_widths():
     embeddings = 2 * m.vocab_size * m.d_model + m.d_model  # input table, output head, final norm
     assert tp["params"] / 2 == pytest.approx((param_count(m) - embeddings) / 2 + embeddings)
     # The 6N of the FLOPs: every weight a token meets in a matmul, counted on a small built model.
-    small = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=4, d_model=16, arch="llama", n_kv_head=2,
-                      ffn_hidden=40, tie_embeddings=False)
+    small = GPTConfig(
+        vocab_size=64,
+        seq_len=8,
+        n_layer=2,
+        n_head=4,
+        d_model=16,
+        arch="llama",
+        n_kv_head=2,
+        ffn_hidden=40,
+        tie_embeddings=False,
+    )
     model = GPT(small)
     linear = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
     norms = sum(p.numel() for n, p in model.named_parameters() if "ln" in n)
@@ -141,11 +187,16 @@ def test_plan_script_plans_the_model_of_model_init_from(tmp_path):
     import transformers
     from helpers import run_script
 
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                                                         bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "hf")
+    transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=4, bos_token_id=0, eos_token_id=0
+        )
+    ).save_pretrained(tmp_path / "hf")
     config = tmp_path / "continued.yaml"
-    config.write_text(f"model: {{init_from: {tmp_path / 'hf'}}}\ndata: {{path: d}}\n"
-                      "train: {seq_len: 64, micro_batch: 2, max_steps: 10}\n")
+    config.write_text(
+        f"model: {{init_from: {tmp_path / 'hf'}}}\ndata: {{path: d}}\n"
+        "train: {seq_len: 64, micro_batch: 2, max_steps: 10}\n"
+    )
     out = run_script("plan.py", "--config", config, "--gpus", "1", "--gpu", "h100").stdout
     assert f"vocabulary 96 (model.init_from {tmp_path / 'hf'})" in out, out
     with pytest.raises(AssertionError, match="model.n_layer is 2 in the config, 3 in the source"):
@@ -157,8 +208,14 @@ def test_gpu_peaks_by_device_name():
     parts whose names they contain; an unknown device has none (no MFU rather than a wrong one)."""
     from megatrain.train.mfu import table_peak
 
-    names = {"NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 NVL": 835,
-             "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312}
+    names = {
+        "NVIDIA H200": 989,
+        "NVIDIA H200 NVL": 835,
+        "NVIDIA H100 80GB HBM3": 989,
+        "NVIDIA H100 NVL": 835,
+        "NVIDIA H100 PCIe": 756,
+        "NVIDIA A100-SXM4-80GB": 312,
+    }
     for name, tflops in names.items():
         assert table_peak(name, "bf16")[0] == tflops * 1e12, name
     assert table_peak("NVIDIA H200 NVL", "tf32") == (418e12, "H200 NVL tf32 data sheet")

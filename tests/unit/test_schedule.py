@@ -44,7 +44,9 @@ def test_lr_linear_and_constant_shapes():
 
 def test_batch_ramp_gpt3_175b():
     unit = 1 * 2048 * 16  # micro batch 1, seq 2048, 16 data-parallel ranks
-    b = BatchSchedule(final_tokens=3_145_728, unit_tokens=unit, start_tokens=32_768, ramp_tokens=12_000_000_000)
+    b = BatchSchedule(
+        final_tokens=3_145_728, unit_tokens=unit, start_tokens=32_768, ramp_tokens=12_000_000_000
+    )
     assert b(0) == 32_768  # 16 sequences: one per rank
     assert b(6_000_000_000) == (32_768 + (3_145_728 - 32_768) // 2) // unit * unit  # halfway, rounded down
     assert b(12_000_000_000) == b(10**13) == 3_145_728
@@ -78,8 +80,13 @@ def test_batch_kept_on_another_layout():
     assert steps.sizes_from(0) == [200, 1000, 4000] and steps.sizes_from(2000) == [1000, 4000]
 
 
-@given(start=st.integers(1, 10**6), extra=st.integers(0, 10**7), ramp=st.integers(0, 10**9),
-       unit=st.integers(1, 10**5), points=st.lists(st.integers(0, 2 * 10**9), min_size=2, max_size=50))
+@given(
+    start=st.integers(1, 10**6),
+    extra=st.integers(0, 10**7),
+    ramp=st.integers(0, 10**9),
+    unit=st.integers(1, 10**5),
+    points=st.lists(st.integers(0, 2 * 10**9), min_size=2, max_size=50),
+)
 def test_batch_always_valid_and_non_decreasing(start, extra, ramp, unit, points):
     b = BatchSchedule(final_tokens=start + extra, unit_tokens=unit, start_tokens=start, ramp_tokens=ramp)
     sizes = [b(t) for t in sorted(points)]
@@ -91,17 +98,33 @@ def test_batch_always_valid_and_non_decreasing(start, extra, ramp, unit, points)
 def test_gpt3_configs_carry_the_papers_schedule():
     for path in sorted((REPO / "configs").glob("gpt3-*.yaml")):
         s = load_config(path).schedule
-        assert (s.warmup_tokens, s.decay_tokens, s.min_lr_ratio, s.lr_shape) == (375e6, 260e9, 0.1, "cosine"), path
+        assert (s.warmup_tokens, s.decay_tokens, s.min_lr_ratio, s.lr_shape) == (
+            375e6,
+            260e9,
+            0.1,
+            "cosine",
+        ), path
         assert s.batch_start_tokens == 32768 and 4e9 <= s.batch_ramp_tokens <= 12e9, path
     assert load_config(REPO / "configs" / "gpt3-175b.yaml").schedule.batch_final_tokens == 3_145_728
 
 
 def test_schedule_plot_and_json(tmp_path):
     out_json, out_png = tmp_path / "s.json", tmp_path / "s.png"
-    run_script("plot.py", "--schedule", REPO / "configs" / "gpt3-125m.yaml", "--json", out_json, "--out", out_png,
-               "--dp", "1",  # 125m: micro batch 16 x 2048 = 32K tokens per rank
-               "--set", "data.path=[{path: d/web, weight: 0.7}, {path: d/code, weight: 0.3}]",
-               "--set", "data.stages=[{tokens: 2e11, weights: {web: 0.3, code: 0.7}}]")
+    run_script(
+        "plot.py",
+        "--schedule",
+        REPO / "configs" / "gpt3-125m.yaml",
+        "--json",
+        out_json,
+        "--out",
+        out_png,
+        "--dp",
+        "1",  # 125m: micro batch 16 x 2048 = 32K tokens per rank
+        "--set",
+        "data.path=[{path: d/web, weight: 0.7}, {path: d/code, weight: 0.3}]",
+        "--set",
+        "data.stages=[{tokens: 2e11, weights: {web: 0.3, code: 0.7}}]",
+    )
     data = json.loads(out_json.read_text())
     by_tokens = {p["tokens"]: p for p in data["points"]}
     assert by_tokens[0]["lr"] == 0.0
@@ -122,6 +145,9 @@ def test_rounding_that_moves_the_batch_is_reported():
     cfg = load_config(REPO / "configs" / "gpt3-125m.yaml")
     unit = cfg.train.micro_batch * cfg.train.seq_len * 32
     notes = BatchSchedule.from_config(cfg, dp_size=32).rounding_notes()
-    assert notes == [f"global batch {n:,} tokens is rounded to {unit:,}: a whole number of micro_batch x seq_len x "
-                     f"data-parallel ranks ({unit:,} tokens), at least one per rank" for n in (32_768, 524_288)]
+    assert notes == [
+        f"global batch {n:,} tokens is rounded to {unit:,}: a whole number of micro_batch x seq_len x "
+        f"data-parallel ranks ({unit:,} tokens), at least one per rank"
+        for n in (32_768, 524_288)
+    ]
     assert BatchSchedule.from_config(cfg, dp_size=1).rounding_notes() == []  # 32K and 0.5M are whole units

@@ -52,5 +52,8 @@ def test_bits_per_byte_and_per_file_totals():
     total_nll = out["loss"] * 9
     assert out["bits_per_byte"] == pytest.approx(total_nll / math.log(2) / 34)
     assert out["perplexity"] == pytest.approx(math.exp(out["loss"]))
-    assert [f["path"] for f in out["files"]] == ["a", "b"] and [f["documents"] for f in out["files"]] == [2, 1]
+    assert [f["path"] for f in out["files"]] == ["a", "b"] and [f["documents"] for f in out["files"]] == [
+        2,
+        1,
+    ]
     assert sum(f["loss"] * f["tokens"] for f in out["files"]) == pytest.approx(total_nll)

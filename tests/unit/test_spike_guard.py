@@ -10,8 +10,17 @@ from megatrain.train.spike_guard import SpikeGuard
 
 
 def _guard(**overrides):
-    cfg = load_config(TINY_CONFIG, ["data.path=x", "train.max_steps=1", "spike.window=10", "spike.min_history=5",
-                                    "spike.threshold=4", *[f"spike.{k}={v}" for k, v in overrides.items()]])
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            "data.path=x",
+            "train.max_steps=1",
+            "spike.window=10",
+            "spike.min_history=5",
+            "spike.threshold=4",
+            *[f"spike.{k}={v}" for k, v in overrides.items()],
+        ],
+    )
     return SpikeGuard(cfg.spike)
 
 
@@ -41,7 +50,9 @@ def test_guard_non_finite_and_fp16_overflow():
     g = _guard()
     assert g.observe(0, {"loss": float("nan")}).spike  # at once, whatever the history
     assert g.observe(1, {"loss": 3.0, "grad_norm": float("inf")}).spike  # not watched, but not finite
-    assert not g.observe(2, {"loss": 3.0, "grad_norm": float("inf")}, overflow=True).spike  # the loss scaler's job
+    assert not g.observe(
+        2, {"loss": 3.0, "grad_norm": float("inf")}, overflow=True
+    ).spike  # the loss scaler's job
     state = g.state_dict()
     h = _guard()
     h.load_state_dict(state)

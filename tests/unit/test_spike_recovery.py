@@ -18,15 +18,26 @@ from megatrain.train import Trainer
 from megatrain.train.distributed import free_port
 from megatrain.train.metrics import read_events, read_metrics
 
-RUN = ["train.max_steps=12", "train.eval_every=0", "checkpoint.every_steps=0", "spike.snapshot_every=5",
-       "spike.skip=2", "parallel.zero_stage=0"]
+RUN = [
+    "train.max_steps=12",
+    "train.eval_every=0",
+    "checkpoint.every_steps=0",
+    "spike.snapshot_every=5",
+    "spike.skip=2",
+    "parallel.zero_stage=0",
+]
 
 
 @pytest.fixture
 def world_of_one(monkeypatch):
     """This process as rank 0 of 1; the environment and signal handlers are put back after."""
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }.items():
         monkeypatch.setenv(key, value)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     yield
@@ -48,11 +59,18 @@ def test_nan_loss_rolls_back_in_memory_and_skips(world_of_one, tmp_path, small_d
     assert rb["restored_step"] == 5 and rb["source"] == "memory"  # the point taken after step 5
     per_step = 16  # 512 tokens of 32: micro_batch 4 x 4 micro-batches x 1 rank
     assert rb["position"] == 5 * per_step and rb["skipped_samples"] == max(2 * per_step, 3 * per_step)
-    assert trainer.progress.step == 12 and trainer.batches.sampler.skipped == [[rb["position"], rb["skipped_samples"]]]
+    assert trainer.progress.step == 12 and trainer.batches.sampler.skipped == [
+        [rb["position"], rb["skipped_samples"]]
+    ]
     # step for step the run that skipped the same samples from the start; the guard's
     # history went back too (steps 6-8 of the abandoned timeline are not in it)
-    clean, _ = _train(tmp_path / "clean", small_data, f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]")
-    losses = [[r["loss"] for r in read_metrics(d) if r["kind"] == "train"] for d in (tmp_path / "run", tmp_path / "clean")]
+    clean, _ = _train(
+        tmp_path / "clean", small_data, f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]"
+    )
+    losses = [
+        [r["loss"] for r in read_metrics(d) if r["kind"] == "train"]
+        for d in (tmp_path / "run", tmp_path / "clean")
+    ]
     assert len(losses[0]) == 12 and losses[0] == losses[1]
     assert trainer.recovery.guard.state_dict() == clean.recovery.guard.state_dict()
 
@@ -77,7 +95,9 @@ def test_a_point_before_the_first_step_resets_what_came_after(world_of_one, tmp_
     AdamW (optim.name=adamw) keeps its counts as plain ints that appear at the first step:
     restoring the point sets them to 0 and the moments to zeros, a fresh optimizer's state,
     and training on repeats the first steps' losses."""
-    trainer, _ = _train(tmp_path / "run", small_data, "train.max_steps=0", "spike.enabled=false", "optim.name=adamw")
+    trainer, _ = _train(
+        tmp_path / "run", small_data, "train.max_steps=0", "spike.enabled=false", "optim.name=adamw"
+    )
     point = trainer.snapshot()
     trainer.cfg.train.max_steps, trainer.outcome = 2, None
     trainer.fit()
@@ -96,8 +116,13 @@ def test_a_point_before_the_first_step_resets_what_came_after(world_of_one, tmp_
 def test_rollback_points_stay_within_the_host_memory_budget(world_of_one, tmp_path, small_data, capsys):
     """A budget too small for one point: the start line says so, and a NaN rolls back to the
     newest disk checkpoint instead; a budget for one point keeps one."""
-    trainer, summary = _train(tmp_path / "run", small_data, "spike.snapshot_memory_gb=1e-6",
-                              "checkpoint.every_steps=5", callbacks=[NaNLoss(Faults(["nan_loss@8"], None))])
+    trainer, summary = _train(
+        tmp_path / "run",
+        small_data,
+        "spike.snapshot_memory_gb=1e-6",
+        "checkpoint.every_steps=5",
+        callbacks=[NaNLoss(Faults(["nan_loss@8"], None))],
+    )
     out = capsys.readouterr().out
     per_point = trainer.module.snapshot_bytes()
     assert f"spike: rollback points of {per_point / 2**20:,.1f} MiB per rank, 0 of spike.snapshots=3" in out
@@ -105,14 +130,22 @@ def test_rollback_points_stay_within_the_host_memory_budget(world_of_one, tmp_pa
     [rb] = [e for e in read_events(tmp_path / "run") if e["event"] == "rollback"]
     assert rb["restored_step"] == 5 and rb["source"].endswith("checkpoints/step-00000005")
     one = (per_point + per_point // 2) / 2**30
-    trainer, _ = _train(tmp_path / "one", small_data, f"spike.snapshot_memory_gb={one}", "spike.snapshot_every=1")
+    trainer, _ = _train(
+        tmp_path / "one", small_data, f"spike.snapshot_memory_gb={one}", "spike.snapshot_every=1"
+    )
     assert "1 of spike.snapshots=3" in capsys.readouterr().out and len(trainer.recovery.points) == 1
 
 
 def test_a_rounded_batch_is_reported_at_start(world_of_one, tmp_path, small_data, capsys):
     """500 tokens cannot be a whole number of 128-token micro-batches (4 x 32, one rank):
     the start says the batch becomes 384."""
-    _train(tmp_path / "run", small_data, "schedule.batch_final_tokens=500", "train.max_steps=1", "spike.enabled=false")
+    _train(
+        tmp_path / "run",
+        small_data,
+        "schedule.batch_final_tokens=500",
+        "train.max_steps=1",
+        "spike.enabled=false",
+    )
     out = capsys.readouterr().out
     assert "schedule: global batch 500 tokens is rounded to 384" in out
     assert "global batch 384 tokens (3 x 4 x 32 x 1)" in out
@@ -136,7 +169,12 @@ def test_host_memory_for_rollback_points(tmp_path):
     (limits / "memory.limit_in_bytes").write_text(f"{3 * 2**29}\n")
     (tmp_path / "v1" / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # none
     assert host_memory(tmp_path / "v1", tmp_path / "cgroup") == min(3 * 2**29, physical)
-    assert [host_block_bytes(n, pinned=True) for n in (1, 4096, 4097, 1_100_000_000)] == [1, 4096, 8192, 2**31]
+    assert [host_block_bytes(n, pinned=True) for n in (1, 4096, 4097, 1_100_000_000)] == [
+        1,
+        4096,
+        8192,
+        2**31,
+    ]
     assert host_block_bytes(4097, pinned=False) == 4097
 
 
@@ -153,7 +191,12 @@ class ScriptedModule:
 
     def __init__(self, poisoned: range):
         self.poisoned, self.steps, self.grad_accum, self.batches = set(poisoned), 0, 1, None
-        self.device, self.engine, self.optimizer_params, self.overflow = torch.device("cpu"), _NoEngine(), [], False
+        self.device, self.engine, self.optimizer_params, self.overflow = (
+            torch.device("cpu"),
+            _NoEngine(),
+            [],
+            False,
+        )
         self.flavour = "plain"
 
     def set_lr(self, lr):
@@ -193,13 +236,24 @@ def test_the_loop_and_its_callbacks_without_deepspeed(world_of_one, tmp_path, sm
     """The loop, the spike guard and its in-memory rollback, driven by a scripted train module
     (no engine): the poisoned samples of step 13 spike, the run goes back to the point after
     step 10, skips them, and ends at step 20 with the loss it would have had without them."""
-    cfg = load_config(TINY_CONFIG, [f"run.dir={tmp_path / 'run'}", f"data.path={small_data}", *RUN,
-                                    "train.max_steps=20", "spike.window=10", "spike.min_history=5"])
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            f"run.dir={tmp_path / 'run'}",
+            f"data.path={small_data}",
+            *RUN,
+            "train.max_steps=20",
+            "spike.window=10",
+            "spike.min_history=5",
+        ],
+    )
     module = ScriptedModule(poisoned=range(12 * 16, 13 * 16))  # step 13's samples (16 a step)
     trainer = Trainer(cfg, resume="none", module=module)
     module.batches = trainer.batches
     summary = trainer.fit()
     [rb] = [e for e in read_events(tmp_path / "run") if e["event"] == "rollback"]
-    assert (rb["step"], rb["restored_step"], rb["source"]) == (13, 10, "memory") and summary["outcome"] == "done"
+    assert (rb["step"], rb["restored_step"], rb["source"]) == (13, 10, "memory") and summary[
+        "outcome"
+    ] == "done"
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
     assert len(losses) == 20 and max(losses) < 5 and losses[-1] == pytest.approx(5.0 - 0.01 * 20)

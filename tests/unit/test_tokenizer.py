@@ -78,6 +78,7 @@ def test_api_properties(tok):
 
 # --- training --------------------------------------------------------------------------
 
+
 def test_special_ids_stable_across_retraining(tmp_path):
     a = run_tok(tmp_path / "a", [SMALL_CORPUS[0]], vocab_size=600)
     b = run_tok(tmp_path / "b", SMALL_CORPUS[1:], vocab_size=900, user_symbols=["<|user|>"])
@@ -111,7 +112,10 @@ def test_sampling_deterministic_by_seed(tmp_path):
     assert not set(s0.train) & set(s0.heldout)
     # the same sample trains the same pieces in separate runs (compare pieces, not files)
     opts = dict(vocab_size=700, sample_bytes=total // 3, seed=5)
-    assert run_tok(tmp_path / "x", SMALL_CORPUS, **opts).pieces() == run_tok(tmp_path / "y", SMALL_CORPUS, **opts).pieces()
+    assert (
+        run_tok(tmp_path / "x", SMALL_CORPUS, **opts).pieces()
+        == run_tok(tmp_path / "y", SMALL_CORPUS, **opts).pieces()
+    )
 
 
 def test_split_for_sentencepiece_prefers_line_ends():
@@ -126,7 +130,9 @@ def test_split_for_sentencepiece_prefers_line_ends():
 
 
 def test_report_and_metadata(tmp_path):
-    proc = run_script("train_tokenizer.py", "--input", *SMALL_CORPUS, "--vocab-size", "800", "--out", tmp_path, "--quiet")
+    proc = run_script(
+        "train_tokenizer.py", "--input", *SMALL_CORPUS, "--vocab-size", "800", "--out", tmp_path, "--quiet"
+    )
     out = proc.stdout
     assert "bytes/token" in out and "tokens/word" in out and "long documents cut into" in out
     meta = json.loads((tmp_path / "tokenizer.json").read_text())
@@ -171,7 +177,9 @@ def _write_formats(d):
     (d / "d.arrow.gz").write_bytes(gzip.compress((d / "d.arrow").read_bytes()))
 
 
-@pytest.mark.parametrize("name", ["b.jsonl", "b.jsonl.gz", "c.parquet", "c.parquet.gz", "d.arrow", "e.arrow", "d.arrow.gz"])
+@pytest.mark.parametrize(
+    "name", ["b.jsonl", "b.jsonl.gz", "c.parquet", "c.parquet.gz", "d.arrow", "e.arrow", "d.arrow.gz"]
+)
 def test_structured_formats(tmp_path, name):
     _write_formats(tmp_path)
     opts = CorpusOptions(text_field="body", text_column="body")
@@ -191,8 +199,18 @@ def test_directories_and_globs(tmp_path):
     (tmp_path / "sub" / "z.md").write_text("markdown")
     (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
     found = [f.path.name for f in resolve_inputs([str(tmp_path)])]
-    assert set(found) == {"a.txt", "a.txt.gz", "b.jsonl", "b.jsonl.gz", "c.parquet", "c.parquet.gz",
-                          "d.arrow", "d.arrow.gz", "e.arrow", "z.md"}
+    assert set(found) == {
+        "a.txt",
+        "a.txt.gz",
+        "b.jsonl",
+        "b.jsonl.gz",
+        "c.parquet",
+        "c.parquet.gz",
+        "d.arrow",
+        "d.arrow.gz",
+        "e.arrow",
+        "z.md",
+    }
     assert [f.path.name for f in resolve_inputs([str(tmp_path / "*.jsonl*")])] == ["b.jsonl", "b.jsonl.gz"]
     assert [f.path.name for f in resolve_inputs([str(tmp_path / "**" / "*.md")])] == ["z.md"]
 
@@ -213,9 +231,20 @@ def test_builtin_stdlib_corpus_excludes_site_packages():
 
 # --- bad input: one line naming the file ---------------------------------------------
 
+
 def _cli_error(tmp_path, *inputs, extra=()):
-    proc = run_script("train_tokenizer.py", "--input", *map(str, inputs), "--vocab-size", "600",
-                      "--out", tmp_path / "out", "--quiet", *extra, check=False)
+    proc = run_script(
+        "train_tokenizer.py",
+        "--input",
+        *map(str, inputs),
+        "--vocab-size",
+        "600",
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+        *extra,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -253,8 +282,16 @@ def test_invalid_utf8_skip_or_fail(tmp_path):
     (tmp_path / "d" / "latin1.txt").write_bytes("café crème".encode("latin-1"))
     line = _cli_error(tmp_path, tmp_path / "d", extra=("--invalid-utf8", "fail"))
     assert "latin1.txt: invalid UTF-8 at byte 3" in line
-    proc = run_script("train_tokenizer.py", "--input", tmp_path / "d", "--vocab-size", "400",
-                      "--out", tmp_path / "ok", "--quiet")
+    proc = run_script(
+        "train_tokenizer.py",
+        "--input",
+        tmp_path / "d",
+        "--vocab-size",
+        "400",
+        "--out",
+        tmp_path / "ok",
+        "--quiet",
+    )
     assert "skipped 1 documents with invalid UTF-8" in proc.stdout and "latin1.txt" in proc.stdout
 
 
@@ -274,15 +311,32 @@ def test_vocab_too_large_is_explained(tmp_path):
     (tmp_path / "tiny.txt").write_text("the cat sat on the mat\n" * 50)
     line = _cli_error(tmp_path, tmp_path / "tiny.txt")
     assert "vocab size 600 is too large for this corpus sample" in line and "--allow-smaller-vocab" in line
-    proc = run_script("train_tokenizer.py", "--input", tmp_path / "tiny.txt", "--vocab-size", "600",
-                      "--out", tmp_path / "small", "--allow-smaller-vocab", "--quiet")
+    proc = run_script(
+        "train_tokenizer.py",
+        "--input",
+        tmp_path / "tiny.txt",
+        "--vocab-size",
+        "600",
+        "--out",
+        tmp_path / "small",
+        "--allow-smaller-vocab",
+        "--quiet",
+    )
     assert Tokenizer.load(tmp_path / "small").vocab_size < 600, proc.stdout
 
 
 def test_vocab_too_small_is_explained(tmp_path):
     (tmp_path / "tiny.txt").write_text("the cat sat on the mat\n" * 50)
-    proc = run_script("train_tokenizer.py", "--input", tmp_path / "tiny.txt", "--vocab-size", "100",
-                      "--out", tmp_path / "o", check=False)
+    proc = run_script(
+        "train_tokenizer.py",
+        "--input",
+        tmp_path / "tiny.txt",
+        "--vocab-size",
+        "100",
+        "--out",
+        tmp_path / "o",
+        check=False,
+    )
     assert proc.returncode == 2 and "vocab size 100 is too small" in proc.stderr
 
 
@@ -345,10 +399,29 @@ def test_hugging_face_tokenizer_gives_the_same_ids_and_text(small_tokenizer, tmp
         except (UnicodeDecodeError, OSError):
             continue
     rng = random.Random(0)
-    docs += ["<|endoftext|> <s></s><pad><unk>", "\u2581x \u2581\u2581 y", "tabs\t\t\tand\n\n\nnewlines\r\n", "   ",
-             "ctrl \x00\x01\x07\x1b[0m\x7f", "日本語のテキスト", "Ελληνικά и русский", "emoji 🎉 zwj 👩\u200d💻", "é e\u0301", ""]
-    docs += ["".join(chr(rng.choice([rng.randint(32, 126), rng.randint(0, 0x2FFF), rng.randint(0x1F300, 0x1F6FF), 9,
-                                     10, 32])) for _ in range(rng.randint(1, 60))) for _ in range(1000)]
+    docs += [
+        "<|endoftext|> <s></s><pad><unk>",
+        "\u2581x \u2581\u2581 y",
+        "tabs\t\t\tand\n\n\nnewlines\r\n",
+        "   ",
+        "ctrl \x00\x01\x07\x1b[0m\x7f",
+        "日本語のテキスト",
+        "Ελληνικά и русский",
+        "emoji 🎉 zwj 👩\u200d💻",
+        "é e\u0301",
+        "",
+    ]
+    docs += [
+        "".join(
+            chr(
+                rng.choice(
+                    [rng.randint(32, 126), rng.randint(0, 0x2FFF), rng.randint(0x1F300, 0x1F6FF), 9, 10, 32]
+                )
+            )
+            for _ in range(rng.randint(1, 60))
+        )
+        for _ in range(1000)
+    ]
     assert len(docs) > 3000
     for text in docs:
         ids = tok.encode(text)

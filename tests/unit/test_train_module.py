@@ -48,8 +48,11 @@ def _after_construction(data: str, optimizer: str) -> dict:
     names = [n for group in module.optimizer_params for n in group]
     shapes = dict((n, p.shape) for n, p in module.engine.module.named_parameters())
     # the masters are made from the bf16 weights: the initial values rounded to bf16
-    moved = [n for n, hp in zip(names, masters, strict=True)
-             if not torch.equal(hp, initial_value(n, shapes[n], module.model_cfg).bfloat16().float())]
+    moved = [
+        n
+        for n, hp in zip(names, masters, strict=True)
+        if not torch.equal(hp, initial_value(n, shapes[n], module.model_cfg).bfloat16().float())
+    ]
     return {"wrapper": type(opt).__name__, "states": len(module.base_optimizer.state), "moved": moved}
 
 
@@ -76,9 +79,12 @@ def _pipeline_dtypes() -> dict:
         stage = build_pipeline(cfg, 1, init_weights=False)
     moved = stage.to("cpu")  # what DeepSpeed does while the parameters are still on meta: waits
     cast = stage.to(torch.bfloat16)
-    return {"moved": sorted({str(p.device) for p in moved.parameters()}),
-            "cast": sorted({str(p.dtype) for p in cast.parameters()}), "same": cast is stage,
-            "checkpointable": [stage._is_checkpointable([layer]) for layer in stage.forward_funcs]}
+    return {
+        "moved": sorted({str(p.device) for p in moved.parameters()}),
+        "cast": sorted({str(p.dtype) for p in cast.parameters()}),
+        "same": cast is stage,
+        "checkpointable": [stage._is_checkpointable([layer]) for layer in stage.forward_funcs],
+    }
 
 
 def test_a_pipeline_on_meta_takes_casts_and_waits_for_moves():
@@ -109,8 +115,14 @@ def _accumulation(data: str, stage: int, dtype: str) -> dict:
     return accumulation_error(data, stage, 8, f"train.grad_accum_dtype={dtype}")
 
 
-@pytest.mark.parametrize("stage, dtype, wrapper", [(1, "fp32", "BF16_Optimizer"), (2, "fp32", "DeepSpeedZeroOptimizer"),
-                                                   (1, "bf16", "DeepSpeedZeroOptimizer")])
+@pytest.mark.parametrize(
+    "stage, dtype, wrapper",
+    [
+        (1, "fp32", "BF16_Optimizer"),
+        (2, "fp32", "DeepSpeedZeroOptimizer"),
+        (1, "bf16", "DeepSpeedZeroOptimizer"),
+    ],
+)
 def test_bf16_gradients_accumulate_in_the_configured_dtype(small_data, stage, dtype, wrapper):
     """8 micro-batches in bf16: with train.grad_accum_dtype=fp32 (the default) the optimizer
     is handed the micro-batch gradients' exact sum, as Megatron-LM sums them; in bf16
