@@ -91,18 +91,8 @@ class Trainer:
         for cb in self.callbacks:
             if cb.stateful:
                 self.state.register(cb.name, cb)
-        self.checkpoints = Checkpoints(
-            cfg,
-            self.layout,
-            self.module,
-            self.state,
-            self.progress,
-            self.log,
-            files,
-            self.model_cfg,
-            self.tokenizer_sha256,
-            batch_schedule,
-        )
+        run = (self.layout, self.module, self.state, self.progress, self.log, files, self.model_cfg)
+        self.checkpoints = Checkpoints(cfg, *run, self.tokenizer_sha256, batch_schedule)
         self.outcome: str | None = None  # a callback's stop(): "stopped", "gave_up"
         self.final_checkpoint = False
         RNG.seed(cfg.run.seed, self.layout.rng_index)
@@ -140,31 +130,22 @@ class Trainer:
                 else f"no MFU: {self.peak_source}"
             )
         )
-        for (
-            note
-        ) in self.checkpoints.batch_schedule.rounding_notes():  # the schedule departs from the config: say so
+        # Where the schedule departs from the config, say so.
+        for note in self.checkpoints.batch_schedule.rounding_notes():
             self.log.print(f"schedule: {note}")
             self.log.event("batch_rounded", note=note)
 
     def _precision_text(self) -> str:
-        """The precision, what bf16 gradients are summed in, and on a GPU what fp32 matmuls
-        run in (TF32 or not is a 7x peak)."""
+        """The precision, what bf16 gradients are summed in (DeepSpeed has no fp32 path without
+        ZeRO), and on a GPU what fp32 matmuls run in (TF32 or not is a 7x peak)."""
         t = self.cfg.train
         if t.precision == "bf16":
-            if fp32_accumulation(t, self.layout.zero_stage):
-                return "bf16 (gradients summed and reduced in fp32)"
-            return "bf16 (gradients summed and reduced in bf16" + (
-                ": DeepSpeed has no fp32 path without ZeRO; ZeRO-1 or 2 has)"
-                if t.grad_accum_dtype == "fp32"
-                else ")"
-            )
-        if self.module.device.type != "cuda" or t.precision not in ("fp32", "bf16-autocast"):
-            return t.precision
-        return t.precision + (
-            " (fp32 matmuls in TF32)"
-            if t.tf32
-            else " (fp32 matmuls in full fp32; train.tf32=true runs them in TF32)"
-        )
+            summed = "fp32" if fp32_accumulation(t, self.layout.zero_stage) else "bf16"
+            return f"bf16 (gradients summed and reduced in {summed})"
+        if self.module.device.type == "cuda" and t.precision in ("fp32", "bf16-autocast"):
+            matmuls = "TF32" if t.tf32 else "full fp32; train.tf32=true for TF32"
+            return f"{t.precision} (fp32 matmuls in {matmuls})"
+        return t.precision
 
     def _check_plan(self) -> None:
         """The planner's memory prediction for this layout, printed before anything is
