@@ -24,6 +24,11 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# The ~20M-parameter GPT of bench/train.py's second row (bench/tensor_parallel.py's model too).
+GPT_20M = (
+    "model.n_layer=10 model.d_model=384 model.n_head=6 train.seq_len=256 train.micro_batch=4 "
+    "schedule.batch_final_tokens=2048 schedule.batch_ramp_tokens=0"
+).split()
 sys.path.append(str(REPO / "tests"))  # tests/helpers.py: launcher commands, run watchers, faults
 
 

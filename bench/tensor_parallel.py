@@ -13,20 +13,14 @@ all-reduces run at hundreds of GB/s and the split matmuls stay large.
 
 from __future__ import annotations
 
-from _bench import arg_parser, launched_step_time, machine, print_table, stdlib_data, write_json
+from _bench import GPT_20M, arg_parser, launched_step_time, machine, print_table, stdlib_data, write_json
 
 import shutil
 import tempfile
 from pathlib import Path
 
 MODEL = [
-    "model.n_layer=10",
-    "model.d_model=384",
-    "model.n_head=6",
-    "train.seq_len=256",
-    "train.micro_batch=4",
-    "schedule.batch_final_tokens=2048",
-    "schedule.batch_ramp_tokens=0",
+    *GPT_20M,
     "train.eval_samples=0",
     "checkpoint.every_steps=0",
     "logging.progress=false",

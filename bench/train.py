@@ -22,7 +22,7 @@ context) is the model to ask for.
 
 from __future__ import annotations
 
-from _bench import arg_parser, machine, print_table, stdlib_data, write_json
+from _bench import GPT_20M, arg_parser, machine, print_table, stdlib_data, write_json
 
 import contextlib
 import os
@@ -50,31 +50,10 @@ MODELS = {
         ["schedule.batch_ramp_tokens=0"],
         ["schedule.batch_final_tokens=1024", "train.micro_batch=8"],
     ),
-    "gpt-20m": (
-        [
-            "model.n_layer=10",
-            "model.d_model=384",
-            "model.n_head=6",
-            "train.seq_len=256",
-            "train.micro_batch=4",
-            "schedule.batch_final_tokens=2048",
-            "schedule.batch_ramp_tokens=0",
-        ],
-        ["train.micro_batch=1", "schedule.batch_final_tokens=256"],
-    ),
+    "gpt-20m": (GPT_20M, ["train.micro_batch=1", "schedule.batch_final_tokens=256"]),
     # The llama architecture at the same size: 6 query heads sharing 2 key/value heads, SwiGLU.
     "llama-20m": (
-        [
-            "model.arch=llama",
-            "model.n_kv_head=2",
-            "model.n_layer=10",
-            "model.d_model=384",
-            "model.n_head=6",
-            "train.seq_len=256",
-            "train.micro_batch=4",
-            "schedule.batch_final_tokens=2048",
-            "schedule.batch_ramp_tokens=0",
-        ],
+        ["model.arch=llama", "model.n_kv_head=2", *GPT_20M],
         ["train.micro_batch=1", "schedule.batch_final_tokens=256"],
     ),
     # GPT-3 Small's blocks and context for a GPU (93M parameters with the 8192-token vocabulary

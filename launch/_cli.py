@@ -30,6 +30,42 @@ def run(main: Callable[[], int | None]) -> None:
     _exit(int(code))
 
 
+def add_corpus_args(p: argparse.ArgumentParser) -> None:
+    """The corpus and how its documents are read (train_tokenizer, prepare_data): --input and
+    CorpusOptions."""
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="files, directories (recursive), globs, or builtin:stdlib; "
+        ".txt .jsonl .parquet .arrow, optionally .gz",
+    )
+    p.add_argument(
+        "--txt-documents",
+        choices=["file", "paragraph"],
+        default="file",
+        help="a .txt document is the whole file (default) or a blank-line-separated paragraph",
+    )
+    p.add_argument("--text-field", default="text", help="JSON field with the text in .jsonl (default: text)")
+    p.add_argument(
+        "--text-column", default="text", help="column with the text in .parquet/.arrow (default: text)"
+    )
+    p.add_argument(
+        "--invalid-utf8",
+        choices=["skip", "fail"],
+        default="skip",
+        help="drop documents that are not UTF-8 and report them (default), or stop at the first",
+    )
+
+
+def corpus_options(args: argparse.Namespace):
+    """CorpusOptions from add_corpus_args' options."""
+    from tokenizer import CorpusOptions
+
+    return CorpusOptions(args.txt_documents, args.text_field, args.text_column, args.invalid_utf8)
+
+
 def add_placement_args(p: argparse.ArgumentParser) -> None:
     """--device and --dtype of a script that runs a trained model (generate, evaluate)."""
     p.add_argument(

@@ -7,22 +7,14 @@ import argparse
 import os
 
 from megatrain.data import prepare_dataset
-from tokenizer import CorpusOptions
 
-from _cli import run
+from _cli import add_corpus_args, corpus_options, run
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_args(p)
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory made by train_tokenizer.py")
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="files, directories (recursive), globs, or builtin:stdlib; "
-        ".txt .jsonl .parquet .arrow, optionally .gz",
-    )
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output: DIR/train and DIR/valid with manifest.json"
     )
@@ -36,22 +28,12 @@ def parse_args():
         "--shard-mb", type=float, default=256.0, help="target shard size in MB of tokens (default 256)"
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the train/valid split")
-    p.add_argument("--txt-documents", choices=["file", "paragraph"], default="file")
-    p.add_argument("--text-field", default="text", help="JSON field with the text in .jsonl")
-    p.add_argument("--text-column", default="text", help="column with the text in .parquet/.arrow")
-    p.add_argument("--invalid-utf8", choices=["skip", "fail"], default="skip")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args()
 
 
 def main():
     args = parse_args()
-    corpus = CorpusOptions(
-        txt_documents=args.txt_documents,
-        text_field=args.text_field,
-        text_column=args.text_column,
-        invalid_utf8=args.invalid_utf8,
-    )
     report = prepare_dataset(
         args.tokenizer,
         args.input,
@@ -60,7 +42,7 @@ def main():
         workers=args.workers,
         shard_mb=args.shard_mb,
         seed=args.seed,
-        corpus_options=corpus,
+        corpus_options=corpus_options(args),
         progress=not args.quiet,
     )
     print("\n".join(report.lines()))

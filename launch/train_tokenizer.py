@@ -7,41 +7,18 @@ python launch/train_tokenizer.py --input builtin:stdlib --vocab-size 8192 --out 
 import argparse
 import os
 
-from tokenizer import CorpusOptions, TrainerOptions, train_tokenizer
+from tokenizer import TrainerOptions, train_tokenizer
 
-from _cli import run
+from _cli import add_corpus_args, corpus_options, run
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="files, directories (recursive), globs, or builtin:stdlib; "
-        ".txt .jsonl .parquet .arrow, optionally .gz",
-    )
+    add_corpus_args(p)
     p.add_argument(
         "--vocab-size", type=int, required=True, help="pieces in the vocabulary, specials and bytes included"
     )
     p.add_argument("--out", required=True, help="directory for tokenizer.model and tokenizer.json")
-    p.add_argument(
-        "--txt-documents",
-        choices=["file", "paragraph"],
-        default="file",
-        help="a .txt document is the whole file (default) or a blank-line-separated paragraph",
-    )
-    p.add_argument("--text-field", default="text", help="JSON field with the text in .jsonl (default: text)")
-    p.add_argument(
-        "--text-column", default="text", help="column with the text in .parquet/.arrow (default: text)"
-    )
-    p.add_argument(
-        "--invalid-utf8",
-        choices=["skip", "fail"],
-        default="skip",
-        help="drop documents that are not UTF-8 and report them (default), or stop at the first",
-    )
     p.add_argument(
         "--no-byte-fallback",
         dest="byte_fallback",
@@ -90,13 +67,7 @@ def main():
         seed=args.seed,
         sample_bytes=int(args.sample_bytes),
     )
-    corpus = CorpusOptions(
-        txt_documents=args.txt_documents,
-        text_field=args.text_field,
-        text_column=args.text_column,
-        invalid_utf8=args.invalid_utf8,
-    )
-    report = train_tokenizer(args.input, args.out, options, corpus, progress=not args.quiet)
+    report = train_tokenizer(args.input, args.out, options, corpus_options(args), progress=not args.quiet)
     print("\n".join(report.lines()))
 
 

@@ -180,11 +180,8 @@ def _decode(data: bytes, source: str, options: CorpusOptions, stats: CorpusStats
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        if options.invalid_utf8 == "fail":
-            raise CorpusError(
-                f"{source}: invalid UTF-8 at byte {e.start} (use --invalid-utf8 skip to drop such documents)"
-            ) from None
-        stats.skip("documents with invalid UTF-8", source)
+        hint = "use --invalid-utf8 skip to drop such documents"
+        _invalid(f"invalid UTF-8 at byte {e.start} ({hint})", source, options, stats)
         return None
 
 
@@ -203,12 +200,15 @@ def _encodable(text: str, source: str, options: CorpusOptions, stats: CorpusStat
         text.encode("utf-8")
         return True
     except UnicodeEncodeError as e:
-        if options.invalid_utf8 == "fail":
-            raise CorpusError(
-                f"{source}: text is not valid Unicode (lone surrogate at character {e.start})"
-            ) from None
-        stats.skip("documents with invalid UTF-8", source)
+        _invalid(f"text is not valid Unicode (lone surrogate at character {e.start})", source, options, stats)
         return False
+
+
+def _invalid(problem: str, source: str, options: CorpusOptions, stats: CorpusStats) -> None:
+    """A document that is not UTF-8: the one-line error, or counted and skipped."""
+    if options.invalid_utf8 == "fail":
+        raise CorpusError(f"{source}: {problem}") from None
+    stats.skip("documents with invalid UTF-8", source)
 
 
 def _text_blocks(stream, max_bytes: int, head: bytes = b"") -> Iterator[bytes]:

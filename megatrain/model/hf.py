@@ -350,16 +350,24 @@ def _same(tensors):
     return tensors[0]
 
 
+# GPT's parameters outside the blocks -> their names in the two Hugging Face families.
+_GPT2_TOP = {
+    "embed.wte.weight": "transformer.wte.weight",
+    "embed.positions.wpe.weight": "transformer.wpe.weight",
+    "head.ln_f.weight": "transformer.ln_f.weight",
+    "head.ln_f.bias": "transformer.ln_f.bias",
+}
+_LLAMA_TOP = {
+    "embed.wte.weight": "model.embed_tokens.weight",
+    "head.ln_f.weight": "model.norm.weight",
+    "head.lm_head.weight": "lm_head.weight",
+}
+
+
 def _from_gpt2(name: str, cfg: GPTConfig):
     """(GPT-2 names, how to make GPT's parameter `name` of them): to_gpt2_state_dict backwards."""
-    top = {
-        "embed.wte.weight": "transformer.wte.weight",
-        "embed.positions.wpe.weight": "transformer.wpe.weight",
-        "head.ln_f.weight": "transformer.ln_f.weight",
-        "head.ln_f.bias": "transformer.ln_f.bias",
-    }
-    if name in top:
-        return [top[name]], _same
+    if name in _GPT2_TOP:
+        return [_GPT2_TOP[name]], _same
     _, i, rest = name.split(".", 2)
     ours, kind = rest.rsplit(".", 1)
     theirs = f"transformer.h.{i}.{_BLOCK[ours]}.{kind}"
@@ -370,13 +378,8 @@ def _from_gpt2(name: str, cfg: GPTConfig):
 
 def _from_llama(name: str, cfg: GPTConfig):
     """(Llama/Qwen3 names, how to make GPT's parameter `name` of them): to_llama_state_dict backwards."""
-    top = {
-        "embed.wte.weight": "model.embed_tokens.weight",
-        "head.ln_f.weight": "model.norm.weight",
-        "head.lm_head.weight": "lm_head.weight",
-    }
-    if name in top:
-        return [top[name]], _same
+    if name in _LLAMA_TOP:
+        return [_LLAMA_TOP[name]], _same
     _, i, rest = name.split(".", 2)
     ours, kind = rest.rsplit(".", 1)
     layer = f"model.layers.{i}."

@@ -201,38 +201,10 @@ class FusedAdamWClip(torch.optim.Optimizer):
             norm_sq = _sum_squares_torch(norm_grads, device)
         if self.norm_group is not None:
             torch.distributed.all_reduce(norm_sq, group=self.norm_group)
-        if use_op:
-            _OPS.adamw_clip_step_(
-                ps,
-                gs,
-                ms,
-                vs,
-                lrs,
-                wds,
-                beta1,
-                beta2,
-                eps,
-                norm_sq,
-                self.max_grad_norm,
-                step,
-                self.skipped_steps,
-            )
-        else:
-            _adamw_clip_step_torch(
-                ps,
-                gs,
-                ms,
-                vs,
-                lrs,
-                wds,
-                beta1,
-                beta2,
-                eps,
-                norm_sq,
-                self.max_grad_norm,
-                step,
-                self.skipped_steps,
-            )
+        adamw_clip_step = _OPS.adamw_clip_step_ if use_op else _adamw_clip_step_torch
+        adamw_clip_step(
+            ps, gs, ms, vs, lrs, wds, beta1, beta2, eps, norm_sq, self.max_grad_norm, step, self.skipped_steps
+        )
         self.last_grad_norm = norm_sq.sqrt().reshape(())
         return self.last_grad_norm
 

@@ -33,23 +33,12 @@ from megatrain.config import Config
 from megatrain.errors import UserError
 from megatrain.files import Deferred, read_deferred_tensors
 from megatrain.model import GPT, GPTConfig, hf
+from megatrain.model.gpt import SHAPE
 from megatrain.train import convert, layout_free
 from megatrain.train.checkpoint import Checkpointer
 
 # model.* keys that are the source's to say; one set in the config must agree.
-SHAPE_KEYS = (
-    "arch",
-    "n_layer",
-    "n_head",
-    "n_kv_head",
-    "d_model",
-    "ffn_hidden",
-    "bias",
-    "tie_embeddings",
-    "qk_norm",
-    "rope_theta",
-    "norm_eps",
-)
+SHAPE_KEYS = tuple(k for k in SHAPE if k not in ("vocab_size", "seq_len"))
 VOCAB_ROWS = ("embed.wte.weight", "head.lm_head.weight")
 
 

@@ -25,12 +25,12 @@ def table_peak(device_name: str, matmul_dtype: str) -> tuple[float, str] | None:
     return (gpu.tflops[matmul_dtype] * 1e12, f"{gpu.name} {matmul_dtype} data sheet") if gpu else None
 
 
-def peak_flops(cfg, device: torch.device) -> tuple[float | None, str]:
-    """The peak per rank and where it came from; None when the device is not known
-    (collective on CPU, where all ranks time the probe at once, as they train)."""
-    if cfg.train.peak_flops:
-        return float(cfg.train.peak_flops), "train.peak_flops"
-    dtype = MATMUL_DTYPE[cfg.train.precision]
+def peak_flops(train, device: torch.device) -> tuple[float | None, str]:
+    """`train`: cfg.train. The peak per rank and where it came from; None when the device is
+    not known (collective on CPU, where all ranks time the probe at once, as they train)."""
+    if train.peak_flops:
+        return float(train.peak_flops), "train.peak_flops"
+    dtype = MATMUL_DTYPE[train.precision]
     if device.type == "cuda":
         if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32:
             dtype = "tf32"

@@ -103,7 +103,7 @@ class Trainer:
             self.flops_per_token
             + self.layout.activation_checkpointing * recompute_flops_per_token(self.model_cfg)
         )
-        self.peak_flops, self.peak_source = peak_flops(cfg, self.module.device)
+        self.peak_flops, self.peak_source = peak_flops(cfg.train, self.module.device)
         params, lay = param_count(self.model_cfg), self.layout
         self.log.event(
             "start",

@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import DEEPSPEED, REPO, TINY_CONFIG, copy_until, pretrain, train_losses
+from helpers import (
+    DEEPSPEED,
+    REPO,
+    TINY_CONFIG,
+    copy_until,
+    pretrain,
+    pretrain_command,
+    run_script,
+    train_losses,
+)
 
 from megatrain.data import TokenDataset
 from megatrain.model import GPT, GPTConfig
@@ -169,17 +178,8 @@ def test_two_nodes_on_one_machine_match_one_launcher(tmp_path, small_data, runs)
     port = free_port()
     run = tmp_path / "run"
     launcher = DEEPSPEED
-    script = [
-        str(REPO / "launch" / "pretrain.py"),
-        "--config",
-        str(TINY_CONFIG),
-        "--set",
-        f"run.dir={run}",
-        "--set",
-        f"data.path={small_data}",
-        "--set",
-        "parallel.zero_stage=1",
-    ]
+    sets = [f"run.dir={run}", f"data.path={small_data}", "parallel.zero_stage=1"]
+    script = pretrain_command(TINY_CONFIG, sets, nproc=0)[1:]  # without the interpreter
     # Each "node" would take every core of this machine (one local rank each): give each rank
     # the one core it has under one launcher, and with it the same arithmetic.
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2))}
@@ -221,18 +221,8 @@ def test_an_mpi_style_launch_is_one_world(tmp_path, small_data, runs):
     launcher's 2 ranks, and one checkpoint with both ranks' files (each had been a world of
     one, both writing one run directory)."""
     run, port = tmp_path / "run", free_port()
-    script = [
-        sys.executable,
-        str(REPO / "launch" / "pretrain.py"),
-        "--config",
-        str(TINY_CONFIG),
-        "--set",
-        f"run.dir={run}",
-        "--set",
-        f"data.path={small_data}",
-        "--set",
-        "parallel.zero_stage=1",
-    ]
+    sets = [f"run.dir={run}", f"data.path={small_data}", "parallel.zero_stage=1"]
+    script = pretrain_command(TINY_CONFIG, sets, nproc=0)
     base = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")
     }
@@ -302,7 +292,6 @@ def test_hugging_face_export_gives_the_same_logits_and_greedy_text(
     GPT2LMHeadModel with its tokenizer; its fp32 logits equal megatrain's within 1e-4 on
     random and real inputs, and its greedy generation equals megatrain's (KV cache) token
     for token, from a prompt its own tokenizer encoded."""
-    import os
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -312,21 +301,7 @@ def test_hugging_face_export_gives_the_same_logits_and_greedy_text(
         layout
     ]()
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "export_hf.py"),
-            str(run),
-            "--tokenizer",
-            str(small_tokenizer),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
+    run_script("export_hf.py", run, "--tokenizer", small_tokenizer, "--out", out, env={"HF_HUB_OFFLINE": "1"})
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel" and hf.generation_config.eos_token_id == 4
     sd, cfg = consolidate(run / "checkpoints" / "step-00000006")
@@ -354,19 +329,8 @@ def test_export_refuses_a_damaged_checkpoint(runs, small_tokenizer, tmp_path):
     target = run / "checkpoints" / "step-00000006" / "mp_rank_00_model_states.pt"
     target.write_bytes(target.read_bytes()[:-100])
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "export_hf.py"),
-            str(target.parent),
-            "--tokenizer",
-            str(small_tokenizer),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    args = (target.parent, "--tokenizer", small_tokenizer, "--out", out)
+    proc = run_script("export_hf.py", *args, check=False)
     assert proc.returncode == 2 and "mp_rank_00_model_states.pt" in proc.stderr.strip().splitlines()[-1]
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp"))
 

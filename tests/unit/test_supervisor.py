@@ -172,17 +172,8 @@ def test_hostfile_is_read_before_every_launch(tmp_path):
     assert f"supervise: {hostfile}: 4 rank(s)" in log
     assert f"supervise: {hostfile}: 2 rank(s) (was 4: the run resumes on the new layout)" in log
     log = []
-    assert (
-        supervise(
-            [sys.executable, "-c", "raise SystemExit(1)"],
-            max_restarts=3,
-            delay=0,
-            log=log.append,
-            hostfile=hostfile,
-            min_ranks=3,
-        )
-        == 1
-    )
+    failing = [sys.executable, "-c", "raise SystemExit(1)"]
+    assert supervise(failing, max_restarts=3, delay=0, log=log.append, hostfile=hostfile, min_ranks=3) == 1
     assert log[-1] == f"supervise: {hostfile} has 2 rank(s), fewer than --min-ranks 3; stopping"
 
 
