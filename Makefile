@@ -16,16 +16,16 @@ PIP_INSTALL := $(BIN)/pip install --disable-pip-version-check --progress-bar off
 
 install: $(STAMP)
 
-# Re-runs only when the package definition or the C++/CUDA sources change.
-$(STAMP): setup.py $(wildcard csrc/*)
+# Re-runs only when the package definition, the C++/CUDA sources or the op builds change.
+$(STAMP): setup.py $(wildcard csrc/*) launch/warm_ops.py megatrain/train/prebuilt_ops.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -q setuptools wheel
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP_INSTALL) -q torch==2.13.0
 	# Not quiet: the log shows what is being fetched or built if this ever stalls.
 	$(PIP_INSTALL) --no-build-isolation --use-pep517 -e '.[dev]'
-	# DeepSpeed JIT-compiles its CPU shared-memory collectives on first use (~1-2 min);
-	# do it once here rather than inside the first training run.
+	# DeepSpeed's JIT ops (~1-2 min each), built once here and kept where runs load them
+	# without torch's build lock (docs/self-healing.md).
 	$(BIN)/python launch/warm_ops.py
 	touch $@
 

@@ -8,8 +8,9 @@
     python launch/supervise.py --hostfile hosts --min-ranks 8 -- \
         deepspeed --hostfile hosts launch/pretrain.py --config configs/gpt3-1.3b.yaml --resume auto
 
-    # a run whose heartbeat stops for 30 minutes is taken as hung, stopped and relaunched
-    python launch/supervise.py --heartbeat runs/x/heartbeat --hang-timeout 1800 -- \
+    # a run whose heartbeat stops for 30 minutes (or that has not started 20 minutes after
+    # its launch) is taken as hung, stopped and relaunched
+    python launch/supervise.py --heartbeat runs/x/heartbeat --hang-timeout 1800 --start-timeout 1200 -- \
         deepspeed --num_gpus 8 launch/pretrain.py --config c.yaml --set run.dir=runs/x --resume auto
 
 Exit 0, 2 (bad input) and 3 (too many loss spikes) end supervision; any other exit is
@@ -49,6 +50,12 @@ def parse_args():
         "more than the longest checkpoint write plus evaluation, and than the start",
     )
     p.add_argument(
+        "--start-timeout",
+        type=float,
+        help="seconds from a launch to the run's first heartbeat (it has started: its ops, data, "
+        "model and checkpoint loaded) after which it is taken as hung (default: --hang-timeout)",
+    )
+    p.add_argument(
         "--hang-grace",
         type=float,
         default=60.0,
@@ -58,6 +65,8 @@ def parse_args():
     args = p.parse_args()
     if (args.heartbeat is None) != (args.hang_timeout <= 0):
         p.error("--heartbeat and --hang-timeout go together")
+    if args.start_timeout is not None and (args.start_timeout <= 0 or args.hang_timeout <= 0):
+        p.error("--start-timeout must be > 0 and goes with --hang-timeout")
     if args.hang_grace < 0:
         p.error("--hang-grace must be >= 0")
     if args.cmd and args.cmd[0] == "--":
@@ -79,6 +88,7 @@ def main():
         heartbeat=args.heartbeat and Path(args.heartbeat),
         hang_timeout=args.hang_timeout,
         hang_grace=args.hang_grace,
+        start_timeout=args.start_timeout,
     )
 
 

@@ -1,25 +1,17 @@
-"""Compile DeepSpeed's JIT ops for this machine once, at install time.
+"""Build DeepSpeed's JIT ops for this machine once, at install time (make install runs it).
 
-DeepSpeed builds its CPU shared-memory collective op the first time a process group
-starts, and its fused Adam op the first time its stock AdamW is used (each 1-2 minutes
-on 2 cores). The builds are cached in torch's extension directory, so doing them here
-keeps the first training run and the first test fast.
+DeepSpeed builds its CPU shared-memory collective op the first time a process group starts,
+and its fused Adam op the first time its stock AdamW is used (each 1-2 minutes on 2 cores),
+through torch's JIT loader, whose lock file a killed process leaves behind. This builds them
+once and keeps copies that runs load without building or locking
+(megatrain/train/prebuilt_ops.py, docs/self-healing.md).
 """
 
-import deepspeed  # noqa: F401  (sets up the accelerator)
-from deepspeed.accelerator import get_accelerator
-
-OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
+from megatrain.train import prebuilt_ops
 
 
 def main() -> None:
-    for name in OPS:
-        builder = get_accelerator().create_op_builder(name)
-        if builder is None or not builder.is_compatible(verbose=False):
-            print(f"warm_ops: {name} does not apply to this accelerator")
-            continue
-        builder.load(verbose=False)
-        print(f"warm_ops: {builder.absolute_name()} ready")
+    prebuilt_ops.build_all()
 
 
 if __name__ == "__main__":

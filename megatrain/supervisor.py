@@ -20,7 +20,10 @@ With a `heartbeat` file (RUN_DIR/heartbeat, touched by the run after every step)
 `hang_timeout`, a run whose heartbeat has not moved for that long (counted from its launch
 at the earliest) is taken as hung, a collective waiting on a rank that will never come or
 a filesystem that stopped answering: its process group gets SIGTERM, SIGKILL after
-`hang_grace` seconds, and it is relaunched as after a crash.
+`hang_grace` seconds, and it is relaunched as after a crash. Until the run's first beat
+(when it has started, just before step 1) the limit is `start_timeout` (default: the same):
+a start that never starts (a lock, a filesystem, a rendezvous that never completes) is
+relaunched too.
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def supervise(
     heartbeat: Path | None = None,
     hang_timeout: float = 0.0,
     hang_grace: float = 60.0,
+    start_timeout: float | None = None,
 ) -> int:
     stop = {"signal": None}
+    limits = (start_timeout or hang_timeout, hang_timeout)
     stopping = threading.Event()  # also ends a restart delay early
     child: subprocess.Popen | None = None
     code = int(ExitCode.RUN_ERROR)  # the last run's exit status
@@ -141,9 +146,7 @@ def supervise(
             launch = [a.replace("{ranks}", str(launched_ranks)) for a in cmd] if hostfile is not None else cmd
             child = subprocess.Popen(launch, start_new_session=True)
             code = (
-                _wait(child, heartbeat, hang_timeout, hang_grace, stopping, log)
-                if hang_timeout
-                else child.wait()
+                _wait(child, heartbeat, limits, hang_grace, stopping, log) if hang_timeout else child.wait()
             )
             if stop["signal"] is not None:
                 log(f"supervise: stopped by {signal.Signals(stop['signal']).name}; the run exited {code}")
@@ -162,32 +165,40 @@ def supervise(
 def _wait(
     child: subprocess.Popen,
     heartbeat: Path,
-    hang_timeout: float,
+    limits: tuple[float, float],
     hang_grace: float,
     stopping: threading.Event,
     log,
 ) -> int:
-    """The child's exit status; if its heartbeat stops for hang_timeout seconds, it is
-    stopped (SIGTERM to its group, SIGKILL to what is left of the group after hang_grace)
-    and its status returned. Once a signal was passed on to it, it is left to write its
-    checkpoint, however long."""
+    """The child's exit status; if its heartbeat does not move for the limit (before its first
+    beat after the launch, then after), it is stopped (SIGTERM to its group, SIGKILL to what
+    is left of the group after hang_grace) and its status returned. Once a signal was passed
+    on to it, it is left to write its checkpoint, however long."""
     launched = time.time()
     while True:
         try:
-            return child.wait(timeout=min(10.0, hang_timeout / 4))
+            return child.wait(timeout=min(10.0, min(limits) / 4))
         except subprocess.TimeoutExpired:
             if stopping.is_set():
                 return child.wait()
         try:
-            last = max(launched, heartbeat.stat().st_mtime)
+            beat = heartbeat.stat().st_mtime
         except FileNotFoundError:
-            last = launched
-        if time.time() - last > hang_timeout:
+            beat = 0.0
+        started = beat > launched  # an older beat is a previous launch's
+        last, limit = (beat, limits[1]) if started else (launched, limits[0])
+        if time.time() - last > limit:
             break
-    log(
-        f"supervise: the run hung: {heartbeat} not touched for {time.time() - last:.0f}s "
-        f"(--hang-timeout {hang_timeout:g}); stopping it"
-    )
+    if started:
+        log(
+            f"supervise: the run hung: {heartbeat} not touched for {time.time() - last:.0f}s "
+            f"(--hang-timeout {limit:g}); stopping it"
+        )
+    else:
+        log(
+            f"supervise: the run hung before its first step: no beat of {heartbeat} in the "
+            f"{time.time() - last:.0f}s since its launch (--start-timeout {limit:g}); stopping it"
+        )
     _signal_group(child.pid, signal.SIGTERM)
     # The whole group gets the grace, not only the child: DeepSpeed's runner exits at once
     # on SIGTERM while its launcher is still ending the ranks.

@@ -14,6 +14,8 @@ never reads these flags or passes a batch through a test hook.
                          sees every other one (a network filesystem's attribute cache)
     own_run_dir          (STEP 0) the rank's run.dir is RUN_DIR.nodeRANK: a node-local
                          path, not the directory the other ranks write
+    op_lock              (STEP 0) at start the rank takes torch's build lock of DeepSpeed's
+                         shared-memory op, as DeepSpeed's JIT load does  -> SIGKILL
 With --fault-state DIR each fires only once across processes too (a supervised run that
 restarts does not crash again at the same point).
 --poison START:COUNT replaces the samples at global positions [START, START + COUNT) with
@@ -75,8 +77,11 @@ class Faults:
 
     def crash_if(self, name: str, step: int) -> None:
         if self.fires(name, step):
-            print(f"[fault injection] rank {self.rank}: SIGKILL at {name}@{step}", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.crash(f"{name}@{step}")
+
+    def crash(self, where: str) -> None:
+        print(f"[fault injection] rank {self.rank}: SIGKILL at {where}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def install_checkpoint_faults(faults: Faults) -> None:
@@ -100,6 +105,19 @@ def install_checkpoint_faults(faults: Faults) -> None:
         )
 
     checkpoint._listing = _listing
+
+
+def die_holding_the_op_lock(faults: Faults) -> None:
+    """op_lock@0: a rank killed while it loads an op leaves torch's lock file behind."""
+    if faults.fires("op_lock", 0):
+        from torch.utils.file_baton import FileBaton
+
+        from megatrain.train.prebuilt_ops import torch_build_dir
+
+        lock = torch_build_dir("deepspeed_shm_comm") / "lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        FileBaton(str(lock)).try_acquire()
+        faults.crash("op_lock@0, holding " + str(lock))
 
 
 def own_run_dir(faults: Faults, argv: list[str]) -> list[str]:
@@ -218,6 +236,7 @@ def main():
     args, rest = p.parse_known_args()
     faults = Faults(args.fault, args.fault_state)
     install_checkpoint_faults(faults)
+    die_holding_the_op_lock(faults)
     callbacks = [
         NaNLoss(faults),
         Hang(faults),

@@ -34,8 +34,11 @@ def init_distributed() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    from megatrain.train import prebuilt_ops
+
     os.environ.update(launcher_environment(os.environ))
     if not dist.is_initialized():
+        prebuilt_ops.load_all(log=lambda line: print(line, flush=True))  # no op is built from here on
         deepspeed.init_distributed(dist_init_required=True, verbose=False)
         # Each rank on its own device before anything is allocated or sent (NCCL makes its
         # communicators at the first collective): DeepSpeed sets it in its engine and in

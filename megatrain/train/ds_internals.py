@@ -480,6 +480,14 @@ def load_loss_scale_state(optimizer, saved: dict | None) -> bool:
 # --- AutoTP, replayed on the meta model -----------------------------------------------------
 
 
+def register_op(name: str, module) -> None:
+    """Hand DeepSpeed an op it would otherwise build and load itself (prebuilt_ops.py): its
+    builders return what is in this cache."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    OpBuilder._loaded_ops[name] = module
+
+
 def cut_for_tensor_parallel(model: torch.nn.Module, ds_config: dict):
     """What `deepspeed.initialize` does with a `tensor_parallel` section (DeepSpeed 0.19.8,
     DeepSpeedEngine._apply_autotp_partitioning with a partition config), done here to the

@@ -4,6 +4,8 @@ preemption. Real launcher, 2 ranks on CPU, the tiny model, real faults."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from helpers import (
     train_losses,
 )
 
+from megatrain.train import prebuilt_ops
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_events, read_metrics
 
@@ -213,6 +216,45 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     assert train_losses(run) == train_losses(baseline16), f"seed {seed}"
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert shm_buffers() <= shm_before  # killed ranks leave no shared memory behind either
+
+
+def test_a_rank_killed_holding_the_op_build_lock_does_not_stop_the_next_start(
+    tmp_path, small_data, baseline16
+):
+    """Rank 1 takes torch's build lock of DeepSpeed's shared-memory op at start, as DeepSpeed's
+    JIT load does, and is killed with SIGKILL holding it (a preempted start). Under the
+    supervisor, with --start-timeout, the relaunch starts (its ops come built, without the
+    lock: megatrain/train/prebuilt_ops.py) and ends with the losses of a run never killed.
+    The extensions directory is the test's own, holding this machine's builds: DeepSpeed's
+    own load there would find the op built and wait on the lock for good."""
+    extensions = tmp_path / "torch_extensions"
+    for builder in prebuilt_ops.builders():
+        shutil.copytree(prebuilt_ops.torch_build_dir(builder.name), extensions / builder.name)
+    run = tmp_path / "run"
+    cmd = supervise_command(
+        pretrain_command(
+            TINY_CONFIG,
+            [f"run.dir={run}", f"data.path={small_data}", *LONG],
+            faults=["op_lock@0:1"],
+            fault_state=tmp_path / "faults",
+        ),
+        2,
+        0,
+        "--heartbeat",
+        str(run / "heartbeat"),
+        "--hang-timeout",
+        "300",
+        "--start-timeout",
+        "150",
+    )
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    assert f"rank 1: SIGKILL at op_lock@0, holding {lock}" in proc.stdout
+    assert lock.exists()  # left behind, and no hindrance
+    assert "hung" not in proc.stdout and proc.stdout.count("supervise: restart") == 1
+    assert train_losses(run) == train_losses(baseline16)
 
 
 def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, small_data, baseline16):

@@ -6,8 +6,8 @@
 # 15-minute lease for a second try). In order, each phase limited to its own share and to
 # what is left before the deadline:
 #   install the wheels; build the fused op (sm_90) against the machine's torch and nvcc;
-#   warm DeepSpeed's JIT ops (FusedAdam with nvcc): a build cut off halfway leaves torch's
-#     lock behind, and every later load would wait on it, so it is not done inside a test;
+#   build DeepSpeed's JIT ops (FusedAdam with nvcc) into MEGATRAIN_OPS_DIR, where the runs
+#     load them without building (docs/self-healing.md);
 #   pytest -m gpu, most important tests first, each test's outcome written as it ends;
 #   bench/optimizer.py, then bench/train.py, with what time is left.
 # pytest is stopped with SIGINT at its limit, so it still writes its summary and junit file.
@@ -21,7 +21,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   > "$OUT/setup.log" 2>&1 || { echo "wheel install failed"; cat "$OUT/setup.log"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export MEGATRAIN_GPU_RESULTS="$OUT/gpu-results.jsonl"
+export MEGATRAIN_GPU_RESULTS="$OUT/gpu-results.jsonl" MEGATRAIN_OPS_DIR=/tmp/megatrain-ops
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, deepspeed; print(torch.cuda.get_device_name(), '| torch', torch.__version__, 'cuda',
 torch.version.cuda, '| deepspeed', deepspeed.__version__)"; } > "$OUT/device.txt" 2>&1

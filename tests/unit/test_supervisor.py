@@ -226,6 +226,32 @@ time.sleep(1000)  # hung; SIGTERM ends this process (as DeepSpeed's launcher exi
     )  # the left-behind rank is gone (or a zombie)
 
 
+def test_a_start_that_never_starts_is_relaunched_and_a_slow_one_is_not(tmp_path):
+    """--start-timeout: the first launch never beats (a previous run's heartbeat is there: it
+    does not count) and is stopped as hung before its first step; the relaunch takes longer
+    than --hang-timeout to its first beat, within --start-timeout, and runs to its end."""
+    beat, count = tmp_path / "heartbeat", tmp_path / "runs"
+    beat.touch()
+    code = f"""
+import pathlib, sys, time
+count = pathlib.Path({str(count)!r}); n = int(count.read_text()) if count.exists() else 0
+count.write_text(str(n + 1))
+if not n:
+    time.sleep(1000)  # waits on something that never comes
+time.sleep(1.5)  # a slow start
+for _ in range(3):
+    pathlib.Path({str(beat)!r}).touch(); time.sleep(0.3)
+"""
+    log = []
+    options = dict(heartbeat=beat, hang_timeout=1.0, start_timeout=2.5, hang_grace=1.0)
+    assert supervise([sys.executable, "-c", code], max_restarts=2, delay=0, log=log.append, **options) == 0
+    assert count.read_text() == "2" and log.count("supervise: restart 1/2 in 0s") == 1, log
+    hung = [m for m in log if m.startswith("supervise: the run hung")]
+    assert len(hung) == 1, log
+    assert hung[0].startswith(f"supervise: the run hung before its first step: no beat of {beat} in the ")
+    assert hung[0].endswith("since its launch (--start-timeout 2.5); stopping it")
+
+
 def test_a_hung_runs_ranks_get_the_grace_after_its_launcher_exits(tmp_path):
     """DeepSpeed's runner dies at once on SIGTERM while its ranks are still ending: the
     ranks get the grace too (a rank that takes 0.5 s to end on SIGTERM ends by itself, no
