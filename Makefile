@@ -36,10 +36,10 @@ demo: install
 	$(BIN)/python launch/prepare_data.py --tokenizer $(DEMO)/tokenizer --input builtin:stdlib --out $(DEMO)/data
 	$(BIN)/deepspeed --num_gpus 2 launch/pretrain.py --config $(DEMO_CONFIG) --set run.dir=$(DEMO_RUN) --resume none
 	$(BIN)/python launch/plot.py $(DEMO_RUN)
-	$(BIN)/python launch/export_hf.py $(DEMO_RUN) --tokenizer $(DEMO)/tokenizer --out $(DEMO_RUN)-hf
-	$(BIN)/python launch/generate.py --checkpoint $(DEMO_RUN) --tokenizer $(DEMO)/tokenizer --prompt "def main(" \
+	$(BIN)/python launch/export_hf.py $(DEMO_RUN) --out $(DEMO_RUN)-hf
+	$(BIN)/python launch/generate.py --checkpoint $(DEMO_RUN) --prompt "def main(" \
 		--temperature 0.8 --top-k 40 --seed 1 --max-new-tokens 48
-	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO_RUN) --tokenizer $(DEMO)/tokenizer --input $(DEMO)/data
+	$(BIN)/python launch/evaluate.py --checkpoint $(DEMO_RUN) --input $(DEMO)/data
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

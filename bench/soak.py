@@ -1,6 +1,10 @@
 """Soak: random kills and injected loss spikes on a tiny 2-rank run, trial after trial.
 
-Each trial runs a 40-step tiny run under launch/supervise.py (--resume auto) and draws:
+Each trial runs a 40-step tiny run under launch/supervise.py (--resume auto, with a start
+and a hang timeout) and draws:
+  - with probability 1/2, a SIGKILL of a random rank while the first launch starts (a
+    random moment between its ranks' appearance and its first step: loading ops, data,
+    model), which must not stop the relaunch from starting;
   - 0 to 2 SIGKILLs of a random rank, each at a random moment inside a random step of a
     launch (never two in one launch: a kill ends it), checkpoint writes included;
   - a loss spike, one of: a poisoned stretch of data (random tokens, 2 steps' worth) at a
@@ -31,7 +35,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import REPO, kill_a_rank, last_train_row, launches, pretrain_command, supervise_command
+from helpers import (
+    REPO,
+    kill_a_rank,
+    last_train_row,
+    launches,
+    pretrain_command,
+    rank_processes,
+    supervise_command,
+)
 
 from megatrain.data import prepare_dataset
 from megatrain.train.checkpoint import Checkpointer
@@ -81,6 +93,8 @@ def corpus() -> list[str]:
 def plan(rng: random.Random) -> dict:
     spike = rng.choice(["poison", "nan", "none"])
     return {
+        "start_kill": rng.random() < 0.5,  # in the first launch's start, after this many seconds
+        "start_kill_after": rng.uniform(0.0, 6.0),
         "kills": sorted(rng.sample(range(2, STEPS - 3), rng.randint(0, 2))),  # after these steps
         "spike": spike,
         "poison_step": rng.randint(24, STEPS - 6) if spike == "poison" else None,
@@ -100,14 +114,21 @@ def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
             poison=poison(p),
             fault_state=work / "faults",
         ),
-        max_restarts=8,
+        8,
+        0,
+        *("--heartbeat", str(run / "heartbeat"), "--hang-timeout", "120", "--start-timeout", "90"),
     )
     kills, killed_in = list(p["kills"]), set()
+    start_kill, ranks_seen = p["start_kill"], None
     with open(work / "supervise.log", "w") as log:
         sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
         while sup.poll() is None and time.time() < deadline:
             launch, row = launches(run), last_train_row(run)
+            if start_kill and launch == 0:  # the first launch is still starting
+                ranks_seen = ranks_seen or (rank_processes(sup.pid) and time.time())
+                if ranks_seen and time.time() - ranks_seen >= p["start_kill_after"]:
+                    start_kill = not kill_a_rank(sup.pid, rng, 0.0)
             if kills and launch not in killed_in and launch > 0 and row["step"] >= kills[0]:
                 if kill_a_rank(sup.pid, rng, row.get("step_time", 0.1)):
                     killed_in.add(launch)
@@ -121,6 +142,8 @@ def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
     rollbacks = [r for r in read_metrics(run) if r["kind"] == "rollback"]
     return {
         "exit": code,
+        "start_killed": p["start_kill"] and not start_kill,
+        "hung": output.count("supervise: the run hung"),
         "kills": len(p["kills"]) - len(kills),
         "restarts": output.count("supervise: restart"),
         "rollbacks": len(rollbacks),
@@ -206,10 +229,12 @@ def main():
                 )
         row = {
             "trial": i,
+            "start_kill": trial["start_killed"],
             "kills": trial["kills"],
             "spike": p["spike"],
             "at_step": p["poison_step"] or p["nan_step"],
             "restarts": trial["restarts"],
+            "hung": trial["hung"],
             "rollbacks": trial["rollbacks"],
             "finished": ok_run,
             "data_lost": lost,
@@ -220,40 +245,19 @@ def main():
         rows.append(row)
         print(f"trial {i}: {row}", flush=True)
 
+    shown = ["trial", "start_kill", "kills", "spike", "at_step", "restarts", "hung", "rollbacks", "finished"]
+    shown += ["data_lost", "poison_trained", "matched"]
     print_table(
         f"Soak: {args.trials} trials of a {STEPS}-step tiny run, 2 ranks (seed {seed})",
-        [
-            "trial",
-            "kills",
-            "spike",
-            "at step",
-            "restarts",
-            "rollbacks",
-            "finished",
-            "data lost",
-            "poison trained",
-            "matched",
-        ],
-        [
-            [
-                r["trial"],
-                r["kills"],
-                r["spike"],
-                r["at_step"] or "-",
-                r["restarts"],
-                r["rollbacks"],
-                r["finished"],
-                r["data_lost"],
-                "-" if r["poison_trained"] is None else r["poison_trained"],
-                r["matched"],
-            ]
-            for r in rows
-        ],
+        [name.replace("_", " ") for name in shown],
+        [["-" if r[name] is None else r[name] for name in shown] for r in rows],
     )
     summary = {
         "trials": len(rows),
         "recoveries": sum(r["restarts"] + r["rollbacks"] for r in rows),
         "kills": sum(r["kills"] for r in rows),
+        "start_kills": sum(r["start_kill"] for r in rows),
+        "hung": sum(r["hung"] for r in rows),
         "spikes": sum(r["spike"] != "none" for r in rows),
         "finished": sum(r["finished"] for r in rows),
         "data_lost": sum(r["data_lost"] or 0 for r in rows),
@@ -261,7 +265,8 @@ def main():
     }
     print(
         f"\ntrials {summary['trials']}, recoveries {summary['recoveries']} "
-        f"({summary['kills']} kills, {summary['spikes']} injected spikes), finished {summary['finished']}, "
+        f"({summary['kills']} kills in steps, {summary['start_kills']} in starts, "
+        f"{summary['spikes']} injected spikes; {summary['hung']} hung), finished {summary['finished']}, "
         f"data lost {summary['data_lost']} samples, every final trajectory matched: {summary['all_matched']}"
     )
     write_json(args.json, {"seed": seed, "machine": machine(), "summary": summary, "trials": rows})

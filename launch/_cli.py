@@ -66,6 +66,14 @@ def corpus_options(args: argparse.Namespace):
     return CorpusOptions(args.txt_documents, args.text_field, args.text_column, args.invalid_utf8)
 
 
+def add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    """--tokenizer of a script that reads a run (megatrain/train/run_tokenizer.py)."""
+    p.add_argument(
+        "--tokenizer",
+        help="the tokenizer directory the run's data was made with (default: the one the run keeps)",
+    )
+
+
 def add_placement_args(p: argparse.ArgumentParser) -> None:
     """--device and --dtype of a script that runs a trained model (generate, evaluate)."""
     p.add_argument(

@@ -1,8 +1,8 @@
 """Score a checkpoint on text: mean loss, perplexity and bits per byte, over whole documents.
 
-    python launch/evaluate.py --checkpoint runs/demo/run --tokenizer runs/demo/tokenizer \\
+    python launch/evaluate.py --checkpoint runs/demo/run \\
         --input held_out/ more.jsonl --json eval.json
-    python launch/evaluate.py --checkpoint runs/x --tokenizer tok --input data/corpus --stride 512
+    python launch/evaluate.py --checkpoint runs/x --input data/corpus --stride 512
 
 --input takes the tokenizer's input forms (.txt, .jsonl, .parquet/.arrow with a text
 column, directories, globs, .gz) or a directory made by launch/prepare_data.py (its valid/
@@ -23,16 +23,17 @@ from megatrain.data import TokenDataset
 from megatrain.errors import UserError
 from megatrain.files import write_atomically
 from megatrain.scoring import Scores, score_document
+from megatrain.train import run_tokenizer
 from megatrain.train.convert import load_model
-from tokenizer import CorpusOptions, CorpusStats, Tokenizer, iter_pieces, resolve_inputs
+from tokenizer import CorpusOptions, CorpusStats, iter_pieces, resolve_inputs
 
-from _cli import add_placement_args, placement, run
+from _cli import add_placement_args, add_tokenizer_arg, placement, run
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
-    p.add_argument("--tokenizer", required=True, help="the tokenizer directory the run's data was made with")
+    add_tokenizer_arg(p)
     p.add_argument(
         "--input", nargs="+", required=True, help="corpus files/directories, or a prepared data directory"
     )
@@ -75,7 +76,7 @@ def main():
     if args.stride is not None and args.stride < 1:
         raise UserError(f"--stride {args.stride}: must be at least 1")
     device, dtype = placement(args)
-    tok = Tokenizer.load(args.tokenizer)
+    tok = run_tokenizer.for_run(args.checkpoint, args.tokenizer)
     model = load_model(args.checkpoint, tok, device, dtype)
     scores = Scores()
     for source, ids, nbytes in tqdm(

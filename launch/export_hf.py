@@ -1,7 +1,7 @@
 """Export a megatrain checkpoint as a Hugging Face transformers model (GPT2LMHeadModel).
 
-    python launch/export_hf.py runs/x --tokenizer runs/tok --out hf/gpt      # the newest intact checkpoint
-    python launch/export_hf.py runs/x/checkpoints/step-00001000 --tokenizer runs/tok --out hf/gpt --dtype bf16
+    python launch/export_hf.py runs/x --out hf/gpt      # the newest intact checkpoint
+    python launch/export_hf.py runs/x/checkpoints/step-00001000 --out hf/gpt --dtype bf16
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("hf/gpt")   # offline
@@ -17,7 +17,7 @@ import torch
 
 from megatrain.train.convert import export_hf
 
-from _cli import run
+from _cli import add_tokenizer_arg, run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -25,7 +25,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run directory or a checkpoint directory")
-    p.add_argument("--tokenizer", required=True, help="the tokenizer directory the run's data was made with")
+    add_tokenizer_arg(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default="fp32", help="weights in fp32 (default) or bf16"

@@ -1,7 +1,7 @@
 """Sample text from a megatrain checkpoint (the model's own generate(), with a KV cache).
 
-    python launch/generate.py --checkpoint runs/demo/run --tokenizer runs/demo/tokenizer --prompt "def main("
-    python launch/generate.py --checkpoint runs/x/checkpoints/step-00001000 --tokenizer tok \\
+    python launch/generate.py --checkpoint runs/demo/run --prompt "def main("
+    python launch/generate.py --checkpoint runs/x/checkpoints/step-00001000 \\
         --prompt-file prompts.txt --temperature 0.8 --top-k 50 --top-p 0.95 --num-samples 4 --seed 1
 
 Generation stops at the end-of-document token or --max-new-tokens. One prompt and one
@@ -16,16 +16,17 @@ from pathlib import Path
 
 import torch
 
+from megatrain.train import run_tokenizer
 from megatrain.train.convert import load_model
 from tokenizer import Tokenizer
 
-from _cli import add_placement_args, placement, run
+from _cli import add_placement_args, add_tokenizer_arg, placement, run
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
-    p.add_argument("--tokenizer", required=True, help="the tokenizer directory the run's data was made with")
+    add_tokenizer_arg(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="a file of prompts, one per line (batched)")
@@ -56,7 +57,7 @@ class Stream:
 def main():
     args = parse_args()
     device, dtype = placement(args)
-    tok = Tokenizer.load(args.tokenizer)
+    tok = run_tokenizer.for_run(args.checkpoint, args.tokenizer)
     model = load_model(args.checkpoint, tok, device, dtype)
     prompts = [args.prompt] if args.prompt is not None else Path(args.prompt_file).read_text().splitlines()
     generator = torch.Generator(device).manual_seed(args.seed)

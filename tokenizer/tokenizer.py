@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +86,20 @@ class Tokenizer:
             return cls(proto, meta, source=str(directory))
         except RuntimeError as e:
             raise InputError(f"{model_path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+
+    def save(self, directory: str | Path) -> Path:
+        """The model and its metadata in `directory`, written under a temporary name and
+        renamed (a run directory keeps the tokenizer it trained with this way)."""
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / MODEL_FILE).write_bytes(self.model_proto)
+        (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        return directory
 
     @property
     def vocab_size(self) -> int:

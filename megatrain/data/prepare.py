@@ -5,7 +5,8 @@ The main process reads documents (tokenizer.corpus), decides each document's spl
 at most two jobs per worker are in flight, so memory stays bounded whatever the
 corpus size. Workers encode with SentencePiece and append the eod token after every
 document. Results are written in job order, so the shards are the same for any
-number of workers.
+number of workers. OUT/train and OUT/valid hold the shards; OUT/tokenizer a copy of the
+tokenizer, which runs on this data keep in their run directory (megatrain/train/run_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from megatrain.errors import UserError
 from tokenizer import CorpusOptions, CorpusStats, Tokenizer, iter_pieces, resolve_inputs
 
 SPLITS = ("train", "valid")
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -184,6 +186,7 @@ def prepare_dataset(
                     result, size = pending.popleft()
                     write(result.get(), size)
         manifests = {s: w.close() for s, w in writers.items()}
+        tok.save(out / TOKENIZER_DIR)  # runs on this data keep it in their run directory
     except BaseException:
         for w in writers.values():
             w.abort()

@@ -78,16 +78,17 @@ def load_model(
     source: str | Path, tokenizer=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> GPT:
     """The plain GPT (eval mode) of a run or checkpoint directory, on `device` in `dtype`.
-    With `tokenizer`, a check that it is the one the run's data was made with (by the data
-    manifest's tokenizer hash when that data is at hand, else by vocabulary size)."""
+    With `tokenizer`, a check that it is the one the run trained with (by the tokenizer hash
+    its checkpoint records, or its data's manifest when that data is at hand, else by
+    vocabulary size)."""
     sd, cfg, state = consolidate_any(source)
     if tokenizer is not None:
-        for path in data_paths(state):
-            sha = manifest_tokenizer(path)
-            if sha is not None and sha != tokenizer.sha256:
-                raise UserError(
-                    f"{tokenizer.source}: not the tokenizer the run's data ({path}) was made with"
-                )
+        sha = tokenizer_of(state)
+        if sha is not None and sha != tokenizer.sha256:
+            raise UserError(
+                f"{tokenizer.source}: not the tokenizer the run's data was made with "
+                f"(sha256 {tokenizer.sha256[:12]}, the run's {sha[:12]})"
+            )
         if tokenizer.vocab_size > cfg.vocab_size:
             raise UserError(
                 f"{tokenizer.source}: {tokenizer.vocab_size} tokens, the checkpoint's model has "
@@ -164,21 +165,21 @@ def load_consolidated(path: str | Path) -> GPT:
 
 
 def export_hf(
-    source: str | Path, out: str | Path, tokenizer_dir: str | Path, dtype: torch.dtype = torch.float32
+    source: str | Path, out: str | Path, tokenizer_dir: str | Path | None, dtype: torch.dtype = torch.float32
 ) -> Path:
     """A Hugging Face directory: GPT2LMHeadModel, or LlamaForCausalLM / Qwen3ForCausalLM
     for the llama architecture (megatrain/model/hf.py) (config.json, model.safetensors,
     generation_config.json with eos = megatrain's end-of-document id) and the tokenizer as
-    a fast tokenizer with the same ids (tokenizer/hf.py). Written under a temporary name
-    and renamed: nothing half-written at `out`."""
+    a fast tokenizer with the same ids (tokenizer/hf.py; by default the run's own,
+    run_tokenizer.py). Written under a temporary name and renamed: nothing half-written at `out`."""
     import shutil
 
     from megatrain.model import hf
-    from tokenizer import Tokenizer
+    from megatrain.train import run_tokenizer
     from tokenizer.hf import to_hf
     from tokenizer.tokenizer import SPECIAL_IDS
 
-    tok = Tokenizer.load(tokenizer_dir)
+    tok = run_tokenizer.for_run(source, tokenizer_dir)
     model = load_model(source, tok)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")

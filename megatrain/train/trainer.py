@@ -22,7 +22,7 @@ from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_f
 from megatrain.plan import human, plan, search
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
-from megatrain.train import init_from
+from megatrain.train import init_from, run_tokenizer
 from megatrain.train.batches import TrainBatches, build_datasets, data_seed
 from megatrain.train.callbacks import Callback, CheckpointEvery, Evaluate, Heartbeat, LogMetrics, Preemption
 from megatrain.train.checkpoint import Checkpointer
@@ -57,6 +57,11 @@ class Trainer:
         files = Checkpointer(self.run_dir, cfg.checkpoint.keep)
         files.check_shared()  # before anything is written there
         self.log = RunLog(cfg.run, cfg.logging, t, cfg.to_dict(), enabled=dist.is_main())
+        paths = [path for path, _ in cfg.data.sources()]
+        if run_tokenizer.keep(self.run_dir, paths, self.tokenizer_sha256, write=dist.is_main()) is None:
+            self.log.print(
+                f"note: no tokenizer kept with the data ({paths[0]}): tools on this run need --tokenizer"
+            )
         self._check_plan()
         self.progress = Progress()
         self.lr_schedule = LRSchedule.from_config(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,7 +302,7 @@ def test_hugging_face_export_gives_the_same_logits_and_greedy_text(
         layout
     ]()
     out = tmp_path / "hf"
-    run_script("export_hf.py", run, "--tokenizer", small_tokenizer, "--out", out, env={"HF_HUB_OFFLINE": "1"})
+    run_script("export_hf.py", run, "--out", out, env={"HF_HUB_OFFLINE": "1"})  # the run's tokenizer
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel" and hf.generation_config.eos_token_id == 4
     sd, cfg = consolidate(run / "checkpoints" / "step-00000006")
@@ -338,8 +339,9 @@ def test_export_refuses_a_damaged_checkpoint(runs, small_tokenizer, tmp_path):
 def test_generate_script_streams_greedy_text_and_cuts_long_prompts(
     runs, small_tokenizer, small_data, tmp_path
 ):
-    """launch/generate.py on a run: greedy text equals the model's own greedy continuation;
-    a prompt longer than the context keeps its last tokens and says so."""
+    """launch/generate.py on a run, with the tokenizer the run keeps (no --tokenizer): greedy
+    text equals the model's own greedy continuation; a prompt longer than the context keeps
+    its last tokens and says so."""
     from tokenizer import Tokenizer
 
     run = runs(1, "fp32")
@@ -348,8 +350,6 @@ def test_generate_script_streams_greedy_text_and_cuts_long_prompts(
         str(REPO / "launch" / "generate.py"),
         "--checkpoint",
         str(run),
-        "--tokenizer",
-        str(small_tokenizer),
         "--max-new-tokens",
         "12",
         "--temperature",
@@ -451,7 +451,8 @@ def test_evaluate_script_scores_documents_in_bits_per_byte(runs, small_tokenizer
 
 def test_export_in_bf16_and_one_line_refusals(runs, small_tokenizer, tmp_path):
     """--dtype bf16 writes bf16 weights; a checkpoint whose weights do not fit the shape it
-    records, and a tokenizer of other data, are each refused with one line (exit 2)."""
+    records, a tokenizer of other data, and a run that keeps no tokenizer without
+    --tokenizer are each refused with one line (exit 2)."""
     import json
 
     from helpers import SMALL_CORPUS, run_script
@@ -519,4 +520,11 @@ def test_export_in_bf16_and_one_line_refusals(runs, small_tokenizer, tmp_path):
         proc.returncode == 2
         and "the weights do not fit the model shape" in last
         and not (tmp_path / "x").exists()
+    )
+    # a run made before runs kept their tokenizer: without --tokenizer, one line saying so
+    shutil.rmtree(bad / "tokenizer")
+    proc = run_script("export_hf.py", bad, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {bad}: no tokenizer kept in this run directory (made before runs kept one): give --tokenizer"
     )
