@@ -218,6 +218,21 @@ def test_kill_minus_nine_at_random_moments_then_resume(tmp_path, small_data, bas
     assert shm_buffers() <= shm_before  # killed ranks leave no shared memory behind either
 
 
+def _watched(run: Path, data, fault: str, *options: str, env: dict | None = None):
+    """The LONG run with `fault` (once), under the supervisor watching its heartbeat with
+    `options`, to its end; it must exit 0."""
+    cmd = pretrain_command(
+        TINY_CONFIG,
+        [f"run.dir={run}", f"data.path={data}", *LONG],
+        faults=[fault],
+        fault_state=run.parent / "faults",
+    )
+    watched = supervise_command(cmd, 2, 0, "--heartbeat", str(run / "heartbeat"), *options)
+    proc = subprocess.run(watched, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_a_rank_killed_holding_the_op_build_lock_does_not_stop_the_next_start(
     tmp_path, small_data, baseline16
 ):
@@ -231,25 +246,10 @@ def test_a_rank_killed_holding_the_op_build_lock_does_not_stop_the_next_start(
     for builder in prebuilt_ops.builders():
         shutil.copytree(prebuilt_ops.torch_build_dir(builder.name), extensions / builder.name)
     run = tmp_path / "run"
-    cmd = supervise_command(
-        pretrain_command(
-            TINY_CONFIG,
-            [f"run.dir={run}", f"data.path={small_data}", *LONG],
-            faults=["op_lock@0:1"],
-            fault_state=tmp_path / "faults",
-        ),
-        2,
-        0,
-        "--heartbeat",
-        str(run / "heartbeat"),
-        "--hang-timeout",
-        "300",
-        "--start-timeout",
-        "150",
-    )
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _watched(
+        run, small_data, "op_lock@0:1", "--hang-timeout", "300", "--start-timeout", "150", env=env
+    )
     lock = extensions / "deepspeed_shm_comm" / "lock"
     assert f"rank 1: SIGKILL at op_lock@0, holding {lock}" in proc.stdout
     assert lock.exists()  # left behind, and no hindrance
@@ -263,24 +263,7 @@ def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, 
     --hang-timeout, ends it and relaunches; the run resumes from step 4 and ends with the
     losses of a run that never hung."""
     run = tmp_path / "run"
-    cmd = supervise_command(
-        pretrain_command(
-            TINY_CONFIG,
-            [f"run.dir={run}", f"data.path={small_data}", *LONG],
-            faults=["hang@6:1"],
-            fault_state=tmp_path / "faults",
-        ),
-        2,
-        0,
-        "--heartbeat",
-        str(run / "heartbeat"),
-        "--hang-timeout",
-        "60",
-        "--hang-grace",
-        "5",
-    )
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _watched(run, small_data, "hang@6:1", "--hang-timeout", "60", "--hang-grace", "5")
     assert "rank 1: hangs after step 6" in proc.stdout
     assert f"supervise: the run hung: {run / 'heartbeat'} not touched for " in proc.stdout
     # DeepSpeed's launcher gives each rank 30 s to end on SIGTERM; the hung ones are killed after the grace
