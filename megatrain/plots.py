@@ -95,7 +95,9 @@ def schedule_points(cfg, dp_size: int = 1, samples: int = 400) -> dict:
     mixture = MixtureSchedule.from_config(cfg) if isinstance(cfg.data.path, list) else None
     s = cfg.schedule
     marks = {"start": 0, "warmup_end": s.warmup_tokens}
-    if s.lr_shape != "constant":
+    if s.decay == "wsd":
+        marks["cooldown_start"] = lr.decay_start
+    if s.decay == "wsd" or s.lr_shape != "constant":
         marks["decay_end"] = s.decay_tokens
     if s.batch_steps:
         marks.update({f"batch_step_{i}": t for i, (t, _) in enumerate(s.batch_steps)})

@@ -31,6 +31,14 @@ class RunConfig:
     """Run name for wandb and the console; defaults to the run directory's name."""
     seed: int = 1234
     """Seeds the model initialisation, the data order and dropout."""
+    branch_from: str | None = None
+    """A checkpoint directory of another run (a WSD run's stable phase: a cooldown branch):
+    while this run has no checkpoint of its own it starts from that one, as a resume would
+    (model, optimizer state, data position, schedule position); then from its own."""
+
+    def problems(self, cfg: Config) -> Problems:
+        if self.branch_from and cfg.model.init_from:
+            yield "run.branch_from", "and model.init_from exclude each other: a branch takes all its state"
 
 
 @dataclass
@@ -268,6 +276,16 @@ class ScheduleConfig:
     """Floor of the decay, as a fraction of the peak (GPT-3: 10%)."""
     lr_shape: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay shape between warmup and decay_tokens; constant keeps the peak after warmup."""
+    decay: Literal["cosine", "wsd"] = "cosine"
+    """cosine: GPT-3's decay from the warmup's end to decay_tokens, in lr_shape's shape;
+    wsd: warmup-stable-decay, the peak held until a cooldown that ends at decay_tokens."""
+    cooldown_tokens: int | None = None
+    """decay: wsd: the cooldown's length in tokens (default: cooldown_fraction x decay_tokens)."""
+    cooldown_fraction: float = 0.2
+    """decay: wsd: the cooldown's length as a fraction of decay_tokens, when cooldown_tokens
+    is not given (Hagele et al. 2024: 20%)."""
+    cooldown_shape: Literal["linear", "1-sqrt"] = "linear"
+    """decay: wsd: the cooldown falls linearly, or as 1 - sqrt(progress) (Hagele et al.)."""
     batch_final_tokens: int = 524288
     """The global batch in tokens (GPT-3 Table 2.1), rounded down to a whole number of
     micro_batch x seq_len x data-parallel ranks, never below one micro batch per rank."""
@@ -284,6 +302,12 @@ class ScheduleConfig:
     warmup_tokens and decays to decay_tokens counted from the new start; the batch ramps
     again); keep continues from a megatrain checkpoint's step and tokens."""
 
+    def cooldown_length(self) -> int:
+        """decay: wsd: the cooldown's tokens."""
+        if self.cooldown_tokens is not None:
+            return self.cooldown_tokens
+        return round(self.cooldown_fraction * self.decay_tokens)
+
     def problems(self, cfg: Config) -> Problems:
         yield from _at_least(
             self, "schedule", batch_final_tokens=1, batch_start_tokens=1, batch_ramp_tokens=0
@@ -298,10 +322,17 @@ class ScheduleConfig:
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             yield "schedule.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        if not 0.0 < self.cooldown_fraction <= 1.0:
+            yield "schedule.cooldown_fraction", f"must be in (0, 1], got {self.cooldown_fraction}"
+        if self.decay == "wsd" and self.lr_shape != "cosine":
+            yield (
+                "schedule.lr_shape",
+                "applies to decay: cosine; a wsd cooldown's shape is schedule.cooldown_shape",
+            )
         from megatrain.schedule import BatchSchedule, LRSchedule  # the schedules check their own parameters
 
         for key, build in (
-            ("schedule.warmup_tokens", lambda: LRSchedule.from_config(cfg)),
+            ("schedule", lambda: LRSchedule.from_config(cfg)),
             ("schedule.batch_steps", lambda: BatchSchedule.from_config(cfg, dp_size=1)),
         ):
             try:

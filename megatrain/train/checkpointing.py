@@ -134,12 +134,17 @@ class Checkpoints:
             )
 
     def resume(self, resume: str, source: init_from.Source | None) -> None:
-        """Collective: `--resume` (auto, none or a path): the checkpoint found, loaded; or a
-        fresh start, from `source`'s weights when model.init_from names one."""
+        """Collective: `--resume` (auto, none or a path): the checkpoint found, loaded; else
+        run.branch_from's; or a fresh start, from `source`'s weights when model.init_from
+        names one."""
         path, warnings = self.files.find(resume)
         for w in warnings:
             self.log.print(w)
             self.log.event("checkpoint_skipped", reason=w)
+        branch = path is None and resume in ("auto", "none") and self.cfg.run.branch_from
+        if branch:  # a cooldown branch's first start: from the trunk's checkpoint
+            path = self.files.find(branch)[0]
+            self.log.truncate_after(0)  # rows of an earlier run in this directory go
         if path is None:
             if resume not in ("auto", "none"):
                 raise UserError(f"{resume}: no usable checkpoint")
@@ -149,8 +154,10 @@ class Checkpoints:
             return
         self.load(path)
         self.log.truncate_after(self.progress.step)
-        self.log.event("resume", checkpoint=str(path), step=self.progress.step, tokens=self.progress.tokens)
-        self.log.print(f"resumed from {path} at step {self.progress.step} ({self.progress.tokens} tokens)")
+        where = dict(checkpoint=str(path), step=self.progress.step, tokens=self.progress.tokens)
+        self.log.event("branch" if branch else "resume", **where)
+        how = "branched" if branch else "resumed"
+        self.log.print(f"{how} from {path} at step {self.progress.step} ({self.progress.tokens} tokens)")
 
     def _start_from(self, source: init_from.Source) -> None:
         """Collective: a fresh run's weights from model.init_from, and by config the source's

@@ -7,7 +7,7 @@ from helpers import TINY_CONFIG, copy_until, pretrain
 
 from megatrain.config import load_config
 from megatrain.schedule import BatchSchedule, LRSchedule
-from megatrain.train.metrics import read_metrics
+from megatrain.train.metrics import read_events, read_metrics
 
 RAMP = [
     "train.micro_batch=2",
@@ -79,3 +79,53 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, small_data):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert acc[1]["loss"] != acc[0]["loss"]  # step 2's loss reflects step 1's update
+
+
+# Warmup-stable-decay at 512 tokens a step: a 12-step run whose cooldown is its last 4 steps.
+WSD = [
+    "schedule.lr_shape=cosine",
+    "schedule.decay=wsd",
+    "schedule.warmup_tokens=1024",
+    "checkpoint.every_steps=4",
+    "train.eval_every=4",
+    "train.max_steps=12",
+]
+COOLDOWN_AT_12 = [
+    "schedule.decay_tokens=6144",
+    "schedule.cooldown_tokens=2048",
+    "schedule.cooldown_shape=1-sqrt",
+]
+
+
+def test_a_cooldown_branch_equals_the_same_cooldown_run_straight_through(tmp_path, small_data):
+    """A WSD trunk whose cooldown is far off (stable through step 12); a branch from its step-8
+    checkpoint (run.branch_from) with a cooldown ending at step 12, in its own run directory,
+    gives bitwise the losses and held-out loss of one run with that schedule from the start;
+    and the same branch on another layout (ZeRO-3, resharded) the same within float error."""
+    trunk, straight, branch, zero3 = (tmp_path / n for n in ("trunk", "straight", "branch", "zero3"))
+    pretrain(trunk, small_data, *WSD, "schedule.decay_tokens=100000", "schedule.cooldown_tokens=1024")
+    pretrain(straight, small_data, *WSD, *COOLDOWN_AT_12)
+    fork = f"run.branch_from={trunk / 'checkpoints' / 'step-00000008'}"
+    pretrain(branch, small_data, *WSD, *COOLDOWN_AT_12, fork)
+
+    def train(run):
+        rows = read_metrics(run)
+        return [(r["step"], r["lr"], r["loss"], r["grad_norm"]) for r in rows if r["kind"] == "train"]
+
+    def valid(run):
+        return [(r["step"], r["val_loss"]) for r in read_metrics(run) if r["kind"] == "valid"]
+
+    assert train(trunk)[:8] == train(straight)[:8]  # the stable phase knows nothing of the cooldown
+    assert train(branch) == train(straight)[8:] and valid(branch)[-1] == valid(straight)[-1]
+    lrs = [lr for _, lr, _, _ in train(straight)]
+    assert lrs[8] == 3e-3 > lrs[9] > lrs[11] > 3e-4  # the cooldown from 4096 tokens: steps 10-12, towards 10%
+    assert train(trunk)[11][1] == 3e-3  # the trunk still at its peak
+    [event] = [e for e in read_events(branch) if e["event"] == "branch"]
+    assert (event["step"], event["tokens"]) == (8, 4096) and not (
+        branch / "checkpoints" / "step-00000004"
+    ).exists()
+    # a relaunch of the finished branch resumes its own checkpoint, not the trunk's
+    pretrain(branch, small_data, *WSD, *COOLDOWN_AT_12, fork)
+    assert [e["event"] for e in read_events(branch)].count("branch") == 1
+    pretrain(zero3, small_data, *WSD, *COOLDOWN_AT_12, fork, "parallel.zero_stage=3")
+    assert [r[2] for r in train(zero3)] == pytest.approx([r[2] for r in train(straight)[8:]], rel=1e-5)

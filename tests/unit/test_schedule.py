@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
+import numpy as np
 import pytest
 from helpers import REPO, run_script
 from hypothesis import given
@@ -40,6 +42,57 @@ def test_lr_linear_and_constant_shapes():
     assert constant(5) == 1.0 and constant(10) == constant(10**12) == 2.0
     no_warmup = LRSchedule(peak=1.0, warmup_tokens=0, decay_tokens=100, min_lr_ratio=0.0)
     assert no_warmup(0) == 1.0 and no_warmup(100) == 0.0
+
+
+def _wsd_reference(tokens: np.ndarray, peak, warmup, end, cooldown, floor_ratio, shape) -> np.ndarray:
+    """Warmup-stable-decay in float64, written apart from LRSchedule: np.interp through its
+    corners, the 1-sqrt cooldown from the share of it still to go."""
+    t = tokens.astype(np.float64)
+    start, floor = end - cooldown, floor_ratio * peak
+    piecewise = np.interp(t, [0, warmup, start, end], [0.0, peak, peak, floor])
+    if shape == "linear":
+        return piecewise
+    done = np.clip((t - start) / cooldown, 0.0, 1.0)
+    return np.where(t < start, piecewise, floor + (peak - floor) * (1.0 - np.sqrt(done)))
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_against_a_float64_reference(shape):
+    peak, warmup, end, cooldown = 3e-3, 1_000, 100_000, 20_000
+    kind = dict(decay="wsd", cooldown_tokens=cooldown, cooldown_shape=shape)
+    wsd = LRSchedule(peak, warmup, end, 0.1, **kind)
+    tokens = np.array([*range(0, 130_000, 97), 1_000, 79_999, 80_000, 80_001, 99_999, 100_000])
+    ours = np.array([wsd(int(t)) for t in tokens])
+    expected = _wsd_reference(tokens, peak, warmup, end, cooldown, 0.1, shape)
+    assert np.abs(ours - expected).max() <= 1e-15 * peak
+    assert wsd(50_000) == wsd(79_999) == peak and wsd(100_000) == wsd(10**9) == pytest.approx(3e-4)
+    # the stable phase does not depend on where the cooldown ends: a longer run agrees until its own
+    longer = LRSchedule(
+        peak, warmup, 400_000, 0.1, decay="wsd", cooldown_tokens=cooldown, cooldown_shape=shape
+    )
+    assert [longer(t) for t in range(0, 80_000, 500)] == [wsd(t) for t in range(0, 80_000, 500)]
+
+
+def test_wsd_from_the_config_and_its_refusals(tmp_path):
+    from megatrain.errors import UserError
+
+    base = ["schedule.decay=wsd", "schedule.warmup_tokens=100", "schedule.decay_tokens=10000"]
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", base)
+    assert LRSchedule.from_config(cfg).decay_start == 8_000  # a 20% cooldown by default
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [*base, "schedule.cooldown_tokens=500"])
+    assert LRSchedule.from_config(cfg).decay_start == 9_500
+    from megatrain.plots import schedule_points  # what plot.py --schedule draws
+
+    marks = schedule_points(cfg)["marks"]
+    assert (marks["warmup_end"], marks["cooldown_start"], marks["decay_end"]) == (100, 9_500, 10_000)
+    for extra, message in (
+        (["schedule.cooldown_tokens=9950"], "warmup_tokens (100) <= the decay's start (50)"),
+        (["schedule.cooldown_fraction=0"], "tiny-cpu.yaml: schedule.cooldown_fraction must be in (0, 1]"),
+        (["schedule.lr_shape=linear"], "schedule.lr_shape applies to decay: cosine"),
+        (["schedule.cooldown_shape=sqrt"], "schedule.cooldown_shape"),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_config(REPO / "configs" / "tiny-cpu.yaml", [*base, *extra])
 
 
 def test_batch_ramp_gpt3_175b():
