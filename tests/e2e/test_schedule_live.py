@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
-from helpers import TINY_CONFIG, copy_until, pretrain
+from helpers import TINY_CONFIG, copy_until, pretrain, run_script
 
 from megatrain.config import load_config
+from megatrain.scaling import branch_overrides
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train.metrics import read_events, read_metrics
 
@@ -105,8 +108,21 @@ def test_a_cooldown_branch_equals_the_same_cooldown_run_straight_through(tmp_pat
     trunk, straight, branch, zero3 = (tmp_path / n for n in ("trunk", "straight", "branch", "zero3"))
     pretrain(trunk, small_data, *WSD, "schedule.decay_tokens=100000", "schedule.cooldown_tokens=1024")
     pretrain(straight, small_data, *WSD, *COOLDOWN_AT_12)
+    # launch/cooldown.py's choice for a 30% cooldown to 6144 tokens: the newest checkpoint at
+    # or before 4300 tokens (step 8, 4096), a cooldown of 2048 from there
+    printed = run_script("cooldown.py", trunk, "--budget", "6144", "--fraction", "0.3", "--run-dir", branch)
     fork = f"run.branch_from={trunk / 'checkpoints' / 'step-00000008'}"
-    pretrain(branch, small_data, *WSD, *COOLDOWN_AT_12, fork)
+    sets = branch_overrides(trunk, 6144, 0.3, branch)
+    assert fork in sets and "schedule.cooldown_tokens=2048" in sets
+    assert printed.stdout.strip().endswith(
+        shlex.join([a for s in sets for a in ("--set", s)] + ["--resume", "auto"])
+    )
+    pretrain(branch, small_data, *WSD, "schedule.cooldown_shape=1-sqrt", *sets)
+    refused = run_script("cooldown.py", trunk, "--budget", "2000", check=False)  # before the first checkpoint
+    assert (
+        refused.returncode == 2
+        and "no checkpoint of the stable phase" in refused.stderr.strip().splitlines()[-1]
+    )
 
     def train(run):
         rows = read_metrics(run)
@@ -125,7 +141,7 @@ def test_a_cooldown_branch_equals_the_same_cooldown_run_straight_through(tmp_pat
         branch / "checkpoints" / "step-00000004"
     ).exists()
     # a relaunch of the finished branch resumes its own checkpoint, not the trunk's
-    pretrain(branch, small_data, *WSD, *COOLDOWN_AT_12, fork)
+    pretrain(branch, small_data, *WSD, "schedule.cooldown_shape=1-sqrt", *sets)
     assert [e["event"] for e in read_events(branch)].count("branch") == 1
     pretrain(zero3, small_data, *WSD, *COOLDOWN_AT_12, fork, "parallel.zero_stage=3")
     assert [r[2] for r in train(zero3)] == pytest.approx([r[2] for r in train(straight)[8:]], rel=1e-5)
