@@ -19,8 +19,9 @@ from megatrain.devices import GPUS, MATMUL_DTYPE, gpu_by_key
 from megatrain.errors import UserError
 from megatrain.files import write_atomically
 from megatrain.layout import Layout
-from megatrain.model import GPTConfig
-from megatrain.plan import Links, plan, search, smallest_fitting_gpus
+from megatrain.model import GPTConfig, param_count
+from megatrain.plan import Links, plan, search, smallest_fitting_gpus, token_budget
+from megatrain.scaling.fit import Fit
 from megatrain.train.init_from import model_config, open_source
 
 from _cli import run
@@ -43,6 +44,9 @@ def parse_args():
     p.add_argument("--intra-node-gbs", type=float, default=300, help="all-reduce GB/s per GPU within a node")
     p.add_argument("--inter-node-gbs", type=float, default=25, help="all-reduce GB/s per GPU between nodes")
     p.add_argument("--vocab-size", type=int, default=50257, help="when neither the config nor data gives it")
+    p.add_argument(
+        "--fit", metavar="FILE", help="launch/scaling.py --json FILE: also the predicted final loss"
+    )
     p.add_argument("--search", action="store_true", help="every layout that fits, fastest first")
     p.add_argument("--top", type=int, default=10, help="with --search: how many to print")
     p.add_argument("--json", metavar="FILE", help="also write the answer as JSON")
@@ -105,6 +109,16 @@ def show(p: dict) -> None:
         )
 
 
+def predicted_loss(fit: Fit, model: GPTConfig, tokens: float, source: str) -> dict:
+    n = param_count(model)
+    loss, (lo, hi) = fit.predict(n, tokens), fit.interval(n, tokens)
+    where = f"{n:,} parameters, {tokens:.3g} tokens"
+    print(f"predicted final loss {loss:.4f} [{lo:.4f}, {hi:.4f}] at {where} ({source})")
+    for warning in fit.warnings:
+        print(f"  the fit is not to be trusted as it is: {warning}")
+    return {"loss": loss, "interval": [lo, hi], "params": n, "tokens": tokens}
+
+
 def main():
     args = parse_args()
     cfg = load_config(args.config, args.set)
@@ -135,6 +149,8 @@ def main():
     )
     show(mine)
     out = dict(mine)
+    if args.fit:
+        out["predicted_loss"] = predicted_loss(Fit.read(args.fit), model, token_budget(cfg), args.fit)
     if args.search:
         found = search(cfg, model, args.gpus, args.gpus_per_node, memory, peak, args.mfu, links=links)
         if not found:

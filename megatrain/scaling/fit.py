@@ -12,9 +12,12 @@ number. In float64, with torch's L-BFGS (no other dependency).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -42,12 +45,18 @@ class Fit:
         return _quantiles(values, level)
 
     def as_dict(self) -> dict:
-        return {
-            "law": self.law,
-            "params": self.params,
-            "intervals": self.intervals,
-            "warnings": self.warnings,
-        }
+        """Everything, the bootstrap fits included (Fit.read gives the intervals back from them)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, path) -> Fit:
+        """The L(N, D) fit of launch/scaling.py --json FILE."""
+        try:
+            fits = json.loads(Path(path).read_text())["fits"]
+            found = next(f for f in fits if f["law"] == "L(N, D)")
+            return cls(**{**found, "intervals": {k: tuple(v) for k, v in found["intervals"].items()}})
+        except (OSError, ValueError, KeyError, StopIteration, TypeError) as e:
+            raise UserError(f"{path}: not a fit written by launch/scaling.py --json ({e})") from None
 
 
 def fit_loss(params: list[float], tokens: list[float], losses: list[float], bootstrap: int = 200) -> Fit:

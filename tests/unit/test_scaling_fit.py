@@ -74,7 +74,7 @@ def test_degenerate_sets_are_refused_in_one_line():
 
 
 def test_the_scaling_script_fits_a_table_and_predicts(tmp_path):
-    from helpers import run_script
+    from helpers import REPO, run_script
 
     rng = np.random.default_rng(3)
     rows = ["params,tokens,loss"]
@@ -92,6 +92,15 @@ def test_the_scaling_script_fits_a_table_and_predicts(tmp_path):
     assert at["interval"][0] <= _chinchilla(3e9, 6e10) <= at["interval"][1]
     assert optimal["flops"] == 1e21 and 6 * optimal["params"] * optimal["tokens"] == pytest.approx(1e21)
     assert "predicted final loss at N=3e+09, D=6e+10" in proc.stdout and png.stat().st_size > 10_000
+    # the planner, given the fit: the target's predicted final loss beside its days
+    from megatrain.scaling.fit import Fit
+
+    planned = tmp_path / "plan.json"
+    config = ("--config", REPO / "configs" / "gpt3-125m.yaml", "--gpus", "8", "--gpu", "h100")
+    run_script("plan.py", *config, "--fit", out, "--json", planned)
+    predicted = json.loads(planned.read_text())["predicted_loss"]
+    assert predicted["loss"] == pytest.approx(Fit.read(out).predict(predicted["params"], predicted["tokens"]))
+    assert predicted["interval"][0] <= predicted["loss"] <= predicted["interval"][1]
     (tmp_path / "bad.csv").write_text("params,tokens\n1e7,2e8\n")
     bad = run_script("scaling.py", "--points", tmp_path / "bad.csv", check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
