@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatrain.errors import UserError
 from megatrain.model import GPTConfig, flops_per_token, param_count
 from megatrain.model.gpt import block_params, norm_params
 
@@ -59,8 +60,8 @@ class Job:
 
 
 def rungs(target, vocab: int, count: int, smallest: float, largest: float, lr_exponent: float = 0.8):
-    """`count` models of the family of `target` (a Config), geometric in non-embedding
-    parameters from `smallest` to `largest`."""
+    """Up to `count` models of the family of `target` (a Config), geometric in non-embedding
+    parameters from `smallest` to `largest` (sizes that round to one shape give one rung)."""
     m = target.model
     head, aspect = m.d_model // m.n_head, m.d_model / m.n_layer
     kv_ratio = m.n_head // (m.n_kv_head or m.n_head)
@@ -73,7 +74,13 @@ def rungs(target, vocab: int, count: int, smallest: float, largest: float, lr_ex
         shape = dict(n_layer=layers, n_head=heads, n_kv_head=kv, d_model=heads * head, ffn_hidden=None)
         cfg = dataclasses.replace(target, model=dataclasses.replace(m, **shape))
         lr = target.optim.lr * (m.d_model / (heads * head)) ** lr_exponent
-        out.append(Rung(f"r{i}-d{heads * head}-l{layers}", GPTConfig.from_config(cfg, vocab), lr))
+        if not any(r.model.n_layer == layers and r.model.d_model == heads * head for r in out):
+            out.append(Rung(f"r{len(out)}-d{heads * head}-l{layers}", GPTConfig.from_config(cfg, vocab), lr))
+    if len(out) < min(count, 2):
+        raise UserError(
+            f"{smallest:.3g} to {largest:.3g} non-embedding parameters give {len(out)} distinct shape(s) "
+            f"of the target's family: widen the range"
+        )
     return out
 
 

@@ -3,7 +3,8 @@ API (initialize, zero.Init, the accelerator, deepspeed.pipe, deepspeed.utils' sa
 accessors) or reads DeepSpeed's checkpoint files; the rest of megatrain speaks of parameter
 names and tensors. By name where there is one: the optimizer flavour and what it holds
 (masters, moments, step count: set into a live engine; read from checkpoints), ZeRO 1-2's
-flat-partition fragments, fp16's loss scale in either of DeepSpeed's forms, AutoTP's cut.
+flat-partition fragments, fp16's loss scale in either of DeepSpeed's forms, AutoTP's cut,
+the cache of built ops DeepSpeed's builders load from.
 
 Written for the DeepSpeed versions in SUPPORTED; another is refused in one line when this
 module is imported (MEGATRAIN_UNSUPPORTED_DEEPSPEED=1 goes on, with a warning), since an
@@ -477,7 +478,7 @@ def load_loss_scale_state(optimizer, saved: dict | None) -> bool:
     return True
 
 
-# --- AutoTP, replayed on the meta model -----------------------------------------------------
+# --- DeepSpeed's JIT ops -------------------------------------------------------------------
 
 
 def register_op(name: str, module) -> None:
@@ -486,6 +487,9 @@ def register_op(name: str, module) -> None:
     from deepspeed.ops.op_builder.builder import OpBuilder
 
     OpBuilder._loaded_ops[name] = module
+
+
+# --- AutoTP, replayed on the meta model -----------------------------------------------------
 
 
 def cut_for_tensor_parallel(model: torch.nn.Module, ds_config: dict):
