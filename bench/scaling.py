@@ -7,8 +7,8 @@ written down before that model trains (docs/scaling.md).
 
 Steps: a 4096-piece tokenizer and shards of the stdlib (valid split 1%); launch/ladder.py
 on configs/tiny-cpu.yaml (branches mode, one rank per run); fits of L(N, D) and L(C); the
-target, one rung of the same shape rule at twice the largest's non-embedding size, trained
-to the tokens that make its compute --compute-factor x the ladder's largest run; its
+target, the first shape of the same rule above the largest rung (aiming at twice its
+non-embedding size, more if that rounds to the same shape), trained to the tokens that make its compute --compute-factor x the ladder's largest run; its
 predicted final held-out loss and 95% interval are written to WORK/prediction.json before
 it trains; then its measured loss, the error and whether it fell inside. Rerun with the same
 --work to reuse what is done. Not a CI test: the default takes about an hour on 2 cores.
@@ -76,8 +76,10 @@ def main():
 
     cfg = load_config(TARGET, sets)
     vocab = json.loads((data / "train" / "manifest.json").read_text())["vocab_size"]
-    [target] = lad.rungs(cfg, vocab, 1, 2 * args.largest, 2 * args.largest)
     largest = max(rows, key=lambda r: r["flops"])
+    target, aim = None, 2 * args.largest
+    while target is None or target.params <= largest["params"]:  # the next shape of the family up
+        [target], aim = lad.rungs(cfg, vocab, 1, aim, aim), aim * 1.5
     tokens = int(args.compute_factor * largest["flops"] / flops_per_token(target.model))
     batch = load_config(Path(largest["run"]) / "config.yaml").schedule.batch_final_tokens  # the ladder's
     [job] = lad.jobs([target], 1.0, [tokens / target.params], work / "target", "runs", 0.2, batch, 60000)
