@@ -43,9 +43,8 @@ class Rung:
 
     def sets(self) -> list[str]:
         m = self.model
-        return [f"model.{k}={getattr(m, k)}" for k in ("n_layer", "n_head", "n_kv_head", "d_model")] + [
-            f"optim.lr={self.lr:.6g}"
-        ]
+        shape = ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden")  # ffn_hidden: not the target's
+        return [f"model.{k}={getattr(m, k)}" for k in shape] + [f"optim.lr={self.lr:.6g}"]
 
 
 @dataclass(frozen=True)

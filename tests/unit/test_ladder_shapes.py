@@ -23,6 +23,9 @@ def test_rungs_keep_the_targets_family_and_grow_geometrically():
         assert r.model.n_head // r.model.n_kv_head in (m.n_head // m.n_kv_head, 1)
         assert r.lr == pytest.approx(target.optim.lr * (m.d_model / r.model.d_model) ** 0.8)
         assert r.params > r.non_embedding  # Chinchilla's N counts the embeddings too
+        assert (
+            f"model.ffn_hidden={r.model.ffn_hidden}" in r.sets()
+        )  # a target's own width does not carry over
     with pytest.raises(UserError, match="give 1 distinct shape"):
         ladder.rungs(target, 32000, 3, 1e3, 2e3)
 
