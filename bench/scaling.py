@@ -8,10 +8,11 @@ written down before that model trains (docs/scaling.md).
 Steps: a 4096-piece tokenizer and shards of the stdlib (valid split 1%); launch/ladder.py
 on configs/tiny-cpu.yaml (branches mode, one rank per run); fits of L(N, D) and L(C); the
 target, the first shape of the same rule above the largest rung (aiming at twice its
-non-embedding size, more if that rounds to the same shape), trained to the tokens that make its compute --compute-factor x the ladder's largest run; its
-predicted final held-out loss and 95% interval are written to WORK/prediction.json before
-it trains; then its measured loss, the error and whether it fell inside. Rerun with the same
---work to reuse what is done. Not a CI test: the default takes about an hour on 2 cores.
+non-embedding size, more if that rounds to the same shape), trained to the tokens that make
+its compute --compute-factor x the ladder's largest run; its predicted final held-out loss
+and 95% interval are written to WORK/prediction.json before it trains; then its measured
+loss, the error and whether it fell inside. Rerun with the same --work to reuse what is
+done. Not a CI test: the default takes about an hour on 2 cores, alone.
 """
 
 from __future__ import annotations
