@@ -50,7 +50,7 @@ def main():
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data" if (work / "data" / "valid").exists() else stdlib_data(work, valid_fraction=0.01)
-    sets = [f"data.path={data}", "train.eval_samples=256"]
+    sets = [f"data.path={data}", "train.eval_samples=256", "logging.progress=false"]
     t0 = time.time()
     ladder_args = [
         "--config",
