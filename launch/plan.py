@@ -114,7 +114,7 @@ def predicted_loss(fit: Fit, model: GPTConfig, tokens: float, source: str) -> di
     loss, (lo, hi) = fit.predict(n, tokens), fit.interval(n, tokens)
     where = f"{n:,} parameters, {tokens:.3g} tokens"
     print(f"predicted final loss {loss:.4f} [{lo:.4f}, {hi:.4f}] at {where} ({source})")
-    for warning in fit.warnings:
+    for warning in [*fit.warnings, *fit.beyond(n, tokens)]:
         print(f"  the fit is not to be trusted as it is: {warning}")
     return {"loss": loss, "interval": [lo, hi], "params": n, "tokens": tokens}
 

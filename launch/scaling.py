@@ -66,6 +66,9 @@ def main():
         row = {"params": N, "tokens": D, "loss": by_size.predict(N, D), "interval": [lo, hi]}
         out["predictions"].append(row)
         print(f"predicted final loss at N={N:.3g}, D={D:.3g}: {row['loss']:.4f} [{lo:.4f}, {hi:.4f}]")
+        row["beyond"] = by_size.beyond(N, D)
+        for line in row["beyond"]:
+            print(f"  {line}")
     for C in args.compute:
         N, D = compute_optimal(by_size, C)
         out["predictions"].append({"flops": C, "params": N, "tokens": D, "loss": by_size.predict(N, D)})

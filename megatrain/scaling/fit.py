@@ -35,6 +35,7 @@ class Fit:
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     samples: list[dict[str, float]] = field(default_factory=list)  # the bootstrap fits
+    ranges: dict[str, list[float]] = field(default_factory=dict)  # of the points, for beyond()
 
     def predict(self, *x: float) -> float:
         return _LAWS[self.law].value(self.params, *x)
@@ -43,6 +44,16 @@ class Fit:
         """The bootstrap interval of the prediction at x."""
         values = sorted(_LAWS[self.law].value(p, *x) for p in self.samples)
         return _quantiles(values, level)
+
+    def beyond(self, *x: float) -> list[str]:
+        """How far a prediction at x leaves the points: the bootstrap interval covers their
+        noise, not an extrapolation of the law's form."""
+        at = {"N": x[0], "tokens per parameter": x[1] / x[0]} if self.law == "L(N, D)" else {"C": x[0]}
+        return [
+            f"{name} {v:.3g} is {v / hi:.3g}x the points' largest ({hi:.3g}): an extrapolation"
+            for name, v in at.items()
+            if name in self.ranges and v > (hi := self.ranges[name][1])
+        ]
 
     def as_dict(self) -> dict:
         """Everything, the bootstrap fits included (Fit.read gives the intervals back from them)."""
@@ -141,6 +152,9 @@ def _fit(law_name: str, xs: list[list[float]], losses: list[float], bootstrap: i
     starts = torch.tensor(list(itertools.product(*law.grid)), dtype=torch.float64)
     best = _minimise(law, starts, log_x, log_l)
     fit = Fit(law_name, law.readable(best.tolist()))
+    per_param = [d / n for n, d in zip(*xs, strict=True)] if len(xs) == 2 else None
+    spans = {"N": xs[0], "tokens per parameter": per_param} if per_param else {"C": xs[0]}
+    fit.ranges = {name: [min(v), max(v)] for name, v in spans.items()}
     gen = torch.Generator().manual_seed(0)
     for _ in range(bootstrap):
         pick = torch.randint(0, n, (n,), generator=gen)

@@ -37,6 +37,8 @@ def test_chinchillas_published_law_is_recovered_from_noisy_points():
     assert fit.predict(7e10, 1.4e12) == pytest.approx(truth, rel=5e-3)
     lo, hi = fit.interval(7e10, 1.4e12)
     assert lo <= truth <= hi
+    assert fit.beyond(7e10, 1.4e12) == ["N 7e+10 is 23.3x the points' largest (3e+09): an extrapolation"]
+    assert fit.beyond(1e9, 2e10) == []  # inside the points' sizes and tokens per parameter
 
 
 def test_the_compute_optimal_split_is_the_minimum_at_that_compute():
