@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from megatrain.config import load_config
 from megatrain.errors import UserError
 from megatrain.train.checkpoint import Checkpointer
 
@@ -19,14 +18,14 @@ from megatrain.train.checkpoint import Checkpointer
 def branch_point(trunk: Path, budget: int, fraction: float) -> tuple[Path, int]:
     """The trunk's checkpoint a branch to `budget` tokens starts from, and its tokens."""
     trunk = Path(trunk)
-    schedule = _trunk_config(trunk)["schedule"]
-    if schedule["decay"] != "wsd":
-        raise UserError(f"{trunk}: not a warmup-stable-decay run (schedule.decay: {schedule['decay']})")
+    if not (trunk / "config.yaml").is_file():
+        raise UserError(f"{trunk}: not a run directory (no config.yaml)")
+    schedule = load_config(trunk / "config.yaml").schedule
+    if schedule.decay != "wsd":
+        raise UserError(f"{trunk}: not a warmup-stable-decay run (schedule.decay: {schedule.decay})")
     if not 0 < fraction < 1:
         raise UserError(f"cooldown fraction {fraction}: must be in (0, 1)")
-    stable_end = schedule["decay_tokens"] - (
-        schedule["cooldown_tokens"] or round(schedule["cooldown_fraction"] * schedule["decay_tokens"])
-    )
+    stable_end = schedule.decay_tokens - schedule.cooldown_length()
     start = budget * (1 - fraction)
     found = None
     for path in Checkpointer(trunk, keep=1 << 30).complete_checkpoints():
@@ -52,10 +51,3 @@ def branch_overrides(trunk: Path, budget: int, fraction: float, run_dir: Path) -
         f"train.max_tokens={budget}",
         "train.max_steps=null",
     ]
-
-
-def _trunk_config(trunk: Path) -> dict:
-    try:
-        return yaml.safe_load((trunk / "config.yaml").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{trunk}: not a run directory (no config.yaml)") from None

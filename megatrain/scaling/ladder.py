@@ -14,7 +14,9 @@ D = m x ratio x N, N counting every parameter as Chinchilla did.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +181,8 @@ def write_table(rows: list[dict], out: Path) -> None:
     from megatrain.files import write_atomically
 
     write_atomically(out / "ladder.json", json.dumps(rows, indent=1) + "\n")
-    header = list(rows[0]) if rows else ["run"]
-    lines = [",".join(header), *(",".join("" if r[k] is None else str(r[k]) for k in header) for r in rows)]
-    write_atomically(out / "ladder.csv", "\n".join(lines) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["run"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out / "ladder.csv", table.getvalue())
