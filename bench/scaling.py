@@ -7,9 +7,9 @@ written down before that model trains (docs/scaling.md).
 
 Steps: a 4096-piece tokenizer and shards of the stdlib (valid split 1%); launch/ladder.py
 on configs/tiny-cpu.yaml (branches mode, one rank per run); fits of L(N, D) and L(C); the
-target, the first shape of the same rule above the largest rung (aiming at twice its
-non-embedding size, more if that rounds to the same shape), trained to the tokens that make
-its compute --compute-factor x the ladder's largest run; its predicted final held-out loss
+target, the first shape of the same rule above the largest rung whose tokens per parameter,
+trained to --compute-factor x the ladder's largest run's compute, are at most the ladder's
+largest (or --target-ratio); its predicted final held-out loss
 and 95% interval are written to WORK/prediction.json before it trains; then its measured
 loss, the error and whether it fell inside. Rerun with the same --work to reuse what is
 done. Not a CI test: the default takes about an hour on 2 cores, alone.
@@ -46,6 +46,12 @@ def main():
         "--multiples", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="of 20 tokens/parameter"
     )
     p.add_argument("--compute-factor", type=float, default=10.0)
+    p.add_argument(
+        "--target-ratio",
+        type=float,
+        help="the target's tokens per parameter at most (default: the ladder's largest, so the prediction"
+        " extrapolates in N and C but not in tokens per parameter)",
+    )
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -78,10 +84,12 @@ def main():
     cfg = load_config(TARGET, sets)
     vocab = json.loads((data / "train" / "manifest.json").read_text())["vocab_size"]
     largest = max(rows, key=lambda r: r["flops"])
-    target, aim = None, 2 * args.largest
-    while target is None or target.params <= largest["params"]:  # the next shape of the family up
+    ratio = args.target_ratio or max(r["tokens"] / r["params"] for r in rows)
+    target, tokens, aim = None, 0, 2 * args.largest
+    # the next shape of the family up, grown until the target's tokens per parameter is within the ladder's
+    while target is None or target.params <= largest["params"] or tokens / target.params > ratio:
         [target], aim = lad.rungs(cfg, vocab, 1, aim, aim), aim * 1.5
-    tokens = int(args.compute_factor * largest["flops"] / flops_per_token(target.model))
+        tokens = int(args.compute_factor * largest["flops"] / flops_per_token(target.model))
     batch = load_config(Path(largest["run"]) / "config.yaml").schedule.batch_final_tokens  # the ladder's
     [job] = lad.jobs([target], 1.0, [tokens / target.params], work / "target", "runs", 0.2, batch, 60000)
     prediction = work / "prediction.json"
