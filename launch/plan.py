@@ -84,9 +84,13 @@ def show(p: dict) -> None:
     print(
         f"layout: ZeRO-{lay['zero_stage']}, {lay['pipeline_stages']} pipeline x {lay['tensor_parallel']} "
         "tensor x "
-        f"{lay['data_parallel']} data parallel, micro_batch {lay['micro_batch']}, activation checkpointing "
+        f"{lay['data_parallel']} data parallel"
+        + (f" (experts split over {lay['expert_parallel']})" if lay["expert_parallel"] > 1 else "")
+        + f", micro_batch {lay['micro_batch']}, activation checkpointing "
         f"{'on' if lay['activation_checkpointing'] else 'off'}"
     )
+    if p["active_params"] != p["params"]:
+        print(f"parameters: {p['params'] / 1e9:.2f}B, {p['active_params'] / 1e9:.2f}B active per token")
     print(
         "per rank: "
         + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total")

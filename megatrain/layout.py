@@ -23,6 +23,9 @@ class Layout:
     micro_batch: int = 1
     activation_checkpointing: bool = False
     rank: int = 0  # this process's global rank (the planner's layouts: 0)
+    # MoE: E consecutive data-parallel ranks compute each block's experts together (E ranks of
+    # an expert-parallel group send each token to the rank computing its expert).
+    expert_parallel: int = 1
 
     @classmethod
     def from_config(cls, cfg, world: int, rank: int = 0) -> Layout:
@@ -37,14 +40,18 @@ class Layout:
         ):
             if world % size:
                 raise UserError(f"parallel.{key}={size} does not divide the {world} ranks")
+        dp, ep = world // (T * P), par.expert_parallel
+        if dp % ep:
+            raise UserError(f"parallel.expert_parallel={ep} does not divide the {dp} data-parallel ranks")
         return cls(
             par.zero_stage,
             T,
             P,
-            world // (T * P),
+            dp,
             cfg.train.micro_batch,
             cfg.model.activation_checkpointing or par.activation_checkpoint_interval > 0,
             rank,
+            ep,
         )
 
     @classmethod
@@ -85,6 +92,17 @@ class Layout:
         return self.rank % (self.data_parallel * self.tensor_parallel) // self.tensor_parallel
 
     @property
+    def ep_rank(self) -> int:
+        """This rank's place in its expert-parallel group (which slice of the experts it computes)."""
+        return self.dp_rank % self.expert_parallel
+
+    def expert_parallel_groups(self) -> list[list[int]]:
+        """The global ranks of every expert-parallel group: E consecutive data-parallel ranks
+        (MoE runs have no pipeline or tensor axis)."""
+        E = self.expert_parallel
+        return [list(range(first, first + E)) for first in range(0, self.world, E)]
+
+    @property
     def mp_rank(self) -> int:
         """DeepSpeed's model-parallel rank: which mp_rank_NN checkpoint files are this rank's."""
         return self.stage if self.pipeline else self.tp_rank
@@ -109,7 +127,8 @@ class Layout:
     def describe(self) -> str:
         stages = f"{self.pipeline_stages} pipeline stages x " if self.pipeline else ""
         tp = f"tensor-parallel {self.tensor_parallel} x " if self.tensor_parallel > 1 else ""
-        return f"{stages}{tp}{self.data_parallel} data-parallel rank(s), ZeRO-{self.zero_stage}"
+        ep = f" (expert-parallel {self.expert_parallel})" if self.expert_parallel > 1 else ""
+        return f"{stages}{tp}{self.data_parallel} data-parallel rank(s){ep}, ZeRO-{self.zero_stage}"
 
     def sets(self) -> str:
         """The --set line that launches this layout."""
@@ -119,6 +138,7 @@ class Layout:
             f"--set parallel.pipeline_stages={self.pipeline_stages} --set "
             f"train.micro_batch={self.micro_batch} "
             f"--set model.activation_checkpointing={str(self.activation_checkpointing).lower()}"
+            + (f" --set parallel.expert_parallel={self.expert_parallel}" if self.expert_parallel > 1 else "")
         )
 
     def as_dict(self) -> dict:

@@ -57,7 +57,7 @@ from megatrain.config import Config
 from megatrain.config.deepspeed import bf16_optimizer, fp32_accumulation
 from megatrain.layout import Layout
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
-from megatrain.model.gpt import block_params
+from megatrain.model.gpt import blocks_params
 
 ALLOCATOR_SHARE = 0.10
 CUDA_CONTEXT_BYTES = 1 << 30
@@ -95,8 +95,11 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
 
     act_w = 2 if mixed else 4
     # Split by tensor parallelism: q, k, v and attention's output (8), the MLP's hidden
-    # activations (4 x width/h: GELU's input and output, or SwiGLU's gate|up, product).
-    per_layer = s * b * h * (10 + (8 + 4 * (2 if m.gated else 1) * m.ffn_hidden / h) / T) * act_w / 2
+    # activations (4 x width/h: GELU's input and output, or SwiGLU's gate|up, product); an
+    # MoE block's are those of the experts a token uses, plus its dispatched rows (2 per
+    # expert it goes to: sent and returned), averaged over the blocks.
+    width, dispatch = _mlp_width(m)
+    per_layer = s * b * h * (10 + dispatch + (8 + 4 * (2 if m.gated else 1) * width / h) / T) * act_w / 2
     stored = s * b * h * act_w if lay.activation_checkpointing else per_layer
     layers = math.ceil(L / P)
     micro_batches = _micro_batches(cfg, lay, cfg.schedule.batch_final_tokens)
@@ -129,8 +132,17 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
 def _params_per_rank(m: GPTConfig, T: int, P: int) -> float:
     """The parameters of the rank holding the embeddings: its share of the blocks (split by
     tensor parallelism and pipeline stages), the embeddings and head whole."""
-    blocks = m.n_layer * sum(block_params(m))
+    blocks = blocks_params(m)
     return blocks / (T * P) + param_count(m) - blocks
+
+
+def _mlp_width(m: GPTConfig) -> tuple[float, float]:
+    """The MLP hidden width a token's activations have, and the MoE rows dispatched (in units
+    of h), both averaged over the blocks."""
+    moe = len(m.moe_blocks)
+    routed = m.moe_top_k + m.moe_shared_experts
+    width = ((m.n_layer - moe) * m.ffn_hidden + moe * routed * m.moe_ffn_hidden) / m.n_layer
+    return width, 2 * m.moe_top_k * moe / m.n_layer
 
 
 def _micro_batches(cfg: Config, lay: Layout, batch_tokens: float) -> int:
@@ -170,7 +182,12 @@ def comm_time(
     shard = _params_per_rank(m, T, P) * w
     dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
     pipe = 2 * (P - 1) * micro_batches * activation / links.inter_node if P > 1 else 0.0
-    return tp + dp + pipe
+    # MoE: per block and micro-batch four all-to-alls (out and back, forward and backward) of
+    # each token's top_k rows, of which (E-1)/E leave the rank.
+    E = lay.expert_parallel
+    ep_link = links.intra_node if E <= gpus_per_node else links.inter_node
+    a2a = 4 * len(m.moe_blocks) * micro_batches * m.moe_top_k * activation * (E - 1) / E / ep_link
+    return tp + dp + pipe + a2a
 
 
 def plan(
@@ -230,6 +247,8 @@ def plan(
         "device_bytes": device_memory,
         "host_bytes_per_node": rollback * min(gpus_per_node, world),
         "checkpoint_bytes": n * (w + 8 + masters),
+        "params": n,
+        "active_params": param_count(m, active=True),
         "step_time_s": step_time(final),
         "tokens_per_s": final / step_time(final),
         "comm_time_s": comm_time(cfg, m, lay, final, gpus_per_node, links),
@@ -253,10 +272,12 @@ def _batch_at(cfg: Config, tokens: float) -> float:
 def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
     """Every layout megatrain can run: ZeRO 0-3, tensor parallel within a node (dividing the
     heads; ZeRO 0-2), pipeline stages dividing the layers (ZeRO 0-1, no tensor parallel),
-    micro-batches 1-16, activation checkpointing on and off; the final batch must split."""
+    micro-batches 1-16, activation checkpointing on and off; the final batch must split. An
+    MoE model: data parallel only, every rank computing every expert (splitting them saves no
+    memory here and adds all-to-alls: docs/moe.md)."""
     for T in (t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0 and m.n_head % t == 0):
         for P in (p for p in range(1, m.n_layer + 1) if m.n_layer % p == 0 and gpus % (T * p) == 0):
-            if T > 1 and P > 1:
+            if (T > 1 and P > 1) or (m.moe_experts and T * P > 1):
                 continue
             D = gpus // (T * P)
             for Z in range(4):

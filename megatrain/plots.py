@@ -14,7 +14,9 @@ from megatrain.train.metrics import read_events, read_metrics  # noqa: E402
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss and each validation set's loss, lr, global batch and gradient norm against
-    tokens; for a blend, also each source's share of every batch (the mixture as trained)."""
+    tokens; for a blend, also each source's share of every batch (the mixture as trained);
+    with experts, each MoE block's expert load (smallest and largest share, and the newest
+    histogram)."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("kind") == "train"]
@@ -22,8 +24,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train:
         raise ValueError(f"{run_dir}: metrics.jsonl has no training rows yet")
     tokens = [r["tokens"] for r in train]
-    blend = "source_tokens" in train[-1]
-    fig, axes = plt.subplots(3 if blend else 2, 2, figsize=(12, 12 if blend else 8), sharex=True)
+    blend, experts = "source_tokens" in train[-1], "moe_balance" in train[-1]
+    rows_ = 2 + blend + experts
+    fig, axes = plt.subplots(rows_, 2, figsize=(12, 4 * rows_), squeeze=False)
+    for ax in axes.flat[: 2 * (rows_ - experts)]:
+        ax.sharex(axes[0][0])
     ax = axes[0][0]
     ax.plot(tokens, [r["loss"] for r in train], lw=1, label="train loss")
     for name in dict.fromkeys(r.get("set", "valid") for r in valid):  # one curve per validation set
@@ -49,12 +54,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_ylabel(label)
     if blend:
         _plot_sources(axes[2][0], axes[2][1], train)
-    for ax in axes.flat:
+    if experts:
+        _plot_expert_load(axes[-1][0], axes[-1][1], train)
+    for ax in axes.flat[: 2 * (rows_ - experts) + 1]:
         ax.grid(alpha=0.3)
         for e in read_events(run_dir):
             if e["event"] in ("rollback", "resume") and "tokens" in e:
                 ax.axvline(e["tokens"], color="red" if e["event"] == "rollback" else "gray", ls="--", lw=0.8)
-    for ax in axes[-1]:
+    for ax in axes[-1][:1] if experts else axes[-1]:
         ax.set_xlabel("tokens")
     fig.suptitle(f"{run_dir.name}: {train[-1]['step']} steps, {train[-1]['tokens']:,} tokens")
     fig.tight_layout()
@@ -81,6 +88,30 @@ def _plot_sources(share_ax, tokens_ax, train: list[dict]) -> None:
     share_ax.legend()
     tokens_ax.set_ylabel("tokens trained on, by source")
     tokens_ax.legend()
+
+
+def _plot_expert_load(band_ax, bars_ax, train: list[dict]) -> None:
+    """Per MoE block, the smallest and largest expert's share of the routed tokens (a band)
+    against tokens; and the newest full histogram (logging.moe_load_every), a bar per expert."""
+    tokens = [r["tokens"] for r in train]
+    blocks = [k.split("/")[1] for k in train[-1] if k.startswith("moe_load_min/")]
+    for block in blocks:
+        low = [r[f"moe_load_min/{block}"] for r in train]
+        high = [r[f"moe_load_max/{block}"] for r in train]
+        band_ax.fill_between(tokens, low, high, alpha=0.3, label=f"block {block}")
+    band_ax.set_ylabel("expert's share of routed tokens (min-max)")
+    band_ax.legend()
+    newest = next((r for r in reversed(train) if "moe_load" in r), None)
+    if newest is None:
+        return
+    loads = newest["moe_load"]
+    width = 0.8 / len(loads)
+    for i, (block, shares) in enumerate(loads.items()):
+        bars_ax.bar([e + i * width for e in range(len(shares))], shares, width, label=f"block {block}")
+    bars_ax.axhline(1 / len(next(iter(loads.values()))), color="gray", ls="--", lw=0.8)  # balanced
+    bars_ax.set_xlabel("expert")
+    bars_ax.set_ylabel(f"share of routed tokens at step {newest['step']}")
+    bars_ax.legend()
 
 
 def schedule_points(cfg, dp_size: int = 1, samples: int = 400) -> dict:

@@ -42,6 +42,56 @@ class RunConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture of experts (megatrain/model/moe.py, docs/moe.md): the MLP of some blocks
+    replaced by `experts` MLPs of which each token uses `top_k`."""
+
+    experts: int = 0
+    """Routed experts per MoE block (Mixtral 8, OLMoE 64, DeepSeek-V3 256). 0: a dense model."""
+    top_k: int = 2
+    """Experts each token is sent to (Mixtral 2, OLMoE 8)."""
+    every: int = 1
+    """Block i (from 0) has experts when (i + 1) % every == 0: 1 every block (Mixtral), 2 every
+    other (GShard, Switch)."""
+    ffn_hidden: int | None = None
+    """Each expert's MLP width; narrower than the dense MLP for fine-grained experts
+    (DeepSeekMoE, OLMoE). None: model.ffn_hidden's."""
+    shared_experts: int = 0
+    """Always-on experts every token also goes through (DeepSeek's shared experts)."""
+    renormalize: bool = True
+    """The top_k routing weights rescaled to sum to 1 (Mixtral, OLMoE-style norm_topk_prob)."""
+    aux_loss: float = 0.01
+    """Coefficient of the load-balancing loss experts * sum_e f_e P_e (Switch; 1 when balanced;
+    Switch 0.01); logged as moe_balance."""
+    z_loss: float = 0.001
+    """Coefficient of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE: 0.001);
+    logged as moe_z."""
+    capacity_factor: float | None = None
+    """None: dropless, every routed token computed. Else each expert takes at most
+    ceil(capacity_factor x tokens x top_k / experts) assignments per micro-batch while
+    training, the rest dropped and counted (moe_dropped)."""
+
+    def problems(self, cfg: Config) -> Problems:
+        if not self.experts:
+            return
+        yield from _at_least(self, "model.moe", experts=1, every=1, shared_experts=0, aux_loss=0, z_loss=0)
+        if not 1 <= self.top_k <= self.experts:
+            yield "model.moe.top_k", f"must be in [1, model.moe.experts ({self.experts})], got {self.top_k}"
+        if self.every > cfg.model.n_layer:
+            yield "model.moe.every", f"({self.every}) leaves no block of {cfg.model.n_layer} with experts"
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            yield "model.moe.ffn_hidden", "must be positive"
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            yield "model.moe.capacity_factor", f"must be > 0 (or null: dropless), got {self.capacity_factor}"
+        for key, size, why in (
+            ("pipeline_stages", cfg.parallel.pipeline_stages, "earlier stages' router losses would be lost"),
+            ("tensor_parallel", cfg.parallel.tensor_parallel, "AutoTP does not split experts"),
+        ):
+            if size > 1:
+                yield "model.moe", f"cannot be combined with parallel.{key}={size} yet ({why})"
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["gpt3", "llama"] = "gpt3"
     """gpt3: learned positions, LayerNorm, a 4x GELU MLP, biases, tied embeddings. llama:
@@ -89,6 +139,8 @@ class ModelConfig:
     init_from_vocab: Literal["match", "resize"] = "match"
     """match: the source's vocabulary must be the data's tokenizer's; resize: take it anyway,
     shared rows kept, new rows the mean embedding."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of experts (model.moe.experts > 0)."""
 
     def problems(self, cfg: Config) -> Problems:
         yield from _at_least(self, "model", n_layer=1, n_head=1, d_model=1)
@@ -110,6 +162,7 @@ class ModelConfig:
             yield "model.rope_theta" if self.rope_theta <= 0 else "model.norm_eps", "must be positive"
         if self.arch == "gpt3" and not self.tie_embeddings:
             yield "model.tie_embeddings", "GPT-3 ties its embeddings (untied heads are for arch: llama)"
+        yield from self.moe.problems(cfg)
 
 
 @dataclass
@@ -351,6 +404,10 @@ class ParallelConfig:
     tensor_parallel: int = 1
     """Tensor-parallel size T (1: none): each block's attention heads and MLP columns split over
     T consecutive ranks by DeepSpeed's AutoTP; the world is T x world/T data-parallel ranks."""
+    expert_parallel: int = 1
+    """MoE (model.moe): ranks that compute each block's experts together, each a slice of
+    them, tokens sent to their experts' ranks by all-to-all (docs/moe.md); must divide the
+    data-parallel ranks and model.moe.experts. 1: every rank computes every expert."""
     partition_method: Literal["parameters", "uniform", "blocks"] = "parameters"
     """How layers are cut into stages: balanced by parameter count, by layer count, or by
     transformer blocks only."""
@@ -378,8 +435,19 @@ class ParallelConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             yield "parallel.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
         yield from _at_least(
-            self, "parallel", pipeline_stages=1, tensor_parallel=1, activation_checkpoint_interval=0
+            self,
+            "parallel",
+            pipeline_stages=1,
+            tensor_parallel=1,
+            expert_parallel=1,
+            activation_checkpoint_interval=0,
         )
+        ep, experts = self.expert_parallel, cfg.model.moe.experts
+        if ep > 1 and (not experts or experts % ep):
+            yield (
+                f"parallel.expert_parallel={ep}",
+                f"must divide model.moe.experts ({experts}): each rank computes a whole share of them",
+            )
         tp = self.tensor_parallel
         if tp > 1 and self.pipeline_stages > 1:
             yield (
@@ -488,6 +556,12 @@ class LoggingConfig:
     """wandb project name."""
     progress: bool = True
     """A progress bar on rank 0's console."""
+    moe_load_every: int = 100
+    """MoE: every this many steps, each expert's share of the routed tokens per MoE block
+    (`moe_load` in metrics.jsonl, histograms in wandb); min and max are in every row."""
+
+    def problems(self, cfg: Config) -> Problems:
+        yield from _at_least(self, "logging", moe_load_every=1)
 
 
 @dataclass

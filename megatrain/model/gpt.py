@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megatrain.model.moe import MoE
+
 # What rebuilding the model needs, stored in checkpoints; keys a checkpoint lacks (written
 # before they existed) take their defaults.
 SHAPE = (
@@ -45,6 +47,12 @@ SHAPE = (
     "qk_norm",
     "rope_theta",
     "norm_eps",
+    "moe_experts",
+    "moe_top_k",
+    "moe_every",
+    "moe_ffn_hidden",
+    "moe_shared_experts",
+    "moe_renormalize",
 )
 ARCHS = ("gpt3", "llama")
 
@@ -77,6 +85,16 @@ class GPTConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     init_seed: int = 0
+    # Mixture of experts (megatrain/model/moe.py); 0 experts: every block dense.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1  # block i (from 0) is MoE when (i + 1) % moe_every == 0 (Qwen3's rule)
+    moe_ffn_hidden: int | None = None  # None: ffn_hidden
+    moe_shared_experts: int = 0
+    moe_renormalize: bool = True
+    moe_aux_loss: float = 0.0
+    moe_z_loss: float = 0.0
+    moe_capacity_factor: float | None = None  # None: dropless
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -87,10 +105,20 @@ class GPTConfig:
             self.n_kv_head = self.n_head
         if self.ffn_hidden is None:
             self.ffn_hidden = 4 * self.d_model if self.arch == "gpt3" else llama_ffn_hidden(self.d_model)
+        if self.moe_ffn_hidden is None:
+            self.moe_ffn_hidden = self.ffn_hidden
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    def is_moe(self, block: int) -> bool:
+        """Whether block `block` (from 0) has experts instead of the dense MLP."""
+        return self.moe_experts > 0 and (block + 1) % self.moe_every == 0
+
+    @property
+    def moe_blocks(self) -> list[int]:
+        return [i for i in range(self.n_layer) if self.is_moe(i)]
 
     @property
     def rotary(self) -> bool:
@@ -127,6 +155,7 @@ class GPTConfig:
             init_std=m.init_std,
             activation_checkpointing=m.activation_checkpointing,
             init_seed=cfg.run.seed,
+            **(moe_fields(m.moe) if m.moe.experts else {}),
         )
 
     @classmethod
@@ -135,6 +164,21 @@ class GPTConfig:
 
     def shape(self) -> dict:
         return {k: getattr(self, k) for k in SHAPE}
+
+
+def moe_fields(moe) -> dict:
+    """GPTConfig's moe_* fields from the config's model.moe section."""
+    return {
+        "moe_experts": moe.experts,
+        "moe_top_k": moe.top_k,
+        "moe_every": moe.every,
+        "moe_ffn_hidden": moe.ffn_hidden,
+        "moe_shared_experts": moe.shared_experts,
+        "moe_renormalize": moe.renormalize,
+        "moe_aux_loss": moe.aux_loss,
+        "moe_z_loss": moe.z_loss,
+        "moe_capacity_factor": moe.capacity_factor,
+    }
 
 
 class RMSNorm(nn.Module):
@@ -272,12 +316,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, index: int = 0):
+        """Block `index` (from 0): its MLP has experts when cfg.is_moe(index)."""
         super().__init__()
         self.ln1 = norm(cfg, cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = norm(cfg, cfg.d_model)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe(index) else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache)
@@ -329,6 +374,25 @@ class LMLoss:
         return out
 
 
+class RouterLosses:
+    """The MoE layers' router losses of each training forward, read right after it (an
+    activation-checkpointing recompute in the backward pass overwrites the layers' `last`
+    without being counted again), and their statistics summed since the last `take()`."""
+
+    def __init__(self):
+        self.stats: torch.Tensor | None = None  # [layers, moe.STATS_HEAD + experts], on the device
+
+    def collect(self, layers: list[MoE]) -> torch.Tensor:
+        losses, stats = zip(*(layer.last for layer in layers), strict=True)
+        stats = torch.stack(stats)
+        self.stats = stats if self.stats is None else self.stats + stats
+        return torch.stack(losses).sum()
+
+    def take(self) -> torch.Tensor | None:
+        out, self.stats = self.stats, None
+        return out
+
+
 def _init_rule(name: str, cfg: GPTConfig) -> tuple[float | None, float, int]:
     """GPT-2 initialisation of one parameter, by its name in GPT: (fill value, or None for
     a normal draw; its std; its generator's seed). Biases 0, norm scales 1, residual
@@ -340,7 +404,7 @@ def _init_rule(name: str, cfg: GPTConfig) -> tuple[float | None, float, int]:
         return 0.0, 0.0, 0
     if ".ln" in name or name.startswith("ln") or "_norm." in name:
         return 1.0, 0.0, 0
-    residual = name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight")
+    residual = name.endswith(("attn.proj.weight", "mlp.proj.weight", "experts.proj", "shared.proj"))
     std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if residual else cfg.init_std
     return None, std, cfg.init_seed * 1_000_003 + zlib.crc32(name.encode())
 
@@ -413,8 +477,9 @@ class GPT(nn.Module):
             raise ValueError(f"d_model {cfg.d_model} is not divisible by n_head {cfg.n_head}")
         self.cfg = cfg
         self.loss_fn = LMLoss(cfg.z_loss)
+        self.router = RouterLosses()
         self.embed = Embedding(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.head = Head(cfg)
         if init_weights:
             for name, param in self.named_parameters():
@@ -436,7 +501,15 @@ class GPT(nn.Module):
             else:
                 x = block(x, caches[i] if caches is not None else None)
         logits = self.head(x, self.embed)
-        return logits if targets is None else self.loss_fn(logits, targets)
+        if targets is None:
+            return logits
+        loss = self.loss_fn(logits, targets)
+        if self.training and torch.is_grad_enabled() and self.cfg.moe_experts:
+            loss = loss + self.router.collect(self.moe_layers())
+        return loss
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
 
     @torch.no_grad()
     def generate(
@@ -498,42 +571,56 @@ def sample(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def block_params(cfg: GPTConfig) -> tuple[int, int]:
-    """(matmul weights, other parameters) of one block."""
-    d, f, gate = cfg.d_model, cfg.ffn_hidden, 2 if cfg.gated else 1
+def block_params(cfg: GPTConfig, block: int = 0, active: bool = False) -> tuple[int, int]:
+    """(matmul weights, other parameters) of block `block`; of an MoE block all its experts,
+    or with `active` those one token uses (top_k routed and the shared ones), and the router."""
+    d, gate = cfg.d_model, 2 if cfg.gated else 1
     qkv = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
-    weights = d * qkv + d * d + d * gate * f + f * d
-    biases = qkv + d + gate * f + d if cfg.bias else 0
+    weights, biases = d * qkv + d * d, qkv + d if cfg.bias else 0
+    if cfg.is_moe(block):
+        experts = (cfg.moe_top_k if active else cfg.moe_experts) + cfg.moe_shared_experts
+        weights += experts * (d * gate * cfg.moe_ffn_hidden + cfg.moe_ffn_hidden * d) + d * cfg.moe_experts
+    else:
+        weights += d * gate * cfg.ffn_hidden + cfg.ffn_hidden * d
+        biases += gate * cfg.ffn_hidden + d if cfg.bias else 0
     return weights, biases + 2 * norm_params(cfg, d) + (2 * cfg.head_dim if cfg.qk_norm else 0)
+
+
+def blocks_params(cfg: GPTConfig, active: bool = False) -> int:
+    """Parameters of all the blocks (see block_params)."""
+    return sum(sum(block_params(cfg, i, active)) for i in range(cfg.n_layer))
 
 
 def norm_params(cfg: GPTConfig, dim: int) -> int:
     return dim * (2 if cfg.arch == "gpt3" and cfg.bias else 1)
 
 
-def matmul_params(cfg: GPTConfig) -> int:
-    """Parameters that take part in matmuls for every token: the blocks, the final norm,
-    and the output projection (its own, or the tied token table used as a matmul by the
-    head). The embedding lookups are not matmuls."""
-    return cfg.n_layer * sum(block_params(cfg)) + norm_params(cfg, cfg.d_model) + cfg.vocab_size * cfg.d_model
+def matmul_params(cfg: GPTConfig, active: bool = False) -> int:
+    """Parameters that take part in matmuls (every expert's, or with `active` those of one
+    token): the blocks, the final norm, and the output projection (its own, or the tied token
+    table used as a matmul by the head). The embedding lookups are not matmuls."""
+    return blocks_params(cfg, active) + norm_params(cfg, cfg.d_model) + cfg.vocab_size * cfg.d_model
 
 
-def param_count(cfg: GPTConfig) -> int:
-    """Parameters of the model (a tied table counted once)."""
+def param_count(cfg: GPTConfig, active: bool = False) -> int:
+    """Parameters of the model (a tied table counted once); with `active`, of an MoE model
+    only the experts one token uses."""
     positions = 0 if cfg.rotary else cfg.seq_len * cfg.d_model
     input_table = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model
-    return matmul_params(cfg) + positions + input_table
+    return matmul_params(cfg, active) + positions + input_table
 
 
 def flops_per_token(cfg: GPTConfig) -> float:
     """Training FLOPs per token as in PaLM's appendix B: 6N + 12 * L * H * Q * T, with
-    N = matmul_params and H * Q = d_model (the attention score and value matmuls, per
-    query head: grouped keys and values do not change them)."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    N = matmul_params (of an MoE model the active ones: a token's experts and the router)
+    and H * Q = d_model (the attention score and value matmuls, per query head: grouped keys
+    and values do not change them)."""
+    return 6.0 * matmul_params(cfg, active=True) + 12.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
 
 
 def recompute_flops_per_token(cfg: GPTConfig) -> float:
     """FLOPs per token that activation checkpointing adds: the blocks' forward pass again
-    (a third of their training FLOPs: 2 x the block's matmul weights per layer, and 4 L d T
+    (a third of their training FLOPs: 2 x the blocks' active matmul weights, and 4 L d T
     for attention)."""
-    return 2.0 * cfg.n_layer * block_params(cfg)[0] + 4.0 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    weights = sum(block_params(cfg, i, active=True)[0] for i in range(cfg.n_layer))
+    return 2.0 * weights + 4.0 * cfg.n_layer * cfg.d_model * cfg.seq_len

@@ -9,7 +9,12 @@ renaming (`to_hf` picks the class):
   Both rotate dimension i with i + d_head/2 (`rotate_half`), so q and k need no permutation.
 - llama with qk_norm -> Qwen3ForCausalLM: Llama's layout plus RMSNorm on each head's
   queries and keys before the rotation, as megatrain's.
-A gpt3 model with qk_norm has no transformers class: its export is refused.
+- llama with experts -> MixtralForCausalLM (experts in every block, renormalised top-k), or
+  with qk_norm Qwen3MoeForCausalLM (experts every model.moe.every blocks, dense MLPs between,
+  top-k renormalised or not). The router is `mlp.gate`, the experts transformers' 3D tensors
+  (gate|up packed as megatrain's), which save_pretrained writes per expert.
+A gpt3 model with qk_norm or experts, and experts with shared experts or biases, have no
+transformers class: their export is refused in one line.
 
 Import is the same renaming backwards (`read_hf_shape`, `read_hf_weights`, or
 `hf_weights_deferred`: each parameter read when made): a Hugging
@@ -94,6 +99,13 @@ def to_gpt2(sd: dict[str, torch.Tensor], cfg: GPTConfig, eos_id: int):
     return model.eval()
 
 
+# An MoE block's GPT names -> transformers' (Mixtral, Qwen3-MoE) inside model.layers.{i}.
+_MOE_BLOCK = {
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.experts.fc": "mlp.experts.gate_up_proj",
+    "mlp.experts.proj": "mlp.experts.down_proj",
+}
+
 # GPT name -> Llama/Qwen3 name inside model.layers.{i} (weights cut from a fused one are separate).
 _LLAMA_BLOCK = {
     "ln1": "input_layernorm",
@@ -107,6 +119,8 @@ _LLAMA_BLOCK = {
 
 def hf_class_name(cfg: GPTConfig) -> str:
     """The transformers class a model of `cfg` exports to (UserError if none has its architecture)."""
+    if cfg.moe_experts:
+        return _moe_class_name(cfg)
     if cfg.arch == "gpt3":
         if cfg.qk_norm:
             raise UserError(
@@ -122,6 +136,25 @@ def hf_class_name(cfg: GPTConfig) -> str:
             )
         return "Qwen3ForCausalLM"
     return "LlamaForCausalLM"
+
+
+def _moe_class_name(cfg: GPTConfig) -> str:
+    def refuse(why: str):
+        raise UserError(f"a mixture-of-experts model with {why} has no Hugging Face class to export to")
+
+    if cfg.arch == "gpt3":
+        refuse("arch gpt3 (GPT-2 has no experts; train arch: llama)")
+    if cfg.moe_shared_experts:
+        refuse("model.moe.shared_experts (Mixtral and Qwen3-MoE have none)")
+    if cfg.bias:
+        refuse("biases (Mixtral and Qwen3-MoE have none)")
+    if cfg.qk_norm:
+        return "Qwen3MoeForCausalLM"
+    if cfg.moe_every != 1:
+        refuse(f"model.moe.every={cfg.moe_every} and no qk_norm (Mixtral has experts in every block)")
+    if not cfg.moe_renormalize:
+        refuse("model.moe.renormalize false and no qk_norm (Mixtral renormalises the top-k weights)")
+    return "MixtralForCausalLM"
 
 
 def llama_config(cfg: GPTConfig, eos_id: int):
@@ -148,7 +181,26 @@ def llama_config(cfg: GPTConfig, eos_id: int):
     )
     if kind == "Llama":
         return transformers.LlamaConfig(mlp_bias=cfg.bias, **common)
-    return transformers.Qwen3Config(use_sliding_window=False, **common)
+    if kind == "Qwen3":
+        return transformers.Qwen3Config(use_sliding_window=False, **common)
+    moe = dict(
+        num_experts_per_tok=cfg.moe_top_k, router_aux_loss_coef=cfg.moe_aux_loss, output_router_logits=False
+    )
+    if kind == "Mixtral":
+        common.update(intermediate_size=cfg.moe_ffn_hidden)
+        return transformers.MixtralConfig(
+            num_local_experts=cfg.moe_experts, router_jitter_noise=0.0, **moe, **common
+        )
+    return transformers.Qwen3MoeConfig(
+        num_experts=cfg.moe_experts,
+        moe_intermediate_size=cfg.moe_ffn_hidden,
+        decoder_sparse_step=cfg.moe_every,
+        mlp_only_layers=[],
+        norm_topk_prob=cfg.moe_renormalize,
+        use_sliding_window=False,
+        **moe,
+        **common,
+    )
 
 
 def to_llama_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -175,6 +227,9 @@ def to_llama_state_dict(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str
             for mine, hf in _LLAMA_BLOCK.items():
                 if f"{ours}{mine}.{kind}" in sd:
                     out[f"{theirs}{hf}.{kind}"] = sd[f"{ours}{mine}.{kind}"]
+        for mine, hf in _MOE_BLOCK.items():  # experts: the same [experts, out, in] tensors
+            if f"{ours}{mine}" in sd:
+                out[f"{theirs}{hf}"] = sd[f"{ours}{mine}"]
     return out
 
 

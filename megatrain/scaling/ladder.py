@@ -23,7 +23,7 @@ from pathlib import Path
 
 from megatrain.errors import UserError
 from megatrain.model import GPTConfig, flops_per_token, param_count
-from megatrain.model.gpt import block_params, norm_params
+from megatrain.model.gpt import blocks_params, norm_params
 
 WARMUP_SHARE = 0.1  # of a rung's smallest budget, at most the target's warmup
 
@@ -41,7 +41,7 @@ class Rung:
     @property
     def non_embedding(self) -> int:
         m = self.model
-        return m.n_layer * sum(block_params(m)) + norm_params(m, m.d_model)
+        return blocks_params(m) + norm_params(m, m.d_model)
 
     def sets(self) -> list[str]:
         m = self.model

@@ -253,3 +253,18 @@ def all_gather_object(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def expert_parallel(layout):
+    """This rank's moe.ExpertParallel (None when experts are not split): a process group per
+    expert-parallel group, made by every rank for every group, in the same order."""
+    from megatrain.model.moe import ExpertParallel
+
+    if layout.expert_parallel == 1:
+        return None
+    mine = None
+    for ranks in layout.expert_parallel_groups():
+        group = dist.new_group(ranks)
+        if layout.rank in ranks:
+            mine = group
+    return ExpertParallel(mine, layout.expert_parallel, layout.ep_rank)

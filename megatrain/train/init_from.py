@@ -116,13 +116,18 @@ def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: s
     config that sets one otherwise, a vocabulary that is not the data's (unless resized),
     and options the source cannot serve."""
     m, where = cfg.model, f"model.init_from={source.path}"
-    theirs = source.shape
+    theirs = GPTConfig.from_shape(source.shape).shape()  # a shape written before a key existed: its default
+    if upcycling(cfg, theirs):
+        _check_upcycling(cfg, theirs, where)
+        theirs.update(
+            {k: _get(m, k) for k in SHAPE_KEYS if k.startswith("moe_")}, moe_ffn_hidden=theirs["ffn_hidden"]
+        )
     for key in SHAPE_KEYS:
-        ours = getattr(m, key)
-        if f"model.{key}" in cfg.explicit_keys and ours is not None and ours != theirs[key]:
+        ours = _get(m, key)
+        if f"model.{_config_key(key)}" in cfg.explicit_keys and ours is not None and ours != theirs[key]:
             raise UserError(
-                f"{where}: model.{key} is {ours} in the config, {theirs[key]} in the source; leave it out "
-                "(the source sets the shape) or start from another source"
+                f"{where}: model.{_config_key(key)} is {ours} in the config, {theirs[key]} in the source; "
+                "leave it out (the source sets the shape) or start from another source"
             )
     if source.kind != "checkpoint" and cfg.optim.init_from_state:
         raise UserError(
@@ -141,11 +146,72 @@ def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: s
         )
     vocab = _vocab(cfg, source, data_vocab, data_tokenizer)
     for key in SHAPE_KEYS:
-        setattr(m, key, theirs[key])
+        _set(m, key, theirs[key])
     m.vocab_size = vocab
     for key, message in cfg.parallel.shape_problems(cfg):  # the layout against the source's shape
         raise UserError(f"{where}: with the source's shape, {key} {message}")
     return GPTConfig.from_config(cfg, vocab)
+
+
+def upcycling(cfg: Config, source_shape: dict) -> bool:
+    """A dense source for a model with experts (Komatsuzaki et al. 2023, "Sparse Upcycling"):
+    each MoE block's experts start as copies of the source's MLP, the router from the seed."""
+    return not source_shape.get("moe_experts") and cfg.model.moe.experts > 0
+
+
+def _check_upcycling(cfg: Config, theirs: dict, where: str) -> None:
+    moe = cfg.model.moe
+    for problem, bad in (
+        (
+            f"model.moe.ffn_hidden={moe.ffn_hidden} is not the source's MLP width ({theirs['ffn_hidden']})",
+            moe.ffn_hidden not in (None, theirs["ffn_hidden"]),
+        ),
+        ("model.moe.shared_experts has nothing to start from", moe.shared_experts > 0),
+        ("the source's MLP has biases, experts have none", theirs["bias"]),
+        ("optim.init_from_state: a dense source has no moments for the router", cfg.optim.init_from_state),
+    ):
+        if bad:
+            raise UserError(f"{where}: upcycling to {moe.experts} experts: {problem}")
+
+
+def upcycle(tensors: dict[str, Deferred], model_cfg: GPTConfig) -> dict[str, Deferred]:
+    """A dense model's weights for `model_cfg`'s experts: each MoE block's dense MLP copied into
+    every expert, its router drawn from (seed, name) as a fresh model's."""
+    from megatrain.model.gpt import initial_value
+
+    out = dict(tensors)
+    E = model_cfg.moe_experts
+    for i in model_cfg.moe_blocks:
+        for dense, experts in (("fc", "fc"), ("proj", "proj")):
+            d = out.pop(f"param/blocks.{i}.mlp.{dense}.weight")
+            out[f"param/blocks.{i}.mlp.experts.{experts}"] = Deferred(
+                (E, *d.shape), d.dtype, functools.partial(_repeated, d, E)
+            )
+        router = f"blocks.{i}.mlp.router.weight"
+        shape = (E, model_cfg.d_model)
+        out[f"param/{router}"] = Deferred(
+            shape, torch.float32, functools.partial(initial_value, router, shape, model_cfg)
+        )
+    return out
+
+
+def _repeated(d: Deferred, times: int) -> torch.Tensor:
+    return d.make()[None].expand(times, *d.shape).clone()
+
+
+def _config_key(shape_key: str) -> str:
+    """The model section's key of a shape key: moe_experts is model.moe.experts."""
+    return shape_key.replace("moe_", "moe.", 1)
+
+
+def _get(model_section, shape_key: str):
+    section, _, key = _config_key(shape_key).rpartition(".")
+    return getattr(getattr(model_section, section) if section else model_section, key)
+
+
+def _set(model_section, shape_key: str, value) -> None:
+    section, _, key = _config_key(shape_key).rpartition(".")
+    setattr(getattr(model_section, section) if section else model_section, key, value)
 
 
 def _vocab(cfg: Config, source: Source, data_vocab: int, data_tokenizer: str | None) -> int:
@@ -202,6 +268,8 @@ def _start_tensors(source: Source, model_cfg: GPTConfig, moments: bool) -> tuple
             for k, d in hf.hf_weights_deferred(source.path, GPTConfig.from_shape(source.shape)).items()
         }
     tensors = fit(tensors, model_cfg)
+    if model_cfg.moe_experts and not source.shape.get("moe_experts"):
+        tensors = upcycle(tensors, model_cfg)
     with torch.device("meta"):
         expected = dict(GPT(model_cfg, init_weights=False).named_parameters())
     kinds = layout_free.KINDS if moments else layout_free.KINDS[:1]

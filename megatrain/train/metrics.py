@@ -72,7 +72,13 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            self._wandb.log(wandb_values(row), step=row["step"])
+            import wandb
+
+            values = wandb_values(row)
+            for block, shares in row.get("moe_load", {}).items():  # one bar per expert
+                edges = list(range(len(shares) + 1))
+                values[f"train/moe_load/{block}"] = wandb.Histogram(np_histogram=(shares, edges))
+            self._wandb.log(values, step=row["step"])
 
     def event(self, name: str, **fields) -> None:
         if not self.enabled:

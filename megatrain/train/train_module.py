@@ -20,7 +20,7 @@ import torch
 from megatrain.config import Config, deepspeed_config
 from megatrain.errors import UserError
 from megatrain.layout import Layout
-from megatrain.model import GPTConfig, tensor_parallel
+from megatrain.model import GPTConfig, moe, tensor_parallel
 from megatrain.optim.grad_norm import GradNormPolicy
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
@@ -62,12 +62,16 @@ class TrainModule:
         if t.tf32:  # before anything runs (PyTorch's default is full-fp32 matmuls)
             torch.backends.cuda.matmul.allow_tf32 = True
         self.layout, self.grad_accum, self.model_cfg = layout, grad_accum, model_cfg
+        self.router_stats: torch.Tensor | None = None  # MoE: the last step's [layers, STATS_HEAD + experts]
         self.norm = GradNormPolicy.decide(cfg.optim, t, layout)
         ds_config = deepspeed_config(cfg, layout, grad_accum, self.norm)
         if layout.tensor_parallel > 1:  # AutoTP with megatrain's specs, which follow the model's shape
             ds_config["tensor_parallel"] = tensor_parallel.autotp_config(layout.tensor_parallel, model_cfg)
         # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
         model = build_model(cfg, model_cfg, layout, ds_config, dist.collective_device())
+        experts = dist.expert_parallel(layout)
+        for layer in model.moe_layers() if model_cfg.moe_experts else ():
+            layer.expert_parallel = experts
         groups, self.client_optimizer = build_optimizer(cfg.optim, model, self.norm)
         names = {id(p): n for n, p in model.named_parameters()}
         # The optimizer's parameters by name in its own order: a ZeRO-0 checkpoint keeps its
@@ -155,14 +159,23 @@ class TrainModule:
             loss_sum += loss.detach().to(loss_sum)
         if self.norm.source != "measured":
             grad_norm = self._grad_norm(skipped_before)
-        if not loss_fn.z_loss:
-            return dist.all_reduce_mean(loss_sum / self.grad_accum)[0], grad_norm
-        z_sum = loss_fn.take_z()[0].to(loss_sum)
-        # The logged loss is the cross-entropy alone; the z term is its own metric.
-        loss, self.z_loss = dist.all_reduce_mean(
-            torch.stack([loss_sum - loss_fn.z_loss * z_sum, z_sum]) / self.grad_accum
-        )
-        return loss, grad_norm
+        # The logged loss is the cross-entropy alone; the z term and the router's are their own
+        # metrics, all in the one all-reduce the loss makes.
+        extras = []
+        if loss_fn.z_loss:
+            z_sum = loss_fn.take_z()[0].to(loss_sum)
+            loss_sum, extras = loss_sum - loss_fn.z_loss * z_sum, [z_sum[None]]
+        router = self.engine.module.router.take() if self.model_cfg.moe_experts else None
+        if router is not None:
+            m = self.model_cfg
+            loss_sum = loss_sum - (m.moe_aux_loss * router[:, 0] + m.moe_z_loss * router[:, 1]).sum()
+            extras.append(router.reshape(-1))
+        means = dist.all_reduce_mean(torch.cat([loss_sum[None], *extras]) / self.grad_accum)
+        if loss_fn.z_loss:
+            self.z_loss = means[1]
+        if router is not None:
+            self.router_stats = torch.tensor(means[-router.numel() :], dtype=torch.float64).view(router.shape)
+        return means[0], grad_norm
 
     def _measured_norm(self) -> float:
         """The global norm of whole gradients (ZeRO-0); under tensor parallelism the shards'
@@ -199,6 +212,8 @@ class TrainModule:
         row = {"micro_batches": self.engine.micro_batches} if self.layout.pipeline else {}
         if self.engine.module.loss_fn.z_loss:
             row["z_loss"] = self.z_loss  # mean log(Z)^2 over the global batch, before the coefficient
+        if self.router_stats is not None:
+            row.update(moe.router_metrics(self.router_stats, self.model_cfg.moe_blocks))
         row["skipped_steps"] = (
             self.engine.skipped_steps
         )  # updates left out for a non-finite gradient, cumulative

@@ -18,7 +18,7 @@ from pathlib import Path
 from megatrain.config import Config
 from megatrain.config.deepspeed import fp32_accumulation
 from megatrain.errors import UserError
-from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
+from megatrain.model import GPTConfig, flops_per_token, moe, param_count, recompute_flops_per_token
 from megatrain.plan import human, plan, search
 from megatrain.schedule import BatchSchedule, LRSchedule
 from megatrain.train import distributed as dist
@@ -123,9 +123,16 @@ class Trainer:
             f"{lay.data_parallel} data parallel"
             if lay.world > lay.data_parallel
             else f"{lay.world} rank(s)"
+        ) + (f" (experts split over {lay.expert_parallel})" if lay.expert_parallel > 1 else "")
+        m = self.model_cfg
+        experts = (
+            f" ({param_count(m, active=True) / 1e6:.2f}M active: {m.moe_top_k} of {m.moe_experts} experts"
+            f" in {len(m.moe_blocks)} blocks)"
+            if m.moe_experts
+            else ""
         )
         self.log.print(
-            f"model: {params / 1e6:.2f}M parameters, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
+            f"model: {params / 1e6:.2f}M parameters{experts}, {self.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"{ranks}, ZeRO-{lay.zero_stage}, {self._precision_text()}; "
             f"global batch {self.batch_tokens} tokens ({self.module.grad_accum} x {t.micro_batch} x "
             f"{t.seq_len} x {lay.data_parallel}); "
@@ -247,6 +254,9 @@ class Trainer:
             **self.module.step_stats(),
             **self.batches.metrics(),
         }
+        if self.model_cfg.moe_experts and self.progress.step % self.cfg.logging.moe_load_every == 0:
+            shares = zip(self.model_cfg.moe_blocks, moe.load_shares(self.module.router_stats), strict=True)
+            row["moe_load"] = {str(block): layer.tolist() for block, layer in shares}
         if self.peak_flops:  # model FLOPs (6N + attention); hardware FLOPs add recomputation
             peak = self.peak_flops * self.layout.world
             row.update(mfu=self.flops_per_token * tokens_per_s / peak, mfu_peak=self.peak_source)

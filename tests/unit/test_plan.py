@@ -104,6 +104,7 @@ def test_cli_json_and_bad_input(tmp_path, small_data):
         "data_parallel",
         "micro_batch",
         "activation_checkpointing",
+        "expert_parallel",
     }
     assert {"params", "grads", "optimizer", "activations", "buffers", "total"} <= set(got["per_rank_bytes"])
     for key in (

@@ -1,0 +1,125 @@
+"""Mixture of experts through the real launcher, 2 ranks: the tiny MoE llama learns and logs
+its router; 2 expert-parallel ranks (each computing half the experts, tokens exchanged by
+all-to-all) follow the trajectory of every rank computing every expert, from scratch and
+after a resume on the other layout under ZeRO-3; it resumes exactly; a spike is rolled back
+exactly; it exports to MixtralForCausalLM with the same logits, and generate.py and
+evaluate.py take it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import copy_until, pretrain, run_script, train_losses
+
+from megatrain.data import TokenDataset
+from megatrain.train.convert import load_model
+from megatrain.train.metrics import read_events, read_metrics
+
+MOE = [
+    "model.arch=llama",
+    "model.n_head=4",
+    "model.n_kv_head=2",
+    "model.moe.experts=4",
+    "model.moe.top_k=2",
+    "model.moe.ffn_hidden=32",
+    "train.max_steps=10",
+    "checkpoint.every_steps=5",
+    "train.eval_every=5",
+    "logging.moe_load_every=5",
+]
+EP2 = ["parallel.expert_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory, small_data):
+    run = tmp_path_factory.mktemp("moe") / "run"
+    pretrain(run, small_data, *MOE, "parallel.zero_stage=1")
+    return run
+
+
+def test_tiny_moe_learns_and_logs_its_router(moe_run):
+    rows = [r for r in read_metrics(moe_run) if r["kind"] == "train"]
+    losses = [r["loss"] for r in rows]
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    for r in rows:  # the balance loss is 1 when balanced, more otherwise; shares of 4 experts
+        assert r["moe_balance"] >= 0.99 and r["moe_z"] > 0 and r["moe_dropped"] == 0
+        assert 0 <= r["moe_load_min/0"] <= 0.25 <= r["moe_load_max/1"] <= 1
+    histograms = {r["step"]: r["moe_load"] for r in rows if "moe_load" in r}
+    assert sorted(histograms) == [5, 10] and sorted(histograms[5]) == ["0", "1"]
+    assert sum(histograms[5]["0"]) == pytest.approx(1.0)
+
+
+def test_expert_parallel_follows_the_same_trajectory(moe_run, tmp_path, small_data):
+    """Each of 2 ranks computes 2 of the 4 experts for both ranks' tokens."""
+    run = tmp_path / "run"
+    proc = pretrain(run, small_data, *MOE, *EP2, "parallel.zero_stage=1")
+    assert "2 rank(s) (experts split over 2), ZeRO-1" in proc.stdout
+    assert train_losses(run) == pytest.approx(train_losses(moe_run), rel=1e-5)
+    balance = [[r["moe_balance"] for r in read_metrics(d) if r["kind"] == "train"] for d in (run, moe_run)]
+    assert balance[0] == pytest.approx(balance[1], rel=1e-5)
+
+
+def test_resumes_on_expert_parallel_zero3(moe_run, tmp_path, small_data):
+    """Checkpoint 5 of the ZeRO-1 run continued with experts split over 2 ranks under ZeRO-3
+    and activation checkpointing (the all-to-all runs again in the recomputation)."""
+    run = copy_until(moe_run, tmp_path / "run", step=5)
+    sets = [*EP2, "parallel.zero_stage=3", "model.activation_checkpointing=true"]
+    proc = pretrain(run, small_data, *MOE, *sets)
+    assert "resharded step-00000005" in proc.stdout
+    assert train_losses(run) == pytest.approx(train_losses(moe_run), rel=1e-5)
+
+
+def test_tiny_moe_resumes_exactly(moe_run, tmp_path, small_data):
+    run = copy_until(moe_run, tmp_path / "run", step=5)
+    pretrain(run, small_data, *MOE, "parallel.zero_stage=1")
+    assert train_losses(run) == train_losses(moe_run)  # bitwise
+
+
+def test_a_spike_is_rolled_back_exactly_with_experts_split(tmp_path, small_data):
+    """A NaN loss at step 13 (always a spike): the run restores its in-memory point of step 10,
+    skips 4 batches, and then matches a run that skipped them from the start, bitwise."""
+    guard = [
+        *MOE,
+        *EP2,
+        "parallel.zero_stage=1",
+        "train.max_steps=16",
+        "train.eval_every=0",
+        "checkpoint.every_steps=10",
+        "spike.min_history=6",
+        "spike.snapshot_every=5",
+        "spike.skip=4",
+    ]
+    run = tmp_path / "run"
+    pretrain(run, small_data, *guard, faults=["nan_loss@13"])
+    [rb] = [e for e in read_events(run) if e["event"] == "rollback"]
+    assert rb["began"] == 13 and rb["restored_step"] == 10 and rb["source"] == "memory"
+    clean = tmp_path / "clean"
+    pretrain(clean, small_data, *guard, f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]")
+    assert len(train_losses(run)) == 16 and train_losses(run) == train_losses(clean)
+
+
+def test_export_generate_and_evaluate(moe_run, small_data, small_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    run_script("export_hf.py", moe_run, "--out", out, env={"HF_HUB_OFFLINE": "1"})
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_local_experts == 4
+    ours = load_model(moe_run)
+    real = torch.from_numpy(TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64"))
+    with torch.no_grad():
+        assert float((hf(real[:, :-1]).logits - ours(real[:, :-1])).abs().max()) < 1e-4
+    proc = run_script(
+        "generate.py",
+        "--checkpoint",
+        moe_run,
+        "--prompt",
+        "def ",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    )
+    assert proc.stdout.strip()
+    proc = run_script("evaluate.py", "--checkpoint", moe_run, "--input", small_data)
+    assert "bits per byte" in proc.stdout
