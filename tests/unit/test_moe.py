@@ -210,11 +210,11 @@ def test_upcycling_copies_the_dense_mlp_into_every_expert(tmp_path, monkeypatch)
     from megatrain.train import init_from
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    dense_cfg = GPTConfig(vocab_size=40, seq_len=8, n_layer=2, n_head=2, d_model=8, arch="llama", ffn_hidden=16)
+    dense_cfg = _cfg(moe_experts=0, ffn_hidden=16)
     dense = GPT(dense_cfg).eval()
     to_hf(dense.state_dict(), dense_cfg, eos_id=0).save_pretrained(tmp_path / "hf")
-    sets = [f"model.init_from={tmp_path / 'hf'}", "model.moe.experts=4", "model.moe.every=2", "train.seq_len=8"]
-    sets += [f"data.path={tmp_path}", "train.max_steps=1"]  # neither used
+    sets = [f"model.init_from={tmp_path / 'hf'}", "model.moe.experts=4", "model.moe.every=2"]
+    sets += ["train.seq_len=8", f"data.path={tmp_path}", "train.max_steps=1"]  # data and steps unused
     cfg = load_config(None, sets)
     source = init_from.open_source(tmp_path / "hf")
     model_cfg = init_from.model_config(cfg, source, 40, None)
