@@ -111,6 +111,11 @@ def train_losses(run_dir) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
+def fell_by(losses: list[float], amount: float) -> bool:
+    """The mean of the last three losses is `amount` below the mean of the first three."""
+    return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - amount
+
+
 def copy_until(run_dir, dest, step: int):
     """A copy of a run directory as it was when checkpoint `step` was the newest."""
     shutil.copytree(run_dir, dest)

@@ -12,7 +12,8 @@ i + d_head/2), a SwiGLU MLP (Shazeer 2020; gate and up projections packed in one
 no biases, grouped-query attention (`n_kv_head` key/value heads, each shared by
 n_head / n_kv_head query heads; 1 is multi-query), the output head optionally untied.
 
-Either can normalise queries and keys per head (`qk_norm`, RMSNorm; OLMo 2, Qwen3).
+Either can normalise queries and keys per head (`qk_norm`, RMSNorm; OLMo 2, Qwen3), and
+replace the MLP of every n-th block by a mixture of experts (`moe_*`: megatrain/model/moe.py).
 The pieces (`Embedding`, `Block`, `Head`) are separate modules so the pipeline
 version (megatrain/model/pipeline.py) can lay the same model out over stages.
 """

@@ -40,13 +40,13 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class Routing:
     """One MoE layer's routing of N tokens: the probabilities [N, E] (fp32), the chosen
-    experts and their weights [N, k], and which assignments are kept [N, k] (all, dropless)."""
+    experts and their weights [N, k], and which assignments are kept [N, k] (None: all, dropless)."""
 
     logits: torch.Tensor
     probs: torch.Tensor
     experts: torch.Tensor
     weights: torch.Tensor
-    kept: torch.Tensor
+    kept: torch.Tensor | None
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool, capacity: int | None = None) -> Routing:
@@ -56,7 +56,7 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, capacity: int | N
     weights, experts = probs.topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    kept = torch.ones_like(experts, dtype=torch.bool)
+    kept = None
     if capacity is not None:
         # Each assignment's place in its expert's queue: first choices of all tokens, then seconds.
         by_priority = experts.t().reshape(-1)
@@ -188,7 +188,7 @@ class MoE(nn.Module):
         """sum over each token's kept assignments of weight * expert(x), one matmul per expert."""
         chosen = routing.experts.reshape(-1)
         order = torch.argsort(chosen, stable=True)
-        if not bool(routing.kept.all()):
+        if routing.kept is not None:  # boolean indexing: a host sync, only with a capacity
             order = order[routing.kept.reshape(-1)[order]]
         counts = torch.bincount(chosen[order], minlength=self.n_experts)
         token = order // self.top_k
@@ -203,7 +203,8 @@ class MoE(nn.Module):
         balance, z = balance_loss(routing), router_z_loss(routing)
         loss = self.aux_loss * balance + self.z_loss * z
         load = torch.bincount(routing.experts.reshape(-1), minlength=self.n_experts)
-        dropped, assigned = (~routing.kept).sum(), routing.experts.new_tensor(routing.experts.numel())
+        dropped = (~routing.kept).sum() if routing.kept is not None else load.new_zeros(())
+        assigned = load.new_tensor(routing.experts.numel())
         head = torch.stack([balance.detach(), z.detach(), dropped, assigned]).double()
         return loss, torch.cat([head, load.double()])
 
