@@ -90,7 +90,11 @@ def show(p: dict) -> None:
         f"{'on' if lay['activation_checkpointing'] else 'off'}"
     )
     if p["active_params"] != p["params"]:
-        print(f"parameters: {p['params'] / 1e9:.2f}B, {p['active_params'] / 1e9:.2f}B active per token")
+        print(
+            f"parameters: {p['params'] / 1e9:.2f}B, {p['active_params'] / 1e9:.2f}B active per token; the "
+            f"routed experts' {p['expert_params'] / 1e9:.2f}B held like the rest, not split by "
+            "parallel.expert_parallel (docs/moe.md)"
+        )
     print(
         "per rank: "
         + ", ".join(f"{k} {v / GIB:.2f}" for k, v in mem.items() if k != "total")

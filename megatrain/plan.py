@@ -145,6 +145,11 @@ def _mlp_width(m: GPTConfig) -> tuple[float, float]:
     return width, 2 * m.moe_top_k * moe / m.n_layer
 
 
+def _expert_params(m: GPTConfig) -> int:
+    """One routed expert's weights in one MoE block."""
+    return (3 if m.gated else 2) * m.d_model * m.moe_ffn_hidden
+
+
 def _micro_batches(cfg: Config, lay: Layout, batch_tokens: float) -> int:
     """Micro-batches per data-parallel rank in a step of this batch (at least one)."""
     return max(1, int(batch_tokens) // (lay.micro_batch * cfg.train.seq_len * lay.data_parallel))
@@ -249,6 +254,7 @@ def plan(
         "checkpoint_bytes": n * (w + 8 + masters),
         "params": n,
         "active_params": param_count(m, active=True),
+        "expert_params": len(m.moe_blocks) * m.moe_experts * _expert_params(m),  # held as the rest are
         "step_time_s": step_time(final),
         "tokens_per_s": final / step_time(final),
         "comm_time_s": comm_time(cfg, m, lay, final, gpus_per_node, links),

@@ -6,6 +6,7 @@ losses reaching the training loss, evaluation dropless)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,19 @@ def test_upcycling_copies_the_dense_mlp_into_every_expert(tmp_path, monkeypatch)
     bad = load_config(None, [*sets, "model.moe.shared_experts=1"])
     with pytest.raises(Exception, match="upcycling to 4 experts: model.moe.shared_experts"):
         init_from.model_config(bad, source, 40, None)
+
+
+def test_the_planner_counts_experts_and_their_all_to_alls():
+    from megatrain.config import load_config
+    from megatrain.layout import Layout
+    from megatrain.plan import Links, comm_time, plan
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "mixtral-8x7b.yaml", ["data.path=x"])
+    m = GPTConfig.from_config(cfg, 32000)
+    got = plan(cfg, m, Layout.from_config(cfg, world=64), device_memory=80e9, peak_flops=989e12)
+    assert got["params"] == pytest.approx(46.7e9, rel=0.01)  # Mixtral's paper: 46.7B, 12.9B active
+    assert got["active_params"] == pytest.approx(12.9e9, rel=0.01)
+    assert got["expert_params"] == 32 * 8 * 3 * 4096 * 14336
+    layouts = [Layout(3, 1, 1, 64, 1, True, expert_parallel=ep) for ep in (1, 2, 8)]
+    times = [comm_time(cfg, m, lay, 4e6, 8, Links()) for lay in layouts]
+    assert times[0] < times[1] < times[2]  # more of each token's rows leave the rank
