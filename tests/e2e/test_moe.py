@@ -100,6 +100,18 @@ def test_a_spike_is_rolled_back_exactly_with_experts_split(tmp_path, small_data)
     assert len(train_losses(run)) == 16 and train_losses(run) == train_losses(clean)
 
 
+def test_expert_load_reaches_wandb_and_the_plot(tmp_path, small_data):
+    """One process, wandb offline: the load histograms go to wandb (one per MoE block) and
+    launch/plot.py adds the expert-load row."""
+    run = tmp_path / "run"
+    sets = [*MOE, "train.max_steps=2", "logging.moe_load_every=1", "logging.wandb=true"]
+    pretrain(run, small_data, *sets, "checkpoint.every_steps=0", nproc=0, env={"WANDB_MODE": "offline"})
+    assert [sorted(r["moe_load"]) for r in read_metrics(run) if r["kind"] == "train"] == [["0", "1"]] * 2
+    [offline] = (run / "wandb").glob("offline-run-*")
+    assert b"moe_load/1" in next(offline.glob("*.wandb")).read_bytes()
+    assert "curves.png" in run_script("plot.py", run).stdout
+
+
 def test_export_generate_and_evaluate(moe_run, small_data, small_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
