@@ -46,7 +46,7 @@ def pipeline_layers(cfg: GPTConfig) -> list:
     return [
         embedding,
         LayerSpec(Positions, cfg),
-        *[LayerSpec(Block, cfg) for _ in range(cfg.n_layer)],
+        *[LayerSpec(Block, cfg, i) for i in range(cfg.n_layer)],
         LayerSpec(norm, *args, **kwargs),
         output,
     ]
