@@ -111,7 +111,12 @@ class Experts(nn.Module):
             for i, part in enumerate(rows.split(counts))
             if counts[i]
         ]
-        return torch.cat(outs) if outs else rows.new_zeros(0, self.proj.shape[1])
+        if outs:
+            return torch.cat(outs)
+        # No rows for any of these experts (a rank whose experts got no tokens): an empty result
+        # still tied to the weights, so that every rank's gradients exist (zeros) and DeepSpeed's
+        # reduction sees the same tensors on every rank.
+        return rows.new_zeros(0, self.proj.shape[1]) + self.fc[:0].sum() + self.proj[:0].sum()
 
 
 class ExpertParallel:

@@ -249,3 +249,14 @@ def test_the_planner_counts_experts_and_their_all_to_alls():
     layouts = [Layout(3, 1, 1, 64, 1, True, expert_parallel=ep) for ep in (1, 2, 8)]
     times = [comm_time(cfg, m, lay, 4e6, 8, Links()) for lay in layouts]
     assert times[0] < times[1] < times[2]  # more of each token's rows leave the rank
+
+
+def test_experts_without_rows_still_get_gradients():
+    """A rank whose experts received no tokens: zero gradients, not none (every rank must hand
+    DeepSpeed the same gradients to reduce)."""
+    from megatrain.model.moe import Experts
+
+    experts = Experts(4, 8, 6, gated=True)
+    experts(torch.zeros(0, 8), [0, 0], first=2).sum().backward()
+    assert torch.equal(experts.fc.grad, torch.zeros_like(experts.fc))
+    assert torch.equal(experts.proj.grad, torch.zeros_like(experts.proj))
