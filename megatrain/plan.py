@@ -57,7 +57,7 @@ from megatrain.config import Config
 from megatrain.config.deepspeed import bf16_optimizer, fp32_accumulation
 from megatrain.layout import Layout
 from megatrain.model import GPTConfig, flops_per_token, param_count, recompute_flops_per_token
-from megatrain.model.gpt import blocks_params
+from megatrain.model.gpt import blocks_params, expert_weights
 
 ALLOCATOR_SHARE = 0.10
 CUDA_CONTEXT_BYTES = 1 << 30
@@ -143,11 +143,6 @@ def _mlp_width(m: GPTConfig) -> tuple[float, float]:
     routed = m.moe_top_k + m.moe_shared_experts
     width = ((m.n_layer - moe) * m.ffn_hidden + moe * routed * m.moe_ffn_hidden) / m.n_layer
     return width, 2 * m.moe_top_k * moe / m.n_layer
-
-
-def _expert_params(m: GPTConfig) -> int:
-    """One routed expert's weights in one MoE block."""
-    return (3 if m.gated else 2) * m.d_model * m.moe_ffn_hidden
 
 
 def _micro_batches(cfg: Config, lay: Layout, batch_tokens: float) -> int:
@@ -254,7 +249,7 @@ def plan(
         "checkpoint_bytes": n * (w + 8 + masters),
         "params": n,
         "active_params": param_count(m, active=True),
-        "expert_params": len(m.moe_blocks) * m.moe_experts * _expert_params(m),  # held as the rest are
+        "expert_params": len(m.moe_blocks) * m.moe_experts * expert_weights(m),  # held as the rest are
         "step_time_s": step_time(final),
         "tokens_per_s": final / step_time(final),
         "comm_time_s": comm_time(cfg, m, lay, final, gpus_per_node, links),

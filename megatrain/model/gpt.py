@@ -580,11 +580,16 @@ def block_params(cfg: GPTConfig, block: int = 0, active: bool = False) -> tuple[
     weights, biases = d * qkv + d * d, qkv + d if cfg.bias else 0
     if cfg.is_moe(block):
         experts = (cfg.moe_top_k if active else cfg.moe_experts) + cfg.moe_shared_experts
-        weights += experts * (d * gate * cfg.moe_ffn_hidden + cfg.moe_ffn_hidden * d) + d * cfg.moe_experts
+        weights += experts * expert_weights(cfg) + d * cfg.moe_experts  # and the router
     else:
         weights += d * gate * cfg.ffn_hidden + cfg.ffn_hidden * d
         biases += gate * cfg.ffn_hidden + d if cfg.bias else 0
     return weights, biases + 2 * norm_params(cfg, d) + (2 * cfg.head_dim if cfg.qk_norm else 0)
+
+
+def expert_weights(cfg: GPTConfig) -> int:
+    """One expert's weights (fc, with gate|up for SwiGLU, and proj) in one MoE block."""
+    return (3 if cfg.gated else 2) * cfg.d_model * cfg.moe_ffn_hidden
 
 
 def blocks_params(cfg: GPTConfig, active: bool = False) -> int:

@@ -224,11 +224,12 @@ def load_shares(stats: torch.Tensor) -> torch.Tensor:
     return load / load.sum(dim=1, keepdim=True).clamp(min=1)
 
 
-def router_metrics(stats: torch.Tensor, blocks: list[int]) -> dict:
+def router_metrics(stats: torch.Tensor, blocks: list[int], histogram: bool = False) -> dict:
     """A metrics row's MoE part from one step's statistics (host, float64; means over the
     global batch's micro-batches): the balance and z losses before their coefficients (mean
-    over layers), the share of assignments dropped by the capacity, and per MoE block (by its
-    index) the smallest and largest expert's share of the assignments."""
+    over layers), the share of assignments dropped by the capacity, per MoE block (by its
+    index) the smallest and largest expert's share of the assignments, and with `histogram`
+    every expert's share (`moe_load`: {block: [shares]})."""
     shares = load_shares(stats)
     row = {
         "moe_balance": float(stats[:, 0].mean()),
@@ -237,4 +238,6 @@ def router_metrics(stats: torch.Tensor, blocks: list[int]) -> dict:
     }
     for block, layer in zip(blocks, shares, strict=True):
         row[f"moe_load_min/{block}"], row[f"moe_load_max/{block}"] = float(layer.min()), float(layer.max())
+    if histogram:
+        row["moe_load"] = {str(block): layer.tolist() for block, layer in zip(blocks, shares, strict=True)}
     return row

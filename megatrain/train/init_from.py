@@ -117,7 +117,7 @@ def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: s
     and options the source cannot serve."""
     m, where = cfg.model, f"model.init_from={source.path}"
     theirs = GPTConfig.from_shape(source.shape).shape()  # a shape written before a key existed: its default
-    if upcycling(cfg, theirs):
+    if upcycling(theirs, cfg.model.moe.experts):
         _check_upcycling(cfg, theirs, where)
         theirs.update(
             {k: _get(m, k) for k in SHAPE_KEYS if k.startswith("moe_")}, moe_ffn_hidden=theirs["ffn_hidden"]
@@ -153,10 +153,10 @@ def model_config(cfg: Config, source: Source, data_vocab: int, data_tokenizer: s
     return GPTConfig.from_config(cfg, vocab)
 
 
-def upcycling(cfg: Config, source_shape: dict) -> bool:
+def upcycling(source_shape: dict, experts: int) -> bool:
     """A dense source for a model with experts (Komatsuzaki et al. 2023, "Sparse Upcycling"):
     each MoE block's experts start as copies of the source's MLP, the router from the seed."""
-    return not source_shape.get("moe_experts") and cfg.model.moe.experts > 0
+    return not source_shape.get("moe_experts") and experts > 0
 
 
 def _check_upcycling(cfg: Config, theirs: dict, where: str) -> None:
@@ -182,9 +182,9 @@ def upcycle(tensors: dict[str, Deferred], model_cfg: GPTConfig) -> dict[str, Def
     out = dict(tensors)
     E = model_cfg.moe_experts
     for i in model_cfg.moe_blocks:
-        for dense, experts in (("fc", "fc"), ("proj", "proj")):
-            d = out.pop(f"param/blocks.{i}.mlp.{dense}.weight")
-            out[f"param/blocks.{i}.mlp.experts.{experts}"] = Deferred(
+        for part in ("fc", "proj"):
+            d = out.pop(f"param/blocks.{i}.mlp.{part}.weight")
+            out[f"param/blocks.{i}.mlp.experts.{part}"] = Deferred(
                 (E, *d.shape), d.dtype, functools.partial(_repeated, d, E)
             )
         router = f"blocks.{i}.mlp.router.weight"
@@ -268,7 +268,7 @@ def _start_tensors(source: Source, model_cfg: GPTConfig, moments: bool) -> tuple
             for k, d in hf.hf_weights_deferred(source.path, GPTConfig.from_shape(source.shape)).items()
         }
     tensors = fit(tensors, model_cfg)
-    if model_cfg.moe_experts and not source.shape.get("moe_experts"):
+    if upcycling(source.shape, model_cfg.moe_experts):
         tensors = upcycle(tensors, model_cfg)
     with torch.device("meta"):
         expected = dict(GPT(model_cfg, init_weights=False).named_parameters())

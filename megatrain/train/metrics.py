@@ -72,10 +72,10 @@ class RunLog:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
-            import wandb
-
             values = wandb_values(row)
             for block, shares in row.get("moe_load", {}).items():  # one bar per expert
+                import wandb
+
                 edges = list(range(len(shares) + 1))
                 values[f"train/moe_load/{block}"] = wandb.Histogram(np_histogram=(shares, edges))
             self._wandb.log(values, step=row["step"])

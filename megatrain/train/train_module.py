@@ -20,7 +20,7 @@ import torch
 from megatrain.config import Config, deepspeed_config
 from megatrain.errors import UserError
 from megatrain.layout import Layout
-from megatrain.model import GPTConfig, moe, tensor_parallel
+from megatrain.model import GPTConfig, tensor_parallel
 from megatrain.optim.grad_norm import GradNormPolicy
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
@@ -62,7 +62,7 @@ class TrainModule:
         if t.tf32:  # before anything runs (PyTorch's default is full-fp32 matmuls)
             torch.backends.cuda.matmul.allow_tf32 = True
         self.layout, self.grad_accum, self.model_cfg = layout, grad_accum, model_cfg
-        self.router_stats: torch.Tensor | None = None  # MoE: the last step's [layers, STATS_HEAD + experts]
+        self.router_stats: torch.Tensor | None = None  # MoE: the last step's, for moe.router_metrics
         self.norm = GradNormPolicy.decide(cfg.optim, t, layout)
         ds_config = deepspeed_config(cfg, layout, grad_accum, self.norm)
         if layout.tensor_parallel > 1:  # AutoTP with megatrain's specs, which follow the model's shape
@@ -212,8 +212,6 @@ class TrainModule:
         row = {"micro_batches": self.engine.micro_batches} if self.layout.pipeline else {}
         if self.engine.module.loss_fn.z_loss:
             row["z_loss"] = self.z_loss  # mean log(Z)^2 over the global batch, before the coefficient
-        if self.router_stats is not None:
-            row.update(moe.router_metrics(self.router_stats, self.model_cfg.moe_blocks))
         row["skipped_steps"] = (
             self.engine.skipped_steps
         )  # updates left out for a non-finite gradient, cumulative

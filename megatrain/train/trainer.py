@@ -254,9 +254,9 @@ class Trainer:
             **self.module.step_stats(),
             **self.batches.metrics(),
         }
-        if self.model_cfg.moe_experts and self.progress.step % self.cfg.logging.moe_load_every == 0:
-            shares = zip(self.model_cfg.moe_blocks, moe.load_shares(self.module.router_stats), strict=True)
-            row["moe_load"] = {str(block): layer.tolist() for block, layer in shares}
+        if self.model_cfg.moe_experts:
+            histogram = self.progress.step % self.cfg.logging.moe_load_every == 0
+            row.update(moe.router_metrics(self.module.router_stats, self.model_cfg.moe_blocks, histogram))
         if self.peak_flops:  # model FLOPs (6N + attention); hardware FLOPs add recomputation
             peak = self.peak_flops * self.layout.world
             row.update(mfu=self.flops_per_token * tokens_per_s / peak, mfu_peak=self.peak_source)

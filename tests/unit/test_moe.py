@@ -260,3 +260,55 @@ def test_experts_without_rows_still_get_gradients():
     experts(torch.zeros(0, 8), [0, 0], first=2).sum().backward()
     assert torch.equal(experts.fc.grad, torch.zeros_like(experts.fc))
     assert torch.equal(experts.proj.grad, torch.zeros_like(experts.proj))
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["model.moe.top_k=5"], "model.moe.top_k must be in [1, model.moe.experts (4)], got 5"),
+        (["model.moe.every=3"], "model.moe.every (3) leaves no block of 2 with experts"),
+        (["model.moe.capacity_factor=0"], "model.moe.capacity_factor must be > 0"),
+        (["parallel.pipeline_stages=2"], "model.moe cannot be combined with parallel.pipeline_stages=2 yet"),
+        (["parallel.tensor_parallel=2"], "model.moe cannot be combined with parallel.tensor_parallel=2 yet"),
+        (["parallel.expert_parallel=3"], "parallel.expert_parallel=3 must divide model.moe.experts (4)"),
+        (["model.moe.experts=0", "parallel.expert_parallel=2"], "must divide model.moe.experts (0)"),
+    ],
+)
+def test_configs_experts_cannot_serve_are_refused_in_one_line(tmp_path, sets, message):
+    from megatrain.config import load_config
+    from megatrain.errors import UserError
+
+    base = [f"data.path={tmp_path}", "train.max_steps=1", "model.n_layer=2", "model.moe.experts=4"]
+    with pytest.raises(UserError) as err:
+        load_config(None, [*base, *sets])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_expert_parallel_must_divide_the_data_parallel_ranks(tmp_path):
+    from megatrain.config import load_config
+    from megatrain.errors import UserError
+    from megatrain.layout import Layout
+
+    cfg = load_config(None, [f"data.path={tmp_path}", "train.max_steps=1", "model.moe.experts=4"])
+    cfg.parallel.expert_parallel = 4
+    with pytest.raises(
+        UserError, match="parallel.expert_parallel=4 does not divide the 2 data-parallel ranks"
+    ):
+        Layout.from_config(cfg, world=2)
+    assert Layout.from_config(cfg, world=8, rank=6).ep_rank == 2
+    assert Layout.from_config(cfg, world=8).expert_parallel_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_router_metrics_shares_and_histogram():
+    from megatrain.model.moe import router_metrics
+
+    # two blocks, 4 experts: [balance, z, dropped, assigned, load...]
+    stats = torch.tensor(
+        [[1.2, 3.0, 2.0, 16.0, 8, 4, 4, 0], [1.0, 5.0, 0.0, 16.0, 4, 4, 4, 4]], dtype=torch.float64
+    )
+    row = router_metrics(stats, [1, 3], histogram=True)
+    assert row["moe_balance"] == pytest.approx(1.1) and row["moe_z"] == pytest.approx(4.0)
+    assert row["moe_dropped"] == pytest.approx(2 / 32)
+    assert (row["moe_load_min/1"], row["moe_load_max/1"]) == (0.0, 0.5)
+    assert row["moe_load"] == {"1": [0.5, 0.25, 0.25, 0.0], "3": [0.25] * 4}
+    assert "moe_load" not in router_metrics(stats, [1, 3])
