@@ -7,6 +7,10 @@ never reads these flags or passes a batch through a test hook.
 --fault NAME@STEP[:RANK] fires once at:
     checkpoint_write     the rank's files are written, nothing published yet  -> SIGKILL
     checkpoint_publish   renamed, `latest` not yet replaced (rank 0)           -> SIGKILL
+    writer_kill          (checkpoint.async_save) the background writer has written one
+                         of the rank's files of checkpoint STEP                 -> SIGKILL
+    writer_error         (checkpoint.async_save) the background writer's second file of
+                         checkpoint STEP fails as on a full disk (ENOSPC)
     nan_loss             step STEP's loss becomes NaN (real NaN gradients follow)
     hang                 the rank stops after step STEP and never returns (SIGTERM
                          does not end it: as a rank stuck inside a collective)
@@ -30,6 +34,7 @@ in from here, as callbacks and wrappers around the checkpointer's write and publ
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -47,6 +52,7 @@ import pretrain  # noqa: E402  (launch/pretrain.py)
 from megatrain.train import checkpoint  # noqa: E402
 from megatrain.train.callbacks import Callback  # noqa: E402
 from megatrain.train.checkpoint import Checkpointer, checkpoint_step  # noqa: E402
+from megatrain.train.checkpoint_writer import BackgroundWriter  # noqa: E402
 
 from _cli import run  # noqa: E402
 
@@ -105,6 +111,37 @@ def install_checkpoint_faults(faults: Faults) -> None:
         )
 
     checkpoint._listing = _listing
+    start = BackgroundWriter.start
+
+    def start_writing(self, root, files, ready=None):
+        """The writer thread meets a file that kills its process, or that the disk refuses."""
+        step = checkpoint_step(Path(root.name[5:]))
+        if faults.fires("writer_kill", step):
+            files = [
+                *files[:1],
+                (root / "killed", Fault(lambda: faults.crash(f"writer_kill@{step}"))),
+                *files[1:],
+            ]
+        if faults.fires("writer_error", step):
+            files = [*files[:1], (root / "refused", Fault(_disk_full)), *files[1:]]
+        start(self, root, files, ready)
+
+    BackgroundWriter.start = start_writing
+
+
+class Fault:
+    """An object whose pickling does `act` (torch.save pickles it in the writer thread)."""
+
+    def __init__(self, act):
+        self.act = act
+
+    def __reduce__(self):
+        self.act()
+        return (Fault, (None,))
+
+
+def _disk_full():
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def die_holding_the_op_lock(faults: Faults) -> None:

@@ -491,9 +491,16 @@ class CheckpointConfig:
     """Optimizer steps between checkpoints (0: only at the end)."""
     keep: int = 3
     """Complete checkpoints kept; older ones are deleted once a newer one is published."""
+    async_save: bool = False
+    """Write the checkpoints of `every_steps` in the background: the step loop waits only while
+    each rank copies its state into host memory (within spike.snapshot_memory_gb's budget, else
+    written synchronously), and the checkpoint is published once every rank has written it."""
+    stop_wait_s: float = 120.0
+    """On SIGTERM/SIGINT, seconds to wait for a background write in flight before abandoning it
+    (`latest` keeps naming the previous checkpoint) and writing the final one."""
 
     def problems(self, cfg: Config) -> Problems:
-        yield from _at_least(self, "checkpoint", keep=1, every_steps=0)
+        yield from _at_least(self, "checkpoint", keep=1, every_steps=0, stop_wait_s=0)
 
 
 @dataclass

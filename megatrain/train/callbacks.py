@@ -3,7 +3,8 @@ evaluation, checkpoint cadence, preemption and the heartbeat here; spike recover
 spike_recovery.py.
 
 Hooks, called in list order (docs/trainer.md has the table): on_start(trainer);
-flag(trainer, row) -> this rank's vote, ORed over all ranks in one collective;
+flag(trainer, row) -> this rank's vote (a bool, or a tuple of them), each ORed over all
+ranks in one collective;
 on_step(trainer, row, flagged) -> True if the step was undone (later callbacks skip it);
 on_end(trainer). A `stateful` callback's state_dict() is registered under its `name`
 and saved in checkpoints and rollback points.
@@ -29,7 +30,7 @@ class Callback:
     def on_start(self, trainer) -> None:
         pass
 
-    def flag(self, trainer, row: dict) -> bool:
+    def flag(self, trainer, row: dict) -> bool | tuple[bool, ...]:
         return False
 
     def on_step(self, trainer, row: dict, flagged: bool) -> bool:
@@ -121,16 +122,25 @@ class Evaluate(Callback):
 
 
 class CheckpointEvery(Callback):
-    """A checkpoint every `every` steps (0: only the final one, which the trainer writes)."""
+    """A checkpoint every `every` steps (0: only the final one, which the trainer writes), in
+    the background with `background` (checkpoint.async_save). A background write is published
+    at the first step after which no rank's writer is still running (the vote rides on the
+    loop's one collective), and a writer's failure on any rank stops the run there."""
 
     name = "checkpointing"
 
-    def __init__(self, every: int):
-        self.every = every
+    def __init__(self, every: int, background: bool = False):
+        self.every, self.background = every, background
+
+    def flag(self, trainer, row):
+        return trainer.checkpoints.files.writing()  # (still running, failed) on this rank
 
     def on_step(self, trainer, row, flagged):
+        running, failed = flagged
+        if trainer.checkpoints.files.pending is not None and (failed or not running):
+            trainer.checkpoints.settle()  # raises on every rank if a writer failed
         if self.every and row["step"] % self.every == 0:
-            trainer.checkpoints.save()
+            trainer.checkpoints.save(background=self.background)
         return False
 
 

@@ -13,6 +13,10 @@ Writing: every rank writes into checkpoints/.tmp-step-N/; the ranks hash the fil
 between them; rank 0 writes manifest.json, renames the directory to step-N and then
 replaces `latest` with os.replace (atomic). A crash at any point leaves `latest` on the
 previous complete checkpoint; stale .tmp-* directories are removed by the next save.
+In the background (checkpoint.async_save, checkpoint_writer.py): every rank copies its
+files' state into host memory and its writer thread writes and hashes them while training
+goes on; once every rank's writer has finished (the step loop's collective says so),
+`settle` publishes the directory the same way. At most one write is in flight.
 Reading: a checkpoint is used only if its manifest lists every file with the right
 size and sha256; otherwise the next older one is tried, with a warning naming the bad
 file. The run directory must be on a filesystem every rank sees (as for DeepSpeed):
@@ -26,7 +30,9 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +40,8 @@ import torch
 from megatrain.errors import RunError, UserError
 from megatrain.files import file_sha256, write_atomically
 from megatrain.train import distributed as dist
+from megatrain.train import ds_internals
+from megatrain.train.checkpoint_writer import BackgroundWriter, HostCopies
 
 FORMAT = "megatrain-checkpoint/2"
 MANIFEST = "manifest.json"
@@ -85,6 +93,15 @@ def _hash_share(directory: Path, seen_by: list[list[str]], rank: int) -> dict[st
     return {f: {"bytes": (directory / f).stat().st_size, "sha256": file_sha256(directory / f)} for f in mine}
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A background write in flight: its step, directory and this rank's host bytes."""
+
+    step: int
+    tmp: Path
+    nbytes: int
+
+
 def step_tag(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -95,11 +112,14 @@ def checkpoint_step(path: Path) -> int:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int):
+    def __init__(self, run_dir: Path, keep: int, pinned: bool = False):
+        """`pinned`: background writes copy into pinned host memory (from a GPU)."""
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.latest_file = self.run_dir / LATEST
         self.keep = keep
+        self.copies, self.writer = HostCopies(pinned), BackgroundWriter()
+        self.pending: Pending | None = None  # the background write in flight
 
     # --- writing ----------------------------------------------------------------------
 
@@ -109,53 +129,132 @@ class Checkpointer:
         peer rank died mid-write) removes the partial directory, leaves `latest` as it was
         and raises a RunError naming the problem; the other ranks are stopped by the
         launcher when this one exits."""
-        tag = step_tag(step)
-        tmp = self.root / f".tmp-{tag}"
+        tmp = self._tmp(step)
         try:
             self._write(engine, step, state, rank_state, tmp)
-            final = self._publish(step, tmp, self.root / tag)
-            if dist.is_main():
-                self._point_latest(final)
-            dist.barrier()
-            return final
+            final = self._publish(step, tmp)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            if dist.is_main():
-                shutil.rmtree(tmp, ignore_errors=True)
-            latest = self.latest()
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise RunError(
-                f"{tmp}: checkpoint of step {step} could not be written ({reason}); removed it, "
-                f"`latest` still names {latest.name if latest else 'no checkpoint'}"
-            ) from e
+            self._give_up(step, tmp, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+        return final
 
     def _write(self, engine, step: int, state: dict, rank_state: dict, tmp: Path) -> None:
         """Every rank writes its files into `tmp`; nothing is published yet."""
+        self._prepare(tmp)
+        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        torch.save(rank_state, tmp / self._rank_file)
+        if dist.is_main():
+            write_atomically(tmp / STATE, json.dumps(state, indent=1))
+
+    def save_in_background(self, engine, step: int, state: dict, rank_state: dict) -> None:
+        """Collective: save's files copied into host memory, then written and hashed by this
+        rank's background thread while training goes on; `settle` publishes them. The write
+        in flight before this one must have been settled."""
+        assert self.pending is None, "settle the write in flight first"
+        tmp = self._tmp(step)
+        files: list[tuple[Path, object]] = []
+        self.copies.start()
+
+        def keep(state_dict, path: str) -> None:
+            files.append((Path(path), self.copies.copy(state_dict, Path(path).name)))
+
+        try:
+            self._prepare(tmp)
+            with ds_internals.files_handed_over(engine, keep):
+                engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            self._give_up(step, tmp, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+        keep(rank_state, str(tmp / self._rank_file))
+        if dist.is_main():
+            files.append((tmp / STATE, json.dumps(state, indent=1).encode()))
+        self.writer.start(tmp, files, ready=self.copies.finish())
+        self.pending = Pending(step, tmp, self.copies.nbytes)
+
+    def writing(self) -> tuple[bool, bool]:
+        """This rank's background write: (still running, failed); (False, False) with none."""
+        if self.pending is None:
+            return False, False
+        return self.writer.busy, self.writer.failed
+
+    def settle(self, timeout: float | None = None) -> dict | None:
+        """Collective: wait for the background write in flight (at most `timeout` seconds on
+        each rank), then publish it as save does: {"step", "path", "waited_s", "write_s",
+        "bytes"}; None with no write in flight. A write that failed on any rank is removed
+        and raises a RunError on every rank (`latest` unchanged); one still running after
+        `timeout` is abandoned (its directory is never published): {"abandoned": step}."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        t0 = time.perf_counter()
+        done = self.writer.wait(timeout)
+        told = dist.all_gather_object(
+            (done, self.writer.entries, self.writer.error, self.writer.seconds, pending.nbytes)
+        )
+        waited = time.perf_counter() - t0
+        failed = [(r, error) for r, (_, _, error, _, _) in enumerate(told) if error]
+        if failed:
+            rank, reason = failed[0]
+            self._give_up(pending.step, pending.tmp, f"rank {rank}, writing in the background: {reason}")
+        if not all(finished for finished, *_ in told):
+            return {"abandoned": pending.step, "waited_s": waited}
+        entries = {name: entry for _, files, *_ in told for name, entry in files.items()}
+        final = self._publish(pending.step, pending.tmp, entries)
+        return {
+            "step": pending.step,
+            "path": final,
+            "waited_s": waited,
+            "write_s": max(seconds for *_, seconds, _ in told),
+            "bytes": sum(nbytes for *_, nbytes in told),
+        }
+
+    @property
+    def _rank_file(self) -> str:
+        return f"megatrain-rank{dist.rank():05d}.pt"
+
+    def _tmp(self, step: int) -> Path:
+        return self.root / f".tmp-{step_tag(step)}"
+
+    def _prepare(self, tmp: Path) -> None:
+        """Collective: the checkpoints directory exists, without stale .tmp-* directories."""
         if dist.is_main():
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
-        torch.save(rank_state, tmp / f"megatrain-rank{dist.rank():05d}.pt")
-        if dist.is_main():
-            write_atomically(tmp / STATE, json.dumps(state, indent=1))
 
-    def _publish(self, step: int, tmp: Path, final: Path) -> Path:
-        """The ranks hash the files between them; rank 0 writes the manifest and renames
-        the directory to its final name. Every file any rank sees is listed, and hashed by a
-        rank that saw it: on a network filesystem a rank's listing can lag the files other
-        ranks wrote (attribute caching), never its own."""
+    def _give_up(self, step: int, tmp: Path, reason: str) -> None:
+        """A write that failed: its directory goes, `latest` stays, a RunError says so."""
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = self.latest()
+        raise RunError(
+            f"{tmp}: checkpoint of step {step} could not be written ({reason.splitlines()[0]}); removed it, "
+            f"`latest` still names {latest.name if latest else 'no checkpoint'}"
+        )
+
+    def _publish(self, step: int, tmp: Path, entries: dict[str, dict] | None = None) -> Path:
+        """Collective: the manifest, the rename to step-N, `latest`, pruning. `entries`: the
+        files' hashes as their background writers took them (rank 0 adds the files DeepSpeed
+        wrote itself, its recovery scripts); else the ranks hash the files between them now.
+        Every file any rank sees is listed, and hashed by a rank that saw it: on a network
+        filesystem a rank's listing can lag the files other ranks wrote (attribute caching),
+        never its own."""
         dist.barrier()
-        seen_by = dist.all_gather_object(_listing(tmp))
-        entries = {}
-        for part in dist.all_gather_object(_hash_share(tmp, seen_by, dist.rank())):
-            entries.update(part)
+        if entries is None:
+            seen_by = dist.all_gather_object(_listing(tmp))
+            entries = {}
+            for part in dist.all_gather_object(_hash_share(tmp, seen_by, dist.rank())):
+                entries.update(part)
+        elif dist.is_main():
+            entries.update(_hash_share(tmp, [[f for f in _listing(tmp) if f not in entries]], 0))
+        final = self.root / step_tag(step)
         if dist.is_main():
             manifest = {"format": FORMAT, "step": step, "files": dict(sorted(entries.items()))}
             write_atomically(tmp / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            self._point_latest(final)
+        dist.barrier()
         return final
 
     def check_shared(self) -> None:

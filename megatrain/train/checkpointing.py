@@ -6,6 +6,7 @@ weights (model.init_from). `batch_schedule` is the global batch as the run start
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from megatrain.errors import UserError
@@ -33,9 +34,17 @@ class Checkpoints:
             batch_schedule,
         )
         self.saved_step: int | None = None  # the step of the newest checkpoint this process wrote or loaded
+        self.background = False  # checkpoint.async_save, and its host copies fit (plan_background)
+        self.host_reserved = 0  # host bytes per rank the background copies take
+        self._stall: dict | None = None  # the step loop's wait for the write in flight, so far
 
-    def save(self) -> Path:
-        """Collective: DeepSpeed's state and every registered state, as step-N."""
+    def save(self, background: bool = False) -> Path | None:
+        """Collective: DeepSpeed's state and every registered state, as step-N: written now
+        (returns its path), or with `background` (and checkpoint.async_save fitting the host
+        memory) copied now and written while training goes on (`settle` publishes it). A
+        write still in flight is settled first, its wait logged."""
+        t0 = time.perf_counter()
+        self.settle()
         state = self.state.state_dict()
         # With this rank's optimizer parameters by name: another layout can read its ZeRO-0 state.
         rank_state = {
@@ -54,16 +63,72 @@ class Checkpoints:
             "optimizer_flavour": self.module.flavour,
             "state": state["shared"],
         }
-        path = self.files.save(self.module.engine, self.progress.step, meta, rank_state)
-        self.log.event("checkpoint", step=self.progress.step, path=str(path))
         self.saved_step = self.progress.step
+        where = {"step": self.progress.step, "tokens": self.progress.tokens}
+        if background and self.background:
+            self.files.save_in_background(self.module.engine, self.progress.step, meta, rank_state)
+            self._stall = {**where, "stall_s": time.perf_counter() - t0}
+            return None
+        path = self.files.save(self.module.engine, self.progress.step, meta, rank_state)
+        stall = time.perf_counter() - t0
+        self.log.event("checkpoint", path=str(path), stall_s=stall, **where)
+        self.log.log({"kind": "checkpoint", **where, "stall_s": stall})
+        self.log.print(f"checkpoint {path.name}: the loop waited {stall:.2f} s (written synchronously)")
         return path
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Collective: publish the background write in flight, waiting for it if it is not
+        done (at most `timeout` seconds: then it is abandoned, `latest` unchanged); a write
+        that failed on any rank raises a RunError on every rank."""
+        if self.files.pending is None:
+            return
+        if any(self.files.writing()):
+            self.log.print(f"waiting for the checkpoint of step {self.files.pending.step} being written")
+        done = self.files.settle(timeout)
+        started, self._stall = self._stall, None
+        if "abandoned" in done:
+            message = (
+                f"the checkpoint of step {done['abandoned']} was still being written after "
+                f"{done['waited_s']:.0f} s: abandoned, `latest` names {self.files.latest()}"
+            )
+            self.log.print(message)
+            self.log.event("checkpoint_abandoned", step=done["abandoned"], waited_s=done["waited_s"])
+            return
+        stall = started["stall_s"] + done["waited_s"]
+        figures = {"stall_s": stall, "write_s": done["write_s"], "bytes": done["bytes"]}
+        self.log.event("checkpoint", path=str(done["path"]), background=True, **{**started, **figures})
+        self.log.log({"kind": "checkpoint", **started, **figures})
+        self.log.print(
+            f"checkpoint {done['path'].name}: the loop waited {stall:.2f} s, written in the background "
+            f"in {done['write_s']:.1f} s ({done['bytes'] / 2**20:,.0f} MiB of host copies)"
+        )
+
+    def plan_background(self, budget: int) -> None:
+        """Whether checkpoint.async_save's host copies (about one rollback point's bytes per
+        rank) fit `budget` bytes, said at start; they are reserved first (`host_reserved`),
+        the rollback points get the rest."""
+        if not self.cfg.checkpoint.async_save:
+            return
+        need = self.module.snapshot_bytes()
+        self.background = need <= budget
+        gib = f"{need / 2**30:,.2f} GiB per rank of the {budget / 2**30:,.1f} GiB host-memory budget"
+        if self.background:
+            self.host_reserved = need
+            self.log.print(
+                f"checkpoint: written in the background (checkpoint.async_save), host copies {gib}"
+            )
+        else:
+            self.log.print(
+                f"checkpoint: async_save's host copies need {gib} (spike.snapshot_memory_gb): "
+                "written synchronously"
+            )
 
     def load(self, path: Path) -> None:
         """Collective: DeepSpeed's state and every registered state from `path`, written by
         this layout and optimizer flavour (DeepSpeed loads its own files) or any other
         (resharded through the layout-free form: ZeRO-1 in bf16 summed its gradients in bf16
         before, through another of DeepSpeed's optimizers, whose files the new one cannot load)."""
+        self.settle()
         saved = self.files.read_state(path)
         self._check_shape(path, saved)
         self._keep_global_batch(path, saved)

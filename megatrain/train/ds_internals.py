@@ -4,7 +4,8 @@ accessors) or reads DeepSpeed's checkpoint files; the rest of megatrain speaks o
 names and tensors. By name where there is one: the optimizer flavour and what it holds
 (masters, moments, step count: set into a live engine; read from checkpoints), ZeRO 1-2's
 flat-partition fragments, fp16's loss scale in either of DeepSpeed's forms, AutoTP's cut,
-the cache of built ops DeepSpeed's builders load from.
+the cache of built ops DeepSpeed's builders load from, its checkpoint files handed over
+to megatrain's background writer instead of written.
 
 Written for the DeepSpeed versions in SUPPORTED; another is refused in one line when this
 module is imported (MEGATRAIN_UNSUPPORTED_DEEPSPEED=1 goes on, with a warning), since an
@@ -428,6 +429,42 @@ def _quiet():
     """zero_to_fp32 narrates its progress on stdout and stderr."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+# --- DeepSpeed's checkpoint files, handed over instead of written ----------------------------
+
+
+@contextlib.contextmanager
+def files_handed_over(engine, sink):
+    """While inside, `engine.save_checkpoint` hands each file it would write, as
+    sink(state_dict, path), instead of writing it (its directories are still made): the state
+    dicts hold the engine's live tensors, which the sink copies before returning. The
+    engine's own checkpoint engine (the one torch.save would write through) is put back after."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    own = engine.checkpoint_engine
+
+    class HandOver(CheckpointEngine):
+        def create(self, info):
+            pass
+
+        def save(self, state_dict, path):
+            sink(state_dict, path)
+
+        def load(self, path, map_location=None):
+            raise RuntimeError("files_handed_over: a load while saving")
+
+        def commit(self, info):
+            return True
+
+        def is_data_parallel_writer(self, dp_rank):
+            return own.is_data_parallel_writer(dp_rank)
+
+    engine.checkpoint_engine = HandOver()
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = own
 
 
 # --- fp16's dynamic loss scale --------------------------------------------------------------

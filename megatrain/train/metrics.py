@@ -31,6 +31,7 @@ class RunLog:
         self.enabled = enabled
         self.metrics_path, self.events_path = run_dir / METRICS, run_dir / EVENTS
         self._bar = self._wandb = None
+        self._wandb_step = 0
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,10 @@ class RunLog:
 
                 edges = list(range(len(shares) + 1))
                 values[f"train/moe_load/{block}"] = wandb.Histogram(np_histogram=(shares, edges))
-            self._wandb.log(values, step=row["step"])
+            # Rows about an earlier step (a rollback's, a background checkpoint's) go at the
+            # newest step: wandb drops values logged at a step below one it has seen.
+            self._wandb_step = max(row["step"], self._wandb_step)
+            self._wandb.log(values, step=self._wandb_step)
 
     def event(self, name: str, **fields) -> None:
         if not self.enabled:
@@ -109,9 +113,12 @@ class RunLog:
 
 
 def wandb_values(row: dict) -> dict:
-    """A metrics row as wandb keys: its numbers under train/ or valid/SET/, each source's
+    """A metrics row as wandb keys: its numbers under train/, valid/SET/ or checkpoint/, each source's
     token count of a blend as train/source_tokens/NAME, strings and the step left out."""
-    prefix = f"valid/{row['set']}/" if row.get("kind") == "valid" else "train/"
+    kind = row.get("kind")
+    prefix = (
+        f"valid/{row['set']}/" if kind == "valid" else "checkpoint/" if kind == "checkpoint" else "train/"
+    )
     flat = {**row, **{f"source_tokens/{k}": v for k, v in row.get("source_tokens", {}).items()}}
     return {prefix + k: v for k, v in flat.items() if isinstance(v, (int, float)) and k != "step"}
 

@@ -60,7 +60,9 @@ class SpikeRecovery(Callback):
 
     def on_start(self, trainer) -> None:
         if self.keep:  # as many points as the host-memory budget holds
-            per_point, budget = trainer.module.snapshot_bytes(), snapshot_budget(self.cfg)
+            # What background checkpoints reserved comes off the budget first.
+            per_point = trainer.module.snapshot_bytes()
+            budget = max(snapshot_budget(self.cfg) - trainer.checkpoints.host_reserved, 0)
             fit = min(self.keep, budget // max(per_point, 1))
             message = (
                 f"spike: rollback points of {per_point / 2**20:,.1f} MiB per rank, {fit} of spike.snapshots="
@@ -115,6 +117,9 @@ class SpikeRecovery(Callback):
 
     def roll_back(self, trainer, spike_row: dict) -> None:
         """Collective: return to the newest point before the spike and skip past it."""
+        # A background checkpoint in flight is published first: it may be the one to go back
+        # to, or one of the abandoned timeline that discard_after must then find.
+        trainer.checkpoints.settle()
         began = self.verdict.began if self.verdict.began is not None else trainer.progress.step
         consumed_after_spike = trainer.batches.consumed
         rollbacks = self.rollbacks

@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from megatrain.config import Config
 from megatrain.config.deepspeed import fp32_accumulation
 from megatrain.errors import UserError
@@ -29,7 +31,7 @@ from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.checkpointing import Checkpoints
 from megatrain.train.metrics import RunLog
 from megatrain.train.mfu import CPU_PROBE, device_memory, peak_flops
-from megatrain.train.spike_recovery import SpikeRecovery
+from megatrain.train.spike_recovery import SpikeRecovery, snapshot_budget
 from megatrain.train.state import RNG, Progress, ResumableState
 from megatrain.train.train_module import TrainModule, init_layout
 
@@ -54,7 +56,7 @@ class Trainer:
             )
         self.tokenizer_sha256 = train_data.tokenizer_sha256
         self.run_dir = Path(cfg.run.dir)
-        files = Checkpointer(self.run_dir, cfg.checkpoint.keep)
+        files = Checkpointer(self.run_dir, cfg.checkpoint.keep, pinned=torch.cuda.is_available())
         files.check_shared()  # before anything is written there
         self.log = RunLog(cfg.run, cfg.logging, t, cfg.to_dict(), enabled=dist.is_main())
         paths = [path for path, _ in cfg.data.sources()]
@@ -84,7 +86,7 @@ class Trainer:
             self.recovery,
             self.metrics,
             self.evaluation,
-            CheckpointEvery(cfg.checkpoint.every_steps),
+            CheckpointEvery(cfg.checkpoint.every_steps, cfg.checkpoint.async_save),
             self.preemption,
             *callbacks,
             Heartbeat(self.run_dir / "heartbeat", dist.is_main()),
@@ -269,24 +271,33 @@ class Trainer:
         "stopped" (SIGTERM/SIGINT: checkpoint written) or "gave_up" (more loss spikes than
         spike.max_rollbacks: rolled back once more and checkpointed)."""
         t0, start_tokens = time.perf_counter(), self.progress.tokens
+        self.checkpoints.plan_background(snapshot_budget(self.cfg.spike))  # before the rollback points
         for cb in self.callbacks:
             cb.on_start(self)
         while self.outcome is None and not self._done():
             row = self.train_step()
-            flags = dist.any_rank(
-                [cb.flag(self, row) for cb in self.callbacks]
-            )  # one collective: all ranks agree
-            for cb, flagged in zip(self.callbacks, flags, strict=True):
+            for cb, flagged in zip(
+                self.callbacks, self._agree([cb.flag(self, row) for cb in self.callbacks]), strict=True
+            ):
                 if cb.on_step(self, row, flagged):
                     break  # the step was undone
         self.outcome = self.outcome or "done"
         for cb in self.callbacks:
             cb.on_end(self)
+        # A background write in flight is waited for (on a stop, at most checkpoint.stop_wait_s).
+        self.checkpoints.settle(self.cfg.checkpoint.stop_wait_s if self.outcome == "stopped" else None)
         if self.final_checkpoint or self.checkpoints.saved_step != self.progress.step:
             checkpoint = self.checkpoints.save()
         else:
             checkpoint = self.checkpoints.files.latest()
         return self._finish(time.perf_counter() - t0, self.progress.tokens - start_tokens, checkpoint)
+
+    @staticmethod
+    def _agree(votes: list) -> list:
+        """Every callback's vote (a flag, or a tuple of flags) ORed over all ranks, in one collective."""
+        flat = [f for vote in votes for f in (vote if isinstance(vote, tuple) else (vote,))]
+        agreed = iter(dist.any_rank(flat))
+        return [tuple(next(agreed) for _ in v) if isinstance(v, tuple) else next(agreed) for v in votes]
 
     def _finish(self, elapsed: float, tokens: int, checkpoint: Path) -> dict:
         first, last, val = self.metrics.first, self.metrics.last, self.evaluation.last
