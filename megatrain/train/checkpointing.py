@@ -95,7 +95,12 @@ class Checkpoints:
             self.log.event("checkpoint_abandoned", step=done["abandoned"], waited_s=done["waited_s"])
             return
         stall = started["stall_s"] + done["waited_s"]
-        figures = {"stall_s": stall, "write_s": done["write_s"], "bytes": done["bytes"]}
+        figures = {
+            "stall_s": stall,
+            "write_s": done["write_s"],
+            "bytes": done["bytes"],
+            "published_at_step": self.progress.step,  # training went on until then
+        }
         self.log.event("checkpoint", path=str(done["path"]), background=True, **{**started, **figures})
         self.log.log({"kind": "checkpoint", **started, **figures})
         self.log.print(
