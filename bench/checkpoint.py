@@ -74,7 +74,7 @@ def main() -> None:
         data = stdlib_data(work, vocab_size=4096)
         from megatrain.config import load_config
 
-        cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", MODEL)
+        cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", [*MODEL, "train.max_steps=1"])
         params = param_count(GPTConfig.from_config(cfg, 4096))
         results = {}
         for stage in args.stages:
