@@ -100,7 +100,8 @@ def main() -> None:
             ]
         )
     print_table(
-        f"Checkpoint stall, {params / 1e6:.0f}M parameters, 2 ranks, fp32 (seconds, medians over checkpoints)",
+        f"Checkpoint stall, {params / 1e6:.0f}M parameters, 2 ranks, fp32 "
+        "(seconds, medians over the checkpoints)",
         ["layout", "checkpoints", "stall", "write", "step while writing", "step otherwise", "stall / sync"],
         rows,
     )

@@ -9,6 +9,10 @@ and a hang timeout) and draws:
     launch (never two in one launch: a kill ends it), checkpoint writes included;
   - a loss spike, one of: a poisoned stretch of data (random tokens, 2 steps' worth) at a
     random step from 24 on, a NaN loss at a random step from 12 on, or none.
+With --async-save the checkpoints are written in the background (checkpoint.async_save), and
+each trial also draws a checkpoint step whose background write is cut short: a rank is
+SIGKILLed from its writer thread halfway through its files (the whole run goes), besides
+the random kills, which may land in background writes too.
 A trial passes when the run finishes, every step 1..40 is in metrics.jsonl, no data is
 lost, and its losses equal, step for step, those of a reference run that never crashed
 and skipped from the start what the trial skipped (the sampler's record in the final
@@ -18,7 +22,7 @@ the reference trained on and the trial did not: it must be 0. "Poison trained" c
 poisoned samples the trial trained on anyway: the guard skips to the end of the step
 that spiked, and a remainder that moves the loss less than the threshold goes by.
 
-    python bench/soak.py [--trials 20] [--seed S] [--json FILE]
+    python bench/soak.py [--trials 20] [--seed S] [--async-save] [--json FILE]
 
 Not a CI test: 20 trials take ~20 minutes on 2 cores.
 """
@@ -90,9 +94,10 @@ def corpus() -> list[str]:
     return [str(stdlib / name) for name in ("json", "email", "html", "http")]
 
 
-def plan(rng: random.Random) -> dict:
+def plan(rng: random.Random, async_save: bool) -> dict:
     spike = rng.choice(["poison", "nan", "none"])
     return {
+        "writer_kill": rng.randrange(5, STEPS, 5) if async_save else None,  # a checkpoint step
         "start_kill": rng.random() < 0.5,  # in the first launch's start, after this many seconds
         "start_kill_after": rng.uniform(0.0, 6.0),
         "kills": sorted(rng.sample(range(2, STEPS - 3), rng.randint(0, 2))),  # after these steps
@@ -106,10 +111,12 @@ def run_trial(work: Path, data: Path, p: dict, rng: random.Random) -> dict:
     run = work / "run"
     work.mkdir(parents=True)
     faults = [f"nan_loss@{p['nan_step']}"] if p["nan_step"] is not None else []
+    faults += [f"writer_kill@{p['writer_kill']}:{rng.randrange(2)}"] if p["writer_kill"] else []
+    background = [f"checkpoint.async_save={str(p['writer_kill'] is not None).lower()}"]
     cmd = supervise_command(
         pretrain_command(
             REPO / "configs" / "tiny-cpu.yaml",
-            [*RUN, f"run.dir={run}", f"data.path={data}"],
+            [*RUN, *background, f"run.dir={run}", f"data.path={data}"],
             faults=faults,
             poison=poison(p),
             fault_state=work / "faults",
@@ -199,6 +206,7 @@ def main():
     ap = arg_parser(__doc__)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=None, help="default: a random one (printed)")
+    ap.add_argument("--async-save", action="store_true", help="checkpoints written in the background")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(10**6)
     rng = random.Random(seed)
@@ -210,7 +218,7 @@ def main():
 
     cache, rows = {}, []
     for i in range(args.trials):
-        p = plan(rng)
+        p = plan(rng, args.async_save)
         t0 = time.perf_counter()
         trial = run_trial(work / f"trial-{i:02d}", data, p, rng)
         ok_run = (
@@ -231,6 +239,7 @@ def main():
             "trial": i,
             "start_kill": trial["start_killed"],
             "kills": trial["kills"],
+            "writer_kill": p["writer_kill"] or "-",
             "spike": p["spike"],
             "at_step": p["poison_step"] or p["nan_step"],
             "restarts": trial["restarts"],
@@ -245,7 +254,18 @@ def main():
         rows.append(row)
         print(f"trial {i}: {row}", flush=True)
 
-    shown = ["trial", "start_kill", "kills", "spike", "at_step", "restarts", "hung", "rollbacks", "finished"]
+    shown = [
+        "trial",
+        "start_kill",
+        "kills",
+        *(["writer_kill"] if args.async_save else []),
+        "spike",
+        "at_step",
+        "restarts",
+        "hung",
+        "rollbacks",
+        "finished",
+    ]
     shown += ["data_lost", "poison_trained", "matched"]
     print_table(
         f"Soak: {args.trials} trials of a {STEPS}-step tiny run, 2 ranks (seed {seed})",
@@ -257,6 +277,7 @@ def main():
         "recoveries": sum(r["restarts"] + r["rollbacks"] for r in rows),
         "kills": sum(r["kills"] for r in rows),
         "start_kills": sum(r["start_kill"] for r in rows),
+        "writer_kills": sum(r["writer_kill"] != "-" for r in rows),
         "hung": sum(r["hung"] for r in rows),
         "spikes": sum(r["spike"] != "none" for r in rows),
         "finished": sum(r["finished"] for r in rows),
@@ -266,6 +287,7 @@ def main():
     print(
         f"\ntrials {summary['trials']}, recoveries {summary['recoveries']} "
         f"({summary['kills']} kills in steps, {summary['start_kills']} in starts, "
+        f"{summary['writer_kills']} in background writes, "
         f"{summary['spikes']} injected spikes; {summary['hung']} hung), finished {summary['finished']}, "
         f"data lost {summary['data_lost']} samples, every final trajectory matched: {summary['all_matched']}"
     )

@@ -12,6 +12,7 @@ never reads these flags or passes a batch through a test hook.
     writer_error         (checkpoint.async_save) the background writer's second file of
                          checkpoint STEP fails as on a full disk (ENOSPC)
     nan_loss             step STEP's loss becomes NaN (real NaN gradients follow)
+    slow                 from step STEP on, the rank sleeps 0.3 s in every forward pass
     hang                 the rank stops after step STEP and never returns (SIGTERM
                          does not end it: as a rank stuck inside a collective)
     stale_listing        at checkpoint STEP the rank's listing of the files lags: it
@@ -247,6 +248,32 @@ class NaNLoss(Callback):
         trainer.train_step = train_step
 
 
+class SlowRank(Callback):
+    """slow@N[:RANK]: from step N on, the rank sleeps SLEEP_S in every forward pass (a straggler)."""
+
+    name = "fault_slow"
+    SLEEP_S = 0.3
+
+    def __init__(self, faults: Faults):
+        self.first = min(
+            (step for name, step, rank in faults.points if name == "slow" and rank in (None, faults.rank)),
+            default=None,
+        )
+
+    def on_start(self, trainer):
+        if self.first is None:
+            return
+        module, progress = trainer.module, trainer.progress
+        loss = type(module).loss
+
+        def slow_loss(inputs, targets):
+            if progress.step + 1 >= self.first:
+                time.sleep(self.SLEEP_S)
+            return loss(module, inputs, targets)
+
+        module.loss = slow_loss
+
+
 class Hang(Callback):
     """hang@N: after step N this rank sleeps for good; a signal's handler runs and the
     sleep goes on, as for a rank blocked in a collective."""
@@ -276,6 +303,7 @@ def main():
     die_holding_the_op_lock(faults)
     callbacks = [
         NaNLoss(faults),
+        SlowRank(faults),
         Hang(faults),
         *([Poison(args.poison)] if args.poison else []),
         *([RecordSamples(args.record_samples)] if args.record_samples else []),

@@ -567,8 +567,15 @@ class LoggingConfig:
     """MoE: every this many steps, each expert's share of the routed tokens per MoE block
     (`moe_load` in metrics.jsonl, histograms in wandb); min and max are in every row."""
 
+    straggler_every: int = 100
+    """Steps between gathering every rank's time in data loading, forward, backward and the
+    optimizer step (in the loop's one collective); 0: never."""
+    straggler_factor: float = 1.5
+    """A rank whose data loading and forward pass take longer than this times the ranks' median
+    is named as a straggler (console and events.jsonl)."""
+
     def problems(self, cfg: Config) -> Problems:
-        yield from _at_least(self, "logging", moe_load_every=1)
+        yield from _at_least(self, "logging", moe_load_every=1, straggler_every=0, straggler_factor=1.0)
 
 
 @dataclass

@@ -193,6 +193,10 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size())
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -227,6 +231,22 @@ def any_rank(flags: list[bool]) -> list[bool]:
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x > 0) for x in t.tolist()]
+
+
+def agree_and_gather(flags: list[bool], values: list[float] | None) -> tuple[list[bool], list | None]:
+    """One collective: each flag ORed over all ranks (any_rank) and, when `values` are given
+    (on every rank alike, or on none), every rank's values: [[rank 0's], [rank 1's], ...]."""
+    if values is None:
+        return any_rank(flags), None
+    mine = torch.tensor([*map(float, flags), *values], dtype=torch.float64, device=collective_device())
+    if dist.is_initialized() and world_size() > 1:
+        parts = [torch.empty_like(mine) for _ in range(world_size())]
+        dist.all_gather(parts, mine)
+        every = torch.stack(parts)
+    else:
+        every = mine[None]
+    every = every.cpu()
+    return [bool(x > 0) for x in every[:, : len(flags)].amax(0)], every[:, len(flags) :].tolist()
 
 
 def on_every_rank(work: Callable[[], T]) -> T:

@@ -26,6 +26,7 @@ from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
 from megatrain.train.build import build_model
 from megatrain.train.optimizer import attach, build_optimizer, is_tensor_parallel
+from megatrain.train.stragglers import PhaseClock
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets)
 
@@ -91,6 +92,7 @@ class TrainModule:
             # into one buffer and copies them back, a sizeable share of a small step, for an identity.
             self.engine.enable_backward_allreduce = False
         self.device = self.engine.device
+        self.clock = PhaseClock(self.device)  # the phases of the steps stragglers.py measures
         # The optimizer that owns the moments: ours, or the one inside DeepSpeed's wrapper.
         self.base_optimizer = wall.base_optimizer(self.engine.optimizer)
         # The state a ZeRO-0 wrapper's construction step made (optimizer.CONSTRUCTION_LR): a
@@ -126,11 +128,15 @@ class TrainModule:
         skipped_before = self.engine.skipped_steps
         if self.norm.source == "kernel":  # stays None when DeepSpeed skips our step (an overflow)
             self.client_optimizer.last_grad_norm = None
+        clock = self.clock
         if self.layout.pipeline:
             # DeepSpeed's schedule runs the micro-batches; every rank draws them (the first
-            # stage uses the inputs, the last the targets).
-            batches = [next_micro_batch() for _ in range(self.grad_accum)]
-            loss = float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
+            # stage uses the inputs, the last the targets). Its whole schedule is timed as
+            # the forward phase: it interleaves them.
+            with clock.phase("data"):
+                batches = [next_micro_batch() for _ in range(self.grad_accum)]
+            with clock.phase("forward"):
+                loss = float(self.engine.train_batch(data_iter=iter(batches)))  # mean over the global batch
             if loss_fn.z_loss:  # the z terms are on the last stage's ranks: their mean
                 z_sum, count = loss_fn.take_z()
                 z_and_count = torch.zeros(2, dtype=torch.float64, device=dist.collective_device())
@@ -143,19 +149,24 @@ class TrainModule:
         # The losses stay on the device (float64, as a host sum would be) until one
         # all-reduce after the step: one host sync per step, not one per micro-batch.
         loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=dist.collective_device()), None
-        upcoming = next_micro_batch()
+        with clock.phase("data"):
+            upcoming = next_micro_batch()
         for i in range(self.grad_accum):
             inputs, targets = upcoming
             if i + 1 < self.grad_accum:  # its copy to the device overlaps this micro-batch's compute
-                upcoming = next_micro_batch()
+                with clock.phase("data"):
+                    upcoming = next_micro_batch()
             # Mark the boundary ourselves: DeepSpeed's own count assumes a fixed accumulation.
             boundary = i == self.grad_accum - 1
             self.engine.set_gradient_accumulation_boundary(boundary)
-            loss = self.loss(inputs, targets)
-            self.engine.backward(loss)
+            with clock.phase("forward"):
+                loss = self.loss(inputs, targets)
+            with clock.phase("backward"):
+                self.engine.backward(loss)
             if boundary and self.norm.source == "measured":  # gradients are all-reduced now, not yet clipped
                 grad_norm = self._measured_norm()
-            self.engine.step()
+            with clock.phase("optimizer"):
+                self.engine.step()
             loss_sum += loss.detach().to(loss_sum)
         if self.norm.source != "measured":
             grad_norm = self._grad_norm(skipped_before)

@@ -33,6 +33,7 @@ from megatrain.train.metrics import RunLog
 from megatrain.train.mfu import CPU_PROBE, device_memory, peak_flops
 from megatrain.train.spike_recovery import SpikeRecovery, snapshot_budget
 from megatrain.train.state import RNG, Progress, ResumableState
+from megatrain.train.stragglers import Stragglers
 from megatrain.train.train_module import TrainModule, init_layout
 
 
@@ -82,7 +83,10 @@ class Trainer:
         self.metrics = LogMetrics(t.log_every)
         self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)
         self.preemption = Preemption()
+        self.stragglers = Stragglers(cfg.logging.straggler_every, cfg.logging.straggler_factor)
+        self.rank_times: list[list[float]] | None = None  # every rank's phase times, on measured steps
         self.callbacks = [
+            self.stragglers,  # first: it adds the slowest rank's times to the row the others log
             self.recovery,
             self.metrics,
             self.evaluation,
@@ -237,7 +241,11 @@ class Trainer:
         self.module.set_lr(lr)
         micro_batches = self.checkpoints.batch_schedule.micro_batches(self.progress.tokens)
         self.module.set_micro_batches(micro_batches, self.cfg.train.micro_batch)
+        measured = self.stragglers.measures(self.progress.step + 1)
+        if measured:
+            self.module.clock.start()
         loss, grad_norm = self.module.step(self.batches.next)
+        self.phase_times = self.module.clock.stop() if measured else None
         self.progress.step += 1
         self.progress.tokens += self.batch_tokens
         dt = time.perf_counter() - t0
@@ -276,9 +284,11 @@ class Trainer:
             cb.on_start(self)
         while self.outcome is None and not self._done():
             row = self.train_step()
-            for cb, flagged in zip(
-                self.callbacks, self._agree([cb.flag(self, row) for cb in self.callbacks]), strict=True
-            ):
+            # One collective: the callbacks' votes, and on measured steps every rank's phase times.
+            flags, self.rank_times = self._agree(
+                [cb.flag(self, row) for cb in self.callbacks], self.phase_times
+            )
+            for cb, flagged in zip(self.callbacks, flags, strict=True):
                 if cb.on_step(self, row, flagged):
                     break  # the step was undone
         self.outcome = self.outcome or "done"
@@ -293,11 +303,15 @@ class Trainer:
         return self._finish(time.perf_counter() - t0, self.progress.tokens - start_tokens, checkpoint)
 
     @staticmethod
-    def _agree(votes: list) -> list:
-        """Every callback's vote (a flag, or a tuple of flags) ORed over all ranks, in one collective."""
+    def _agree(votes: list, values: list[float] | None) -> tuple[list, list | None]:
+        """Every callback's vote (a flag, or a tuple of flags) ORed over all ranks and, when
+        given, every rank's `values`, in one collective."""
         flat = [f for vote in votes for f in (vote if isinstance(vote, tuple) else (vote,))]
-        agreed = iter(dist.any_rank(flat))
-        return [tuple(next(agreed) for _ in v) if isinstance(v, tuple) else next(agreed) for v in votes]
+        agreed, gathered = dist.agree_and_gather(flat, values)
+        agreed = iter(agreed)
+        return [
+            tuple(next(agreed) for _ in v) if isinstance(v, tuple) else next(agreed) for v in votes
+        ], gathered
 
     def _finish(self, elapsed: float, tokens: int, checkpoint: Path) -> dict:
         first, last, val = self.metrics.first, self.metrics.last, self.evaluation.last
