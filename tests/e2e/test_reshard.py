@@ -70,10 +70,21 @@ def test_resume_on_another_layout_continues_exactly(uninterrupted, tmp_path, sma
         (ckpt / f"{layout_free.FILE}.tmp").write_bytes(b"partial")
         (ckpt / layout_free.FILE).write_bytes(b"not listed in the manifest")
     nproc, sets = LAYOUTS[second]
-    proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc, record_samples=tmp_path / "samples")
+    # Written in the background (checkpoint.async_save): checkpoint 30 of every layout, the
+    # pipeline's and ZeRO-3's included, is read back below against the source's.
+    proc = pretrain(
+        run,
+        small_data,
+        *sets,
+        *LONG,
+        "checkpoint.async_save=true",
+        nproc=nproc,
+        record_samples=tmp_path / "samples",
+    )
     assert f"resharded step-00000020 from {DESCRIBED[first]} to {DESCRIBED[second]} ({how})" in proc.stdout
     reshards = [e for e in read_events(run) if e["event"] == "reshard"]
     assert len(reshards) == 1 and reshards[0]["checkpoint"].endswith("step-00000020")
+    assert [e["step"] for e in read_events(run) if e["event"] == "checkpoint" and e.get("background")] == [30]
 
     reference = train_losses(source / "run")
     losses = train_losses(run)
