@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -221,6 +222,27 @@ def samples_by_step(*dirs, steps: range) -> dict[int, list[int]]:
                 if row["step"] in steps and row["mp_rank"] == 0:
                     found[row["step"]] += row["samples"]
     return {step: sorted(v) for step, v in found.items()}
+
+
+def same_values(a, b, where: str = "") -> None:
+    """Two loaded checkpoint files (or any nested state) hold equal values: tensors and arrays
+    bit for bit, objects by their attributes."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert sorted(map(str, a)) == sorted(map(str, b)), where
+        for k in a:
+            same_values(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_values(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__"):
+        same_values(vars(a), vars(b), where)
+    else:
+        assert a == b, where
 
 
 def flat_state(run, step: int) -> tuple[dict[str, torch.Tensor], int]:

@@ -197,7 +197,10 @@ class Checkpointer:
         if not all(finished for finished, *_ in told):
             return {"abandoned": pending.step, "waited_s": waited}
         entries = {name: entry for _, files, *_ in told for name, entry in files.items()}
-        final = self._publish(pending.step, pending.tmp, entries)
+        try:
+            final = self._publish(pending.step, pending.tmp, entries)
+        except OSError as e:
+            self._give_up(pending.step, pending.tmp, e.strerror or str(e))
         return {
             "step": pending.step,
             "path": final,
@@ -233,8 +236,9 @@ class Checkpointer:
 
     def _publish(self, step: int, tmp: Path, entries: dict[str, dict] | None = None) -> Path:
         """Collective: the manifest, the rename to step-N, `latest`, pruning. `entries`: the
-        files' hashes as their background writers took them (rank 0 adds the files DeepSpeed
-        wrote itself, its recovery scripts); else the ranks hash the files between them now.
+        files' hashes as their background writers took them (rank 0 hashes any other file it
+        finds there, one DeepSpeed would have written past the hand-over); else the ranks
+        hash the files between them now.
         Every file any rank sees is listed, and hashed by a rank that saw it: on a network
         filesystem a rank's listing can lag the files other ranks wrote (attribute caching),
         never its own."""

@@ -93,6 +93,7 @@ class Checkpoints:
             )
             self.log.print(message)
             self.log.event("checkpoint_abandoned", step=done["abandoned"], waited_s=done["waited_s"])
+            self.saved_step = None  # the end writes its own
             return
         stall = started["stall_s"] + done["waited_s"]
         figures = {

@@ -84,7 +84,8 @@ class Trainer:
         self.evaluation = Evaluate(valid_sets, t.eval_every, t.eval_samples)
         self.preemption = Preemption()
         self.stragglers = Stragglers(cfg.logging.straggler_every, cfg.logging.straggler_factor)
-        self.rank_times: list[list[float]] | None = None  # every rank's phase times, on measured steps
+        self.phase_times: list[float] | None = None  # this rank's, on steps the stragglers measure
+        self.rank_times: list[list[float]] | None = None  # every rank's, gathered
         self.callbacks = [
             self.stragglers,  # first: it adds the slowest rank's times to the row the others log
             self.recovery,

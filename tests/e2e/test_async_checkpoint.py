@@ -6,10 +6,9 @@ abandoning a write): tests/unit/test_checkpoint_writer.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from helpers import LAYOUTS, LONG, copy_until, pretrain, train_losses
+from helpers import LAYOUTS, LONG, copy_until, pretrain, same_values, train_losses
 
 from megatrain.train.checkpoint import Checkpointer
 from megatrain.train.metrics import read_events, read_metrics
@@ -17,31 +16,11 @@ from megatrain.train.metrics import read_events, read_metrics
 ASYNC = "checkpoint.async_save=true"
 
 
-def _same(a, b, where: str = "") -> None:
-    """Two loaded checkpoint files hold equal values: tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert sorted(map(str, a)) == sorted(map(str, b)), where
-        for k in a:
-            _same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _same(x, y, f"{where}[{i}]")
-    elif hasattr(a, "__dict__"):
-        _same(vars(a), vars(b), where)
-    else:
-        assert a == b, where
-
-
 def _same_checkpoint(ours, theirs) -> None:
     files = sorted(p.name for p in ours.glob("*.pt"))
     assert files == sorted(p.name for p in theirs.glob("*.pt")) and files
     for name in files:
-        _same(
+        same_values(
             torch.load(ours / name, weights_only=False), torch.load(theirs / name, weights_only=False), name
         )
 

@@ -69,7 +69,7 @@ def _pending(files: Checkpointer, step: int, content) -> None:
 def test_settle_publishes_a_finished_write_as_a_synchronous_save_would(tmp_path):
     files = Checkpointer(tmp_path, keep=1)
     _pending(files, 3, {"rng": torch.arange(4)})
-    (files.root / ".tmp-step-00000003" / "zero_to_fp32.py").write_text("#")  # DeepSpeed's own copy
+    (files.root / ".tmp-step-00000003" / "zero_to_fp32.py").write_text("#")  # one no writer reported
     done = files.settle()
     ckpt = tmp_path / "checkpoints" / "step-00000003"
     assert done["path"] == ckpt and done["step"] == 3 and done["bytes"] == 100 and files.pending is None

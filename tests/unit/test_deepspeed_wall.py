@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-from helpers import REPO, TINY_CONFIG
+from helpers import REPO, TINY_CONFIG, same_values
 from safetensors.torch import save_file
 
 from megatrain.errors import UserError
@@ -26,6 +26,7 @@ from megatrain.model import GPT, GPTConfig
 from megatrain.optim import param_groups
 from megatrain.train import ds_internals as wall
 from megatrain.train import layout_free
+from megatrain.train.checkpoint_writer import HostCopies
 
 SHAPE = GPTConfig(vocab_size=64, seq_len=8, n_layer=2, n_head=2, d_model=16)
 
@@ -194,6 +195,18 @@ def _contracts(data: str, work: str, out: str) -> None:
         save_file(values, file, {"optimizer_step": "5"})
         layout_free.load_into(module, file)
         module.engine.save_checkpoint(work, tag=f"c{len(results)}")
+        # The same save handed over (background checkpoints): the files it would have written.
+        copies, handed = HostCopies(pinned=False), {}
+        copies.start()
+
+        def hand_over(state, path, copies=copies, handed=handed):
+            handed[Path(path).name] = copies.copy(state, path)
+
+        with wall.files_handed_over(module.engine, hand_over):
+            module.engine.save_checkpoint(work, tag=f"h{len(results)}")
+        written = {p.name: p for p in (Path(work) / f"c{len(results)}").iterdir()}
+        for file, state in handed.items():
+            same_values(state, torch.load(written[file], weights_only=False), file)
         read, step = wall.read_checkpoint(
             Path(work) / f"c{len(results)}",
             0,
@@ -207,6 +220,8 @@ def _contracts(data: str, work: str, out: str) -> None:
             "step": step,
             "keys": sorted(read) == sorted(values),
             "differ": sorted(k for k in values if k in read and not torch.equal(read[k], values[k])),
+            "handed_over": sorted(handed) == sorted(written),
+            "written_by_the_hand_over": sorted(p.name for p in (Path(work) / f"h{len(results)}").iterdir()),
         }
     Path(out).write_text(json.dumps(results))
 
@@ -225,4 +240,11 @@ def test_each_flavour_keeps_what_the_wall_sets_in_it(tmp_path, small_data):
         name: f for name, (_, f) in FLAVOURS.items()
     }
     for name, r in results.items():
-        assert r == {"flavour": FLAVOURS[name][1], "step": 5, "keys": True, "differ": []}, name
+        assert r == {
+            "flavour": FLAVOURS[name][1],
+            "step": 5,
+            "keys": True,
+            "differ": [],
+            "handed_over": True,
+            "written_by_the_hand_over": [],
+        }, name
