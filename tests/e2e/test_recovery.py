@@ -87,8 +87,12 @@ def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout
         (["parallel.zero_stage=0", "train.precision=fp32"], "memory"),
         # the in-memory point holds DeepSpeed's flat fp32 partitions and the bf16 module weights
         (["parallel.zero_stage=2", "train.precision=bf16"], "memory"),
-        # ZeRO-3 keeps parameters in DeepSpeed-private partitions: back to the disk checkpoint
-        (["parallel.zero_stage=3", "train.precision=fp32"], "checkpoints/step-00000030"),
+        # ZeRO-3 keeps parameters in DeepSpeed-private partitions: back to the disk checkpoint,
+        # here written in the background (the rollback publishes it first if still in flight)
+        (
+            ["parallel.zero_stage=3", "train.precision=fp32", "checkpoint.async_save=true"],
+            "checkpoints/step-00000030",
+        ),
     ],
     ids=["zero0-fp32", "zero2-bf16", "zero3-fp32-disk"],
 )
@@ -274,9 +278,9 @@ def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, small_data, baseline16):
     run = tmp_path / "run"
-    cmd = pretrain_command(
-        TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *LONG, "train.max_steps=100000"]
-    )
+    # Checkpoints in the background: the stop waits for a write in flight, then writes the final one.
+    sets = [*LONG, "train.max_steps=100000", "checkpoint.async_save=true"]
+    cmd = pretrain_command(TINY_CONFIG, [f"run.dir={run}", f"data.path={small_data}", *sets])
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     while _last_step(run) < 3 and launcher.poll() is None:
         time.sleep(0.05)
