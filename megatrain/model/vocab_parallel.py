@@ -1,0 +1,74 @@
+"""The cross-entropy of an output layer whose vocabulary is split over a tensor-parallel group
+(Megatron's vocab-parallel cross-entropy, Shoeybi et al. 2019): each rank holds the logits
+of its contiguous slice of the vocabulary, [N, V / T], and the full-vocabulary logits are
+never gathered. Three all-reduces of N numbers each replace them: the row maximum (for a
+stable softmax), the sum of exponentials, and the target's logit (held by one rank, zero on
+the others). The backward pass needs no communication: each rank's gradient is
+softmax - one-hot on its own slice.
+
+It returns what LMLoss computes from whole logits (gpt.py): the mean cross-entropy over the
+tokens whose target is not IGNORE, and the mean over all tokens of log(Z)^2 (PaLM's z-loss,
+Z the softmax's normaliser), so that the caller weights z as it does today.
+
+Not wired into the model yet: the vocabulary-parallel embedding and output head that give it
+its input are the next step of 3D parallelism (issue 36; docs/parallelism.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+IGNORE = -100  # as F.cross_entropy's default ignore_index
+
+
+def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int]:
+    """[start, stop) of the vocabulary slice tensor-parallel rank `rank` of `size` holds."""
+    if vocab_size % size:
+        raise ValueError(f"a vocabulary of {vocab_size} does not split over {size} tensor-parallel ranks")
+    per = vocab_size // size
+    return rank * per, (rank + 1) * per
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, start: int, group):
+        ctx.dtype = logits.dtype
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        exp = (logits - row_max[:, None]).exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        local = targets - start
+        mine = (local >= 0) & (local < logits.shape[-1])  # this rank holds the target's logit
+        local = torch.where(mine, local, torch.zeros_like(local))
+        target_logit = logits.gather(1, local[:, None]).squeeze(1) * mine
+        dist.all_reduce(target_logit, group=group)
+        lse = sum_exp.log() + row_max  # log Z
+        counted = targets != IGNORE
+        n = counted.sum().clamp(min=1)
+        ce = ((lse - target_logit) * counted).sum() / n
+        z = lse.pow(2).mean()
+        ctx.save_for_backward(exp / sum_exp[:, None], local, mine, counted, lse, n)
+        return ce, z
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor, grad_z: torch.Tensor):
+        softmax, local, mine, counted, lse, n = ctx.saved_tensors
+        # d ce / d logits = (softmax - one-hot) / n on the counted rows; d z / d logits = 2 log Z
+        # softmax / N on every row.
+        rows = counted.to(softmax.dtype) * (grad_ce / n)
+        grad = softmax * (rows + grad_z * 2 * lse / lse.numel())[:, None]
+        hit = (mine & counted).nonzero(as_tuple=True)[0]
+        grad[hit, local[hit]] -= rows[hit]
+        return grad.to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, start: int, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy over the targets that are not IGNORE, mean log(Z)^2 over all
+    rows) of logits [N, V / T] holding vocabulary [start, start + V / T) of `group`'s ranks
+    (vocab_range), targets [N] of the whole vocabulary. Collective over `group`."""
+    return _VocabParallelCrossEntropy.apply(logits, targets, start, group)
