@@ -7,7 +7,9 @@ time and training days for a config on a layout; or every layout that fits, fast
         --json plan.json
 
 No data is needed: the vocabulary comes from model.vocab_size, else the data's manifest when
-it exists, else --vocab-size (GPT-3's 50257). Estimates, not measurements: docs/planning.md.
+it exists, else --vocab-size (GPT-3's 50257 padded to a multiple of 128, 50304, as Megatron-LM
+pads it: the tensor-parallel ranks split the vocabulary, which must divide by their number).
+Estimates, not measurements: docs/planning.md.
 """
 
 import argparse
@@ -43,7 +45,7 @@ def parse_args():
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--intra-node-gbs", type=float, default=300, help="all-reduce GB/s per GPU within a node")
     p.add_argument("--inter-node-gbs", type=float, default=25, help="all-reduce GB/s per GPU between nodes")
-    p.add_argument("--vocab-size", type=int, default=50257, help="when neither the config nor data gives it")
+    p.add_argument("--vocab-size", type=int, default=50304, help="when neither the config nor data gives it")
     p.add_argument(
         "--fit", metavar="FILE", help="launch/scaling.py --json FILE: also the predicted final loss"
     )

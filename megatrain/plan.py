@@ -25,7 +25,7 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
               that in fp32; with activation checkpointing only each block's input plus one
               block's working set; P micro-batches in flight on a pipeline's first stage
               (1F1B); the logits in the training dtype and in fp32 for the cross-entropy and
-              its gradient, s*b*V*(w + 8) bytes
+              its gradient, s*b*V/T*(w + 8) bytes (the tensor ranks split the vocabulary)
   buffers     DeepSpeed's gradient reduce bucket (reduce_bucket_size, 5e8 elements, in the dtype
               gradients are reduced in: fp32 with bf16's fp32 accumulation; ZeRO 1-3
               allocate it whole, which on a GPU counts whatever the model's size, while
@@ -40,12 +40,12 @@ Time: the model FLOPs per token (6N + attention; recomputation added with activa
 checkpointing) at an assumed MFU of the device's peak, stretched by the 1F1B bubble
 (P-1)/(m+P-1) for m micro-batches per pipeline, plus communication as ring collectives
 (2(n-1)/n x bytes / bandwidth), not overlapped with compute (an upper bound): tensor
-parallelism's four all-reduces of s*b*h activations per block and micro-batch (within a
-node), the data-parallel gradient reduction once per step (ZeRO-3: the parameters gathered
-twice and the gradients reduced per micro-batch), over the node's links when the group fits
-in a node, else the network; over the batch ramp and then the full batch up to the config's
-token budget. These are estimates: what they leave out is listed in
-docs/planning.md, and nothing here has been compared with a GPU's measured memory.
+parallelism's four all-reduces of s*b*h activations per block and micro-batch and the split
+vocabulary's two (within a node), the data-parallel gradient reduction once per step
+(ZeRO-3: the parameters gathered twice and the gradients reduced per micro-batch), over the
+node's links when the group fits in a node, else the network; over the batch ramp and then
+the full batch up to the config's token budget. These are estimates: what they leave out is
+listed in docs/planning.md, and nothing here has been compared with a GPU's measured memory.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     layers = math.ceil(L / P)
     micro_batches = _micro_batches(cfg, lay, cfg.schedule.batch_final_tokens)
     in_flight = min(P, micro_batches)
-    logits = s * b * V * (w + 8)
+    logits = s * b * V / T * (w + 8)  # this rank's slice of the vocabulary
     working = per_layer if lay.activation_checkpointing else 0
     first_stage = in_flight * layers * stored + working + (logits if P == 1 else 0)
     last_stage = layers * stored + working + logits
@@ -131,9 +131,11 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
 
 def _params_per_rank(m: GPTConfig, T: int, P: int) -> float:
     """The parameters of the rank holding the embeddings: its share of the blocks (split by
-    tensor parallelism and pipeline stages), the embeddings and head whole."""
+    tensor parallelism and pipeline stages), of the token embedding and untied output head
+    (split by vocabulary rows over the tensor ranks), and the rest (positions, final norm) whole."""
     blocks = blocks_params(m)
-    return blocks / (T * P) + param_count(m) - blocks
+    vocab = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    return blocks / (T * P) + vocab / T + param_count(m) - blocks - vocab
 
 
 def _mlp_width(m: GPTConfig) -> tuple[float, float]:
@@ -177,7 +179,9 @@ def comm_time(
         return 2 * (n - 1) / n * nbytes / bandwidth if n > 1 else 0.0
 
     activation = m.seq_len * lay.micro_batch * m.d_model * w
-    tp = 4 * math.ceil(m.n_layer / P) * micro_batches * ring(T, activation, links.intra_node)
+    # Two all-reduces per block forward and two backward, and the vocabulary's two: the
+    # embedding's lookups forward, the output layer's input gradient backward.
+    tp = (4 * math.ceil(m.n_layer / P) + 2) * micro_batches * ring(T, activation, links.intra_node)
     dp_link = links.intra_node if lay.world <= gpus_per_node else links.inter_node
     shard = _params_per_rank(m, T, P) * w
     dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
@@ -272,11 +276,14 @@ def _batch_at(cfg: Config, tokens: float) -> float:
 
 def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
     """Every layout megatrain can run: ZeRO 0-3, tensor parallel within a node (dividing the
-    heads; ZeRO 0-2), pipeline stages dividing the layers (ZeRO 0-1, no tensor parallel),
+    heads and the vocabulary; ZeRO 0-2), pipeline stages dividing the layers (ZeRO 0-1, no tensor parallel),
     micro-batches 1-16, activation checkpointing on and off; the final batch must split. An
     MoE model: data parallel only, every rank computing every expert (splitting them saves no
     memory here and adds all-to-alls: docs/moe.md)."""
-    for T in (t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0 and m.n_head % t == 0):
+    splits = [
+        t for t in range(1, gpus_per_node + 1) if not (gpus_per_node % t or m.n_head % t or m.vocab_size % t)
+    ]
+    for T in splits:
         for P in (p for p in range(1, m.n_layer + 1) if m.n_layer % p == 0 and gpus % (T * p) == 0):
             if (T > 1 and P > 1) or (m.moe_experts and T * P > 1):
                 continue

@@ -430,6 +430,11 @@ class ParallelConfig:
             )
         if tp > 1 and cfg.model.ffn_hidden and cfg.model.ffn_hidden % tp:
             yield f"parallel.tensor_parallel={tp}", f"must divide model.ffn_hidden ({cfg.model.ffn_hidden})"
+        if tp > 1 and cfg.model.vocab_size and cfg.model.vocab_size % tp:
+            yield (
+                f"parallel.tensor_parallel={tp}",
+                f"must divide model.vocab_size ({cfg.model.vocab_size}): the vocabulary is split too",
+            )
 
     def problems(self, cfg: Config) -> Problems:
         if self.zero_stage not in (0, 1, 2, 3):

@@ -238,18 +238,25 @@ class Positions(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token plus learned position embeddings; `unembed` reuses the token table (tied)."""
+    """Token plus learned position embeddings; `unembed` reuses the token table (tied). Under
+    tensor parallelism `vocab_parallel` (a VocabParallel, set by the trainer's build) says
+    which rows of the vocabulary this rank's table holds: lookups are summed over the group,
+    logits are this rank's slice."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = Positions(cfg)
+        self.vocab_parallel = None
 
     def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        return self.positions(self.wte(idx), start)
+        rows = self.vocab_parallel
+        return self.positions(self.wte(idx) if rows is None else rows.embed(idx, self.wte.weight), start)
 
-    def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.wte.weight)
+    def unembed(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the token table (or `weight`, an untied head's)."""
+        weight = self.wte.weight if weight is None else weight
+        return F.linear(x, weight) if self.vocab_parallel is None else self.vocab_parallel.logits(x, weight)
 
 
 class CausalSelfAttention(nn.Module):
@@ -339,8 +346,7 @@ class Head(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, embedding: Embedding) -> torch.Tensor:
-        x = self.ln_f(x)
-        return embedding.unembed(x) if self.lm_head is None else self.lm_head(x)
+        return embedding.unembed(self.ln_f(x), None if self.lm_head is None else self.lm_head.weight)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -358,12 +364,17 @@ class LMLoss:
     def __init__(self, z_loss: float = 0.0):
         self.z_loss = z_loss
         self.z_sum, self.z_count = None, 0
+        self.vocab_parallel = None  # with the embedding's: the logits are this rank's slice
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = lm_loss(logits, targets)
+        if self.vocab_parallel is None:
+            loss, z = lm_loss(logits, targets), None
+        else:
+            loss, z = self.vocab_parallel.loss(logits, targets)
         if not self.z_loss or not torch.is_grad_enabled():  # evaluation scores the cross-entropy alone
             return loss
-        z = logits.float().logsumexp(dim=-1).pow(2).mean()
+        if z is None:
+            z = logits.float().logsumexp(dim=-1).pow(2).mean()
         self.z_sum = z.detach() if self.z_sum is None else self.z_sum + z.detach()
         self.z_count += 1
         return loss + self.z_loss * z

@@ -5,13 +5,14 @@ parameters, cutting whole parameters into a rank's shard).
 Megatron's layout (Shoeybi et al. 2019): in each block the fused q|k|v projection and the
 MLP's first layer are split by output columns (each rank keeps whole attention heads and
 a slice of the MLP's hidden units, biases split with them), attention's output
-projection and the MLP's second layer by input rows (their biases, the LayerNorms and the
-tied embedding stay whole on every rank: replicated; QK-norm's scales too, their
+projection and the MLP's second layer by input rows (their biases and the LayerNorms stay
+whole on every rank: replicated; QK-norm's scales too, their
 gradients summed over the group). q|k|v is three sub-parameters: rank
 r keeps part r of q, of k and of v, so its heads stay whole; with grouped-query attention
 k and v are narrower than q (whole key/value heads per rank: n_kv_head must divide by the
-size). SwiGLU's packed gate|up is two sub-parameters the same way. An untied output
-head stays whole.
+size). SwiGLU's packed gate|up is two sub-parameters the same way. The token embedding
+(tied to the output) and an untied output head are split by vocabulary rows, by megatrain
+(cut_vocabulary, model/vocab_parallel.py: the full-vocabulary logits are never gathered).
 """
 
 from __future__ import annotations
@@ -57,9 +58,16 @@ def autotp_config(size: int, cfg: GPTConfig) -> dict:
     return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": out}}
 
 
+# Split by vocabulary rows, by megatrain itself rather than AutoTP (model/vocab_parallel.py):
+# the token embedding (tied to the output) and an untied output head.
+VOCAB_ROWS = (r"embed\.wte\.weight", r"head\.lm_head\.weight")
+
+
 def split_of(name: str, cfg: GPTConfig) -> tuple[int, tuple[int, ...] | None] | None:
     """(dimension, sub-parameter sizes or None) along which parameter `name` is split, or
     None if every rank keeps it whole."""
+    if any(re.fullmatch(pattern, name) for pattern in VOCAB_ROWS):
+        return 0, None
     for pattern, kind, sizes in specs(cfg):
         weight = re.fullmatch(pattern, name)
         bias = name.endswith(".bias") and re.fullmatch(pattern, name.removesuffix(".bias") + ".weight")
@@ -86,6 +94,18 @@ def shard_ranges(
     return dim, ranges
 
 
+def cut_vocabulary(model: torch.nn.Module, rows) -> None:
+    """The (meta) GPT's vocabulary tables cut to this rank's rows (a VocabParallel), marked as
+    split like AutoTP's shards, and the model told which rows it holds."""
+    tables = [model.embed.wte] + ([model.head.lm_head] if model.head.lm_head is not None else [])
+    for table in tables:
+        whole = table.weight
+        part = torch.nn.Parameter(whole.new_empty(rows.stop - rows.start, whole.shape[1]))
+        part.tensor_model_parallel = True  # as AutoTP marks its shards: counted once per rank in norms
+        table.weight = part
+    model.embed.vocab_parallel = model.loss_fn.vocab_parallel = rows
+
+
 def shard(name: str, full: torch.Tensor, rank: int, size: int, cfg: GPTConfig) -> torch.Tensor:
     """Rank `rank`'s part of whole parameter `name` (the tensor itself when replicated)."""
     cut = shard_ranges(name, full.shape, rank, size, cfg)
@@ -100,6 +120,8 @@ def gather(name: str, shards: list[torch.Tensor], cfg: GPTConfig) -> torch.Tenso
     split = split_of(name, cfg)
     if split is None or len(shards) == 1:
         return shards[0]
+    if split == (0, None) and shards[0].shape[0] == cfg.vocab_size:
+        return shards[0]  # a vocabulary table every rank kept whole (checkpoints before it was split)
     dim, sizes = split
     local = [n // len(shards) for n in sizes] if sizes else [shards[0].shape[dim]]
     pieces = [s.split(local, dim) for s in shards]

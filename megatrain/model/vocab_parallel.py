@@ -10,14 +10,18 @@ It returns what LMLoss computes from whole logits (gpt.py): the mean cross-entro
 tokens whose target is not IGNORE, and the mean over all tokens of log(Z)^2 (PaLM's z-loss,
 Z the softmax's normaliser), so that the caller weights z as it does today.
 
-Not wired into the model yet: the vocabulary-parallel embedding and output head that give it
-its input are the next step of 3D parallelism (issue 36; docs/parallelism.md).
+VocabParallel holds a rank's slice and does the three things that use it (gpt.py calls them
+when the trainer has set one on the model, under tensor parallelism): the embedding lookup
+of the tokens in its slice (zeros for the others) summed over the group, the logits of its
+slice (the hidden states' gradient summed over the group in the backward pass), and this
+loss.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 IGNORE = -100  # as F.cross_entropy's default ignore_index
 
@@ -72,3 +76,60 @@ def vocab_parallel_cross_entropy(
     rows) of logits [N, V / T] holding vocabulary [start, start + V / T) of `group`'s ranks
     (vocab_range), targets [N] of the whole vocabulary. Collective over `group`."""
     return _VocabParallelCrossEntropy.apply(logits, targets, start, group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: the sum over the group; backward: the gradient as it is (Megatron's
+    reduce_from_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _SumGradientOverGroup(torch.autograd.Function):
+    """Forward: the input as it is; backward: the gradient summed over the group (Megatron's
+    copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class VocabParallel:
+    """Rank `rank` of a tensor-parallel group of `size` (torch.distributed `group`) holds rows
+    [start, stop) of the token embedding (and of an untied output head)."""
+
+    def __init__(self, group, rank: int, size: int, vocab_size: int):
+        self.group = group
+        self.start, self.stop = vocab_range(vocab_size, rank, size)
+
+    def embed(self, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The embeddings of tokens `idx` (whole vocabulary) from this rank's rows `weight`."""
+        local = idx - self.start
+        inside = (local >= 0) & (idx < self.stop)
+        rows = F.embedding(torch.where(inside, local, torch.zeros_like(local)), weight)
+        return _SumOverGroup.apply(rows * inside[..., None].to(rows.dtype), self.group)
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the logits, [..., stop - start]."""
+        return F.linear(_SumGradientOverGroup.apply(x, self.group), weight)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """vocab_parallel_cross_entropy of this rank's logits [..., V / T] and targets [...]."""
+        return vocab_parallel_cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), self.start, self.group
+        )

@@ -3,7 +3,8 @@
 ZeRO-3 builds under `deepspeed.zero.Init`, so each parameter is partitioned as it is
 created; ZeRO 0-2 and pipeline stages build on the meta device, then allocate their
 parameters on the rank's device in the training dtype; with tensor parallelism the meta
-model is first cut by AutoTP, so a rank allocates only its shards. No rank builds the
+model is first cut by AutoTP, and its vocabulary tables by rows (model/vocab_parallel.py),
+so a rank allocates only its shards. No rank builds the
 whole fp32 model on the host. Every parameter is then drawn from its own (seed, name)
 generators, one per piece of gpt.INIT_PIECE elements (gpt.initial_value), so the initial
 weights are the same numbers in every layout. Who draws what: under ZeRO-3 each rank the
@@ -25,8 +26,13 @@ from megatrain.config import Config
 from megatrain.layout import Layout
 from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name, tensor_parallel
 from megatrain.model.gpt import INIT_PIECE, initial_value, initial_value_pieces, is_drawn
+from megatrain.model.vocab_parallel import VocabParallel
 from megatrain.train import distributed as dist
-from megatrain.train.ds_internals import cut_for_tensor_parallel, finish_tensor_parallel
+from megatrain.train.ds_internals import (
+    cut_for_tensor_parallel,
+    finish_tensor_parallel,
+    tensor_parallel_group,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
 
@@ -64,7 +70,13 @@ def build_model(
         else:
             model = GPT(model_cfg, init_weights=False)
     whole_shapes = {name: p.shape for name, p in model.named_parameters()}
-    autotp = cut_for_tensor_parallel(model, ds_config) if layout.tensor_parallel > 1 else None
+    autotp = None
+    if layout.tensor_parallel > 1:
+        autotp = cut_for_tensor_parallel(model, ds_config)
+        rows = VocabParallel(
+            tensor_parallel_group(), layout.tp_rank, layout.tensor_parallel, model_cfg.vocab_size
+        )
+        tensor_parallel.cut_vocabulary(model, rows)
     # to_empty makes new Parameter objects: keep the attributes DeepSpeed set on the old ones
     # (ds_pipe_replicated marks the later stage's copy of the tied embeddings; AutoTP's
     # shard records).

@@ -55,6 +55,12 @@ class Trainer:
             raise UserError(
                 f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's {data_vocab}"
             )
+        T, V = self.layout.tensor_parallel, self.model_cfg.vocab_size
+        if V % T:  # the tensor-parallel ranks split the vocabulary
+            raise UserError(
+                f"the vocabulary ({V}) does not split over parallel.tensor_parallel={T} ranks: set "
+                f"model.vocab_size to a multiple of {T} (at least {V}; the extra rows are never used)"
+            )
         self.tokenizer_sha256 = train_data.tokenizer_sha256
         self.run_dir = Path(cfg.run.dir)
         files = Checkpointer(self.run_dir, cfg.checkpoint.keep, pinned=torch.cuda.is_available())

@@ -232,7 +232,7 @@ def test_sampling_keeps_to_top_k_and_top_p():
 def test_tensor_parallel_shards_keep_whole_heads_and_gather_back():
     """q|k|v is split per sub-parameter: rank r keeps heads r of q, k and v (grouped-query:
     k and v narrower than q); SwiGLU's gate|up likewise; row-parallel weights split by input
-    columns; everything else stays whole. gather inverts shard."""
+    columns; the vocabulary tables by rows; everything else stays whole. gather inverts shard."""
     from megatrain.model import tensor_parallel as tp
 
     d = 8
@@ -246,8 +246,14 @@ def test_tensor_parallel_shards_keep_whole_heads_and_gather_back():
     assert tp.split_of("blocks.0.attn.proj.bias", cfg) is None and tp.split_of(
         "blocks.0.mlp.fc.bias", cfg
     ) == (0, None)
-    assert tp.split_of("embed.wte.weight", cfg) is None and tp.split_of("blocks.1.ln1.weight", cfg) is None
+    assert tp.split_of("blocks.1.ln1.weight", cfg) is None
+    # The vocabulary tables by rows; one every rank kept whole (before they were split) reads as it is.
+    wte = torch.randn(16, d)
+    assert tp.split_of("embed.wte.weight", cfg) == tp.split_of("head.lm_head.weight", cfg) == (0, None)
+    assert torch.equal(tp.shard("embed.wte.weight", wte, 1, 2, cfg), wte[8:])
+    assert torch.equal(tp.gather("embed.wte.weight", [wte, wte], cfg), wte)
     for name, full in [
+        ("embed.wte.weight", wte),
         ("blocks.0.attn.qkv.weight", qkv),
         ("blocks.0.attn.qkv.bias", torch.randn(3 * d)),
         ("blocks.0.attn.proj.weight", proj),
