@@ -1,7 +1,8 @@
 """The planner against measured memory on this machine: the peak resident memory each
 training rank adds (from just before the Trainer is built to the end of a few steps)
 against the planner's per-rank prediction, for small configs spanning ZeRO 0-3, a 2-stage
-pipeline, activation checkpointing on and off and two sequence lengths (DeepSpeed's CPU
+pipeline, activation checkpointing on and off, two sequence lengths, and a model whose
+vocabulary dominates on one rank and split over 2 tensor-parallel ranks (DeepSpeed's CPU
 accelerator: the device memory is the host's). Multi-rank layouts go through the real
 launcher; each rank measures itself and the largest is reported.
 
@@ -10,7 +11,7 @@ buffers (the planner's 10% and 1 GiB stand for them, unmeasured); what it shows 
 is a CPU process's own overhead (the planner's 160 MiB for the CPU accelerator, measured
 here).
 
-    python bench/plan.py [--json FILE] [--steps 4]
+    python bench/plan.py [--json FILE] [--steps 4] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ MODEL = [
     "train.precision=fp32",
 ]
 SEQ256 = ["train.seq_len=256", "schedule.batch_final_tokens=2048"]
+# A model whose vocabulary dominates (8.4M of its 10M parameters in the tied table; the 4096
+# pieces of the tokenizer padded to 32768 rows), where splitting the vocabulary shows.
+VOCAB_HEAVY = ["model.vocab_size=32768", "model.n_layer=2", "model.d_model=256", "model.n_head=4", *SEQ256]
 LAYOUTS = {  # name: (ranks, settings)
     "ZeRO-0, seq 256": (1, ["parallel.zero_stage=0", *SEQ256]),
     "ZeRO-0, seq 256, activation checkpointing": (
@@ -59,6 +63,11 @@ LAYOUTS = {  # name: (ranks, settings)
     "ZeRO-1, 2 ranks": (2, ["parallel.zero_stage=1", *SEQ256]),
     "ZeRO-3, 2 ranks": (2, ["parallel.zero_stage=3", *SEQ256]),
     "2-stage pipeline, ZeRO-1": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1", *SEQ256]),
+    "vocabulary-heavy, 1 rank, ZeRO-0": (1, ["parallel.zero_stage=0", *VOCAB_HEAVY]),
+    "vocabulary-heavy, tensor parallel 2, ZeRO-0": (
+        2,
+        ["parallel.tensor_parallel=2", "parallel.zero_stage=0", *VOCAB_HEAVY],
+    ),
 }
 
 
@@ -99,11 +108,14 @@ def main():
         return child(sys.argv[sys.argv.index("--child") + 1 :])
     p = arg_parser(__doc__)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--only", metavar="TEXT", help="only the layouts whose name contains TEXT")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-plan-"))
     data = stdlib_data(work)
     rows, results = [], {}
     for name, (ranks, sets) in LAYOUTS.items():
+        if args.only and args.only not in name:
+            continue
         full = [
             *MODEL,
             *sets,
@@ -133,7 +145,8 @@ def main():
         results[name] = {"ranks": found, "measured": worst["measured"], "predicted": pred, "error": error}
         rows.append([name, ranks, worst["measured"] / 2**20, pred / 2**20, f"{error:+.0%}"])
     print_table(
-        "the planner against each rank's measured peak resident memory (MiB), ~20M parameters, fp32",
+        "the planner against each rank's measured peak resident memory (MiB), ~20M parameters "
+        "(vocabulary-heavy: 10M), fp32",
         ["layout", "ranks", "measured", "predicted", "error"],
         rows,
     )
