@@ -20,6 +20,7 @@ from _bench import REPO, arg_parser, machine, print_table, stdlib_data, write_js
 
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -135,7 +136,8 @@ def main():
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
-        found = [json.loads(x.split("RESULT ", 1)[1]) for x in proc.stdout.splitlines() if "RESULT " in x]
+        # The ranks print into one pipe: their lines can run into each other.
+        found = [json.loads(x) for x in re.findall(r"RESULT (\{.*?\})(?=RESULT|\n|$)", proc.stdout)]
         if len(found) != ranks:
             raise RuntimeError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         shutil.rmtree(work / "run", ignore_errors=True)
