@@ -63,10 +63,14 @@ def autotp_config(size: int, cfg: GPTConfig) -> dict:
 VOCAB_ROWS = (r"embed\.wte\.weight", r"head\.lm_head\.weight")
 
 
+def is_vocabulary_table(name: str) -> bool:
+    return any(re.fullmatch(pattern, name) for pattern in VOCAB_ROWS)
+
+
 def split_of(name: str, cfg: GPTConfig) -> tuple[int, tuple[int, ...] | None] | None:
     """(dimension, sub-parameter sizes or None) along which parameter `name` is split, or
     None if every rank keeps it whole."""
-    if any(re.fullmatch(pattern, name) for pattern in VOCAB_ROWS):
+    if is_vocabulary_table(name):
         return 0, None
     for pattern, kind, sizes in specs(cfg):
         weight = re.fullmatch(pattern, name)
@@ -120,7 +124,7 @@ def gather(name: str, shards: list[torch.Tensor], cfg: GPTConfig) -> torch.Tenso
     split = split_of(name, cfg)
     if split is None or len(shards) == 1:
         return shards[0]
-    if split == (0, None) and shards[0].shape[0] == cfg.vocab_size:
+    if is_vocabulary_table(name) and shards[0].shape[0] == cfg.vocab_size:
         return shards[0]  # a vocabulary table every rank kept whole (checkpoints before it was split)
     dim, sizes = split
     local = [n // len(shards) for n in sizes] if sizes else [shards[0].shape[dim]]
