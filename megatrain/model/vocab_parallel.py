@@ -64,8 +64,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # softmax / N on every row.
         rows = counted.to(softmax.dtype) * (grad_ce / n)
         grad = softmax * (rows + grad_z * 2 * lse / lse.numel())[:, None]
-        hit = (mine & counted).nonzero(as_tuple=True)[0]
-        grad[hit, local[hit]] -= rows[hit]
+        # The one-hot on the rows whose target this rank holds (elsewhere a zero added at column
+        # 0): a scatter, not a boolean index, which would sync the host on a GPU.
+        grad.scatter_add_(1, local[:, None], -(rows * mine)[:, None])
         return grad.to(ctx.dtype), None, None, None
 
 
