@@ -60,13 +60,19 @@ class Layout:
         return cls(form["zero_stage"], form["tensor_parallel"], form["pipeline_stages"], form["dp_size"])
 
     def checkpoint_form(self) -> dict:
-        """What a checkpoint records of the layout (megatrain.json "layout")."""
-        return {
+        """What a checkpoint records of the layout (megatrain.json "layout"). Under tensor
+        parallelism the vocabulary tables are split by rows (`vocabulary_split`): a tensor-
+        parallel checkpoint from before, with whole tables, then differs and is read through
+        the layout-free form, which takes its tables whole."""
+        form = {
             "dp_size": self.data_parallel,
             "zero_stage": self.zero_stage,
             "pipeline_stages": self.pipeline_stages,
             "tensor_parallel": self.tensor_parallel,
         }
+        if self.tensor_parallel > 1:
+            form["vocabulary_split"] = True
+        return form
 
     @property
     def world(self) -> int:

@@ -162,6 +162,8 @@ class Checkpoints:
         old, new = Layout.from_checkpoint(saved["layout"]).describe(), self.layout.describe()
         if old == new:
             old, new = f"{old} ({saved['optimizer_flavour']})", f"{new} ({self.module.flavour})"
+        if old == new:  # a tensor-parallel checkpoint from before the vocabulary was split
+            old += " with whole vocabulary tables"
         how = "converted to the layout-free form now" if converted else "from its layout-free form"
         self.log.print(f"resharded {path.name} from {old} to {new} ({how})")
         self.log.event(
