@@ -22,3 +22,10 @@ class RunError(RuntimeError):
     (disk full, or a peer rank died mid-write). One line like UserError, but exit
     ExitCode.RUN_ERROR: launch/supervise.py restarts the run, which resumes from the last
     good checkpoint."""
+
+
+def reason(e: BaseException) -> str:
+    """An exception's cause in one line: an OSError's strerror ("No space left on device"),
+    else the first line of its message."""
+    strerror = getattr(e, "strerror", None) if isinstance(e, OSError) else None
+    return strerror or (str(e).splitlines() or [type(e).__name__])[0]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from megatrain.errors import RunError, UserError
+from megatrain.errors import RunError, UserError, reason
 from megatrain.files import file_sha256, write_atomically
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals
@@ -134,7 +134,7 @@ class Checkpointer:
             self._write(engine, step, state, rank_state, tmp)
             final = self._publish(step, tmp)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            self._give_up(step, tmp, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+            self._give_up(step, tmp, reason(e))
         return final
 
     def _write(self, engine, step: int, state: dict, rank_state: dict, tmp: Path) -> None:
@@ -162,7 +162,7 @@ class Checkpointer:
             with ds_internals.files_handed_over(engine, keep):
                 engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
         except (OSError, RuntimeError) as e:
-            self._give_up(step, tmp, e.strerror if isinstance(e, OSError) and e.strerror else str(e))
+            self._give_up(step, tmp, reason(e))
         keep(rank_state, str(tmp / self._rank_file))
         if dist.is_main():
             files.append((tmp / STATE, json.dumps(state, indent=1).encode()))
@@ -192,15 +192,15 @@ class Checkpointer:
         waited = time.perf_counter() - t0
         failed = [(r, error) for r, (_, _, error, _, _) in enumerate(told) if error]
         if failed:
-            rank, reason = failed[0]
-            self._give_up(pending.step, pending.tmp, f"rank {rank}, writing in the background: {reason}")
+            rank, why = failed[0]
+            self._give_up(pending.step, pending.tmp, f"rank {rank}, writing in the background: {why}")
         if not all(finished for finished, *_ in told):
             return {"abandoned": pending.step, "waited_s": waited}
         entries = {name: entry for _, files, *_ in told for name, entry in files.items()}
         try:
             final = self._publish(pending.step, pending.tmp, entries)
         except OSError as e:
-            self._give_up(pending.step, pending.tmp, e.strerror or str(e))
+            self._give_up(pending.step, pending.tmp, reason(e))
         return {
             "step": pending.step,
             "path": final,
@@ -224,13 +224,13 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         dist.barrier()
 
-    def _give_up(self, step: int, tmp: Path, reason: str) -> None:
+    def _give_up(self, step: int, tmp: Path, why: str) -> None:
         """A write that failed: its directory goes, `latest` stays, a RunError says so."""
         if dist.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         latest = self.latest()
         raise RunError(
-            f"{tmp}: checkpoint of step {step} could not be written ({reason.splitlines()[0]}); removed it, "
+            f"{tmp}: checkpoint of step {step} could not be written ({why}); removed it, "
             f"`latest` still names {latest.name if latest else 'no checkpoint'}"
         )
 

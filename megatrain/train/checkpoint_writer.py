@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatrain.errors import reason
 from megatrain.files import file_sha256
 
 
@@ -103,7 +104,7 @@ class BackgroundWriter:
                     entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
                 self.entries = entries
             except Exception as e:  # reported by the step loop: the thread cannot raise there
-                self.error = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).splitlines()[0]
+                self.error = reason(e)
             self.seconds = time.perf_counter() - t0
 
         self._thread = threading.Thread(target=write, name="megatrain-checkpoint-writer", daemon=True)

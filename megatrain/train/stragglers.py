@@ -28,6 +28,7 @@ from megatrain.train.callbacks import Callback
 PHASES = ("data", "forward", "backward", "optimizer")
 OWN_WORK = ("data", "forward")
 MIN_GAP_S = 0.05
+_UNTIMED = contextlib.nullcontext()
 
 
 class PhaseClock:
@@ -44,11 +45,14 @@ class PhaseClock:
         self.host = dict.fromkeys(PHASES, 0.0)
         self.events: dict[str, list] = {p: [] for p in PHASES}
 
-    @contextlib.contextmanager
     def phase(self, name: str):
-        if not self.on:
-            yield
-        elif self.cuda and name != "data":
+        """A context timing phase `name`; on a step not measured, one that does nothing (the
+        training step enters four per micro-batch)."""
+        return self._timed(name) if self.on else _UNTIMED
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        if self.cuda and name != "data":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             yield
@@ -72,9 +76,8 @@ def slowest(times: list[list[float]]) -> tuple[int, float, list[float]]:
     return max(range(len(own)), key=own.__getitem__), statistics.median(own), own
 
 
-def stragglers(times: list[list[float]], factor: float) -> list[int]:
-    """The ranks whose own work exceeds `factor` times the median (by MIN_GAP_S at least)."""
-    _, median, own = slowest(times)
+def stragglers(own: list[float], median: float, factor: float) -> list[int]:
+    """The ranks whose own work (slowest's) exceeds `factor` times the median (by MIN_GAP_S at least)."""
     return [r for r, t in enumerate(own) if t > factor * median and t - median > MIN_GAP_S]
 
 
@@ -96,15 +99,14 @@ class Stragglers(Callback):
         times = trainer.rank_times
         if times is None:
             return False
-        rank, median, _ = slowest(times)
+        rank, median, own = slowest(times)
         row.update(slowest_rank=rank, median_own_work_s=median)
         row.update({f"slowest_{p}_s": t for p, t in zip(PHASES, times[rank], strict=True)})
-        for r in stragglers(times, self.factor):
+        for r in stragglers(own, median, self.factor):
             host, local = self.places[r]
-            own = sum(times[r][PHASES.index(p)] for p in OWN_WORK)
             trainer.log.print(
-                f"straggler at step {row['step']}: rank {r} ({host}, local rank {local}) took {own:.3f} s in "
-                f"data loading and forward, {own / median:.1f}x the ranks' median {median:.3f} s "
+                f"straggler at step {row['step']}: rank {r} ({host}, local rank {local}) took {own[r]:.3f} s "
+                f"in data loading and forward, {own[r] / median:.1f}x the ranks' median {median:.3f} s "
                 f"(logging.straggler_factor={self.factor})"
             )
             trainer.log.event(
@@ -113,7 +115,7 @@ class Stragglers(Callback):
                 rank=r,
                 host=host,
                 local_rank=local,
-                own_work_s=own,
+                own_work_s=own[r],
                 median_s=median,
                 **{f"{p}_s": t for p, t in zip(PHASES, times[r], strict=True)},
             )

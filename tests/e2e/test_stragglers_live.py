@@ -1,6 +1,7 @@
 """A straggler is named: rank 1 sleeps in every forward pass from step 3 on (the tests'
 fault hook); with the ranks' times gathered every 2 steps, it is named at steps 4 and 6 with
-its host and local rank, and not at step 2, when the ranks were even. The rules alone:
+its host and local rank, and not at step 2, when the ranks were even. Background checkpoints
+that do not fit the host-memory budget fall back to synchronous ones. The rules alone:
 tests/unit/test_stragglers.py."""
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from megatrain.train.metrics import read_events, read_metrics
 
 def test_a_slow_rank_is_named_within_the_gathering_interval(tmp_path, small_data):
     run = tmp_path / "run"
-    proc = pretrain(run, small_data, "logging.straggler_every=2", faults=["slow@3:1"])
+    # The same run asks for background checkpoints whose host copies cannot fit the budget:
+    # it says so at start and writes them synchronously.
+    tight = ["checkpoint.async_save=true", "spike.snapshot_memory_gb=0.000001"]
+    proc = pretrain(run, small_data, "logging.straggler_every=2", *tight, faults=["slow@3:1"])
     named = [e for e in read_events(run) if e["event"] == "straggler"]
     assert [(e["step"], e["rank"], e["host"], e["local_rank"]) for e in named] == [
         (4, 1, socket.gethostname(), 1),
@@ -26,3 +30,6 @@ def test_a_slow_rank_is_named_within_the_gathering_interval(tmp_path, small_data
     assert rows[4]["slowest_rank"] == rows[6]["slowest_rank"] == 1 and rows[6]["slowest_forward_s"] >= 0.6
     out = proc.stdout + proc.stderr
     assert out.count("straggler at step") == 2 and "straggler at step 4: rank 1 (" in out
+    assert "checkpoint: async_save's host copies need" in out and "written synchronously" in out
+    saved = [e for e in read_events(run) if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saved] == [3, 6] and not any(e.get("background") for e in saved)

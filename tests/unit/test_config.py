@@ -99,6 +99,10 @@ def test_bad_overrides(override, message):
             "model={arch: llama, n_head: 4, ffn_hidden: 33}",
             "parallel.tensor_parallel=2 must divide model.ffn_hidden (33)",
         ),
+        (
+            "model.vocab_size=1025",
+            "parallel.tensor_parallel=2 must divide model.vocab_size (1025): the vocabulary is split too",
+        ),
     ],
 )
 def test_tensor_parallel_must_split_whole_kv_heads_and_mlp_units(model, message):

@@ -463,3 +463,5 @@ def test_a_blends_per_source_tokens_reach_wandb_as_one_key_per_source():
         "train/source_tokens/new": 1024,
     }
     assert wandb_values({"kind": "valid", "set": "code", "step": 7, "loss": 3.0}) == {"valid/code/loss": 3.0}
+    checkpoint = {"kind": "checkpoint", "step": 7, "stall_s": 0.2, "write_s": 4.0}
+    assert wandb_values(checkpoint) == {"checkpoint/stall_s": 0.2, "checkpoint/write_s": 4.0}

@@ -11,7 +11,7 @@ from helpers import REPO, run_script
 from megatrain.config import load_config
 from megatrain.layout import Layout
 from megatrain.model import GPTConfig, param_count
-from megatrain.plan import per_rank_bytes, plan, search
+from megatrain.plan import layouts, per_rank_bytes, plan, search
 
 GPT3_13B = REPO / "configs" / "gpt3-13b.yaml"
 
@@ -88,6 +88,10 @@ def test_fits_search_and_the_set_line():
     again = load_config(GPT3_13B, [s.removeprefix("--set ") for s in found[0]["sets"].split(" --set ")])
     assert Layout.from_config(again, 64).as_dict() == best
     assert not search(cfg, m, gpus=8, gpus_per_node=8, device_memory=2e9, peak_flops=989e12)
+    # The tensor ranks split the vocabulary: GPT-3's 50257 pieces allow no tensor parallelism, 50304 do.
+    assert {lay.tensor_parallel for lay in layouts(cfg, m, 64, 8)} == {1}  # m: 50257
+    padded = GPTConfig.from_config(cfg, 50304)
+    assert {lay.tensor_parallel for lay in layouts(cfg, padded, 64, 8)} == {1, 2, 4, 8}
 
 
 def test_cli_json_and_bad_input(tmp_path, small_data):
