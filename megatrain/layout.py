@@ -110,8 +110,9 @@ class Layout:
 
     @property
     def mp_rank(self) -> int:
-        """DeepSpeed's model-parallel rank: which mp_rank_NN checkpoint files are this rank's."""
-        return self.stage if self.pipeline else self.tp_rank
+        """DeepSpeed's model-parallel rank: which mp_rank_NN checkpoint files are this rank's
+        (its place among the P x T ranks of one data-parallel replica, stage-major)."""
+        return self.stage * self.tensor_parallel + self.tp_rank
 
     @property
     def rng_index(self) -> int:

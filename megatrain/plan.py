@@ -185,7 +185,11 @@ def comm_time(
     dp_link = links.intra_node if lay.world <= gpus_per_node else links.inter_node
     shard = _params_per_rank(m, T, P) * w
     dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
-    pipe = 2 * (P - 1) * micro_batches * activation / links.inter_node if P > 1 else 0.0
+    # Between stages each micro-batch's activation forward and its gradient backward; the T
+    # ranks of a stage each send 1/T of it (DeepSpeed's pipe_partitioned) and all-gather it
+    # on arrival, within the node.
+    gather = ring(T, activation, links.intra_node) / 2
+    pipe = 2 * (P - 1) * micro_batches * (activation / T / links.inter_node + gather) if P > 1 else 0.0
     # MoE: per block and micro-batch four all-to-alls (out and back, forward and backward) of
     # each token's top_k rows, of which (E-1)/E leave the rank.
     E = lay.expert_parallel
@@ -276,7 +280,7 @@ def _batch_at(cfg: Config, tokens: float) -> float:
 
 def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
     """Every layout megatrain can run: ZeRO 0-3, tensor parallel within a node (dividing the
-    heads and the vocabulary; ZeRO 0-2), pipeline stages dividing the layers (ZeRO 0-1, no tensor parallel),
+    heads and the vocabulary; ZeRO 0-2), pipeline stages dividing the layers (ZeRO 0-1), both,
     micro-batches 1-16, activation checkpointing on and off; the final batch must split. An
     MoE model: data parallel only, every rank computing every expert (splitting them saves no
     memory here and adds all-to-alls: docs/moe.md)."""
@@ -285,7 +289,7 @@ def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
     ]
     for T in splits:
         for P in (p for p in range(1, m.n_layer + 1) if m.n_layer % p == 0 and gpus % (T * p) == 0):
-            if (T > 1 and P > 1) or (m.moe_experts and T * P > 1):
+            if m.moe_experts and T * P > 1:
                 continue
             D = gpus // (T * P)
             for Z in range(4):

@@ -54,6 +54,10 @@ LAYOUTS = {  # name: (ranks, settings)
     "2r-zero2": (2, ["parallel.zero_stage=2"]),
     "tp2-zero1": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]),
     "tp2-zero2": (2, ["parallel.tensor_parallel=2", "parallel.zero_stage=2"]),
+    "tp2pp2-zero1": (
+        4,
+        ["parallel.tensor_parallel=2", "parallel.pipeline_stages=2", "parallel.zero_stage=1"],
+    ),
 }
 # A few stdlib packages: about 1 MB of real Python, different on every Python version.
 SMALL_CORPUS = [str(STDLIB / name) for name in ("json", "email", "html", "http")]

@@ -41,7 +41,11 @@ def deepspeed_config(cfg: Config, layout, grad_accum: int, norm) -> dict:
         "gradient_accumulation_steps": grad_accum,
         # DeepSpeed checks this against the whole world when its config is read, before it
         # knows the tensor-parallel groups; the engine then divides by the data-parallel size.
-        "train_batch_size": t.micro_batch * grad_accum * layout.data_parallel * layout.tensor_parallel,
+        # A pipeline's engine checks it against its grid's data-parallel size.
+        "train_batch_size": t.micro_batch
+        * grad_accum
+        * layout.data_parallel
+        * (1 if layout.pipeline else layout.tensor_parallel),
         "zero_optimization": {"stage": layout.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16"},

@@ -403,7 +403,8 @@ class ParallelConfig:
     """Pipeline stages P (1: no pipeline). The world is P stages x world/P data-parallel ranks."""
     tensor_parallel: int = 1
     """Tensor-parallel size T (1: none): each block's attention heads and MLP columns split over
-    T consecutive ranks by DeepSpeed's AutoTP; the world is T x world/T data-parallel ranks."""
+    T consecutive ranks by DeepSpeed's AutoTP, the vocabulary by rows; the world is P pipeline
+    stages x T x world/(P T) data-parallel ranks."""
     expert_parallel: int = 1
     """MoE (model.moe): ranks that compute each block's experts together, each a slice of
     them, tokens sent to their experts' ranks by all-to-all (docs/moe.md); must divide the
@@ -454,16 +455,6 @@ class ParallelConfig:
                 f"must divide model.moe.experts ({experts}): each rank computes a whole share of them",
             )
         tp = self.tensor_parallel
-        if tp > 1 and self.pipeline_stages > 1:
-            yield (
-                f"parallel.tensor_parallel={tp}",
-                (
-                    f"cannot be combined with parallel.pipeline_stages={self.pipeline_stages}: DeepSpeed's "
-                    "pipeline engine "
-                    "keeps its own pipe x data process grid, which AutoTP's tensor-parallel groups are not "
-                    "part of"
-                ),
-            )
         if tp > 1 and self.zero_stage == 3:
             yield (
                 f"parallel.tensor_parallel={tp}",

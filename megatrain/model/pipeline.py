@@ -2,7 +2,7 @@
 
 Layers, in order (the index is the layer number in checkpoints: layer_NN-model_states.pt):
 
-    0          token embedding       TiedLayerSpec "wte" (nn.Embedding)
+    0          token embedding       TiedLayerSpec "wte" (VocabularyTable, an nn.Embedding)
     1          positions + dropout   gpt.Positions (a rotary model: dropout only)
     2..L+1     transformer blocks    gpt.Block
     L+2        final norm            gpt.norm_spec: nn.LayerNorm, or gpt.RMSNorm
@@ -14,6 +14,13 @@ hold a copy and DeepSpeed all-reduces its gradient between them (the copy on the
 later stage is marked ds_pipe_replicated, so norms count it once). Parameters are
 initialised through `canonical_name`, their name in the plain GPT, so a pipeline of
 any partition starts from exactly the weights the one-process model starts from.
+
+With tensor parallelism (`tensor_parallel` > 1) the pipeline is built on DeepSpeed's
+3-axis topology (pipe, data, model: T consecutive ranks per tensor-parallel group, as
+megatrain's Layout), the blocks are cut by AutoTP like the plain GPT's, and the vocabulary
+tables by rows (`vocab_parallel` on the tables and the loss, set by the trainer's build):
+each tensor rank of the first and last stage holds the same shard of the tied table, and
+DeepSpeed's tied groups (one per tensor rank) sum its gradients between the two stages.
 """
 
 from __future__ import annotations
@@ -27,21 +34,47 @@ from megatrain.model.gpt import Block, GPTConfig, LMLoss, Positions, init_parame
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform", "blocks": "type:Block"}
 
 
-def _unembed(table: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, table.weight)
+class VocabularyTable(nn.Embedding):
+    """The token embedding, whose table also gives the logits when tied (`unembed`). Under
+    tensor parallelism `vocab_parallel` (a VocabParallel) says which rows this rank holds, as
+    gpt.Embedding's. An nn.Embedding, as the plain GPT's table: no weight decay."""
+
+    vocab_parallel = None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = self.vocab_parallel
+        return super().forward(idx) if rows is None else rows.embed(idx, self.weight)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.vocab_parallel
+        return F.linear(x, self.weight) if rows is None else rows.logits(x, self.weight)
+
+
+class OutputHead(nn.Linear):
+    """An untied output projection (an nn.Linear without bias, as the plain GPT's lm_head),
+    its rows split like the table's under tensor parallelism."""
+
+    vocab_parallel = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.vocab_parallel
+        return super().forward(x) if rows is None else rows.logits(x, self.weight)
+
+
+def _unembed(table: VocabularyTable, x: torch.Tensor) -> torch.Tensor:
+    return table.unembed(x)
 
 
 def pipeline_layers(cfg: GPTConfig) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+    V, d = cfg.vocab_size, cfg.d_model
     if cfg.tie_embeddings:
-        embedding = TiedLayerSpec("wte", nn.Embedding, cfg.vocab_size, cfg.d_model, tied_weight_attr="weight")
-        output = TiedLayerSpec(
-            "wte", nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=_unembed, tied_weight_attr="weight"
-        )
+        embedding = TiedLayerSpec("wte", VocabularyTable, V, d, tied_weight_attr="weight")
+        output = TiedLayerSpec("wte", VocabularyTable, V, d, forward_fn=_unembed, tied_weight_attr="weight")
     else:
-        embedding = LayerSpec(nn.Embedding, cfg.vocab_size, cfg.d_model)
-        output = LayerSpec(nn.Linear, cfg.d_model, cfg.vocab_size, bias=False)
+        embedding = LayerSpec(VocabularyTable, V, d)
+        output = LayerSpec(OutputHead, d, V, bias=False)
     norm, args, kwargs = norm_spec(cfg, cfg.d_model)
     return [
         embedding,
@@ -81,11 +114,14 @@ def build_pipeline(
     partition_method: str = "parameters",
     activation_checkpoint_interval: int = 0,
     init_weights: bool = True,
+    tensor_parallel: int = 1,
 ):
     """The pipeline module (needs torch.distributed initialised: DeepSpeed builds only this
     rank's stage). It may be built on the meta device (`init_weights=False`): DeepSpeed's
-    move to the rank's device then waits for the parameters to be allocated."""
+    move to the rank's device then waits for the parameters to be allocated. With
+    `tensor_parallel` > 1 its grid has a model axis of that size (the caller cuts it)."""
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
     class GPTPipeline(PipelineModule):
         def to(self, *args, **kwargs):
@@ -101,9 +137,19 @@ def build_pipeline(
         raise ValueError(
             f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}"
         )
+    import torch.distributed as dist
+
+    dp = dist.get_world_size() // (num_stages * tensor_parallel)
+    # Without a model axis the layer files keep their names (layer_NN-model_states.pt; with
+    # one, layer_NN-model_TT-model_states.pt per tensor rank).
+    topology = (
+        PipeModelDataParallelTopology(num_pp=num_stages, num_mp=tensor_parallel, num_dp=dp)
+        if tensor_parallel > 1
+        else PipeDataParallelTopology(num_pp=num_stages, num_dp=dp)
+    )
     module = GPTPipeline(
         layers=pipeline_layers(cfg),
-        num_stages=num_stages,
+        topology=topology,
         loss_fn=LMLoss(cfg.z_loss),
         partition_method=PARTITION_METHODS[partition_method],
         activation_checkpoint_interval=activation_checkpoint_interval,

@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from megatrain.model.gpt import GPTConfig
+from megatrain.model.gpt import GPT, GPTConfig
 
 
 def specs(cfg: GPTConfig) -> list[tuple[str, str, tuple[int, ...] | None]]:
@@ -99,15 +99,25 @@ def shard_ranges(
 
 
 def cut_vocabulary(model: torch.nn.Module, rows) -> None:
-    """The (meta) GPT's vocabulary tables cut to this rank's rows (a VocabParallel), marked as
-    split like AutoTP's shards, and the model told which rows it holds."""
-    tables = [model.embed.wte] + ([model.head.lm_head] if model.head.lm_head is not None else [])
+    """The (meta) model's vocabulary tables cut to this rank's rows (a VocabParallel), marked
+    as split like AutoTP's shards, and the model told which rows it holds: the plain GPT, or
+    a pipeline stage (its VocabularyTable and OutputHead layers, where it has them)."""
+    from megatrain.model.pipeline import OutputHead, VocabularyTable
+
+    if isinstance(model, GPT):
+        tables = [model.embed.wte] + ([model.head.lm_head] if model.head.lm_head is not None else [])
+        holders = [model.embed]
+    else:
+        tables = holders = [m for m in model.modules() if isinstance(m, (VocabularyTable, OutputHead))]
     for table in tables:
         whole = table.weight
         part = torch.nn.Parameter(whole.new_empty(rows.stop - rows.start, whole.shape[1]))
+        vars(part).update(vars(whole))  # DeepSpeed's marks (ds_pipe_replicated on a later stage's tied copy)
         part.tensor_model_parallel = True  # as AutoTP marks its shards: counted once per rank in norms
         table.weight = part
-    model.embed.vocab_parallel = model.loss_fn.vocab_parallel = rows
+    for holder in holders:
+        holder.vocab_parallel = rows
+    model.loss_fn.vocab_parallel = rows
 
 
 def shard(name: str, full: torch.Tensor, rank: int, size: int, cfg: GPTConfig) -> torch.Tensor:

@@ -40,7 +40,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32
 def build_model(
     cfg: Config, model_cfg: GPTConfig, layout: Layout, ds_config: dict, device: torch.device
 ) -> torch.nn.Module:
-    """Collective (every rank calls it); needs torch.distributed initialised."""
+    """Collective (every rank calls it); needs torch.distributed initialised. Under tensor
+    parallelism the model is cut by AutoTP (tensor_parallel.autotp_config) and by rows."""
     import deepspeed
 
     par = cfg.parallel
@@ -65,14 +66,21 @@ def build_model(
         if layout.pipeline:
             interval = par.activation_checkpoint_interval or int(model_cfg.activation_checkpointing)
             model = build_pipeline(
-                model_cfg, par.pipeline_stages, par.partition_method, interval, init_weights=False
+                model_cfg,
+                par.pipeline_stages,
+                par.partition_method,
+                interval,
+                init_weights=False,
+                tensor_parallel=layout.tensor_parallel,
             )
         else:
             model = GPT(model_cfg, init_weights=False)
     whole_shapes = {name: p.shape for name, p in model.named_parameters()}
     autotp = None
     if layout.tensor_parallel > 1:
-        autotp = cut_for_tensor_parallel(model, ds_config)
+        autotp = cut_for_tensor_parallel(
+            model, tensor_parallel.autotp_config(layout.tensor_parallel, model_cfg)
+        )
         rows = VocabParallel(
             tensor_parallel_group(), layout.tp_rank, layout.tensor_parallel, model_cfg.vocab_size
         )
@@ -85,10 +93,12 @@ def build_model(
     with torch.no_grad():
         for name, param in model.named_parameters():
             vars(param).update(attributes[name])
+            shape = whole_shapes[name]
             if layout.pipeline:  # the stages hold different parameters: each draws its own
-                whole = initial_value(canonical_name(name, model_cfg.n_layer), whole_shapes[name], model_cfg)
+                name = canonical_name(name, model_cfg.n_layer)
+                whole = initial_value(name, shape, model_cfg)
             else:
-                whole = initial_value_drawn_in_turn(name, whole_shapes[name], model_cfg, device)
+                whole = initial_value_drawn_in_turn(name, shape, model_cfg, device)
             param.copy_(tensor_parallel.shard(name, whole, layout.tp_rank, layout.tensor_parallel, model_cfg))
     if autotp is not None:
         finish_tensor_parallel(model, autotp)

@@ -393,10 +393,16 @@ def _counted_states(states, groups: list[list[str]], param_groups: list[dict]) -
     return counted
 
 
-def pipeline_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every stage's module weights, by the pipeline's layer-indexed names."""
+def pipeline_weights(ckpt: Path, tensor_rank: int | None = None) -> dict[str, torch.Tensor]:
+    """Every stage's module weights, by the pipeline's layer-indexed names: with tensor
+    parallelism, tensor rank `tensor_rank`'s (layer_NN-model_TT-model_states.pt)."""
     weights = {}
-    for f in sorted(ckpt.glob("layer_*-model_states.pt")):
+    pattern = (
+        "layer_*-model_states.pt"
+        if tensor_rank is None
+        else f"layer_*-model_{tensor_rank:02d}-model_states.pt"
+    )
+    for f in sorted(ckpt.glob(pattern)):
         layer = int(re.match(r"layer_(\d+)", f.name).group(1))
         for name, t in _load(f).items():
             weights[f"{layer}.{name}"] = t
@@ -529,20 +535,23 @@ def register_op(name: str, module) -> None:
 # --- AutoTP, replayed on the meta model -----------------------------------------------------
 
 
-def cut_for_tensor_parallel(model: torch.nn.Module, ds_config: dict):
-    """What `deepspeed.initialize` does with a `tensor_parallel` section (DeepSpeed 0.19.8,
-    DeepSpeedEngine._apply_autotp_partitioning with a partition config), done here to the
-    meta model: AutoTP swaps the split Linears for its layers and cuts their (meta)
+def cut_for_tensor_parallel(model: torch.nn.Module, section: dict):
+    """What `deepspeed.initialize` does with a `tensor_parallel` config section (DeepSpeed
+    0.19.8, DeepSpeedEngine._apply_autotp_partitioning with a partition config), done here
+    to the meta model: AutoTP swaps the split Linears for its layers and cuts their (meta)
     weights, so the rank then allocates only its shards. Done at initialize, every rank
-    would hold the whole model on its device first. The AutoTP object, for
-    finish_tensor_parallel."""
+    would hold the whole model on its device first. A pipeline stage is cut the same way
+    (its engine is then given no `tensor_parallel` section: with one, DeepSpeed would
+    replace the pipeline grid as the engine's mpu). The tensor-parallel groups are T
+    consecutive ranks, the model axis of the pipeline grid's topology too. The AutoTP
+    object, for finish_tensor_parallel."""
     from deepspeed.module_inject import set_autotp_mode
     from deepspeed.module_inject.auto_tp import AutoTP
     from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
     from deepspeed.utils import groups
 
     set_autotp_mode(training=True)  # as deepspeed.initialize does first: layers built for training
-    tp_config = get_tensor_parallel_config(ds_config)
+    tp_config = get_tensor_parallel_config({"tensor_parallel": section})
     size = tp_config.autotp_size
     groups._init_tp_mesh_device(tensor_model_parallel_size=size)  # the engine's own groups (it reuses them)
     autotp = AutoTP(

@@ -58,28 +58,43 @@ def read_deferred(ckpt: Path, moments: bool = True) -> tuple[dict[str, Deferred]
     stages, tp = state["layout"]["pipeline_stages"], state["layout"]["tensor_parallel"]
     pipeline = stages > 1
     kinds = KINDS if moments else KINDS[:1]
-    # DeepSpeed's files are per model-parallel rank (mp_rank_NN): a pipeline stage, or a
-    # tensor-parallel rank; with neither, one.
-    # A pipeline's weights are in per-layer files that no stage owns: read them once.
-    weights = wall.pipeline_weights(ckpt) if pipeline else None
+    # DeepSpeed's files are per model-parallel rank (mp_rank_NN: stage x T + tensor rank).
+    # A pipeline's weights are in per-layer files that no stage owns (one set per tensor
+    # rank): read them once.
+    weights = [wall.pipeline_weights(ckpt, t if tp > 1 else None) for t in range(tp)] if pipeline else None
     parts = [
-        wall.read_checkpoint(ckpt, mp, kinds, weights, functools.partial(_recorded_groups, ckpt))
-        for mp in range(stages * tp)
+        wall.read_checkpoint(
+            ckpt,
+            s * tp + t,
+            kinds,
+            weights[t] if pipeline else None,
+            functools.partial(_recorded_groups, ckpt),
+        )
+        for s in range(stages)
+        for t in range(tp)
     ]
     if moments and len({step for _, step in parts}) != 1:
         raise UserError(
             f"{ckpt}: the optimizer's step counts disagree between parameters "
             f"({sorted({step for _, step in parts})})"
         )
-    named = [{_key(key, n_layer, pipeline): d for key, d in part.items()} for part, _ in parts]
-    if tp > 1:  # each tensor-parallel rank's shards, gathered into whole parameters
+    # Per tensor rank, its stages' parameters (a key twice: the tied embedding, kept by the
+    # first and last stage); then each tensor rank's shards gathered into whole parameters.
+    by_tensor_rank = []
+    for t in range(tp):
+        merged: dict[str, Deferred] = {}
+        for s in range(stages):
+            part, _ = parts[s * tp + t]
+            for key, d in part.items():
+                key = _key(key, n_layer, pipeline)
+                merged[key] = _one_of_equal(ckpt, key, merged[key], d) if key in merged else d
+        by_tensor_rank.append(merged)
+    if tp > 1:
         model = GPTConfig.from_shape(state["model_shape"])
-        tensors = {key: _gathered(ckpt, key, [part[key] for part in named], model) for key in named[0]}
+        first = by_tensor_rank[0]
+        tensors = {key: _gathered(ckpt, key, [m[key] for m in by_tensor_rank], model) for key in first}
     else:
-        tensors = {}
-        for part in named:
-            for key, d in part.items():  # a key twice: the tied embedding, kept by the first and last stage
-                tensors[key] = _one_of_equal(ckpt, key, tensors[key], d) if key in tensors else d
+        tensors = by_tensor_rank[0]
     return {key: _fp32(d) for key, d in tensors.items()}, parts[0][1]
 
 

@@ -7,7 +7,7 @@ What DeepSpeed does with a client optimizer decides the wiring of fused_adamw:
   ZeRO-0       fp32: DeepSpeed calls our step() on the model's parameters, whose gradients
                every rank holds whole; bf16: its FP16_UnfusedOptimizer hands us fp32 master
                copies with whole gradients. The norm needs no collective, except across the
-               stages of a pipeline.
+               stages of a pipeline and the ranks of a tensor-parallel group.
   ZeRO-1/2     DeepSpeedZeroOptimizer flattens each parameter group into one fp32 partition
                per rank and steps the groups one at a time, each gradient made just before
                its step. So DeepSpeed gets a single group, and set_segments() maps the
@@ -85,9 +85,8 @@ def attach(
     else:  # whole gradients: the ranks of one pipeline, or of one tensor-parallel group, hold distinct ones
         masters = wall.master_copies(engine.optimizer)
         optimizer.exclude_from_norm(masters.get(id(p), p) for p in model.parameters() if id(p) in replicated)
-        grid = getattr(engine, "grid", None)
-        if grid is not None and grid.pipe_parallel_size > 1:
-            optimizer.norm_group = grid.get_pipe_parallel_group()
+        if layout.pipeline:  # the pipeline's stages and tensor ranks: one data-parallel replica
+            optimizer.norm_group = engine.grid.get_model_parallel_group()
         elif layout.tensor_parallel > 1:
             optimizer.norm_group = wall.tensor_parallel_group()
         else:

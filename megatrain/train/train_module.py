@@ -66,7 +66,9 @@ class TrainModule:
         self.router_stats: torch.Tensor | None = None  # MoE: the last step's, for moe.router_metrics
         self.norm = GradNormPolicy.decide(cfg.optim, t, layout)
         ds_config = deepspeed_config(cfg, layout, grad_accum, self.norm)
-        if layout.tensor_parallel > 1:  # AutoTP with megatrain's specs, which follow the model's shape
+        if layout.tensor_parallel > 1 and not layout.pipeline:
+            # AutoTP with megatrain's specs (build.py cuts the model itself); a pipeline's
+            # engine takes its tensor-parallel groups from the pipeline's grid instead.
             ds_config["tensor_parallel"] = tensor_parallel.autotp_config(layout.tensor_parallel, model_cfg)
         # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
         model = build_model(cfg, model_cfg, layout, ds_config, dist.collective_device())
@@ -81,8 +83,9 @@ class TrainModule:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=self.client_optimizer, config=ds_config
         )
-        place = (self.engine.stage_id, self.engine.grid.data_parallel_id) if layout.pipeline else None
-        if place not in (None, (layout.stage, layout.dp_rank)):  # (stage, data-parallel rank)
+        grid = self.engine.grid if layout.pipeline else None
+        place = (grid.stage_id, grid.data_parallel_id, grid.get_slice_parallel_rank()) if grid else None
+        if place not in (None, (layout.stage, layout.dp_rank, layout.tp_rank)):  # (stage, data, tensor)
             raise RuntimeError(
                 f"rank {layout.rank}: DeepSpeed's pipeline grid says {place}, megatrain's Layout not"
             )

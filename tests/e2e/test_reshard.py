@@ -39,6 +39,7 @@ DESCRIBED = {
     "pipe2-zero1": "2 pipeline stages x 1 data-parallel rank(s), ZeRO-1",
     "2r-zero2": "2 data-parallel rank(s), ZeRO-2",
     "tp2-zero1": "tensor-parallel 2 x 1 data-parallel rank(s), ZeRO-1",
+    "tp2pp2-zero1": "2 pipeline stages x tensor-parallel 2 x 1 data-parallel rank(s), ZeRO-1",
 }
 
 
@@ -48,10 +49,11 @@ DESCRIBED = {
         ("2r-zero1", "1r-zero0"),
         ("1r-zero0", "2r-zero3"),
         ("pipe2-zero1", "1r-zero2"),
-        ("2r-zero2", "pipe2-zero1"),
-        ("tp2-zero1", "1r-zero0"),
+        ("2r-zero2", "tp2pp2-zero1"),
+        ("tp2pp2-zero1", "1r-zero0"),
+        ("tp2pp2-zero1", "2r-zero2"),
     ],
-)  # 1 rank -> TP: tests/e2e/test_llama.py
+)  # 1 rank -> TP: tests/e2e/test_llama.py; TP alone -> 1 rank: conversion, test_tensor_parallel.py
 def test_resume_on_another_layout_continues_exactly(uninterrupted, tmp_path, small_data, first, second):
     source = uninterrupted(first)
     run = copy_until(source / "run", tmp_path / "run", step=20)

@@ -1,6 +1,7 @@
-"""Tensor parallelism (DeepSpeed AutoTP with megatrain's partition specs) through the real
-launcher: the trajectory of the same model without it, exact resume, conversion to the
-plain model, and randomness shared within a tensor-parallel group."""
+"""Tensor parallelism (DeepSpeed AutoTP with megatrain's partition specs, the vocabulary
+split by rows) through the real launcher, alone and under a pipeline (tensor x pipeline x
+data): the trajectory of the same model without it, exact resume, conversion to the plain
+model, and randomness shared within a tensor-parallel group."""
 
 from __future__ import annotations
 
@@ -84,6 +85,54 @@ def test_tp2_times_dp2_equals_dp2(uninterrupted, tmp_path, small_data):
     )
     reference = train_losses(uninterrupted("2r-zero1") / "run")[:8]
     assert train_losses(tmp_path / "tp") == pytest.approx(reference, rel=1e-5)
+
+
+def test_tp2_pp2_follows_the_one_rank_trajectory_and_converts(uninterrupted, small_data):
+    """Two pipeline stages of two tensor-parallel ranks (ZeRO-1; the tied embedding's
+    vocabulary shard on the first and last stage of each tensor rank): the one rank's
+    losses, clipped norms, weights and moments, samples, and, converted, its logits."""
+    tp, one = uninterrupted("tp2pp2-zero1"), uninterrupted("1r-zero0")
+    assert train_losses(tp / "run") == pytest.approx(train_losses(one / "run"), rel=1e-5)
+    norms = [[r["grad_norm"] for r in read_metrics(d / "run") if r["kind"] == "train"] for d in (tp, one)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    assert_same_state(flat_state(tp / "run", 30), flat_state(one / "run", 30), rel=1e-5)
+    steps = range(1, 31)
+    assert samples_by_step(tp / "samples", steps=steps) == samples_by_step(one / "samples", steps=steps)
+    files = sorted(f.name for f in (tp / "run" / "checkpoints" / "step-00000030").glob("layer_00-*"))
+    assert files == ["layer_00-model_00-model_states.pt", "layer_00-model_01-model_states.pt"]
+    tokens = torch.from_numpy(
+        TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64")
+    )
+    with torch.no_grad():
+        a, b = (load_model(d / "run")(tokens[:, :-1]) for d in (tp, one))
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
+
+
+def test_tp2_pp2_resumes_exactly(uninterrupted, tmp_path, small_data):
+    """DeepSpeed's own files on the same layout: a layer file per layer and tensor rank."""
+    source = uninterrupted("tp2pp2-zero1") / "run"
+    run = copy_until(source, tmp_path / "run", step=20)
+    nproc, sets = LAYOUTS["tp2pp2-zero1"]
+    proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc)
+    assert "4 ranks: 2 pipeline x 2 tensor x 1 data parallel, ZeRO-1" in proc.stdout
+    assert "resumed from" in proc.stdout and "resharded" not in proc.stdout
+    assert train_losses(run) == train_losses(source)  # bitwise
+
+
+def test_tp2_pp2_dp2_on_eight_ranks_equals_dp2(uninterrupted, tmp_path, small_data):
+    """Tensor x pipeline x data: 8 ranks as 2 data-parallel replicas of 2 stages of 2 tensor
+    ranks against 2 data-parallel ranks (ZeRO-1 in both), the same global batch."""
+    pretrain(
+        tmp_path / "3d",
+        small_data,
+        *LAYOUTS["tp2pp2-zero1"][1],
+        "train.max_steps=8",
+        "checkpoint.every_steps=0",
+        "train.eval_every=0",
+        nproc=8,
+    )
+    reference = train_losses(uninterrupted("2r-zero1") / "run")[:8]
+    assert train_losses(tmp_path / "3d") == pytest.approx(reference, rel=1e-5)
 
 
 def test_dropout_masks_agree_within_a_tensor_parallel_group(tmp_path, small_data):

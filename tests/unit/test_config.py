@@ -62,11 +62,6 @@ def test_yaml_plus_overrides():
             "parallel.tensor_parallel=4 must divide model.n_head (2): heads are split",
         ),
         (
-            "parallel={tensor_parallel: 2, pipeline_stages: 2, zero_stage: 1}",
-            "parallel.tensor_parallel=2 cannot be combined with parallel.pipeline_stages=2: DeepSpeed's "
-            "pipeline engine",
-        ),
-        (
             "parallel={tensor_parallel: 2, zero_stage: 3}",
             "parallel.tensor_parallel=2 cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP "
             "training "

@@ -225,3 +225,19 @@ def test_gpu_peaks_by_device_name():
         assert table_peak(name, "bf16")[0] == tflops * 1e12, name
     assert table_peak("NVIDIA H200 NVL", "tf32") == (418e12, "H200 NVL tf32 data sheet")
     assert table_peak("NVIDIA B200", "bf16") is None
+
+
+def test_gpt3_175b_on_1024_a100s_gets_megatrons_layout():
+    """docs/planning.md: the search's best for 175B on 1,024 A100-80GB is tensor 8 x pipeline 8
+    x data 16 (ZeRO-1), the layout Megatron-LM trained it on (Narayanan et al. 2021), in
+    about the 34 days they report for 300B tokens; without pipelines under tensor
+    parallelism the best is slower."""
+    cfg = load_config(REPO / "configs" / "gpt3-175b.yaml", [])
+    m = GPTConfig.from_config(cfg, 50304)
+    found = search(cfg, m, gpus=1024, gpus_per_node=8, device_memory=80e9, peak_flops=312e12)
+    best = found[0]
+    lay = best["layout"]
+    assert (lay["tensor_parallel"], lay["pipeline_stages"], lay["data_parallel"]) == (8, 8, 16)
+    assert 30 < best["train_days"] < 40
+    two_axes = [p for p in found if 1 in (p["layout"]["tensor_parallel"], p["layout"]["pipeline_stages"])]
+    assert two_axes[0]["train_days"] > 1.2 * best["train_days"]
