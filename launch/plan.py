@@ -180,6 +180,7 @@ def main():
                 f"ZeRO-{lay['zero_stage']} "
                 f"TP{lay['tensor_parallel']} PP{lay['pipeline_stages']} DP{lay['data_parallel']} "
                 f"mb{lay['micro_batch']} ckpt={'on' if lay['activation_checkpointing'] else 'off'}"
+                + (" sp" if lay["sequence_parallel"] else "")
             )
         if found:
             print(f"best: {found[0]['sets']}")

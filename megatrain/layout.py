@@ -26,6 +26,8 @@ class Layout:
     # MoE: E consecutive data-parallel ranks compute each block's experts together (E ranks of
     # an expert-parallel group send each token to the rank computing its expert).
     expert_parallel: int = 1
+    # Megatron's sequence parallelism within the tensor-parallel groups (T > 1).
+    sequence_parallel: bool = False
 
     @classmethod
     def from_config(cls, cfg, world: int, rank: int = 0) -> Layout:
@@ -52,6 +54,7 @@ class Layout:
             cfg.model.activation_checkpointing or par.activation_checkpoint_interval > 0,
             rank,
             ep,
+            par.sequence_parallel,
         )
 
     @classmethod
@@ -133,7 +136,8 @@ class Layout:
 
     def describe(self) -> str:
         stages = f"{self.pipeline_stages} pipeline stages x " if self.pipeline else ""
-        tp = f"tensor-parallel {self.tensor_parallel} x " if self.tensor_parallel > 1 else ""
+        sp = " (sequence parallel)" if self.sequence_parallel else ""
+        tp = f"tensor-parallel {self.tensor_parallel}{sp} x " if self.tensor_parallel > 1 else ""
         ep = f" (expert-parallel {self.expert_parallel})" if self.expert_parallel > 1 else ""
         return f"{stages}{tp}{self.data_parallel} data-parallel rank(s){ep}, ZeRO-{self.zero_stage}"
 
@@ -146,6 +150,7 @@ class Layout:
             f"train.micro_batch={self.micro_batch} "
             f"--set model.activation_checkpointing={str(self.activation_checkpointing).lower()}"
             + (f" --set parallel.expert_parallel={self.expert_parallel}" if self.expert_parallel > 1 else "")
+            + (" --set parallel.sequence_parallel=true" if self.sequence_parallel else "")
         )
 
     def as_dict(self) -> dict:

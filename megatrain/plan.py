@@ -18,8 +18,9 @@ Per rank, for the rank that holds the embeddings (the first pipeline stage, or a
               elements) at a time
   optimizer   AdamW's two fp32 moments and the fp32 master weights where they are a copy
               (bf16, or any ZeRO stage), a 1/D share under ZeRO 1-3
-  activations per micro-batch and layer s*b*h*(10 + 24/T) in 2-byte units (Korthikanti et
-              al. 2022, without the s^2 attention scores, which SDPA does not keep; the
+  activations per micro-batch and layer s*b*h*(10 + 24/T) in 2-byte units, with sequence
+              parallelism s*b*h*34/T (Korthikanti et al. 2022, without the s^2
+              attention scores, which SDPA does not keep; the
               MLP's 16 of the 24 scale with its width, and SwiGLU's gate|up and product
               keep twice a GELU MLP's per hidden unit: 8 + 8f/h for width f), twice
               that in fp32; with activation checkpointing only each block's input plus one
@@ -41,7 +42,8 @@ checkpointing) at an assumed MFU of the device's peak, stretched by the 1F1B bub
 (P-1)/(m+P-1) for m micro-batches per pipeline, plus communication as ring collectives
 (2(n-1)/n x bytes / bandwidth), not overlapped with compute (an upper bound): tensor
 parallelism's four all-reduces of s*b*h activations per block and micro-batch and the split
-vocabulary's two (within a node), the data-parallel gradient reduction once per step
+vocabulary's two (within a node; sequence parallelism's all-gathers and reduce-scatters move
+the same bytes), the data-parallel gradient reduction once per step
 (ZeRO-3: the parameters gathered twice and the gradients reduced per micro-batch), over the
 node's links when the group fits in a node, else the network; over the batch ramp and then
 the full batch up to the config's token budget. These are estimates: what they leave out is
@@ -98,9 +100,12 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     # activations (4 x width/h: GELU's input and output, or SwiGLU's gate|up, product); an
     # MoE block's are those of the experts a token uses, plus its dispatched rows (2 per
     # expert it goes to: sent and returned), averaged over the blocks.
+    # The rest (norms' inputs, residuals, dropout masks) is split too with sequence parallelism.
     width, dispatch = _mlp_width(m)
-    per_layer = s * b * h * (10 + dispatch + (8 + 4 * (2 if m.gated else 1) * width / h) / T) * act_w / 2
-    stored = s * b * h * act_w if lay.activation_checkpointing else per_layer
+    rest = (10 + dispatch) / (T if lay.sequence_parallel else 1)
+    per_layer = s * b * h * (rest + (8 + 4 * (2 if m.gated else 1) * width / h) / T) * act_w / 2
+    block_input = s * b * h * act_w / (T if lay.sequence_parallel else 1)
+    stored = block_input if lay.activation_checkpointing else per_layer
     layers = math.ceil(L / P)
     micro_batches = _micro_batches(cfg, lay, cfg.schedule.batch_final_tokens)
     in_flight = min(P, micro_batches)
@@ -187,8 +192,8 @@ def comm_time(
     dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
     # Between stages each micro-batch's activation forward and its gradient backward; the T
     # ranks of a stage each send 1/T of it (DeepSpeed's pipe_partitioned) and all-gather it
-    # on arrival, within the node.
-    gather = ring(T, activation, links.intra_node) / 2
+    # on arrival, within the node (with sequence parallelism 1/T is all a rank has).
+    gather = 0.0 if lay.sequence_parallel else ring(T, activation, links.intra_node) / 2
     pipe = 2 * (P - 1) * micro_batches * (activation / T / links.inter_node + gather) if P > 1 else 0.0
     # MoE: per block and micro-batch four all-to-alls (out and back, forward and backward) of
     # each token's top_k rows, of which (E-1)/E leave the rank.
@@ -280,8 +285,9 @@ def _batch_at(cfg: Config, tokens: float) -> float:
 
 def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
     """Every layout megatrain can run: ZeRO 0-3, tensor parallel within a node (dividing the
-    heads and the vocabulary; ZeRO 0-2), pipeline stages dividing the layers (ZeRO 0-1), both,
-    micro-batches 1-16, activation checkpointing on and off; the final batch must split. An
+    heads and the vocabulary; ZeRO 0-2) with and without sequence parallelism, pipeline stages
+    dividing the layers (ZeRO 0-1), both, micro-batches 1-16, activation checkpointing on and
+    off; the final batch must split. An
     MoE model: data parallel only, every rank computing every expert (splitting them saves no
     memory here and adds all-to-alls: docs/moe.md)."""
     splits = [
@@ -299,7 +305,10 @@ def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
                     if cfg.schedule.batch_final_tokens % (b * m.seq_len * D):
                         continue
                     for ckpt in (False, True):
-                        yield Layout(Z, T, P, D, b, ckpt)
+                        for sp in (
+                            (False, True) if T > 1 and m.seq_len % T == 0 and not m.dropout else (False,)
+                        ):
+                            yield Layout(Z, T, P, D, b, ckpt, sequence_parallel=sp)
 
 
 def search(

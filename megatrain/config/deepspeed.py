@@ -53,6 +53,10 @@ def deepspeed_config(cfg: Config, layout, grad_accum: int, norm) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if layout.pipeline and layout.sequence_parallel:
+        # The tensor ranks of a stage hold different slices of the sequence: each sends its own
+        # (DeepSpeed would otherwise send 1/T of one tensor it takes to be the same on all).
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if fp32_accumulation(t, layout.zero_stage):  # else DeepSpeed sums and reduces bf16 gradients in bf16
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ds["communication_data_type"] = "fp32"

@@ -405,6 +405,11 @@ class ParallelConfig:
     """Tensor-parallel size T (1: none): each block's attention heads and MLP columns split over
     T consecutive ranks by DeepSpeed's AutoTP, the vocabulary by rows; the world is P pipeline
     stages x T x world/(P T) data-parallel ranks."""
+    sequence_parallel: bool = False
+    """With tensor parallelism: the norms, dropouts and residual adds between the tensor-parallel
+    regions run on 1/T of the sequence per tensor rank (Megatron's sequence parallelism: an
+    all-gather before each column-parallel linear, a reduce-scatter after each row-parallel
+    one, in place of the all-reduces), cutting those activations by T (docs/parallelism.md)."""
     expert_parallel: int = 1
     """MoE (model.moe): ranks that compute each block's experts together, each a slice of
     them, tokens sent to their experts' ranks by all-to-all (docs/moe.md); must divide the
@@ -455,6 +460,22 @@ class ParallelConfig:
                 f"must divide model.moe.experts ({experts}): each rank computes a whole share of them",
             )
         tp = self.tensor_parallel
+        if self.sequence_parallel and tp == 1:
+            yield (
+                "parallel.sequence_parallel",
+                "needs parallel.tensor_parallel > 1 (it splits the sequence over the tensor ranks)",
+            )
+        if self.sequence_parallel and tp > 1 and cfg.train.seq_len % tp:
+            yield (
+                "parallel.sequence_parallel",
+                f"needs train.seq_len ({cfg.train.seq_len}) divisible by parallel.tensor_parallel={tp}",
+            )
+        if self.sequence_parallel and cfg.model.dropout > 0:
+            yield (
+                "parallel.sequence_parallel",
+                f"cannot be combined with model.dropout={cfg.model.dropout} yet (the tensor ranks share "
+                "their generators, so their slices of the sequence would draw the same masks)",
+            )
         if tp > 1 and self.zero_stage == 3:
             yield (
                 f"parallel.tensor_parallel={tp}",

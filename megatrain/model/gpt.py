@@ -230,9 +230,14 @@ class Positions(nn.Module):
         super().__init__()
         self.wpe = None if cfg.rotary else nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
+        # Under tensor parallelism (a VocabParallel, set by the trainer's build): with sequence
+        # parallelism x is this rank's slice of the sequence, which this says where starts.
+        self.sequence_slice = None
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         if self.wpe is not None:
+            if self.sequence_slice is not None:
+                start += self.sequence_slice.first_position(x.shape[1])
             x = x + self.wpe(torch.arange(start, start + x.shape[1], device=x.device))
         return self.drop(x)
 
@@ -280,8 +285,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """`cache` (generation): keys and values of the positions before x, extended in place."""
-        B, T, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = self.qkv(x)  # with sequence parallelism x is a slice of the sequence, qkv all of it
+        B, T, _ = qkv.shape
         # All heads, or under tensor parallelism this rank's share (whole heads, q|k|v each cut).
         kv = qkv.shape[-1] // (self.head_dim * (self.group + 2)) * self.head_dim
         q, k, v = qkv.split([self.group * kv, kv, kv], dim=2)

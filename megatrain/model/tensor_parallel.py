@@ -21,7 +21,7 @@ import re
 
 import torch
 
-from megatrain.model.gpt import GPT, GPTConfig
+from megatrain.model.gpt import GPT, GPTConfig, Positions
 
 
 def specs(cfg: GPTConfig) -> list[tuple[str, str, tuple[int, ...] | None]]:
@@ -36,15 +36,17 @@ def specs(cfg: GPTConfig) -> list[tuple[str, str, tuple[int, ...] | None]]:
     ]
 
 
-def summed_gradients(cfg: GPTConfig) -> list[str]:
+def summed_gradients(cfg: GPTConfig, sequence_parallel: bool = False) -> list[str]:
     """Patterns of parameters every rank keeps whole but applies to its own heads alone:
     QK-norm's scales (one per head dimension, shared by all heads). Each rank's gradient is
     the sum over its heads only, so the group sums them (AutoTP's grad_allreduce hook, as
-    Hugging Face's replicated_with_grad_allreduce) and the copies stay equal."""
-    return [r".*\.attn\.[qk]_norm\.weight$"] if cfg.qk_norm else []
+    Hugging Face's replicated_with_grad_allreduce) and the copies stay equal. With sequence
+    parallelism every whole parameter's gradient is summed, by megatrain
+    (sequence_parallel.sum_gradients): none here."""
+    return [r".*\.attn\.[qk]_norm\.weight$"] if cfg.qk_norm and not sequence_parallel else []
 
 
-def autotp_config(size: int, cfg: GPTConfig) -> dict:
+def autotp_config(size: int, cfg: GPTConfig, sequence_parallel: bool = False) -> dict:
     """DeepSpeed's `tensor_parallel` section for `size` ranks."""
     out = []
     for pattern, kind, sizes in specs(cfg):
@@ -53,7 +55,8 @@ def autotp_config(size: int, cfg: GPTConfig) -> dict:
             spec.update(shape=[len(sizes) if len(set(sizes)) == 1 else list(sizes), -1], partition_dim=0)
         out.append(spec)
     out += [
-        {"patterns": [p], "partition_type": "skip", "grad_allreduce": True} for p in summed_gradients(cfg)
+        {"patterns": [p], "partition_type": "skip", "grad_allreduce": True}
+        for p in summed_gradients(cfg, sequence_parallel)
     ]
     return {"autotp_size": size, "partition_config": {"use_default_specs": False, "layer_specs": out}}
 
@@ -118,6 +121,8 @@ def cut_vocabulary(model: torch.nn.Module, rows) -> None:
     for holder in holders:
         holder.vocab_parallel = rows
     model.loss_fn.vocab_parallel = rows
+    for positions in (m for m in model.modules() if isinstance(m, Positions)):
+        positions.sequence_slice = rows
 
 
 def shard(name: str, full: torch.Tensor, rank: int, size: int, cfg: GPTConfig) -> torch.Tensor:

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatrain.model.sequence_parallel import gather_sequence, reduce_scatter_sequence
+
 IGNORE = -100  # as F.cross_entropy's default ignore_index
 
 
@@ -112,21 +114,36 @@ class _SumGradientOverGroup(torch.autograd.Function):
 
 class VocabParallel:
     """Rank `rank` of a tensor-parallel group of `size` (torch.distributed `group`) holds rows
-    [start, stop) of the token embedding (and of an untied output head)."""
+    [start, stop) of the token embedding (and of an untied output head). With
+    `sequence_parallel` the hidden states outside the tensor-parallel regions are this rank's
+    1/size of the sequence (model/sequence_parallel.py): the lookups are reduce-scattered to
+    it, and the logits computed from the whole sequence gathered back."""
 
-    def __init__(self, group, rank: int, size: int, vocab_size: int):
-        self.group = group
+    def __init__(self, group, rank: int, size: int, vocab_size: int, sequence_parallel: bool = False):
+        self.group, self.rank = group, rank
         self.start, self.stop = vocab_range(vocab_size, rank, size)
+        self.sequence_parallel = sequence_parallel
 
     def embed(self, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The embeddings of tokens `idx` (whole vocabulary) from this rank's rows `weight`."""
+        """The embeddings of tokens `idx` [B, S] (whole vocabulary) from this rank's rows
+        `weight`: [B, S, d], or with sequence parallelism this rank's [B, S/size, d]."""
         local = idx - self.start
         inside = (local >= 0) & (idx < self.stop)
         rows = F.embedding(torch.where(inside, local, torch.zeros_like(local)), weight)
-        return _SumOverGroup.apply(rows * inside[..., None].to(rows.dtype), self.group)
+        rows = rows * inside[..., None].to(rows.dtype)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence(rows, self.group)
+        return _SumOverGroup.apply(rows, self.group)
+
+    def first_position(self, local_length: int) -> int:
+        """The position of this rank's first hidden state (its slice's start with sequence
+        parallelism, else 0), for the position embeddings."""
+        return self.rank * local_length if self.sequence_parallel else 0
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of the logits, [..., stop - start]."""
+        """This rank's slice of the logits, [..., stop - start], of the whole sequence."""
+        if self.sequence_parallel:
+            return F.linear(gather_sequence(x, self.group), weight)
         return F.linear(_SumGradientOverGroup.apply(x, self.group), weight)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

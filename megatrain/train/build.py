@@ -24,13 +24,14 @@ import torch
 
 from megatrain.config import Config
 from megatrain.layout import Layout
-from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name, tensor_parallel
+from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name, sequence_parallel, tensor_parallel
 from megatrain.model.gpt import INIT_PIECE, initial_value, initial_value_pieces, is_drawn
 from megatrain.model.vocab_parallel import VocabParallel
 from megatrain.train import distributed as dist
 from megatrain.train.ds_internals import (
     cut_for_tensor_parallel,
     finish_tensor_parallel,
+    sequence_parallel_linears,
     tensor_parallel_group,
 )
 
@@ -41,7 +42,10 @@ def build_model(
     cfg: Config, model_cfg: GPTConfig, layout: Layout, ds_config: dict, device: torch.device
 ) -> torch.nn.Module:
     """Collective (every rank calls it); needs torch.distributed initialised. Under tensor
-    parallelism the model is cut by AutoTP (tensor_parallel.autotp_config) and by rows."""
+    parallelism the model is cut by AutoTP (tensor_parallel.autotp_config) and by rows; with
+    sequence parallelism its split linears enter and leave on sequence slices, and the
+    gradients of the parameters every tensor rank keeps whole are summed over the group
+    (model/sequence_parallel.py)."""
     import deepspeed
 
     par = cfg.parallel
@@ -79,10 +83,14 @@ def build_model(
     autotp = None
     if layout.tensor_parallel > 1:
         autotp = cut_for_tensor_parallel(
-            model, tensor_parallel.autotp_config(layout.tensor_parallel, model_cfg)
+            model, tensor_parallel.autotp_config(layout.tensor_parallel, model_cfg, layout.sequence_parallel)
         )
         rows = VocabParallel(
-            tensor_parallel_group(), layout.tp_rank, layout.tensor_parallel, model_cfg.vocab_size
+            tensor_parallel_group(),
+            layout.tp_rank,
+            layout.tensor_parallel,
+            model_cfg.vocab_size,
+            layout.sequence_parallel,
         )
         tensor_parallel.cut_vocabulary(model, rows)
     # to_empty makes new Parameter objects: keep the attributes DeepSpeed set on the old ones
@@ -102,6 +110,10 @@ def build_model(
             param.copy_(tensor_parallel.shard(name, whole, layout.tp_rank, layout.tensor_parallel, model_cfg))
     if autotp is not None:
         finish_tensor_parallel(model, autotp)
+    if layout.sequence_parallel:
+        sequence_parallel_linears(model, tensor_parallel_group())
+        whole = [p for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
+        sequence_parallel.sum_gradients(whole, tensor_parallel_group())
     return model
 
 

@@ -69,7 +69,9 @@ class TrainModule:
         if layout.tensor_parallel > 1 and not layout.pipeline:
             # AutoTP with megatrain's specs (build.py cuts the model itself); a pipeline's
             # engine takes its tensor-parallel groups from the pipeline's grid instead.
-            ds_config["tensor_parallel"] = tensor_parallel.autotp_config(layout.tensor_parallel, model_cfg)
+            ds_config["tensor_parallel"] = tensor_parallel.autotp_config(
+                layout.tensor_parallel, model_cfg, layout.sequence_parallel
+            )
         # Parameters only where they are kept, from the seed and their names: the same weights in any layout.
         model = build_model(cfg, model_cfg, layout, ds_config, dist.collective_device())
         experts = dist.expert_parallel(layout)

@@ -137,6 +137,7 @@ class Trainer:
             if lay.world > lay.data_parallel
             else f"{lay.world} rank(s)"
         ) + (f" (experts split over {lay.expert_parallel})" if lay.expert_parallel > 1 else "")
+        ranks += " (sequence parallel)" if lay.sequence_parallel else ""
         m = self.model_cfg
         experts = (
             f" ({param_count(m, active=True) / 1e6:.2f}M active: {m.moe_top_k} of {m.moe_experts} experts"

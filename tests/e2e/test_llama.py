@@ -27,8 +27,17 @@ LLAMA = [
 LAYOUTS = {
     "zero3": (2, ["parallel.zero_stage=3", "model.activation_checkpointing=true"]),
     "pipe2": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
-    # ZeRO-0: the clipped norm all-reduced over the stages and tensor ranks of a replica
-    "tp2pp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_stages=2", "parallel.zero_stage=0"]),
+    # ZeRO-0: the clipped norm all-reduced over the stages and tensor ranks of a replica;
+    # sequence parallel: the stages pass each other their tensor ranks' slices of the sequence
+    "tp2pp2-sp": (
+        4,
+        [
+            "parallel.tensor_parallel=2",
+            "parallel.pipeline_stages=2",
+            "parallel.zero_stage=0",
+            "parallel.sequence_parallel=true",
+        ],
+    ),
 }
 
 
@@ -53,7 +62,8 @@ def test_every_layout_follows_the_same_trajectory(llama_run, tmp_path, small_dat
     """The same global batch of 512 tokens split as 2 data-parallel ranks (the reference),
     ZeRO-3 partitions (with activation checkpointing), two pipeline stages (the untied head
     on the last), or two stages of two tensor-parallel ranks (q|k|v cut as 4 query and 2
-    key/value heads, SwiGLU's gate|up, the untied head by vocabulary rows)."""
+    key/value heads, SwiGLU's gate|up, the untied head by vocabulary rows) with sequence
+    parallelism."""
     nproc, sets = LAYOUTS[layout]
     pretrain(tmp_path / "run", small_data, *LLAMA, *sets, nproc=nproc)
     assert train_losses(tmp_path / "run") == pytest.approx(train_losses(llama_run), rel=1e-5)

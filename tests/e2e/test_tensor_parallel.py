@@ -119,20 +119,26 @@ def test_tp2_pp2_resumes_exactly(uninterrupted, tmp_path, small_data):
     assert train_losses(run) == train_losses(source)  # bitwise
 
 
-def test_tp2_pp2_dp2_on_eight_ranks_equals_dp2(uninterrupted, tmp_path, small_data):
+def test_tp2_pp2_dp2_on_eight_ranks_with_sequence_parallelism_equals_dp2(uninterrupted, tmp_path, small_data):
     """Tensor x pipeline x data: 8 ranks as 2 data-parallel replicas of 2 stages of 2 tensor
-    ranks against 2 data-parallel ranks (ZeRO-1 in both), the same global batch."""
-    pretrain(
+    ranks, each tensor rank holding half the sequence between the tensor-parallel regions,
+    against 2 data-parallel ranks (ZeRO-1 in both), the same global batch. (Without sequence
+    parallelism: the 4-rank run above.)"""
+    proc = pretrain(
         tmp_path / "3d",
         small_data,
         *LAYOUTS["tp2pp2-zero1"][1],
+        "parallel.sequence_parallel=true",
         "train.max_steps=8",
         "checkpoint.every_steps=0",
         "train.eval_every=0",
         nproc=8,
     )
+    assert "8 ranks: 2 pipeline x 2 tensor x 2 data parallel (sequence parallel)" in proc.stdout
+    rows = [r for r in read_metrics(tmp_path / "3d") if r["kind"] == "train"]
+    assert all(r["micro_batches"] == 2 for r in rows)  # 512 tokens / (4 x 32 x 2 replicas)
     reference = train_losses(uninterrupted("2r-zero1") / "run")[:8]
-    assert train_losses(tmp_path / "3d") == pytest.approx(reference, rel=1e-5)
+    assert [r["loss"] for r in rows] == pytest.approx(reference, rel=1e-5)
 
 
 def test_dropout_masks_agree_within_a_tensor_parallel_group(tmp_path, small_data):
@@ -172,7 +178,8 @@ def test_tp2_with_qk_norm_follows_one_process(tmp_path, small_data):
     """QK-norm's scales are whole on every rank but each rank applies them to its own heads:
     their gradients are summed over the group, so the copies stay equal (the checkpoint
     converts: layout_free.read refuses copies that differ) and the run follows the losses
-    and grad norms of one process, state included."""
+    and grad norms of one process, state included; with sequence parallelism too (where every
+    whole parameter's gradient is summed: the norms, biases and QK-norm's scales)."""
     llama = [
         "model.arch=llama",
         "model.n_head=4",
@@ -182,9 +189,13 @@ def test_tp2_with_qk_norm_follows_one_process(tmp_path, small_data):
         "train.eval_every=0",
         "checkpoint.every_steps=6",
     ]
-    pretrain(tmp_path / "tp", small_data, *llama, "parallel.tensor_parallel=2", "parallel.zero_stage=1")
+    tp = ["parallel.tensor_parallel=2", "parallel.zero_stage=1"]
+    pretrain(tmp_path / "tp", small_data, *llama, *tp)
+    pretrain(tmp_path / "sp", small_data, *llama, *tp, "parallel.sequence_parallel=true")
     pretrain(tmp_path / "one", small_data, *llama, nproc=0)
-    rows = [[r for r in read_metrics(tmp_path / d) if r["kind"] == "train"] for d in ("tp", "one")]
-    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
-    assert [r["grad_norm"] for r in rows[0]] == pytest.approx([r["grad_norm"] for r in rows[1]], rel=1e-5)
-    assert_same_state(flat_state(tmp_path / "tp", 6), flat_state(tmp_path / "one", 6), rel=1e-5)
+    one = [r for r in read_metrics(tmp_path / "one") if r["kind"] == "train"]
+    for run in ("tp", "sp"):
+        rows = [r for r in read_metrics(tmp_path / run) if r["kind"] == "train"]
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in one], rel=1e-5), run
+        assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5), run
+        assert_same_state(flat_state(tmp_path / run, 6), flat_state(tmp_path / "one", 6), rel=1e-5)

@@ -62,6 +62,10 @@ def test_yaml_plus_overrides():
             "parallel.tensor_parallel=4 must divide model.n_head (2): heads are split",
         ),
         (
+            "parallel.sequence_parallel=true",
+            "parallel.sequence_parallel needs parallel.tensor_parallel > 1",
+        ),
+        (
             "parallel={tensor_parallel: 2, zero_stage: 3}",
             "parallel.tensor_parallel=2 cannot be combined with parallel.zero_stage=3: DeepSpeed's AutoTP "
             "training "
@@ -103,6 +107,24 @@ def test_bad_overrides(override, message):
 def test_tensor_parallel_must_split_whole_kv_heads_and_mlp_units(model, message):
     with pytest.raises(UserError) as e:
         load_config(TINY_CONFIG, BASE + ["parallel.tensor_parallel=2", model])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            "train.seq_len=33",
+            "parallel.sequence_parallel needs train.seq_len (33) divisible by parallel.tensor_parallel=2",
+        ),
+        ("model.dropout=0.1", "parallel.sequence_parallel cannot be combined with model.dropout=0.1 yet"),
+    ],
+)
+def test_sequence_parallelism_refusals(extra, message):
+    sets = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
+    load_config(TINY_CONFIG, BASE + sets)  # fine as it is
+    with pytest.raises(UserError) as e:
+        load_config(TINY_CONFIG, BASE + sets + [extra])
     assert message in str(e.value)
 
 
