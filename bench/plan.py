@@ -1,9 +1,10 @@
 """The planner against measured memory on this machine: the peak resident memory each
 training rank adds (from just before the Trainer is built to the end of a few steps)
 against the planner's per-rank prediction, for small configs spanning ZeRO 0-3, a 2-stage
-pipeline, activation checkpointing on and off, two sequence lengths, and a model whose
-vocabulary dominates on one rank and split over 2 tensor-parallel ranks (DeepSpeed's CPU
-accelerator: the device memory is the host's). Multi-rank layouts go through the real
+pipeline, activation checkpointing on and off, two sequence lengths, a model whose
+vocabulary dominates on one rank and split over 2 tensor-parallel ranks, and tensor
+parallelism with and without sequence parallelism (DeepSpeed's CPU accelerator: the device
+memory is the host's). Multi-rank layouts go through the real
 launcher; each rank measures itself and the largest is reported.
 
 What a CPU cannot show about GPUs: the CUDA caching allocator's fragmentation and NCCL's
@@ -50,6 +51,9 @@ SEQ256 = ["train.seq_len=256", "schedule.batch_final_tokens=2048"]
 # A model whose vocabulary dominates (8.4M of its 10M parameters in the tied table; the 4096
 # pieces of the tokenizer padded to 32768 rows), where splitting the vocabulary shows.
 VOCAB_HEAVY = ["model.vocab_size=32768", "model.n_layer=2", "model.d_model=256", "model.n_head=4", *SEQ256]
+# Activations dominating (the model's 10 blocks at 1024 positions), where splitting the
+# sequence between the tensor-parallel regions shows.
+SEQ1024 = ["train.seq_len=1024", "schedule.batch_final_tokens=4096"]
 LAYOUTS = {  # name: (ranks, settings)
     "ZeRO-0, seq 256": (1, ["parallel.zero_stage=0", *SEQ256]),
     "ZeRO-0, seq 256, activation checkpointing": (
@@ -68,6 +72,23 @@ LAYOUTS = {  # name: (ranks, settings)
     "vocabulary-heavy, tensor parallel 2, ZeRO-0": (
         2,
         ["parallel.tensor_parallel=2", "parallel.zero_stage=0", *VOCAB_HEAVY],
+    ),
+    "vocabulary-heavy, tensor parallel 2, sequence parallel, ZeRO-0": (
+        2,
+        [
+            "parallel.tensor_parallel=2",
+            "parallel.sequence_parallel=true",
+            "parallel.zero_stage=0",
+            *VOCAB_HEAVY,
+        ],
+    ),
+    "seq 1024, tensor parallel 2, ZeRO-0": (
+        2,
+        ["parallel.tensor_parallel=2", "parallel.zero_stage=0", *SEQ1024],
+    ),
+    "seq 1024, tensor parallel 2, sequence parallel, ZeRO-0": (
+        2,
+        ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0", *SEQ1024],
     ),
 }
 

@@ -43,17 +43,6 @@ def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
     return out.transpose(0, 1).contiguous()  # a pipeline stage sends it on: contiguous
 
 
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group):
-        ctx.group = group
-        return _gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter(grad, ctx.group), None
-
-
 class _ReduceScatterSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group):
@@ -65,19 +54,36 @@ class _ReduceScatterSequence(torch.autograd.Function):
         return _gather(grad, ctx.group), None
 
 
-def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
-    """Region entry: this rank's [B, S/T, ...] -> the whole [B, S, ...] (gradient reduce-scattered)."""
-    return _GatherSequence.apply(x, group)
-
-
 def reduce_scatter_sequence(x: torch.Tensor, group) -> torch.Tensor:
     """Region exit: each rank's partial sums [B, S, ...] -> their sum on this rank's [B, S/T, ...]."""
     return _ReduceScatterSequence.apply(x, group)
 
 
+class _ColumnLinear(torch.autograd.Function):
+    """F.linear of the gathered sequence, keeping only this rank's slice x for the backward
+    pass, which gathers it again (as Megatron does): keeping the gathered input would undo
+    what the split saves."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group):
+        ctx.group, ctx.bias_dtype = group, None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather(x, group), weight, bias)  # under autocast, in its dtype
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        whole = _gather(x, ctx.group).to(grad.dtype)  # the forward's matmul dtype (autocast)
+        grad_input = _reduce_scatter(grad.matmul(weight.to(grad.dtype)), ctx.group).to(x.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_weight = rows.t().matmul(whole.reshape(-1, whole.shape[-1])).to(weight.dtype)
+        grad_bias = None if ctx.bias_dtype is None else rows.sum(0).to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None
+
+
 def column_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:
     """A column-parallel linear (this rank's output columns) entered from a sequence slice."""
-    return F.linear(gather_sequence(x, group), weight, bias)
+    return _ColumnLinear.apply(x, weight, bias, group)
 
 
 def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatrain.model.sequence_parallel import gather_sequence, reduce_scatter_sequence
+from megatrain.model.sequence_parallel import column_linear, reduce_scatter_sequence
 
 IGNORE = -100  # as F.cross_entropy's default ignore_index
 
@@ -142,8 +142,8 @@ class VocabParallel:
 
     def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the logits, [..., stop - start], of the whole sequence."""
-        if self.sequence_parallel:
-            return F.linear(gather_sequence(x, self.group), weight)
+        if self.sequence_parallel:  # a column-parallel linear entered from the slice
+            return column_linear(x, weight, None, self.group)
         return F.linear(_SumGradientOverGroup.apply(x, self.group), weight)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
