@@ -36,7 +36,8 @@ def test_model_states_against_deepspeeds_estimators(path):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    cfg = load_config(path, ["parallel.tensor_parallel=1", "parallel.pipeline_stages=1"])
+    flat = ["parallel.tensor_parallel=1", "parallel.pipeline_stages=1", "parallel.sequence_parallel=false"]
+    cfg = load_config(path, flat)
     m = GPTConfig.from_config(cfg, 50257)
     n, gpus = param_count(m), 16
     _, zero2 = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=8, num_nodes=2, cpu_offload=False)
@@ -152,6 +153,12 @@ def test_cli_json_and_bad_input(tmp_path, small_data):
         ),
         (
             ["--config", REPO / "configs" / "gpt3-175b.yaml", "--gpu", "h100", "--search"],
+            "error: --gpus 8: the config's layout needs a multiple of parallel.tensor_parallel x "
+            "parallel.pipeline_stages = 64 GPUs",
+        ),
+        (
+            ["--config", REPO / "configs" / "gpt3-175b.yaml", "--gpu", "h100", "--search"]
+            + ["--set", "parallel={tensor_parallel: 1, pipeline_stages: 1, sequence_parallel: false}"],
             "error: " + str(REPO / "configs" / "gpt3-175b.yaml") + ": no layout of 8 GPUs fits 80 GB "
             "per GPU; the fewest that can: --gpus 64",
         ),
