@@ -50,12 +50,15 @@ def rollbacks(run) -> list[dict]:
     return [e for e in read_events(run) if e["event"] == "rollback"]
 
 
-def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout, rel: float = 0.0):
+def _recovered_equals_skipping_from_the_start(
+    run, small_data, tmp_path, *layout, rel: float = 0.0, nproc: int = 2
+):
     [rb] = rollbacks(run)
     restored = rb["restored_step"]
     assert rb["position"] == restored * 16  # the sampler position at the rollback point
     clean = tmp_path / "skipped-from-the-start"
-    pretrain(clean, small_data, *GUARD, *layout, f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]")
+    skip = f"data.skip=[[{rb['position']}, {rb['skipped_samples']}]]"
+    pretrain(clean, small_data, *GUARD, *layout, skip, nproc=nproc)
     assert not rollbacks(clean)  # the run that never saw the poison has no spike
     # step for step: the rollback restored everything
     assert train_losses(run) == (pytest.approx(train_losses(clean), rel=rel) if rel else train_losses(clean))
@@ -81,10 +84,14 @@ def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout
     return rb
 
 
+TP2_PP2_SP = ["parallel.tensor_parallel=2", "parallel.pipeline_stages=2", "parallel.sequence_parallel=true"]
+
+
 @pytest.mark.parametrize(
     "layout,source",
     [
-        (["parallel.zero_stage=0", "train.precision=fp32"], "memory"),
+        # whole parameters, on 2 stages of 2 tensor ranks each holding half the sequence (4 ranks)
+        (["parallel.zero_stage=0", "train.precision=fp32", *TP2_PP2_SP], "memory"),
         # the in-memory point holds DeepSpeed's flat fp32 partitions and the bf16 module weights
         (["parallel.zero_stage=2", "train.precision=bf16"], "memory"),
         # ZeRO-3 keeps parameters in DeepSpeed-private partitions: back to the disk checkpoint,
@@ -94,12 +101,13 @@ def _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout
             "checkpoints/step-00000030",
         ),
     ],
-    ids=["zero0-fp32", "zero2-bf16", "zero3-fp32-disk"],
+    ids=["zero0-fp32-tp2-pp2-sp", "zero2-bf16", "zero3-fp32-disk"],
 )
 def test_poisoned_data_is_rolled_back_and_skipped(tmp_path, small_data, layout, source):
     run = tmp_path / "run"
-    pretrain(run, small_data, *GUARD, *layout, poison=f"{POISON_AT}:32")
-    rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout)
+    nproc = 4 if "parallel.pipeline_stages=2" in layout else 2
+    pretrain(run, small_data, *GUARD, *layout, poison=f"{POISON_AT}:32", nproc=nproc)
+    rb = _recovered_equals_skipping_from_the_start(run, small_data, tmp_path, *layout, nproc=nproc)
     assert rb["began"] == 31 and rb["signal"] == "loss" and rb["loss"] > rb["limit"] > rb["baseline"]
     assert rb["restored_step"] == 30 and rb["source"].endswith(source)
     assert rb["skipped_samples"] >= 32  # past every poisoned sample
