@@ -26,6 +26,7 @@ DeepSpeed's tied groups (one per tensor rank) sum its gradients between the two 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -137,8 +138,6 @@ def build_pipeline(
         raise ValueError(
             f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}"
         )
-    import torch.distributed as dist
-
     dp = dist.get_world_size() // (num_stages * tensor_parallel)
     # Without a model axis the layer files keep their names (layer_NN-model_states.pt; with
     # one, layer_NN-model_TT-model_states.pt per tensor rank).

@@ -34,6 +34,7 @@ from megatrain.train.ds_internals import (
     sequence_parallel_linears,
     tensor_parallel_group,
 )
+from megatrain.train.optimizer import is_tensor_parallel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
 
@@ -112,7 +113,7 @@ def build_model(
         finish_tensor_parallel(model, autotp)
     if layout.sequence_parallel:
         sequence_parallel_linears(model, tensor_parallel_group())
-        whole = [p for p in model.parameters() if not getattr(p, "tensor_model_parallel", False)]
+        whole = [p for p in model.parameters() if not is_tensor_parallel(p)]
         sequence_parallel.sum_gradients(whole, tensor_parallel_group())
     return model
 

@@ -16,6 +16,7 @@ from helpers import (
     copy_until,
     flat_state,
     pretrain,
+    run_script,
     samples_by_step,
     train_losses,
 )
@@ -87,10 +88,13 @@ def test_tp2_times_dp2_equals_dp2(uninterrupted, tmp_path, small_data):
     assert train_losses(tmp_path / "tp") == pytest.approx(reference, rel=1e-5)
 
 
-def test_tp2_pp2_follows_the_one_rank_trajectory_and_converts(uninterrupted, small_data):
+def test_tp2_pp2_follows_the_one_rank_trajectory_and_converts(uninterrupted, small_data, tmp_path):
     """Two pipeline stages of two tensor-parallel ranks (ZeRO-1; the tied embedding's
     vocabulary shard on the first and last stage of each tensor rank): the one rank's
-    losses, clipped norms, weights and moments, samples, and, converted, its logits."""
+    losses, clipped norms, weights and moments, samples, and, converted and exported to
+    transformers, its logits."""
+    from transformers import AutoModelForCausalLM
+
     tp, one = uninterrupted("tp2pp2-zero1"), uninterrupted("1r-zero0")
     assert train_losses(tp / "run") == pytest.approx(train_losses(one / "run"), rel=1e-5)
     norms = [[r["grad_norm"] for r in read_metrics(d / "run") if r["kind"] == "train"] for d in (tp, one)]
@@ -106,6 +110,10 @@ def test_tp2_pp2_follows_the_one_rank_trajectory_and_converts(uninterrupted, sma
     with torch.no_grad():
         a, b = (load_model(d / "run")(tokens[:, :-1]) for d in (tp, one))
     assert ((a - b).norm() / b.norm()).item() < 1e-5
+    run_script("export_hf.py", tp / "run", "--out", tmp_path / "hf", env={"HF_HUB_OFFLINE": "1"})
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    with torch.no_grad():
+        assert float((hf(tokens[:, :-1]).logits - a).abs().max()) < 1e-4
 
 
 def test_tp2_pp2_resumes_exactly(uninterrupted, tmp_path, small_data):
