@@ -122,7 +122,7 @@ def build_pipeline(
     move to the rank's device then waits for the parameters to be allocated. With
     `tensor_parallel` > 1 its grid has a model axis of that size (the caller cuts it)."""
     from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
+    from deepspeed.runtime.pipe import ProcessTopology
 
     class GPTPipeline(PipelineModule):
         def to(self, *args, **kwargs):
@@ -139,13 +139,13 @@ def build_pipeline(
             f"partition method must be one of {sorted(PARTITION_METHODS)}, not {partition_method!r}"
         )
     dp = dist.get_world_size() // (num_stages * tensor_parallel)
-    # Without a model axis the layer files keep their names (layer_NN-model_states.pt; with
-    # one, layer_NN-model_TT-model_states.pt per tensor rank).
-    topology = (
-        PipeModelDataParallelTopology(num_pp=num_stages, num_mp=tensor_parallel, num_dp=dp)
-        if tensor_parallel > 1
-        else PipeDataParallelTopology(num_pp=num_stages, num_dp=dp)
-    )
+    # DeepSpeed's PipeModelDataParallelTopology's axes, or without a model axis its
+    # PipeDataParallelTopology's, whose layer files keep their names (layer_NN-model_states.pt;
+    # with one, layer_NN-model_TT-model_states.pt per tensor rank).
+    if tensor_parallel > 1:
+        topology = ProcessTopology(axes=["pipe", "data", "model"], dims=[num_stages, dp, tensor_parallel])
+    else:
+        topology = ProcessTopology(axes=["pipe", "data"], dims=[num_stages, dp])
     module = GPTPipeline(
         layers=pipeline_layers(cfg),
         topology=topology,

@@ -106,6 +106,7 @@ PUBLIC_MODULES = {
     "deepspeed",
     "deepspeed.accelerator",
     "deepspeed.pipe",
+    "deepspeed.runtime.pipe",  # ProcessTopology: the type PipelineModule's documented `topology` takes
 }  # and deepspeed.utils' safe_* accessors
 NOT_DEEPSPEED = re.compile(
     r"\b(?:self|cls|torch|os|sys)(?:\.\w+)+"
