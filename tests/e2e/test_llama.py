@@ -1,6 +1,6 @@
 """The llama architecture through the real launcher: the tiny model (grouped-query
-attention, an untied head, z-loss) learns on 2 ranks under ZeRO-1, and ZeRO-3, a 2-stage
-pipeline and tensor x pipeline parallelism follow the same trajectory; it resumes exactly, and on
+attention, an untied head, z-loss) learns on 2 ranks under ZeRO-1, and ZeRO-3 and tensor x
+pipeline parallelism follow the same trajectory; it resumes exactly, and on
 another layout; it trains in bf16; it exports to LlamaForCausalLM with the same logits and
 greedy text; generate.py and evaluate.py take it as they take GPT-3."""
 
@@ -26,7 +26,6 @@ LLAMA = [
 ]
 LAYOUTS = {
     "zero3": (2, ["parallel.zero_stage=3", "model.activation_checkpointing=true"]),
-    "pipe2": (2, ["parallel.pipeline_stages=2", "parallel.zero_stage=1"]),
     # ZeRO-0: the clipped norm all-reduced over the stages and tensor ranks of a replica;
     # sequence parallel: the stages pass each other their tensor ranks' slices of the sequence
     "tp2pp2-sp": (
@@ -60,10 +59,9 @@ def test_tiny_llama_learns_and_logs_its_z_loss(llama_run):
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_layout_follows_the_same_trajectory(llama_run, tmp_path, small_data, layout):
     """The same global batch of 512 tokens split as 2 data-parallel ranks (the reference),
-    ZeRO-3 partitions (with activation checkpointing), two pipeline stages (the untied head
-    on the last), or two stages of two tensor-parallel ranks (q|k|v cut as 4 query and 2
-    key/value heads, SwiGLU's gate|up, the untied head by vocabulary rows) with sequence
-    parallelism."""
+    ZeRO-3 partitions (with activation checkpointing), or two pipeline stages of two
+    tensor-parallel ranks (the untied head on the last; q|k|v cut as 4 query and 2 key/value
+    heads, SwiGLU's gate|up, the untied head by vocabulary rows) with sequence parallelism."""
     nproc, sets = LAYOUTS[layout]
     pretrain(tmp_path / "run", small_data, *LLAMA, *sets, nproc=nproc)
     assert train_losses(tmp_path / "run") == pytest.approx(train_losses(llama_run), rel=1e-5)

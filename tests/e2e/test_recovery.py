@@ -275,7 +275,11 @@ def test_a_hung_rank_is_found_by_the_heartbeat_and_the_run_relaunched(tmp_path, 
     --hang-timeout, ends it and relaunches; the run resumes from step 4 and ends with the
     losses of a run that never hung."""
     run = tmp_path / "run"
-    proc = _watched(run, small_data, "hang@6:1", "--hang-timeout", "60", "--hang-grace", "5")
+    # A step here takes well under a second: 25 s without one is a hang; the start (model
+    # built, checkpoint loaded) keeps a load-proof allowance.
+    proc = _watched(
+        run, small_data, "hang@6:1", "--hang-timeout", "25", "--start-timeout", "120", "--hang-grace", "5"
+    )
     assert "rank 1: hangs after step 6" in proc.stdout
     assert f"supervise: the run hung: {run / 'heartbeat'} not touched for " in proc.stdout
     # DeepSpeed's launcher gives each rank 30 s to end on SIGTERM; the hung ones are killed after the grace
