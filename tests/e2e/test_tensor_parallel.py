@@ -46,17 +46,24 @@ def test_tp2_follows_the_one_rank_trajectory(uninterrupted):
     assert samples_by_step(tp / "samples", steps=steps) == samples_by_step(one / "samples", steps=steps)
 
 
-def test_tp2_resumes_exactly(uninterrupted, tmp_path, small_data):
-    source = uninterrupted("tp2-zero1") / "run"
+@pytest.mark.parametrize(
+    "layout, ranks",
+    [
+        ("tp2-zero1", "2 ranks: 1 pipeline x 2 tensor x 1 data parallel, ZeRO-1"),
+        # a layer file per layer and tensor rank
+        ("tp2pp2-zero1", "4 ranks: 2 pipeline x 2 tensor x 1 data parallel, ZeRO-1"),
+    ],
+)
+def test_resumes_exactly_on_its_own_layout(uninterrupted, tmp_path, small_data, layout, ranks):
+    """DeepSpeed's own files on the same layout: the losses of the uninterrupted run, bitwise."""
+    source = uninterrupted(layout) / "run"
     run = copy_until(source, tmp_path / "run", step=20)
-    nproc, sets = LAYOUTS["tp2-zero1"]
+    nproc, sets = LAYOUTS[layout]
     proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc)
-    assert "2 ranks: 1 pipeline x 2 tensor x 1 data parallel, ZeRO-1" in proc.stdout
+    assert ranks in proc.stdout
     assert "plan: " in proc.stdout and " per rank predicted (params " in proc.stdout
-    assert (
-        "resumed from" in proc.stdout and "resharded" not in proc.stdout
-    )  # DeepSpeed's own files, same layout
-    assert train_losses(run) == train_losses(source)  # bitwise
+    assert "resumed from" in proc.stdout and "resharded" not in proc.stdout
+    assert train_losses(run) == train_losses(source)
 
 
 def test_tp2_checkpoint_gives_the_one_rank_models_logits(uninterrupted, small_data):
@@ -97,17 +104,6 @@ def test_tp2_pp2_follows_the_one_rank_trajectory_and_converts(uninterrupted, sma
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     with torch.no_grad():
         assert float((hf(tokens[:, :-1]).logits - a).abs().max()) < 1e-4
-
-
-def test_tp2_pp2_resumes_exactly(uninterrupted, tmp_path, small_data):
-    """DeepSpeed's own files on the same layout: a layer file per layer and tensor rank."""
-    source = uninterrupted("tp2pp2-zero1") / "run"
-    run = copy_until(source, tmp_path / "run", step=20)
-    nproc, sets = LAYOUTS["tp2pp2-zero1"]
-    proc = pretrain(run, small_data, *sets, *LONG, nproc=nproc)
-    assert "4 ranks: 2 pipeline x 2 tensor x 1 data parallel, ZeRO-1" in proc.stdout
-    assert "resumed from" in proc.stdout and "resharded" not in proc.stdout
-    assert train_losses(run) == train_losses(source)  # bitwise
 
 
 def test_tp2_pp2_dp2_on_eight_ranks_with_sequence_parallelism_equals_dp2(uninterrupted, tmp_path, small_data):
