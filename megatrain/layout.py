@@ -60,7 +60,13 @@ class Layout:
     @classmethod
     def from_checkpoint(cls, form: dict) -> Layout:
         """The layout a checkpoint was written on (its megatrain.json "layout")."""
-        return cls(form["zero_stage"], form["tensor_parallel"], form["pipeline_stages"], form["dp_size"])
+        return cls(
+            form["zero_stage"],
+            form["tensor_parallel"],
+            form["pipeline_stages"],
+            form["dp_size"],
+            expert_parallel=form.get("expert_parallel", 1),
+        )
 
     def checkpoint_form(self) -> dict:
         """What a checkpoint records of the layout (megatrain.json "layout"). Under tensor
@@ -75,6 +81,8 @@ class Layout:
         }
         if self.tensor_parallel > 1:
             form["vocabulary_split"] = True
+        if self.experts_split:  # each rank's file holds its experts (train/expert_shards.py)
+            form["expert_parallel"] = self.expert_parallel
         return form
 
     @property
@@ -110,6 +118,18 @@ class Layout:
         (MoE runs have no pipeline or tensor axis)."""
         E = self.expert_parallel
         return [list(range(first, first + E)) for first in range(0, self.world, E)]
+
+    def expert_replica_groups(self) -> list[list[int]]:
+        """The global ranks holding the same experts (the same place in their expert-parallel
+        groups), one group per place: their gradients of those experts are summed together."""
+        E = self.expert_parallel
+        return [list(range(place, self.world, E)) for place in range(E)]
+
+    @property
+    def experts_split(self) -> bool:
+        """Each rank keeps only the weights, gradients and optimizer state of the experts it
+        computes (expert parallelism under ZeRO 0-2; ZeRO-3 partitions every weight itself)."""
+        return self.expert_parallel > 1 and self.zero_stage < 3
 
     @property
     def mp_rank(self) -> int:

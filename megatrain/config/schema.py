@@ -459,6 +459,20 @@ class ParallelConfig:
                 f"parallel.expert_parallel={ep}",
                 f"must divide model.moe.experts ({experts}): each rank computes a whole share of them",
             )
+        if ep > 1 and self.zero_stage < 3:  # each rank's experts: megatrain's own optimizer (docs/moe.md)
+            if cfg.optim.name != "fused_adamw":
+                yield (
+                    f"parallel.expert_parallel={ep}",
+                    f"needs optim.name=fused_adamw under ZeRO 0-2, not {cfg.optim.name}: each rank's experts "
+                    "are stepped by megatrain's AdamW beside DeepSpeed's, clipped by one global norm "
+                    "(ZeRO-3 takes any optimizer: it partitions the experts as every weight)",
+                )
+            if cfg.train.precision == "fp16":
+                yield (
+                    f"parallel.expert_parallel={ep}",
+                    "cannot be combined with train.precision=fp16 under ZeRO 0-2: each rank's experts are "
+                    "stepped outside DeepSpeed, whose loss scaler would not see their gradients; use bf16",
+                )
         tp = self.tensor_parallel
         if self.sequence_parallel and tp == 1:
             yield (

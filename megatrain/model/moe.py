@@ -22,9 +22,10 @@ uses `top_k`, chosen by a router (Shazeer et al. 2017; Switch, GShard, Mixtral, 
 Dispatch: the assignments sorted by expert, one matmul per expert over its rows. With expert
 parallelism (`ExpertParallel`), the E ranks of a group each compute a slice of the experts:
 the sorted rows go by all-to-all to the ranks of their experts, and their outputs come back
-the same way (autograd runs both exchanges backwards). The experts' weights stay ordinary
-parameters of every rank (what ZeRO shards and checkpoints keep), so a rank's gradient of
-an expert it does not compute is zero and the data-parallel reduction sums the right ones.
+the same way (autograd runs both exchanges backwards). A rank then keeps only its own
+experts' weights (`Experts.offset`: the first it holds; train/expert_shards.py owns them),
+except under ZeRO-3, where they stay parameters of every rank that ZeRO partitions as it
+partitions the rest.
 """
 
 from __future__ import annotations
@@ -96,27 +97,36 @@ def expert_mlp(x: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor, gated: boo
 
 
 class Experts(nn.Module):
-    """`count` experts' weights as [count, out, in] tensors."""
+    """`count` experts' weights as [count, out, in] tensors. Under expert parallelism a rank's
+    may hold only its own experts, from expert `offset` on (as fp32 tensors the expert shards
+    own, not parameters of the module: train/expert_shards.py)."""
 
     def __init__(self, count: int, d_model: int, hidden: int, gated: bool):
         super().__init__()
         self.gated = gated
         self.fc = nn.Parameter(torch.empty(count, (2 if gated else 1) * hidden, d_model))
         self.proj = nn.Parameter(torch.empty(count, d_model, hidden))
+        self.offset = 0
 
     def forward(self, rows: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
         """rows [M, d] sorted by expert, counts[i] of them for expert first + i."""
+        fc, proj = self.fc, self.proj
+        if fc.dtype != rows.dtype and not torch.is_autocast_enabled(rows.device.type):
+            # fp32 shards in a bf16 model: the compute dtype's copy of this rank's experts, as
+            # DeepSpeed's bf16 weights are of its fp32 masters.
+            fc, proj = fc.to(rows.dtype), proj.to(rows.dtype)
+        first -= self.offset
         outs = [
-            expert_mlp(part, self.fc[first + i], self.proj[first + i], self.gated)
+            expert_mlp(part, fc[first + i], proj[first + i], self.gated)
             for i, part in enumerate(rows.split(counts))
             if counts[i]
         ]
         if outs:
             return torch.cat(outs)
         # No rows for any of these experts (a rank whose experts got no tokens): an empty result
-        # still tied to the weights, so that every rank's gradients exist (zeros) and DeepSpeed's
-        # reduction sees the same tensors on every rank.
-        return rows.new_zeros(0, self.proj.shape[1]) + self.fc[:0].sum() + self.proj[:0].sum()
+        # still tied to the weights, so that every rank's gradients exist (zeros) and every
+        # rank's reduction sees the same tensors.
+        return rows.new_zeros(0, proj.shape[1]) + fc[:0].sum() + proj[:0].sum()
 
 
 class ExpertParallel:

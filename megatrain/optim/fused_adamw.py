@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -78,6 +79,10 @@ class FusedAdamWClip(torch.optim.Optimizer):
         self.norm_group = (
             None  # process group whose ranks hold distinct gradient shards (None: this rank's alone)
         )
+        # Squared norm of gradients this optimizer does not step, added to its own after the
+        # norm_group's all-reduce (expert shards: train/expert_shards.py); a [1] fp32 tensor.
+        self.extra_norm_sq: Callable[[], torch.Tensor] | None = None
+        self.last_norm_sq: torch.Tensor | None = None  # the last step's, extra included
         self.use_fused_op = fused_op_available() if use_fused_op is None else use_fused_op
         self._forced = use_fused_op is True
         if self.use_fused_op and not fused_op_available():
@@ -179,8 +184,16 @@ class FusedAdamWClip(torch.optim.Optimizer):
                     norm.append(gg)
         return ps, gs, ms, vs, lrs, wds, norm
 
+    def sum_squares(self, grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Pass 1 alone: the squared L2 norm of `grads`, a [1] fp32 tensor on `device`."""
+        if self.uses_fused_op_on(device):
+            return _OPS.sum_squares(grads) if grads else torch.zeros(1, device=device)
+        return _sum_squares_torch(grads, device)
+
     @torch.no_grad()
-    def step(self, closure=None) -> torch.Tensor | None:
+    def step(self, closure=None, norm_sq: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`norm_sq`: the global squared norm to clip by, computed elsewhere (another
+        optimizer's step over the rest of the model): no pass 1, no all-reduce."""
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -195,12 +208,13 @@ class FusedAdamWClip(torch.optim.Optimizer):
         beta1, beta2 = self.param_groups[0]["betas"]
         eps = self.param_groups[0]["eps"]
         use_op = self.uses_fused_op_on(device)
-        if use_op:
-            norm_sq = _OPS.sum_squares(norm_grads) if norm_grads else torch.zeros(1, device=device)
-        else:
-            norm_sq = _sum_squares_torch(norm_grads, device)
-        if self.norm_group is not None:
-            torch.distributed.all_reduce(norm_sq, group=self.norm_group)
+        if norm_sq is None:
+            norm_sq = self.sum_squares(norm_grads, device)
+            if self.norm_group is not None:
+                torch.distributed.all_reduce(norm_sq, group=self.norm_group)
+            if self.extra_norm_sq is not None:
+                norm_sq = norm_sq + self.extra_norm_sq()
+        self.last_norm_sq = norm_sq
         adamw_clip_step = _OPS.adamw_clip_step_ if use_op else _adamw_clip_step_torch
         adamw_clip_step(
             ps, gs, ms, vs, lrs, wds, beta1, beta2, eps, norm_sq, self.max_grad_norm, step, self.skipped_steps

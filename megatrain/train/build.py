@@ -26,6 +26,7 @@ from megatrain.config import Config
 from megatrain.layout import Layout
 from megatrain.model import GPT, GPTConfig, build_pipeline, canonical_name, sequence_parallel, tensor_parallel
 from megatrain.model.gpt import INIT_PIECE, initial_value, initial_value_pieces, is_drawn
+from megatrain.model.moe import MoE
 from megatrain.model.vocab_parallel import VocabParallel
 from megatrain.train import distributed as dist
 from megatrain.train.ds_internals import (
@@ -34,6 +35,7 @@ from megatrain.train.ds_internals import (
     sequence_parallel_linears,
     tensor_parallel_group,
 )
+from megatrain.train.expert_shards import WEIGHTS
 from megatrain.train.optimizer import is_tensor_parallel
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # otherwise fp32 (fp32, bf16-autocast)
@@ -81,6 +83,9 @@ def build_model(
         else:
             model = GPT(model_cfg, init_weights=False)
     whole_shapes = {name: p.shape for name, p in model.named_parameters()}
+    # Expert parallelism under ZeRO 0-2: the routed experts leave the parameters, each rank
+    # keeping its own (train/expert_shards.py).
+    experts = _take_experts(model) if layout.experts_split else []
     autotp = None
     if layout.tensor_parallel > 1:
         autotp = cut_for_tensor_parallel(
@@ -109,6 +114,14 @@ def build_model(
             else:
                 whole = initial_value_drawn_in_turn(name, shape, model_cfg, device)
             param.copy_(tensor_parallel.shard(name, whole, layout.tp_rank, layout.tensor_parallel, model_cfg))
+    for layer, key, name in experts:  # drawn whole in turn, as every parameter; each keeps its rows
+        whole = initial_value_drawn_in_turn(name, whole_shapes[name], model_cfg, device)
+        local = whole.shape[0] // layout.expert_parallel
+        lo = layout.ep_rank * local
+        # fp32, as DeepSpeed's masters are made: from the weights in the training dtype
+        rows = whole[lo : lo + local].to(DTYPES.get(cfg.train.precision, torch.float32)).float()
+        setattr(layer.experts, key, rows.clone().requires_grad_())
+        layer.experts.offset = lo
     if autotp is not None:
         finish_tensor_parallel(model, autotp)
     if layout.sequence_parallel:
@@ -116,6 +129,18 @@ def build_model(
         whole = [p for p in model.parameters() if not is_tensor_parallel(p)]
         sequence_parallel.sum_gradients(whole, tensor_parallel_group())
     return model
+
+
+def _take_experts(model) -> list[tuple[MoE, str, str]]:
+    """(layer, "fc" or "proj", parameter name) of every routed expert tensor, each removed from
+    the module's parameters (the meta model's: nothing is allocated for them)."""
+    taken = []
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, MoE):
+            for key in WEIGHTS:
+                delattr(layer.experts, key)
+                taken.append((layer, key, f"{prefix}.experts.{key}"))
+    return taken
 
 
 def initial_value_drawn_in_turn(

@@ -51,6 +51,8 @@ class Checkpoints:
             **state["rank"],
             "optimizer_params": {"mp_rank": self.layout.mp_rank, "groups": self.module.optimizer_params},
         }
+        if self.module.experts is not None:  # the experts this rank keeps (train/expert_shards.py)
+            rank_state["experts"] = self.module.experts.state_dict()
         meta = {
             "step": self.progress.step,
             "model_shape": self.model_cfg.shape(),
@@ -143,6 +145,8 @@ class Checkpoints:
             self.module.flavour,
         ):
             rank_state = self.files.load(self.module.engine, path)
+            if self.module.experts is not None:
+                self.module.experts.load_state_dict(rank_state["experts"])
         else:
             rank_state = self._reshard(path, saved)
         self.state.load_state_dict({"shared": saved["state"], "rank": rank_state})

@@ -282,9 +282,21 @@ def expert_parallel(layout):
 
     if layout.expert_parallel == 1:
         return None
+    group = _my_group(layout.expert_parallel_groups(), layout.rank)
+    return ExpertParallel(group, layout.expert_parallel, layout.ep_rank)
+
+
+def expert_replicas(layout):
+    """The process group of the ranks holding this rank's experts (layout.expert_replica_groups);
+    None when this rank holds them alone. Every rank makes every group, in the same order."""
+    groups = layout.expert_replica_groups()
+    return _my_group(groups, layout.rank) if len(groups[0]) > 1 else None
+
+
+def _my_group(groups: list[list[int]], rank: int):
     mine = None
-    for ranks in layout.expert_parallel_groups():
+    for ranks in groups:
         group = dist.new_group(ranks)
-        if layout.rank in ranks:
+        if rank in ranks:
             mine = group
-    return ExpertParallel(mine, layout.expert_parallel, layout.ep_rank)
+    return mine

@@ -95,7 +95,34 @@ def read_deferred(ckpt: Path, moments: bool = True) -> tuple[dict[str, Deferred]
         tensors = {key: _gathered(ckpt, key, [m[key] for m in by_tensor_rank], model) for key in first}
     else:
         tensors = by_tensor_rank[0]
-    return {key: _fp32(d) for key, d in tensors.items()}, parts[0][1]
+    step = parts[0][1]
+    experts = state["layout"].get("expert_parallel", 1)
+    if experts > 1:  # the experts, split over the ranks' own files (train/expert_shards.py)
+        tensors.update(_expert_shards(ckpt, experts, kinds, step))
+    return {key: _fp32(d) for key, d in tensors.items()}, step
+
+
+def _expert_shards(ckpt: Path, size: int, kinds, step: int | None) -> dict[str, Deferred]:
+    """The whole experts of a checkpoint that split them over `size` ranks: ranks 0 to
+    size - 1 hold places 0 to size - 1 (the first expert-parallel group), each place's rows in
+    its rank file, concatenated."""
+    shards = []
+    for rank in range(size):
+        f = ckpt / f"megatrain-rank{rank:05d}.pt"
+        mine = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["experts"]
+        if mine["place"] != rank or (step is not None and mine["step"] != step):
+            raise UserError(
+                f"{f}: its experts are place {mine['place']} at optimizer step {mine['step']}, "
+                f"expected place {rank} at step {step}: the checkpoint is inconsistent"
+            )
+        shards.append(mine)
+    out = {}
+    for kind in kinds:
+        for name, first in shards[0][kind].items():
+            rows = [s[kind][name] for s in shards]
+            shape = (sum(r.shape[0] for r in rows), *first.shape[1:])
+            out[f"{kind}/{name}"] = Deferred(shape, first.dtype, functools.partial(torch.cat, rows))
+    return out
 
 
 def _fp32(d: Deferred) -> Deferred:
@@ -259,6 +286,10 @@ def load_into(module, path: Path) -> int:
         moments = MOMENTS if f"{MOMENTS[0]}/{named[0][0]}" in f.keys() else ()
         with torch.no_grad():
             wall.load_state(engine.optimizer, named, _Parts(f, module), step, moments)
+            if module.experts is not None:  # this rank's rows of the experts
+                module.experts.load_whole(
+                    lambda kind, name, lo, hi: f.get_slice(f"{kind}/{name}")[lo:hi], bool(moments), step
+                )
     return step
 
 

@@ -25,6 +25,7 @@ from megatrain.optim.grad_norm import GradNormPolicy
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
 from megatrain.train.build import build_model
+from megatrain.train.expert_shards import ExpertShards
 from megatrain.train.optimizer import attach, build_optimizer, is_tensor_parallel
 from megatrain.train.stragglers import PhaseClock
 
@@ -77,6 +78,8 @@ class TrainModule:
         experts = dist.expert_parallel(layout)
         for layer in model.moe_layers() if model_cfg.moe_experts else ():
             layer.expert_parallel = experts
+        # Each rank's own experts, outside DeepSpeed (None: the experts are parameters).
+        self.experts = ExpertShards(model, layout, cfg.optim, experts) if layout.experts_split else None
         groups, self.client_optimizer = build_optimizer(cfg.optim, model, self.norm)
         names = {id(p): n for n, p in model.named_parameters()}
         # The optimizer's parameters by name in its own order: a ZeRO-0 checkpoint keeps its
@@ -92,6 +95,8 @@ class TrainModule:
                 f"rank {layout.rank}: DeepSpeed's pipeline grid says {place}, megatrain's Layout not"
             )
         attach(self.client_optimizer, model, cfg.optim.weight_decay, layout, self.norm, self.engine)
+        if self.experts is not None:  # the global norm counts them, once per expert
+            self.client_optimizer.extra_norm_sq = self.experts.squared_norm
         if layout.world == 1 and layout.zero_stage == 0:
             # DeepSpeed all-reduces ZeRO-0 gradients in a world of one too: it flattens them
             # into one buffer and copies them back, a sizeable share of a small step, for an identity.
@@ -115,6 +120,8 @@ class TrainModule:
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        if self.experts is not None:
+            self.experts.set_lr(lr)
 
     def set_micro_batches(self, micro_batches: int, micro_batch: int) -> None:
         """Micro-batches per rank in the next step (DeepSpeed's gradient accumulation)."""
@@ -171,7 +178,12 @@ class TrainModule:
             if boundary and self.norm.source == "measured":  # gradients are all-reduced now, not yet clipped
                 grad_norm = self._measured_norm()
             with clock.phase("optimizer"):
+                if boundary and self.experts is not None:
+                    self.experts.reduce_gradients()
+                    self.client_optimizer.last_norm_sq = None
                 self.engine.step()
+                if boundary and self.experts is not None:  # None: DeepSpeed skipped the step
+                    self.experts.step(self.client_optimizer.last_norm_sq)
             loss_sum += loss.detach().to(loss_sum)
         if self.norm.source != "measured":
             grad_norm = self._grad_norm(skipped_before)
@@ -288,6 +300,8 @@ class TrainModule:
             for name, value in state.items():
                 if torch.is_tensor(value):
                     add(f"opt.state.{key}.{name}", value)
+        for key, t in self.experts.tensors().items() if self.experts is not None else ():
+            add(key, t)
         return found
 
     def _state_counts(self) -> dict[str, tuple[dict, str]]:
@@ -312,9 +326,9 @@ class TrainModule:
         tensors = self._state_tensors()
         sizes = [t.numel() * t.element_size() for t in tensors.values()]
         if not any(k.startswith("opt.state.") for k in tensors):
-            sizes += [
-                4 * p.numel() for g in self.base_optimizer.param_groups for p in g["params"]
-            ] * 2  # the moments
+            params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
+            params += list(self.experts.shards.values()) if self.experts is not None else []
+            sizes += [4 * p.numel() for p in params] * 2  # the moments
         return sum(host_block_bytes(n, pinned=self.device.type == "cuda") for n in sizes)
 
     def capture(self, reuse: dict | None = None) -> dict:

@@ -1,9 +1,8 @@
 """Mixture of experts through the real launcher, 2 ranks: the tiny MoE llama learns and logs
-its router; 2 expert-parallel ranks (each computing half the experts, tokens exchanged by
-all-to-all) follow the trajectory of every rank computing every expert, from scratch and
-after a resume on the other layout under ZeRO-3; it resumes exactly; a spike is rolled back
-exactly; it exports to MixtralForCausalLM with the same logits, and generate.py and
-evaluate.py take it."""
+its router; 2 expert-parallel ranks, each computing and keeping half the experts (tokens
+exchanged by all-to-all), follow the trajectory of every rank keeping every expert, resume
+exactly, take a checkpoint of the other layout, and roll a spike back exactly; it exports
+to MixtralForCausalLM with the same logits, and generate.py and evaluate.py take it."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import torch
 from helpers import copy_until, fell_by, pretrain, run_script, train_losses
 
 from megatrain.data import TokenDataset
+from megatrain.train import layout_free
 from megatrain.train.convert import load_model
 from megatrain.train.metrics import read_events, read_metrics
 
@@ -26,6 +26,7 @@ MOE = [
     "checkpoint.every_steps=5",
     "train.eval_every=5",
     "logging.moe_load_every=5",
+    "optim.grad_clip=0.2",  # every step clipped: the experts' share of the norm counts
 ]
 EP2 = ["parallel.expert_parallel=2"]
 
@@ -34,6 +35,15 @@ EP2 = ["parallel.expert_parallel=2"]
 def moe_run(tmp_path_factory, small_data):
     run = tmp_path_factory.mktemp("moe") / "run"
     pretrain(run, small_data, *MOE, "parallel.zero_stage=1")
+    return run
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, small_data):
+    """Each of 2 ranks computes and keeps 2 of the 4 experts (ZeRO-0 here; ZeRO-2 below)."""
+    run = tmp_path_factory.mktemp("moe-split") / "run"
+    proc = pretrain(run, small_data, *MOE, *EP2, "parallel.zero_stage=0")
+    assert "2 rank(s) (experts split over 2), ZeRO-0" in proc.stdout
     return run
 
 
@@ -49,37 +59,47 @@ def test_tiny_moe_learns_and_logs_its_router(moe_run):
     assert sum(histograms[5]["0"]) == pytest.approx(1.0)
 
 
-def test_expert_parallel_follows_the_same_trajectory(moe_run, tmp_path, small_data):
-    """Each of 2 ranks computes 2 of the 4 experts for both ranks' tokens (ZeRO-0 here: the
-    tests of this file cover every stage with experts split, 1 to 3 below)."""
-    run = tmp_path / "run"
-    proc = pretrain(run, small_data, *MOE, *EP2, "parallel.zero_stage=0")
-    assert "2 rank(s) (experts split over 2), ZeRO-0" in proc.stdout
-    assert train_losses(run) == pytest.approx(train_losses(moe_run), rel=1e-5)
-    balance = [[r["moe_balance"] for r in read_metrics(d) if r["kind"] == "train"] for d in (run, moe_run)]
-    assert balance[0] == pytest.approx(balance[1], rel=1e-5)
+def test_expert_parallel_follows_the_same_trajectory(moe_run, split_run):
+    """Losses, router statistics and the clipped global norms of every rank keeping every
+    expert; each rank's file holds its 2 experts' weights and moments, and the layout-free
+    form gathers them into the same training state."""
+    assert train_losses(split_run) == pytest.approx(train_losses(moe_run), rel=1e-5)
+    for key in ("moe_balance", "grad_norm"):
+        got, want = ([r[key] for r in read_metrics(d) if r["kind"] == "train"] for d in (split_run, moe_run))
+        assert got == pytest.approx(want, rel=1e-5), key
+    ckpt = split_run / "checkpoints" / "step-00000010"
+    for rank in (0, 1):
+        mine = torch.load(ckpt / f"megatrain-rank{rank:05d}.pt", weights_only=False)["experts"]
+        assert mine["place"] == rank and mine["step"] == 10
+        assert {tuple(t.shape) for t in mine["exp_avg"].values()} == {(2, 64, 32), (2, 32, 32)}
+    split, _ = layout_free.read(ckpt)
+    whole, _ = layout_free.read(moe_run / "checkpoints" / "step-00000010")
+    assert split.keys() == whole.keys() and split["param/blocks.1.mlp.experts.proj"].shape[0] == 4
+    for key, t in whole.items():
+        assert float((split[key] - t).abs().max()) <= 1e-4 * float(t.abs().max()), key
 
 
-def test_resumes_on_expert_parallel_zero3(moe_run, tmp_path, small_data):
-    """Checkpoint 5 of the ZeRO-1 run continued with experts split over 2 ranks under ZeRO-3
-    and activation checkpointing (the all-to-all runs again in the recomputation)."""
+def test_resumes_exactly_with_experts_split(split_run, tmp_path, small_data):
+    run = copy_until(split_run, tmp_path / "run", step=5)
+    pretrain(run, small_data, *MOE, *EP2, "parallel.zero_stage=0")
+    assert train_losses(run) == train_losses(split_run)  # bitwise
+
+
+def test_resumes_with_experts_split_from_every_rank_keeping_them(moe_run, tmp_path, small_data):
+    """Checkpoint 5 of the ZeRO-1 run continued with experts split over 2 ranks under ZeRO-2
+    and activation checkpointing (the all-to-all runs again in the recomputation): each rank
+    takes its experts' rows of the layout-free form."""
     run = copy_until(moe_run, tmp_path / "run", step=5)
-    sets = [*EP2, "parallel.zero_stage=3", "model.activation_checkpointing=true"]
+    sets = [*EP2, "parallel.zero_stage=2", "model.activation_checkpointing=true"]
     proc = pretrain(run, small_data, *MOE, *sets)
     assert "resharded step-00000005" in proc.stdout
     assert train_losses(run) == pytest.approx(train_losses(moe_run), rel=1e-5)
 
 
-def test_tiny_moe_resumes_exactly(moe_run, tmp_path, small_data):
-    run = copy_until(moe_run, tmp_path / "run", step=5)
-    pretrain(run, small_data, *MOE, "parallel.zero_stage=1")
-    assert train_losses(run) == train_losses(moe_run)  # bitwise
-
-
 def test_a_spike_is_rolled_back_exactly_with_experts_split(tmp_path, small_data):
     """A NaN loss at step 13 (always a spike): the run restores its in-memory point of step 10
-    (ZeRO-2's flat partitions), skips 4 batches, and then matches a run that skipped them from
-    the start, bitwise."""
+    (ZeRO-2's flat partitions, and each rank's experts with their moments), skips 4 batches,
+    and then matches a run that skipped them from the start, bitwise."""
     guard = [
         *MOE,
         *EP2,
@@ -112,21 +132,22 @@ def test_expert_load_reaches_wandb_and_the_plot(tmp_path, small_data):
     assert "curves.png" in run_script("plot.py", run).stdout
 
 
-def test_export_generate_and_evaluate(moe_run, small_data, small_tokenizer, tmp_path):
+def test_export_generate_and_evaluate(split_run, small_data, small_tokenizer, tmp_path):
+    """From the checkpoint whose experts are split over the ranks' files."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "hf"
-    run_script("export_hf.py", moe_run, "--out", out, env={"HF_HUB_OFFLINE": "1"})
+    run_script("export_hf.py", split_run, "--out", out, env={"HF_HUB_OFFLINE": "1"})
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert type(hf).__name__ == "MixtralForCausalLM" and hf.config.num_local_experts == 4
-    ours = load_model(moe_run)
+    ours = load_model(split_run)
     real = torch.from_numpy(TokenDataset(small_data, 32, split="valid").batch(list(range(4))).astype("int64"))
     with torch.no_grad():
         assert float((hf(real[:, :-1]).logits - ours(real[:, :-1])).abs().max()) < 1e-4
     proc = run_script(
         "generate.py",
         "--checkpoint",
-        moe_run,
+        split_run,
         "--prompt",
         "def ",
         "--temperature",
@@ -135,5 +156,5 @@ def test_export_generate_and_evaluate(moe_run, small_data, small_tokenizer, tmp_
         "8",
     )
     assert proc.stdout.strip()
-    proc = run_script("evaluate.py", "--checkpoint", moe_run, "--input", small_data)
+    proc = run_script("evaluate.py", "--checkpoint", split_run, "--input", small_data)
     assert "bits per byte" in proc.stdout

@@ -89,6 +89,7 @@ def test_fp16_flat_masters_read_and_loaded_master_by_master(tmp_path):
         engine=types.SimpleNamespace(module=other, optimizer=other_opt),
         layout=Layout(0, 1, 1, 1),
         model_cfg=SHAPE,
+        experts=None,  # a dense model: no expert shards
     )
     assert layout_free.load_into(module, path) == 7
     for flat, other_flat in zip(opt.fp32_groups_flat, other_opt.fp32_groups_flat, strict=True):

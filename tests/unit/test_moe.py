@@ -272,6 +272,14 @@ def test_experts_without_rows_still_get_gradients():
         (["parallel.tensor_parallel=2"], "model.moe cannot be combined with parallel.tensor_parallel=2 yet"),
         (["parallel.expert_parallel=3"], "parallel.expert_parallel=3 must divide model.moe.experts (4)"),
         (["model.moe.experts=0", "parallel.expert_parallel=2"], "must divide model.moe.experts (0)"),
+        (
+            ["parallel.expert_parallel=2", "optim.name=torch_adamw"],
+            "parallel.expert_parallel=2 needs optim.name=fused_adamw under ZeRO 0-2, not torch_adamw",
+        ),
+        (
+            ["parallel.expert_parallel=2", "train.precision=fp16"],
+            "parallel.expert_parallel=2 cannot be combined with train.precision=fp16 under ZeRO 0-2",
+        ),
     ],
 )
 def test_configs_experts_cannot_serve_are_refused_in_one_line(tmp_path, sets, message):
@@ -297,6 +305,25 @@ def test_expert_parallel_must_divide_the_data_parallel_ranks(tmp_path):
         Layout.from_config(cfg, world=2)
     assert Layout.from_config(cfg, world=8, rank=6).ep_rank == 2
     assert Layout.from_config(cfg, world=8).expert_parallel_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # The ranks holding the same experts: one place of every group.
+    assert Layout.from_config(cfg, world=8).expert_replica_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+@pytest.mark.parametrize("zero_stage, split", [(0, True), (2, True), (3, False)])
+def test_a_checkpoint_records_experts_split_over_ranks(tmp_path, zero_stage, split):
+    """Under ZeRO 0-2 each rank's file holds its experts: the layout a checkpoint records says
+    how many ways (a resume on another number goes through the layout-free form); ZeRO-3
+    partitions the experts as every weight, and its checkpoints do not depend on it."""
+    from megatrain.config import load_config
+    from megatrain.layout import Layout
+
+    sets = [f"data.path={tmp_path}", "train.max_steps=1", "model.moe.experts=4", "parallel.expert_parallel=2"]
+    cfg = load_config(None, [*sets, f"parallel.zero_stage={zero_stage}"])
+    lay = Layout.from_config(cfg, world=4)
+    assert lay.experts_split == split
+    form = lay.checkpoint_form()
+    assert form.get("expert_parallel") == (2 if split else None)
+    assert Layout.from_checkpoint(form).checkpoint_form() == form
 
 
 def test_router_metrics_shares_and_histogram():

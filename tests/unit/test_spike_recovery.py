@@ -198,6 +198,7 @@ class ScriptedModule:
             False,
         )
         self.flavour = "plain"
+        self.experts = None  # no expert shards
 
     def set_lr(self, lr):
         pass
