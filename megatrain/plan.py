@@ -79,7 +79,12 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     h, L, V, s, b = m.d_model, m.n_layer, m.vocab_size, m.seq_len, lay.micro_batch
     T, P, D, Z = lay.tensor_parallel, lay.pipeline_stages, lay.data_parallel, lay.zero_stage
     w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
-    params = _params_per_rank(m, T, P)
+    # Experts split over E ranks (ZeRO 0-2) are megatrain's, not DeepSpeed's: fp32 weights,
+    # gradients and moments of 1/E of them, and their copy in the training dtype while a
+    # block computes (train/expert_shards.py); the rest is the dense model's, as DeepSpeed keeps it.
+    experts = _expert_params(m) if lay.experts_split else 0
+    params = _params_per_rank(m, T, P) - experts
+    mine = experts / lay.expert_parallel
     mixed = w == 2
     weights = params * w / (D if Z == 3 else 1)
     zero = cfg.deepspeed.get("zero_optimization", {})
@@ -123,9 +128,9 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
         live = min(zero.get("stage3_max_live_parameters", DEFAULT_LIVE), params)
         buffers += (prefetch + live) * w
     out = {
-        "params": weights,
-        "grads": grads,
-        "optimizer": optimizer,
+        "params": weights + mine * (4 + (w if mixed else 0)),
+        "grads": grads + mine * 4,
+        "optimizer": optimizer + mine * 8,
         "activations": activations,
         "buffers": buffers,
     }
@@ -141,6 +146,11 @@ def _params_per_rank(m: GPTConfig, T: int, P: int) -> float:
     blocks = blocks_params(m)
     vocab = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
     return blocks / (T * P) + vocab / T + param_count(m) - blocks - vocab
+
+
+def _expert_params(m: GPTConfig) -> float:
+    """The routed experts' weights, every MoE block's."""
+    return len(m.moe_blocks) * m.moe_experts * expert_weights(m)
 
 
 def _mlp_width(m: GPTConfig) -> tuple[float, float]:
@@ -188,8 +198,11 @@ def comm_time(
     # embedding's lookups forward, the output layer's input gradient backward.
     tp = (4 * math.ceil(m.n_layer / P) + 2) * micro_batches * ring(T, activation, links.intra_node)
     dp_link = links.intra_node if lay.world <= gpus_per_node else links.inter_node
-    shard = _params_per_rank(m, T, P) * w
+    experts = _expert_params(m) if lay.experts_split else 0
+    shard = (_params_per_rank(m, T, P) - experts) * w
     dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
+    # Split experts: each rank's fp32 gradients summed over the D/E ranks holding the same ones.
+    dp += ring(D // lay.expert_parallel, experts / lay.expert_parallel * 4, dp_link)
     # Between stages each micro-batch's activation forward and its gradient backward; the T
     # ranks of a stage each send 1/T of it (DeepSpeed's pipe_partitioned) and all-gather it
     # on arrival, within the node (with sequence parallelism 1/T is all a rank has).
@@ -262,7 +275,7 @@ def plan(
         "checkpoint_bytes": n * (w + 8 + masters),
         "params": n,
         "active_params": param_count(m, active=True),
-        "expert_params": len(m.moe_blocks) * m.moe_experts * expert_weights(m),  # held as the rest are
+        "expert_params": _expert_params(m),
         "step_time_s": step_time(final),
         "tokens_per_s": final / step_time(final),
         "comm_time_s": comm_time(cfg, m, lay, final, gpus_per_node, links),
@@ -288,8 +301,8 @@ def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
     heads and the vocabulary; ZeRO 0-2) with and without sequence parallelism, pipeline stages
     dividing the layers (ZeRO 0-1), both, micro-batches 1-16, activation checkpointing on and
     off; the final batch must split. An
-    MoE model: data parallel only, every rank computing every expert (splitting them saves no
-    memory here and adds all-to-alls: docs/moe.md)."""
+    MoE model: data parallel only, its experts split over every E dividing both the experts and
+    the data-parallel ranks (1: every rank computes and keeps every expert)."""
     splits = [
         t for t in range(1, gpus_per_node + 1) if not (gpus_per_node % t or m.n_head % t or m.vocab_size % t)
     ]
@@ -308,7 +321,14 @@ def layouts(cfg: Config, m: GPTConfig, gpus: int, gpus_per_node: int):
                         for sp in (
                             (False, True) if T > 1 and m.seq_len % T == 0 and not m.dropout else (False,)
                         ):
-                            yield Layout(Z, T, P, D, b, ckpt, sequence_parallel=sp)
+                            for E in _expert_parallel_sizes(m, D):
+                                yield Layout(Z, T, P, D, b, ckpt, expert_parallel=E, sequence_parallel=sp)
+
+
+def _expert_parallel_sizes(m: GPTConfig, data_parallel: int) -> list[int]:
+    """Expert-parallel sizes a layout can take: dividing the experts and the data-parallel ranks."""
+    sizes = range(1, (m.moe_experts or 1) + 1)
+    return [e for e in sizes if m.moe_experts % e == 0 and data_parallel % e == 0] or [1]
 
 
 def search(

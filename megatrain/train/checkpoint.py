@@ -50,6 +50,10 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def rank_file(rank: int) -> str:
+    return f"megatrain-rank{rank:05d}.pt"
+
+
 def upgrade(saved: dict) -> dict:
     """megatrain.json written by any earlier megatrain, with what it lacked filled in as the
     code that wrote it behaved: every shim for old checkpoints lives here. (A model shape's
@@ -211,7 +215,7 @@ class Checkpointer:
 
     @property
     def _rank_file(self) -> str:
-        return f"megatrain-rank{dist.rank():05d}.pt"
+        return rank_file(dist.rank())
 
     def _tmp(self, step: int) -> Path:
         return self.root / f".tmp-{step_tag(step)}"
@@ -401,4 +405,9 @@ class Checkpointer:
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False)
         if load_path is None:
             raise UserError(f"{path}: DeepSpeed could not load this checkpoint")
-        return torch.load(path / f"megatrain-rank{dist.rank():05d}.pt", weights_only=False)
+        return self.rank_state(path, dist.rank())
+
+    @staticmethod
+    def rank_state(path: Path, rank: int) -> dict:
+        """What rank `rank` saved of its own in checkpoint `path` (its tensors mapped, not read)."""
+        return torch.load(path / rank_file(rank), map_location="cpu", weights_only=False, mmap=True)

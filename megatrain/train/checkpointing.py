@@ -51,8 +51,9 @@ class Checkpoints:
             **state["rank"],
             "optimizer_params": {"mp_rank": self.layout.mp_rank, "groups": self.module.optimizer_params},
         }
-        if self.module.experts is not None:  # the experts this rank keeps (train/expert_shards.py)
-            rank_state["experts"] = self.module.experts.state_dict()
+        experts = self.module.experts
+        if experts is not None and experts.writes_checkpoint:  # train/expert_shards.py
+            rank_state["experts"] = experts.state_dict()
         meta = {
             "step": self.progress.step,
             "model_shape": self.model_cfg.shape(),
@@ -145,8 +146,9 @@ class Checkpoints:
             self.module.flavour,
         ):
             rank_state = self.files.load(self.module.engine, path)
-            if self.module.experts is not None:
-                self.module.experts.load_state_dict(rank_state["experts"])
+            experts = self.module.experts
+            if experts is not None:  # written by the rank of the first group at this place
+                experts.load_state_dict(self.files.rank_state(path, experts.place)["experts"])
         else:
             rank_state = self._reshard(path, saved)
         self.state.load_state_dict({"shared": saved["state"], "rank": rank_state})

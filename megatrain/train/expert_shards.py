@@ -14,8 +14,9 @@ DeepSpeed's MoE support does for its own layer class only: their gradients are s
 over the `world / E` ranks holding the same experts (and divided by the data-parallel size,
 as DeepSpeed averages the rest), their norm joins the global one once per expert, and an
 AdamW of their own (the same kernel, fp32 weights: no separate masters) steps them.
-Checkpoints keep them in each rank's megatrain-rankNNNNN.pt; the layout-free form has them
-whole, under the plain model's names (layout_free.py).
+Checkpoints keep them in the rank files of the first expert-parallel group (ranks 0 to E - 1,
+megatrain-rankNNNNN.pt: one copy of each expert), where every rank of the same place reads
+them back; the layout-free form has them whole, under the plain model's names (layout_free.py).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class ExpertShards:
         collective (it makes the groups of ranks holding the same experts)."""
         self.shards = held(model)
         self.place, self.size = layout.ep_rank, layout.expert_parallel
+        # The first expert-parallel group's ranks (global ranks 0 to E - 1: MoE layouts have
+        # no tensor or pipeline axis) write the experts into checkpoints, one copy of each.
+        self.writes_checkpoint = layout.rank < self.size
         self.data_parallel = layout.data_parallel
         self.replicas = dist.expert_replicas(layout)  # the ranks holding the same experts
         self.parallel = parallel.group  # one rank per place: every expert once

@@ -31,7 +31,7 @@ from megatrain.errors import UserError
 from megatrain.files import Deferred, SafetensorsFile, file_sha256, write_atomically
 from megatrain.model import GPTConfig, canonical_name, tensor_parallel
 from megatrain.train import ds_internals as wall
-from megatrain.train.checkpoint import MANIFEST, Checkpointer
+from megatrain.train.checkpoint import MANIFEST, Checkpointer, rank_file
 
 FORMAT = "megatrain-layout-free/1"
 FILE = "layout-free.safetensors"
@@ -108,8 +108,8 @@ def _expert_shards(ckpt: Path, size: int, kinds, step: int | None) -> dict[str, 
     its rank file, concatenated."""
     shards = []
     for rank in range(size):
-        f = ckpt / f"megatrain-rank{rank:05d}.pt"
-        mine = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["experts"]
+        f = ckpt / rank_file(rank)
+        mine = Checkpointer.rank_state(ckpt, rank)["experts"]
         if mine["place"] != rank or (step is not None and mine["step"] != step):
             raise UserError(
                 f"{f}: its experts are place {mine['place']} at optimizer step {mine['step']}, "

@@ -1,8 +1,9 @@
-"""Mixture of experts through the real launcher, 2 ranks: the tiny MoE llama learns and logs
-its router; 2 expert-parallel ranks, each computing and keeping half the experts (tokens
-exchanged by all-to-all), follow the trajectory of every rank keeping every expert, resume
-exactly, take a checkpoint of the other layout, and roll a spike back exactly; it exports
-to MixtralForCausalLM with the same logits, and generate.py and evaluate.py take it."""
+"""Mixture of experts through the real launcher: the tiny MoE llama learns and logs its
+router; 2 expert-parallel ranks, each computing and keeping half the experts (tokens
+exchanged by all-to-all), follow the trajectory of every rank keeping every expert; 4 ranks
+(2 keeping each half) take a checkpoint of the other layout and resume exactly; a spike is
+rolled back exactly; it exports to MixtralForCausalLM with the same logits, and generate.py
+and evaluate.py take it."""
 
 from __future__ import annotations
 
@@ -79,21 +80,25 @@ def test_expert_parallel_follows_the_same_trajectory(moe_run, split_run):
         assert float((split[key] - t).abs().max()) <= 1e-4 * float(t.abs().max()), key
 
 
-def test_resumes_exactly_with_experts_split(split_run, tmp_path, small_data):
-    run = copy_until(split_run, tmp_path / "run", step=5)
-    pretrain(run, small_data, *MOE, *EP2, "parallel.zero_stage=0")
-    assert train_losses(run) == train_losses(split_run)  # bitwise
-
-
-def test_resumes_with_experts_split_from_every_rank_keeping_them(moe_run, tmp_path, small_data):
-    """Checkpoint 5 of the ZeRO-1 run continued with experts split over 2 ranks under ZeRO-2
-    and activation checkpointing (the all-to-all runs again in the recomputation): each rank
-    takes its experts' rows of the layout-free form."""
+def test_resumes_with_experts_split_from_every_rank_keeping_them_and_exactly(moe_run, tmp_path, small_data):
+    """Checkpoint 5 of the 2-rank ZeRO-1 run continued on 4 ranks with experts split over 2
+    (2 ranks keep each half) under ZeRO-2 and activation checkpointing (the all-to-all runs
+    again in the recomputation): each rank takes its experts' rows of the layout-free form.
+    Its checkpoints hold each half once (ranks 0 and 1 write them), and a resume on its own
+    layout from step 8 is exact: ranks 2 and 3 read theirs from ranks 0 and 1's files."""
     run = copy_until(moe_run, tmp_path / "run", step=5)
-    sets = [*EP2, "parallel.zero_stage=2", "model.activation_checkpointing=true"]
-    proc = pretrain(run, small_data, *MOE, *sets)
+    sets = [*EP2, "parallel.zero_stage=2", "model.activation_checkpointing=true", "checkpoint.every_steps=4"]
+    proc = pretrain(run, small_data, *MOE, *sets, nproc=4)
     assert "resharded step-00000005" in proc.stdout
     assert train_losses(run) == pytest.approx(train_losses(moe_run), rel=1e-5)
+    ckpt = run / "checkpoints" / "step-00000008"
+    holds = [
+        "experts" in torch.load(ckpt / f"megatrain-rank{r:05d}.pt", weights_only=False) for r in range(4)
+    ]
+    assert holds == [True, True, False, False]
+    again = copy_until(run, tmp_path / "again", step=8)
+    pretrain(again, small_data, *MOE, *sets, nproc=4)
+    assert train_losses(again) == train_losses(run)  # bitwise
 
 
 def test_a_spike_is_rolled_back_exactly_with_experts_split(tmp_path, small_data):
