@@ -51,9 +51,8 @@ class Checkpoints:
             **state["rank"],
             "optimizer_params": {"mp_rank": self.layout.mp_rank, "groups": self.module.optimizer_params},
         }
-        experts = self.module.experts
-        if experts is not None and experts.writes_checkpoint:  # train/expert_shards.py
-            rank_state["experts"] = experts.state_dict()
+        if self.module.experts is not None:  # this rank's slice of its experts (train/expert_shards.py)
+            rank_state["experts"] = self.module.experts.state_dict()
         meta = {
             "step": self.progress.step,
             "model_shape": self.model_cfg.shape(),
@@ -146,9 +145,8 @@ class Checkpoints:
             self.module.flavour,
         ):
             rank_state = self.files.load(self.module.engine, path)
-            experts = self.module.experts
-            if experts is not None:  # written by the rank of the first group at this place
-                experts.load_state_dict(self.files.rank_state(path, experts.place)["experts"])
+            if self.module.experts is not None:
+                self.module.experts.load_state_dict(rank_state["experts"])
         else:
             rank_state = self._reshard(path, saved)
         self.state.load_state_dict({"shared": saved["state"], "rank": rank_state})

@@ -1,25 +1,32 @@
-"""Expert parallelism's memory split: each rank keeps the weights, gradients and AdamW state
-of the experts it computes, and nothing of the others (ZeRO 0-2; docs/moe.md).
+"""Expert parallelism's memory split: each rank keeps the weights and gradients of the experts
+it computes and nothing of the others, and their optimizer state is sharded over the ranks
+keeping the same experts, as ZeRO-1 shards the rest (docs/moe.md).
 
-    shards = ExpertShards(model, layout, cfg.optim, parallel)   # after build_model split them
+    shards = ExpertShards(model, layout, cfg.optim, parallel)   # after build_model split the experts
     ... backward passes ...
-    shards.reduce_gradients()          # before DeepSpeed's step: over the ranks holding the same experts
+    shards.reduce_gradients()          # before DeepSpeed's step: reduce-scattered over the replicas
     engine.step()                      # FusedAdamWClip's norm adds shards.squared_norm()
-    shards.step(dense.last_norm_sq)    # the same global norm clips the experts
+    shards.step(dense.last_norm_sq)    # the same global norm clips the experts; all-gathered back
 
 DeepSpeed never sees these tensors: they are not parameters of the module (moe.Experts
 holds them as plain fp32 tensors), so its data-parallel reduction, its ZeRO partitions and
 its checkpoint files are the dense model's alone, and megatrain does for the experts what
-DeepSpeed's MoE support does for its own layer class only: their gradients are summed
-over the `world / E` ranks holding the same experts (and divided by the data-parallel size,
-as DeepSpeed averages the rest), their norm joins the global one once per expert, and an
-AdamW of their own (the same kernel, fp32 weights: no separate masters) steps them.
-Checkpoints keep them in the rank files of the first expert-parallel group (ranks 0 to E - 1,
-megatrain-rankNNNNN.pt: one copy of each expert), where every rank of the same place reads
-them back; the layout-free form has them whole, under the plain model's names (layout_free.py).
+DeepSpeed's MoE support does for its own layer class only. A rank's experts live in one
+flat fp32 buffer (the tensors the layers use are views of it, their gradients views of a
+second one); the R = data-parallel / E ranks keeping the same experts ("replicas") each own
+1/R of it: the gradients are reduce-scattered over them (summed, divided by the
+data-parallel size, as DeepSpeed averages the rest), each rank's slice joins the global
+norm (every expert once), an AdamW of its own (the same kernel; fp32 weights, so no
+separate masters) steps the slice, and the slices are all-gathered back. Checkpoints keep
+each rank's slice (weights and moments) in its megatrain-rankNNNNN.pt; the layout-free form
+has the experts whole, under the plain model's names (layout_free.py).
 """
 
 from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
 
 import torch
 
@@ -29,36 +36,48 @@ from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
 from megatrain.train.optimizer import CONSTRUCTION_LR
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+KINDS = ("param", "exp_avg", "exp_avg_sq")
 WEIGHTS = ("fc", "proj")  # moe.Experts' tensors
-
-
-def held(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The routed experts' tensors a split model holds outside its parameters, by the plain
-    model's names ("blocks.I.mlp.experts.fc"); {} when the experts are parameters."""
-    return {
-        f"{prefix}.experts.{key}": t
-        for prefix, layer in model.named_modules()
-        if isinstance(layer, MoE)
-        for key in WEIGHTS
-        if not isinstance(t := getattr(layer.experts, key), torch.nn.Parameter)
-    }
 
 
 class ExpertShards:
     def __init__(self, model: torch.nn.Module, layout: Layout, optim, parallel: ExpertParallel):
-        """The shards of `model` (build_model split them: `held`), its expert-parallel group;
-        collective (it makes the groups of ranks holding the same experts)."""
-        self.shards = held(model)
+        """The experts build_model left in `model`'s MoE layers (this rank's rows, fp32), and
+        its expert-parallel group; collective (it makes the groups of replicas)."""
+        places = [
+            (f"{prefix}.experts.{key}", layer.experts, key)
+            for prefix, layer in model.named_modules()
+            if isinstance(layer, MoE)
+            for key in WEIGHTS
+        ]
+        self.names = [name for name, _, _ in places]
+        self.shapes = [tuple(getattr(experts, key).shape) for _, experts, key in places]
         self.place, self.size = layout.ep_rank, layout.expert_parallel
-        # The first expert-parallel group's ranks (global ranks 0 to E - 1: MoE layouts have
-        # no tensor or pipeline axis) write the experts into checkpoints, one copy of each.
-        self.writes_checkpoint = layout.rank < self.size
         self.data_parallel = layout.data_parallel
-        self.replicas = dist.expert_replicas(layout)  # the ranks holding the same experts
+        self.replicas = layout.data_parallel // self.size
+        self.replica = layout.dp_rank // self.size  # which slice this rank owns
+        self.replica_group = dist.expert_replicas(layout)
         self.parallel = parallel.group  # one rank per place: every expert once
+        self.numel = sum(getattr(experts, key).numel() for _, experts, key in places)
+        self.slice_numel = -(-self.numel // self.replicas)
+        device = getattr(places[0][1], places[0][2]).device
+        self.flat = torch.zeros(self.slice_numel * self.replicas, device=device)
+        self.flat_grad = torch.zeros_like(self.flat)
+        offset = 0
+        for (_, experts, key), shape in zip(places, self.shapes, strict=True):
+            n = getattr(experts, key).numel()
+            self.flat[offset : offset + n].copy_(getattr(experts, key).detach().reshape(-1))
+            # A leaf viewing the flat buffer, its gradient a view of the other: autograd
+            # accumulates into it in place, and the reduction moves one buffer.
+            view = self.flat[offset : offset + n].view(shape).requires_grad_()
+            view.grad = self.flat_grad[offset : offset + n].view(shape)
+            setattr(experts, key, view)
+            offset += n
+        lo = self.replica * self.slice_numel
+        self.param_slice = self.flat[lo : lo + self.slice_numel]
+        self.param_slice.grad = self.flat_grad if self.replicas == 1 else torch.zeros_like(self.param_slice)
         self.optimizer = FusedAdamWClip(
-            list(self.shards.values()),
+            [self.param_slice],
             lr=CONSTRUCTION_LR,
             betas=tuple(optim.betas),
             eps=optim.eps,
@@ -75,32 +94,36 @@ class ExpertShards:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Sum the gradients over the ranks holding the same experts, divided by the
+        """This rank's slice of the gradients summed over its replicas, divided by the
         data-parallel size: the mean over every rank's batch, as for the dense parameters
         (each rank's gradient covers the tokens its expert-parallel group sent it)."""
-        grads = [p.grad for p in self.shards.values()]
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(self.data_parallel)
-        if self.replicas is not None:
-            torch.distributed.all_reduce(flat, group=self.replicas)
-        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-            g.copy_(part.view_as(g))
+        self.flat_grad.div_(self.data_parallel)
+        if self.replica_group is not None:
+            torch.distributed.reduce_scatter_single(
+                self.param_slice.grad, self.flat_grad, group=self.replica_group
+            )
 
     @torch.no_grad()
     def squared_norm(self) -> torch.Tensor:
         """The experts' share of the global squared gradient norm (after reduce_gradients):
-        summed over one rank per place, every expert once. Collective over the expert-parallel group."""
-        grads = [p.grad for p in self.shards.values()]
-        squares = self.optimizer.sum_squares(grads, grads[0].device)
-        torch.distributed.all_reduce(squares, group=self.parallel)
+        every rank's slice, every expert once. Collective over every rank."""
+        squares = self.optimizer.sum_squares([self.param_slice.grad], self.flat.device)
+        torch.distributed.all_reduce(squares)
         return squares
 
+    @torch.no_grad()
     def step(self, norm_sq: torch.Tensor | None) -> None:
-        """AdamW on this rank's experts, clipped by the global squared norm `norm_sq` (None:
-        the step was skipped, as DeepSpeed skipped the rest of the model's)."""
+        """AdamW on this rank's slice, clipped by the global squared norm `norm_sq` (None:
+        the step was skipped, as DeepSpeed skipped the rest of the model's), then every
+        replica's slice gathered."""
         if norm_sq is not None:
             self.optimizer.step(norm_sq=norm_sq)
-        for p in self.shards.values():
-            p.grad = None
+            self._gather()
+        self.flat_grad.zero_()
+
+    def _gather(self) -> None:
+        if self.replica_group is not None:
+            torch.distributed.all_gather_single(self.flat, self.param_slice, group=self.replica_group)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -111,60 +134,86 @@ class ExpertShards:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every training tensor, by a key the train module's rollback points use (moments
         under "opt.state.": zeroed when restoring a point taken before they existed)."""
-        out = {f"experts.{name}": p.data for name, p in self.shards.items()}
-        for name, p in self.shards.items():
-            for key, value in self.optimizer.state.get(p, {}).items():
-                out[f"opt.state.experts.{name}.{key}"] = value
+        out = {"experts.flat": self.flat}
+        for key, value in self.optimizer.state.get(self.param_slice, {}).items():
+            out[f"opt.state.experts.{key}"] = value
         return out
 
     def state_dict(self) -> dict:
-        """This rank's experts, moments and step count, on the host (a checkpoint's rank file)."""
-        state = {"place": self.place, "size": self.size, "step": self.step_count()}
-        for kind in ("param", *MOMENTS):
-            state[kind] = {}
-            for name, p in self.shards.items():
-                t = p.data if kind == "param" else self.optimizer.state.get(p, {}).get(kind)
-                if t is not None:
-                    state[kind][name] = t.detach().to("cpu", copy=True)
-        return state
-
-    def step_count(self) -> int:
-        states = [self.optimizer.state[p] for p in self.shards.values() if p in self.optimizer.state]
-        return int(states[0]["step"].reshape(-1)[0]) if states else 0
+        """This rank's slice of its experts' weights and moments, and where it lies, on the
+        host (a checkpoint's rank file)."""
+        state = self.optimizer.state.get(self.param_slice, {})
+        where = {k: getattr(self, k) for k in ("place", "size", "replica", "replicas", "names", "shapes")}
+        return {
+            **where,
+            "step": int(state["step"].reshape(-1)[0]) if "step" in state else 0,
+            "param": self.param_slice.detach().to("cpu", copy=True),
+            **{k: state[k].detach().to("cpu", copy=True) for k in KINDS[1:] if k in state},
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        """From a rank file this layout wrote (the same place among the same number)."""
-        if (state["place"], state["size"]) != (self.place, self.size):
-            raise RuntimeError(
-                f"expert shards of place {state['place']} of {state['size']} loaded at place "
-                f"{self.place} of {self.size}"
-            )
-        self._set(lambda kind, name: state[kind].get(name), state["step"])
+        """From a rank file this layout wrote (the same slice of the same experts)."""
+        mine = (self.place, self.size, self.replica, self.replicas)
+        theirs = (state["place"], state["size"], state["replica"], state["replicas"])
+        if theirs != mine or state["names"] != self.names:
+            raise RuntimeError(f"expert shards (place, size, replica, replicas) {theirs} loaded at {mine}")
+        self._set(state["param"], [state.get(k) for k in KINDS[1:]], state["step"])
 
     @torch.no_grad()
     def load_whole(self, whole, moments: bool, step: int) -> None:
         """From whole tensors: `whole(kind, name, lo, hi)` gives experts [lo, hi) of KIND/NAME
         (a layout-free file's slices); without `moments` the optimizer starts as new."""
+        lo = self.replica * self.slice_numel
 
-        def mine(kind, name):
-            if kind != "param" and not moments:
-                return None
-            return whole(kind, name, *self.rows(self._whole_experts(name)))
+        def my_slice(kind: str) -> torch.Tensor:
+            local = [
+                whole(kind, name, *self.rows(shape[0] * self.size))
+                for name, shape in zip(self.names, self.shapes, strict=True)
+            ]
+            flat = torch.cat([t.reshape(-1).float() for t in local])
+            flat = torch.nn.functional.pad(flat, (0, self.flat.numel() - flat.numel()))
+            return flat[lo : lo + self.slice_numel]
 
-        self._set(mine, step)
+        self._set(my_slice("param"), [my_slice(k) if moments else None for k in KINDS[1:]], step)
 
-    def _whole_experts(self, name: str) -> int:
-        return self.shards[name].shape[0] * self.size
-
-    def _set(self, source, step: int) -> None:
+    def _set(self, param: torch.Tensor, moments: list, step: int) -> None:
+        self.param_slice.copy_(param)
+        self._gather()
         self.optimizer.state.clear()
-        for name, p in self.shards.items():
-            p.copy_(source("param", name))
-            moments = {kind: source(kind, name) for kind in MOMENTS}
-            if all(m is not None for m in moments.values()):
-                self.optimizer.state[p] = {k: m.to(p.device, torch.float32) for k, m in moments.items()}
-        if self.optimizer.state:  # one count shared by every state, as FusedAdamWClip keeps it
-            count = torch.tensor(float(step), device=next(iter(self.shards.values())).device)
-            for st in self.optimizer.state.values():
-                st["step"] = count
+        if all(m is not None for m in moments):
+            device = self.flat.device
+            self.optimizer.state[self.param_slice] = {
+                **{k: m.to(device, torch.float32).clone() for k, m in zip(KINDS[1:], moments, strict=True)},
+                "step": torch.tensor(float(step), device=device),
+            }
+
+
+def whole_experts(states: list[list[dict]], kinds) -> dict[str, tuple[tuple, Callable]]:
+    """The whole experts of a checkpoint from its ranks' states (ExpertShards.state_dict),
+    states[place][replica]: {"KIND/NAME": (shape, make)}, each made from the slices it spans."""
+    first = states[0][0]
+    shapes = [tuple(s) for s in first["shapes"]]
+    sizes = [math.prod(s) for s in shapes]
+    slice_numel = first["param"].numel()
+
+    def span(place_states: list[dict], kind: str, start: int, n: int) -> torch.Tensor:
+        parts, pos = [], start
+        while pos < start + n:
+            replica, at = divmod(pos, slice_numel)
+            take = min(start + n - pos, slice_numel - at)
+            parts.append(place_states[replica][kind][at : at + take])
+            pos += take
+        return torch.cat(parts)
+
+    out = {}
+    for kind in kinds:
+        starts = itertools.accumulate([0, *sizes])
+        for name, shape, start in zip(first["names"], shapes, starts, strict=False):
+            n = math.prod(shape)
+
+            def make(kind=kind, shape=shape, start=start, n=n):
+                return torch.cat([span(place, kind, start, n).view(shape) for place in states])
+
+            out[f"{kind}/{name}"] = ((shape[0] * len(states), *shape[1:]), make)
+    return out

@@ -32,6 +32,7 @@ from megatrain.files import Deferred, SafetensorsFile, file_sha256, write_atomic
 from megatrain.model import GPTConfig, canonical_name, tensor_parallel
 from megatrain.train import ds_internals as wall
 from megatrain.train.checkpoint import MANIFEST, Checkpointer, rank_file
+from megatrain.train.expert_shards import whole_experts
 
 FORMAT = "megatrain-layout-free/1"
 FILE = "layout-free.safetensors"
@@ -98,31 +99,30 @@ def read_deferred(ckpt: Path, moments: bool = True) -> tuple[dict[str, Deferred]
     step = parts[0][1]
     experts = state["layout"].get("expert_parallel", 1)
     if experts > 1:  # the experts, split over the ranks' own files (train/expert_shards.py)
-        tensors.update(_expert_shards(ckpt, experts, kinds, step))
+        replicas = state["layout"]["dp_size"] // experts
+        tensors.update(_expert_shards(ckpt, experts, replicas, kinds, step))
     return {key: _fp32(d) for key, d in tensors.items()}, step
 
 
-def _expert_shards(ckpt: Path, size: int, kinds, step: int | None) -> dict[str, Deferred]:
-    """The whole experts of a checkpoint that split them over `size` ranks: ranks 0 to
-    size - 1 hold places 0 to size - 1 (the first expert-parallel group), each place's rows in
-    its rank file, concatenated."""
-    shards = []
-    for rank in range(size):
-        f = ckpt / rank_file(rank)
-        mine = Checkpointer.rank_state(ckpt, rank)["experts"]
-        if mine["place"] != rank or (step is not None and mine["step"] != step):
-            raise UserError(
-                f"{f}: its experts are place {mine['place']} at optimizer step {mine['step']}, "
-                f"expected place {rank} at step {step}: the checkpoint is inconsistent"
-            )
-        shards.append(mine)
-    out = {}
-    for kind in kinds:
-        for name, first in shards[0][kind].items():
-            rows = [s[kind][name] for s in shards]
-            shape = (sum(r.shape[0] for r in rows), *first.shape[1:])
-            out[f"{kind}/{name}"] = Deferred(shape, first.dtype, functools.partial(torch.cat, rows))
-    return out
+def _expert_shards(ckpt: Path, size: int, replicas: int, kinds, step: int | None) -> dict[str, Deferred]:
+    """The whole experts of a checkpoint that split them over `size` places, each kept by
+    `replicas` ranks (place p, replica i: rank p + i * size), each rank a slice of its place's
+    experts in its rank file (train/expert_shards.py)."""
+    states = []
+    for place in range(size):
+        states.append([])
+        for replica in range(replicas):
+            rank = place + replica * size
+            mine = Checkpointer.rank_state(ckpt, rank)["experts"]
+            found = (mine["place"], mine["replica"], mine["step"] if step is not None else None)
+            if found != (place, replica, step):
+                raise UserError(
+                    f"{ckpt / rank_file(rank)}: its experts are (place, replica, optimizer step) "
+                    f"{found}, expected {(place, replica, step)}: the checkpoint is inconsistent"
+                )
+            states[-1].append(mine)
+    whole = whole_experts(states, kinds)
+    return {key: Deferred(shape, torch.float32, make) for key, (shape, make) in whole.items()}
 
 
 def _fp32(d: Deferred) -> Deferred:

@@ -327,7 +327,7 @@ class TrainModule:
         sizes = [t.numel() * t.element_size() for t in tensors.values()]
         if not any(k.startswith("opt.state.") for k in tensors):
             params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
-            params += list(self.experts.shards.values()) if self.experts is not None else []
+            params += [self.experts.param_slice] if self.experts is not None else []
             sizes += [4 * p.numel() for p in params] * 2  # the moments
         return sum(host_block_bytes(n, pinned=self.device.type == "cuda") for n in sizes)
 
