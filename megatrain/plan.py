@@ -79,12 +79,13 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
     h, L, V, s, b = m.d_model, m.n_layer, m.vocab_size, m.seq_len, lay.micro_batch
     T, P, D, Z = lay.tensor_parallel, lay.pipeline_stages, lay.data_parallel, lay.zero_stage
     w = 2 if cfg.train.precision in ("bf16", "fp16") else 4
-    # Experts split over E ranks (ZeRO 0-2) are megatrain's, not DeepSpeed's: fp32 weights,
-    # gradients and moments of 1/E of them, and their copy in the training dtype while a
-    # block computes (train/expert_shards.py); the rest is the dense model's, as DeepSpeed keeps it.
+    # Experts split over E ranks (ZeRO 0-2) are megatrain's, not DeepSpeed's: 1/E of them in
+    # the training dtype with fp32 gradients, and a 1/R share of their fp32 masters (16-bit
+    # weights), moments and reduced gradients among the R = D/E ranks keeping the same ones
+    # (train/expert_shards.py); the rest is the dense model's, as DeepSpeed keeps it.
     experts = _expert_params(m) if lay.experts_split else 0
     params = _params_per_rank(m, T, P) - experts
-    mine = experts / lay.expert_parallel
+    mine, replicas = experts / lay.expert_parallel, D // lay.expert_parallel
     mixed = w == 2
     weights = params * w / (D if Z == 3 else 1)
     zero = cfg.deepspeed.get("zero_optimization", {})
@@ -128,9 +129,9 @@ def per_rank_bytes(cfg: Config, m: GPTConfig, lay: Layout, on_gpu: bool = True) 
         live = min(zero.get("stage3_max_live_parameters", DEFAULT_LIVE), params)
         buffers += (prefetch + live) * w
     out = {
-        "params": weights + mine * (4 + (w if mixed else 0)),
-        "grads": grads + mine * 4,
-        "optimizer": optimizer + mine * 8,
+        "params": weights + mine * w,
+        "grads": grads + mine * 4 * (1 + (1 / replicas if replicas > 1 else 0)),
+        "optimizer": optimizer + mine * (8 + (4 if mixed else 0)) / replicas,
         "activations": activations,
         "buffers": buffers,
     }
@@ -201,7 +202,8 @@ def comm_time(
     experts = _expert_params(m) if lay.experts_split else 0
     shard = (_params_per_rank(m, T, P) - experts) * w
     dp = 1.5 * micro_batches * ring(D, shard, dp_link) if lay.zero_stage == 3 else ring(D, shard, dp_link)
-    # Split experts: each rank's fp32 gradients summed over the D/E ranks holding the same ones.
+    # Split experts: fp32 gradients reduce-scattered and weights all-gathered over the D/E ranks
+    # keeping the same ones (together an all-reduce's bytes).
     dp += ring(D // lay.expert_parallel, experts / lay.expert_parallel * 4, dp_link)
     # Between stages each micro-batch's activation forward and its gradient backward; the T
     # ranks of a stage each send 1/T of it (DeepSpeed's pipe_partitioned) and all-gather it

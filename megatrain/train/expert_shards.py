@@ -2,28 +2,29 @@
 it computes and nothing of the others, and their optimizer state is sharded over the ranks
 keeping the same experts, as ZeRO-1 shards the rest (docs/moe.md).
 
-    shards = ExpertShards(model, layout, cfg.optim, parallel)   # after build_model split the experts
+    shards = ExpertShards(model, layout, cfg.optim, parallel, dtype)   # after build_model split them
     ... backward passes ...
     shards.reduce_gradients()          # before DeepSpeed's step: reduce-scattered over the replicas
     engine.step()                      # FusedAdamWClip's norm adds shards.squared_norm()
     shards.step(dense.last_norm_sq)    # the same global norm clips the experts; all-gathered back
 
 DeepSpeed never sees these tensors: they are not parameters of the module (moe.Experts
-holds them as plain fp32 tensors), so its data-parallel reduction, its ZeRO partitions and
-its checkpoint files are the dense model's alone, and megatrain does for the experts what
+holds them as plain tensors), so its data-parallel reduction, its ZeRO partitions and its
+checkpoint files are the dense model's alone, and megatrain does for the experts what
 DeepSpeed's MoE support does for its own layer class only. A rank's experts live in one
-flat fp32 buffer (the tensors the layers use are views of it, their gradients views of a
-second one); the R = data-parallel / E ranks keeping the same experts ("replicas") each own
-1/R of it: the gradients are reduce-scattered over them (summed, divided by the
-data-parallel size, as DeepSpeed averages the rest), each rank's slice joins the global
-norm (every expert once), an AdamW of its own (the same kernel; fp32 weights, so no
-separate masters) steps the slice, and the slices are all-gathered back. Checkpoints keep
-each rank's slice (weights and moments) in its megatrain-rankNNNNN.pt; the layout-free form
-has the experts whole, under the plain model's names (layout_free.py).
+flat buffer in the training dtype (the tensors the layers use are views of it), their
+gradients summed in an fp32 one; the R = data-parallel / E ranks keeping the same experts
+("replicas") each own 1/R of them: the gradients are reduce-scattered over them (divided by
+the data-parallel size, as DeepSpeed averages the rest), each rank's slice joins the global
+norm (every expert once), an AdamW of their own (the same kernel) steps the slice's fp32
+masters (the slice itself when the weights are fp32), and the slices are all-gathered
+back. Checkpoints keep each rank's slice (masters and moments) in its megatrain-rankNNNNN.pt;
+the layout-free form has the experts whole, under the plain model's names (layout_free.py).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -41,9 +42,12 @@ WEIGHTS = ("fc", "proj")  # moe.Experts' tensors
 
 
 class ExpertShards:
-    def __init__(self, model: torch.nn.Module, layout: Layout, optim, parallel: ExpertParallel):
-        """The experts build_model left in `model`'s MoE layers (this rank's rows, fp32), and
-        its expert-parallel group; collective (it makes the groups of replicas)."""
+    def __init__(
+        self, model: torch.nn.Module, layout: Layout, optim, parallel: ExpertParallel, dtype: torch.dtype
+    ):
+        """The experts build_model left in `model`'s MoE layers (this rank's rows, fp32), its
+        expert-parallel group, and the training dtype the layers compute in; collective (it
+        makes the groups of replicas)."""
         places = [
             (f"{prefix}.experts.{key}", layer.experts, key)
             for prefix, layer in model.named_modules()
@@ -61,23 +65,32 @@ class ExpertShards:
         self.numel = sum(getattr(experts, key).numel() for _, experts, key in places)
         self.slice_numel = -(-self.numel // self.replicas)
         device = getattr(places[0][1], places[0][2]).device
-        self.flat = torch.zeros(self.slice_numel * self.replicas, device=device)
-        self.flat_grad = torch.zeros_like(self.flat)
+        # The weights in the training dtype; gradients summed in fp32 (as DeepSpeed's bf16
+        # optimizers sum theirs), into the flat buffer itself when the weights are fp32, else
+        # by a hook after each backward pass.
+        self.flat = torch.zeros(self.slice_numel * self.replicas, dtype=dtype, device=device)
+        self.flat_grad = torch.zeros_like(self.flat, dtype=torch.float32)
         offset = 0
         for (_, experts, key), shape in zip(places, self.shapes, strict=True):
             n = getattr(experts, key).numel()
             self.flat[offset : offset + n].copy_(getattr(experts, key).detach().reshape(-1))
-            # A leaf viewing the flat buffer, its gradient a view of the other: autograd
-            # accumulates into it in place, and the reduction moves one buffer.
+            # A leaf viewing the flat buffer: the layers use it, and the reduction moves one buffer.
             view = self.flat[offset : offset + n].view(shape).requires_grad_()
-            view.grad = self.flat_grad[offset : offset + n].view(shape)
+            grad = self.flat_grad[offset : offset + n].view(shape)
+            if dtype == torch.float32:
+                view.grad = grad  # autograd accumulates into it in place
+            else:
+                view.register_post_accumulate_grad_hook(functools.partial(_add_into, grad))
             setattr(experts, key, view)
             offset += n
         lo = self.replica * self.slice_numel
         self.param_slice = self.flat[lo : lo + self.slice_numel]
-        self.param_slice.grad = self.flat_grad if self.replicas == 1 else torch.zeros_like(self.param_slice)
+        # What the optimizer steps: this rank's slice, or its fp32 copy (the masters) when the
+        # weights are 16-bit; its gradient the slice's, reduced.
+        self.master = self.param_slice if dtype == torch.float32 else self.param_slice.float()
+        self.master.grad = self.flat_grad if self.replicas == 1 else torch.zeros_like(self.master)
         self.optimizer = FusedAdamWClip(
-            [self.param_slice],
+            [self.master],
             lr=CONSTRUCTION_LR,
             betas=tuple(optim.betas),
             eps=optim.eps,
@@ -99,15 +112,14 @@ class ExpertShards:
         (each rank's gradient covers the tokens its expert-parallel group sent it)."""
         self.flat_grad.div_(self.data_parallel)
         if self.replica_group is not None:
-            torch.distributed.reduce_scatter_single(
-                self.param_slice.grad, self.flat_grad, group=self.replica_group
-            )
+            group = self.replica_group
+            torch.distributed.reduce_scatter_single(self.master.grad, self.flat_grad, group=group)
 
     @torch.no_grad()
     def squared_norm(self) -> torch.Tensor:
         """The experts' share of the global squared gradient norm (after reduce_gradients):
         every rank's slice, every expert once. Collective over every rank."""
-        squares = self.optimizer.sum_squares([self.param_slice.grad], self.flat.device)
+        squares = self.optimizer.sum_squares([self.master.grad], self.flat.device)
         torch.distributed.all_reduce(squares)
         return squares
 
@@ -122,6 +134,9 @@ class ExpertShards:
         self.flat_grad.zero_()
 
     def _gather(self) -> None:
+        """Every replica's slice of the weights from their masters."""
+        if self.master is not self.param_slice:
+            self.param_slice.copy_(self.master)
         if self.replica_group is not None:
             torch.distributed.all_gather_single(self.flat, self.param_slice, group=self.replica_group)
 
@@ -134,20 +149,20 @@ class ExpertShards:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every training tensor, by a key the train module's rollback points use (moments
         under "opt.state.": zeroed when restoring a point taken before they existed)."""
-        out = {"experts.flat": self.flat}
-        for key, value in self.optimizer.state.get(self.param_slice, {}).items():
+        out = {"experts.flat": self.flat, "experts.master": self.master}
+        for key, value in self.optimizer.state.get(self.master, {}).items():
             out[f"opt.state.experts.{key}"] = value
         return out
 
     def state_dict(self) -> dict:
         """This rank's slice of its experts' weights and moments, and where it lies, on the
         host (a checkpoint's rank file)."""
-        state = self.optimizer.state.get(self.param_slice, {})
+        state = self.optimizer.state.get(self.master, {})
         where = {k: getattr(self, k) for k in ("place", "size", "replica", "replicas", "names", "shapes")}
         return {
             **where,
             "step": int(state["step"].reshape(-1)[0]) if "step" in state else 0,
-            "param": self.param_slice.detach().to("cpu", copy=True),
+            "param": self.master.detach().to("cpu", copy=True),
             **{k: state[k].detach().to("cpu", copy=True) for k in KINDS[1:] if k in state},
         }
 
@@ -178,15 +193,21 @@ class ExpertShards:
         self._set(my_slice("param"), [my_slice(k) if moments else None for k in KINDS[1:]], step)
 
     def _set(self, param: torch.Tensor, moments: list, step: int) -> None:
-        self.param_slice.copy_(param)
+        self.master.copy_(param)
         self._gather()
         self.optimizer.state.clear()
         if all(m is not None for m in moments):
             device = self.flat.device
-            self.optimizer.state[self.param_slice] = {
+            self.optimizer.state[self.master] = {
                 **{k: m.to(device, torch.float32).clone() for k, m in zip(KINDS[1:], moments, strict=True)},
                 "step": torch.tensor(float(step), device=device),
             }
+
+
+def _add_into(total: torch.Tensor, p: torch.Tensor) -> None:
+    """After a backward pass reached `p`: its 16-bit gradient summed into `total` (fp32)."""
+    total.add_(p.grad)
+    p.grad = None
 
 
 def whole_experts(states: list[list[dict]], kinds) -> dict[str, tuple[tuple, Callable]]:

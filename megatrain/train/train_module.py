@@ -24,7 +24,7 @@ from megatrain.model import GPTConfig, tensor_parallel
 from megatrain.optim.grad_norm import GradNormPolicy
 from megatrain.train import distributed as dist
 from megatrain.train import ds_internals as wall
-from megatrain.train.build import build_model
+from megatrain.train.build import DTYPES, build_model
 from megatrain.train.expert_shards import ExpertShards
 from megatrain.train.optimizer import attach, build_optimizer, is_tensor_parallel
 from megatrain.train.stragglers import PhaseClock
@@ -79,7 +79,10 @@ class TrainModule:
         for layer in model.moe_layers() if model_cfg.moe_experts else ():
             layer.expert_parallel = experts
         # Each rank's own experts, outside DeepSpeed (None: the experts are parameters).
-        self.experts = ExpertShards(model, layout, cfg.optim, experts) if layout.experts_split else None
+        self.experts = None
+        if layout.experts_split:
+            dtype = DTYPES.get(t.precision, torch.float32)
+            self.experts = ExpertShards(model, layout, cfg.optim, experts, dtype)
         groups, self.client_optimizer = build_optimizer(cfg.optim, model, self.norm)
         names = {id(p): n for n, p in model.named_parameters()}
         # The optimizer's parameters by name in its own order: a ZeRO-0 checkpoint keeps its
@@ -327,7 +330,7 @@ class TrainModule:
         sizes = [t.numel() * t.element_size() for t in tensors.values()]
         if not any(k.startswith("opt.state.") for k in tensors):
             params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
-            params += [self.experts.param_slice] if self.experts is not None else []
+            params += [self.experts.master] if self.experts is not None else []
             sizes += [4 * p.numel() for p in params] * 2  # the moments
         return sum(host_block_bytes(n, pinned=self.device.type == "cuda") for n in sizes)
 

@@ -103,12 +103,13 @@ def test_resumes_with_experts_split_from_every_rank_keeping_them_and_exactly(moe
 
 def test_a_spike_is_rolled_back_exactly_with_experts_split(tmp_path, small_data):
     """A NaN loss at step 13 (always a spike): the run restores its in-memory point of step 10
-    (ZeRO-2's flat partitions, and each rank's experts with their moments), skips 4 batches,
-    and then matches a run that skipped them from the start, bitwise."""
+    (ZeRO-2's flat partitions, and each rank's experts: bf16 weights, fp32 masters and
+    moments), skips 4 batches, and then matches a run that skipped them from the start, bitwise."""
     guard = [
         *MOE,
         *EP2,
         "parallel.zero_stage=2",
+        "train.precision=bf16",
         "train.max_steps=16",
         "train.eval_every=0",
         "checkpoint.every_steps=10",

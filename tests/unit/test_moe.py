@@ -251,6 +251,30 @@ def test_the_planner_counts_experts_and_their_all_to_alls():
     assert times[0] < times[1] < times[2]  # more of each token's rows leave the rank
 
 
+def test_the_planner_counts_experts_split_over_ranks():
+    """Under ZeRO 0-2, E = 8 on 64 ranks: each rank keeps 1/8 of the experts (bf16 weights,
+    fp32 gradients) and 1/8 of their masters and moments (the 8 ranks keeping the same ones
+    share them): the 8 x 7B shape that needs 370+ GiB a rank with every rank keeping every
+    expert fits an 80 GB device, and the search takes it over ZeRO-3."""
+    from megatrain.config import load_config
+    from megatrain.layout import Layout
+    from megatrain.plan import per_rank_bytes, search
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "mixtral-8x7b.yaml", ["data.path=x"])
+    m = GPTConfig.from_config(cfg, 32000)
+    whole, split = (per_rank_bytes(cfg, m, Layout(1, 1, 1, 64, 1, True, expert_parallel=e)) for e in (1, 8))
+    experts = 32 * 8 * 3 * 4096 * 14336
+    mine = experts / 8
+    assert whole["params"] - split["params"] == pytest.approx(experts * 2 - mine * 2)
+    # ZeRO-1 shards every expert's masters and moments over the 64 ranks; split, a rank's 1/8
+    # of the experts over its 8 replicas: the same share.
+    assert split["optimizer"] == pytest.approx(whole["optimizer"])
+    assert split["grads"] < whole["grads"] / 7  # fp32 and of 1/8 of the experts, not DeepSpeed's whole fp32 copy
+    assert whole["total"] > 370 * 2**30 and split["total"] < 80e9
+    best = search(cfg, m, gpus=64, gpus_per_node=8, device_memory=80e9, peak_flops=989e12)[0]
+    assert best["layout"]["expert_parallel"] > 1 and best["layout"]["zero_stage"] < 3
+
+
 def test_experts_without_rows_still_get_gradients():
     """A rank whose experts received no tokens: zero gradients, not none (every rank must hand
     DeepSpeed the same gradients to reduce)."""
