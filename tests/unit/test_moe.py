@@ -269,7 +269,9 @@ def test_the_planner_counts_experts_split_over_ranks():
     # ZeRO-1 shards every expert's masters and moments over the 64 ranks; split, a rank's 1/8
     # of the experts over its 8 replicas: the same share.
     assert split["optimizer"] == pytest.approx(whole["optimizer"])
-    assert split["grads"] < whole["grads"] / 7  # fp32 and of 1/8 of the experts, not DeepSpeed's whole fp32 copy
+    assert (
+        split["grads"] < whole["grads"] / 7
+    )  # fp32 and of 1/8 of the experts, not DeepSpeed's whole fp32 copy
     assert whole["total"] > 370 * 2**30 and split["total"] < 80e9
     best = search(cfg, m, gpus=64, gpus_per_node=8, device_memory=80e9, peak_flops=989e12)[0]
     assert best["layout"]["expert_parallel"] > 1 and best["layout"]["zero_stage"] < 3
