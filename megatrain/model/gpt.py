@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megatrain.model.moe import MoE
+from megatrain.model.vocab_parallel import lookup, project
 
 # What rebuilding the model needs, stored in checkpoints; keys a checkpoint lacks (written
 # before they existed) take their defaults.
@@ -255,13 +256,11 @@ class Embedding(nn.Module):
         self.vocab_parallel = None
 
     def forward(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
-        rows = self.vocab_parallel
-        return self.positions(self.wte(idx) if rows is None else rows.embed(idx, self.wte.weight), start)
+        return self.positions(lookup(self.vocab_parallel, idx, self.wte.weight), start)
 
     def unembed(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from the token table (or `weight`, an untied head's)."""
-        weight = self.wte.weight if weight is None else weight
-        return F.linear(x, weight) if self.vocab_parallel is None else self.vocab_parallel.logits(x, weight)
+        return project(self.vocab_parallel, x, self.wte.weight if weight is None else weight)
 
 
 class CausalSelfAttention(nn.Module):

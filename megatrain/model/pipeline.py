@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megatrain.model.gpt import Block, GPTConfig, LMLoss, Positions, init_parameter, norm_spec
+from megatrain.model.vocab_parallel import lookup, project
 
 PARTITION_METHODS = {"parameters": "parameters", "uniform": "uniform", "blocks": "type:Block"}
 
@@ -43,12 +43,10 @@ class VocabularyTable(nn.Embedding):
     vocab_parallel = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = self.vocab_parallel
-        return super().forward(idx) if rows is None else rows.embed(idx, self.weight)
+        return lookup(self.vocab_parallel, idx, self.weight)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.vocab_parallel
-        return F.linear(x, self.weight) if rows is None else rows.logits(x, self.weight)
+        return project(self.vocab_parallel, x, self.weight)
 
 
 class OutputHead(nn.Linear):
@@ -58,8 +56,7 @@ class OutputHead(nn.Linear):
     vocab_parallel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.vocab_parallel
-        return super().forward(x) if rows is None else rows.logits(x, self.weight)
+        return project(self.vocab_parallel, x, self.weight)
 
 
 def _unembed(table: VocabularyTable, x: torch.Tensor) -> torch.Tensor:

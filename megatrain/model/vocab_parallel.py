@@ -151,3 +151,15 @@ class VocabParallel:
         return vocab_parallel_cross_entropy(
             logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), self.start, self.group
         )
+
+
+def lookup(rows: VocabParallel | None, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A token table's embeddings of `idx`: the whole table's (rows None), or under tensor
+    parallelism this rank's rows', summed over the group."""
+    return F.embedding(idx, weight) if rows is None else rows.embed(idx, weight)
+
+
+def project(rows: VocabParallel | None, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits from a vocabulary table (tied, or an untied head's): the whole vocabulary's, or
+    this rank's slice."""
+    return F.linear(x, weight) if rows is None else rows.logits(x, weight)

@@ -126,8 +126,8 @@ def build_model(
         finish_tensor_parallel(model, autotp)
     if layout.sequence_parallel:
         sequence_parallel_linears(model, tensor_parallel_group())
-        whole = [p for p in model.parameters() if not is_tensor_parallel(p)]
-        sequence_parallel.sum_gradients(whole, tensor_parallel_group())
+        replicated = [p for p in model.parameters() if not is_tensor_parallel(p)]
+        sequence_parallel.sum_gradients(replicated, tensor_parallel_group())
     return model
 
 

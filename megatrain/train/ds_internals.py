@@ -585,19 +585,18 @@ def finish_tensor_parallel(model: torch.nn.Module, autotp) -> None:
     model.ds_autotp_parsed = True
 
 
-def sequence_parallel_linears(model: torch.nn.Module, group) -> int:
+def sequence_parallel_linears(model: torch.nn.Module, group) -> None:
     """Sequence parallelism in AutoTP's layers (DeepSpeed 0.19.8's module_inject.layers): each
     column-parallel layer (LinearLayer, SubParamLinearLayer) gathers the sequence on entry, in
     place of its identity forward and all-reduced input gradient; each row-parallel layer
     (LinearAllreduce, SubParamLinearAllreduce) reduce-scatters its output, in place of its
-    all-reduce (model/sequence_parallel.py). Returns how many layers."""
+    all-reduce (model/sequence_parallel.py)."""
     from deepspeed.module_inject import layers
 
     from megatrain.model import sequence_parallel as sp
 
     column = (layers.LinearLayer, layers.SubParamLinearLayer)
     row = (layers.LinearAllreduce, layers.SubParamLinearAllreduce)
-    count = 0
     for module in model.modules():
         kind = (
             sp.column_linear
@@ -608,8 +607,6 @@ def sequence_parallel_linears(model: torch.nn.Module, group) -> int:
         )
         if kind is not None:
             module.forward = functools.partial(_sequence_parallel_forward, module, kind, group)
-            count += 1
-    return count
 
 
 def _sequence_parallel_forward(module, kind, group, x: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,10 @@ class TrainModule:
         self.norm = GradNormPolicy.decide(cfg.optim, t, layout)
         ds_config = deepspeed_config(cfg, layout, grad_accum, self.norm)
         if layout.tensor_parallel > 1 and not layout.pipeline:
-            # AutoTP with megatrain's specs (build.py cuts the model itself); a pipeline's
-            # engine takes its tensor-parallel groups from the pipeline's grid instead.
+            # AutoTP with megatrain's specs (build.py cuts the model itself). A pipeline's
+            # engine gets no such section: with one, DeepSpeed would replace the pipeline's
+            # grid as its mpu (the model's tensor-parallel groups are DeepSpeed's `groups`
+            # mesh either way, the same ranks as the grid's model axis).
             ds_config["tensor_parallel"] = tensor_parallel.autotp_config(
                 layout.tensor_parallel, model_cfg, layout.sequence_parallel
             )
