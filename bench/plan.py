@@ -2,8 +2,9 @@
 training rank adds (from just before the Trainer is built to the end of a few steps)
 against the planner's per-rank prediction, for small configs spanning ZeRO 0-3, a 2-stage
 pipeline, activation checkpointing on and off, two sequence lengths, a model whose
-vocabulary dominates on one rank and split over 2 tensor-parallel ranks, and tensor
-parallelism with and without sequence parallelism (DeepSpeed's CPU accelerator: the device
+vocabulary dominates on one rank and split over 2 tensor-parallel ranks, tensor
+parallelism with and without sequence parallelism, and a model whose experts dominate with
+every rank keeping every expert or each 1/E of them (DeepSpeed's CPU accelerator: the device
 memory is the host's). Multi-rank layouts go through the real
 launcher; each rank measures itself and the largest is reported.
 
@@ -54,6 +55,16 @@ VOCAB_HEAVY = ["model.vocab_size=32768", "model.n_layer=2", "model.d_model=256",
 # Activations dominating (the model's 10 blocks at 1024 positions), where splitting the
 # sequence between the tensor-parallel regions shows.
 SEQ1024 = ["train.seq_len=1024", "schedule.batch_final_tokens=4096"]
+# Experts dominating (8 experts of width 1536 in each of 4 blocks: 38M of the model's 45M
+# parameters), where keeping 1/E of them per rank shows.
+EXPERT_HEAVY = [
+    "model.n_layer=4",
+    "model.moe.experts=8",
+    "model.moe.top_k=2",
+    "model.moe.ffn_hidden=1536",
+    "schedule.batch_final_tokens=4096",
+    *SEQ256[:1],
+]
 LAYOUTS = {  # name: (ranks, settings)
     "ZeRO-0, seq 256": (1, ["parallel.zero_stage=0", *SEQ256]),
     "ZeRO-0, seq 256, activation checkpointing": (
@@ -89,6 +100,16 @@ LAYOUTS = {  # name: (ranks, settings)
     "seq 1024, tensor parallel 2, sequence parallel, ZeRO-0": (
         2,
         ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "parallel.zero_stage=0", *SEQ1024],
+    ),
+    "expert-heavy, 2 ranks, ZeRO-0": (2, ["parallel.zero_stage=0", *EXPERT_HEAVY]),
+    "expert-heavy, 2 ranks, expert-parallel 2, ZeRO-0": (
+        2,
+        ["parallel.zero_stage=0", "parallel.expert_parallel=2", *EXPERT_HEAVY],
+    ),
+    "expert-heavy, 4 ranks, ZeRO-1": (4, ["parallel.zero_stage=1", *EXPERT_HEAVY]),
+    "expert-heavy, 4 ranks, expert-parallel 2, ZeRO-1": (
+        4,
+        ["parallel.zero_stage=1", "parallel.expert_parallel=2", *EXPERT_HEAVY],
     ),
 }
 

@@ -92,10 +92,15 @@ def show(p: dict) -> None:
         f"{'on' if lay['activation_checkpointing'] else 'off'}"
     )
     if p["active_params"] != p["params"]:
+        E, split = lay["expert_parallel"], lay["expert_parallel"] > 1 and lay["zero_stage"] < 3
+        held = (
+            f"each rank keeps 1/{E} of them and 1/{lay['data_parallel']} of their optimizer state"
+            if split
+            else "held like the rest"
+        )
         print(
             f"parameters: {p['params'] / 1e9:.2f}B, {p['active_params'] / 1e9:.2f}B active per token; the "
-            f"routed experts' {p['expert_params'] / 1e9:.2f}B held like the rest, not split by "
-            "parallel.expert_parallel (docs/moe.md)"
+            f"routed experts' {p['expert_params'] / 1e9:.2f}B: {held} (docs/moe.md)"
         )
     print(
         "per rank: "
@@ -179,7 +184,8 @@ def main():
                 f"  {p['step_time_s']:8.2f}s/step {p['per_rank_bytes']['total'] / GIB:7.2f} GiB  "
                 f"ZeRO-{lay['zero_stage']} "
                 f"TP{lay['tensor_parallel']} PP{lay['pipeline_stages']} DP{lay['data_parallel']} "
-                f"mb{lay['micro_batch']} ckpt={'on' if lay['activation_checkpointing'] else 'off'}"
+                + (f"EP{lay['expert_parallel']} " if lay["expert_parallel"] > 1 else "")
+                + f"mb{lay['micro_batch']} ckpt={'on' if lay['activation_checkpointing'] else 'off'}"
                 + (" sp" if lay["sequence_parallel"] else "")
             )
         if found:
