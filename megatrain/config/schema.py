@@ -412,8 +412,10 @@ class ParallelConfig:
     one, in place of the all-reduces), cutting those activations by T (docs/parallelism.md)."""
     expert_parallel: int = 1
     """MoE (model.moe): ranks that compute each block's experts together, each a slice of
-    them, tokens sent to their experts' ranks by all-to-all (docs/moe.md); must divide the
-    data-parallel ranks and model.moe.experts. 1: every rank computes every expert."""
+    them, tokens sent to their experts' ranks by all-to-all; under ZeRO 0-2 each rank keeps
+    only its slice, its optimizer state shared with the ranks keeping the same one
+    (docs/moe.md); must divide the data-parallel ranks and model.moe.experts. 1: every rank
+    computes and keeps every expert."""
     partition_method: Literal["parameters", "uniform", "blocks"] = "parameters"
     """How layers are cut into stages: balanced by parameter count, by layer count, or by
     transformer blocks only."""
