@@ -19,7 +19,8 @@ uses `top_k`, chosen by a router (Shazeer et al. 2017; Switch, GShard, Mixtral, 
   before second ones (GShard), in token order; the rest are dropped (their share of the
   output is zero, the residual carries the token) and counted.
 
-Dispatch: the assignments sorted by expert, one matmul per expert over its rows. With expert
+Dispatch: the assignments sorted by expert, one matmul per expert over its rows (in bf16 on
+a GPU, torch's grouped GEMM: every expert in one kernel). With expert
 parallelism (`ExpertParallel`), the E ranks of a group each compute a slice of the experts:
 the sorted rows go by all-to-all to the ranks of their experts, and their outputs come back
 the same way (autograd runs both exchanges backwards). A rank then keeps only its own
@@ -89,17 +90,45 @@ def capacity_of(capacity_factor: float, tokens: int, top_k: int, n_experts: int)
 
 def expert_mlp(x: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor, gated: bool) -> torch.Tensor:
     """One expert on its rows x [M, d]: fc [gate*f, d], proj [d, f] (nn.Linear's layout)."""
-    h = F.linear(x, fc)
+    return F.linear(_activation(F.linear(x, fc), gated), proj)
+
+
+def _activation(h: torch.Tensor, gated: bool) -> torch.Tensor:
     if gated:
         gate, up = h.chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, proj)
-    return F.linear(F.gelu(h, approximate="tanh"), proj)
+        return F.silu(gate) * up
+    return F.gelu(h, approximate="tanh")
+
+
+GROUPED_ROWS = 8  # grouped_mm wants 16-byte strides: rows padded to a multiple of 8 (bf16)
+
+
+def uses_grouped_mm(rows: torch.Tensor, fc: torch.Tensor) -> bool:
+    """torch's grouped GEMM (one kernel for every expert, no host sync for the split sizes)
+    where it is built for: bf16 on CUDA (SM 8.0 and later), with 16-byte-aligned widths.
+    Elsewhere a matmul per expert."""
+    return (
+        rows.is_cuda
+        and rows.dtype == fc.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(rows.device) >= (8, 0)
+        and all(n % GROUPED_ROWS == 0 for n in fc.shape[1:])
+    )
+
+
+def grouped_experts(
+    rows: torch.Tensor, counts: torch.Tensor, fc: torch.Tensor, proj: torch.Tensor, gated: bool
+) -> torch.Tensor:
+    """Every expert on its rows at once: rows [M, d] sorted by expert, counts [E] on the device."""
+    offs = counts.cumsum(0).to(torch.int32)
+    padded = F.pad(rows, (0, 0, 0, -rows.shape[0] % GROUPED_ROWS))  # rows past offs[-1] are ignored
+    h = F.grouped_mm(padded, fc.transpose(-2, -1), offs=offs)
+    return F.grouped_mm(_activation(h, gated), proj.transpose(-2, -1), offs=offs)[: rows.shape[0]]
 
 
 class Experts(nn.Module):
     """`count` experts' weights as [count, out, in] tensors. Under expert parallelism a rank's
-    may hold only its own experts, from expert `offset` on (as fp32 tensors the expert shards
-    own, not parameters of the module: train/expert_shards.py)."""
+    may hold only its own experts, from expert `offset` on (tensors the expert shards own, not
+    parameters of the module: train/expert_shards.py)."""
 
     def __init__(self, count: int, d_model: int, hidden: int, gated: bool):
         super().__init__()
@@ -108,25 +137,31 @@ class Experts(nn.Module):
         self.proj = nn.Parameter(torch.empty(count, d_model, hidden))
         self.offset = 0
 
-    def forward(self, rows: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
-        """rows [M, d] sorted by expert, counts[i] of them for expert first + i."""
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """rows [M, d] sorted by expert, counts[i] of them (a tensor on rows' device) for
+        expert first + i."""
         fc, proj = self.fc, self.proj
         if fc.dtype != rows.dtype and not torch.is_autocast_enabled(rows.device.type):
             # fp32 shards in a bf16 model: the compute dtype's copy of this rank's experts, as
             # DeepSpeed's bf16 weights are of its fp32 masters.
             fc, proj = fc.to(rows.dtype), proj.to(rows.dtype)
         first -= self.offset
-        outs = [
-            expert_mlp(part, fc[first + i], proj[first + i], self.gated)
-            for i, part in enumerate(rows.split(counts))
-            if counts[i]
-        ]
+        fc, proj = fc[first : first + len(counts)], proj[first : first + len(counts)]
+        if uses_grouped_mm(rows, fc):
+            return grouped_experts(rows, counts, fc, proj, self.gated)
+        sizes = counts.tolist()  # host sync: the split sizes
+        parts = rows.split(sizes)
+        outs = [expert_mlp(part, fc[i], proj[i], self.gated) for i, part in enumerate(parts) if sizes[i]]
         if outs:
             return torch.cat(outs)
         # No rows for any of these experts (a rank whose experts got no tokens): an empty result
         # still tied to the weights, so that every rank's gradients exist (zeros) and every
         # rank's reduction sees the same tensors.
         return rows.new_zeros(0, proj.shape[1]) + fc[:0].sum() + proj[:0].sum()
+
+    def every_row(self, x: torch.Tensor) -> torch.Tensor:
+        """The first expert on every row (the shared experts, kept as one)."""
+        return expert_mlp(x, self.fc[0], self.proj[0], self.gated)
 
 
 class ExpertParallel:
@@ -147,8 +182,8 @@ class ExpertParallel:
         dist.all_to_all_single(received, counts, group=self.group)
         by_source = received.view(self.size, local)
         # The split sizes on the host: the one sync of the exchange.
-        sizes = torch.cat([counts.view(self.size, local).sum(1), by_source.sum(1), by_source.sum(0)]).tolist()
-        sent, came, per_expert = sizes[: self.size], sizes[self.size : 2 * self.size], sizes[2 * self.size :]
+        sizes = torch.cat([counts.view(self.size, local).sum(1), by_source.sum(1)]).tolist()
+        sent, came = sizes[: self.size], sizes[self.size :]
         inbound = all_to_all_single(rows.new_empty(sum(came), rows.shape[1]), rows, came, sent, self.group)
         # Arrived by source, then by expert: regrouped by expert (a stable sort on expert x sources
         # + source) for one matmul each, and put back before the return trip.
@@ -160,7 +195,7 @@ class ExpertParallel:
             torch.repeat_interleave(key.reshape(-1), by_source.reshape(-1), output_size=sum(came)),
             stable=True,
         )
-        out = experts(inbound[regroup], per_expert, first=self.place * local)
+        out = experts(inbound[regroup], by_source.sum(0), first=self.place * local)
         back = torch.empty_like(out).index_copy(0, regroup, out)
         return all_to_all_single(rows.new_empty(sum(sent), out.shape[1]), back, sent, came, self.group)
 
@@ -194,7 +229,7 @@ class MoE(nn.Module):
         routing = route(self.router(x), self.top_k, self.renormalize, capacity)
         y = self.dispatch(x, routing)
         if self.shared is not None:
-            y = y + self.shared(x, [x.shape[0]])
+            y = y + self.shared.every_row(x)
         if training:
             self.last = self._losses_and_stats(routing)
         return self.drop(y).view(shape)
@@ -208,7 +243,7 @@ class MoE(nn.Module):
         counts = torch.bincount(chosen[order], minlength=self.n_experts)
         token = order // self.top_k
         if self.expert_parallel is None:
-            out = self.experts(x[token], counts.tolist())  # host sync: the split sizes
+            out = self.experts(x[token], counts)
         else:
             out = self.expert_parallel.run(self.experts, x[token], counts)
         weight = routing.weights.reshape(-1)[order].to(out.dtype)

@@ -297,8 +297,9 @@ def test_generate_and_evaluate_on_the_gpu(tmp_path, small_data, small_tokenizer)
 def test_moe_layer_on_the_gpu_matches_the_cpu_and_trains_in_bf16(tmp_path, small_data):
     """The expert layer on CUDA (sorted dispatch, the split sizes' one copy to the host, the
     statistics kept on the device) against the same layer on the CPU (checked there against a
-    float64 reference), forward and backward, with and without a capacity; then the tiny MoE
-    llama trains in bf16 with its router metrics logged."""
+    float64 reference), forward and backward, with and without a capacity; the grouped GEMM
+    bf16 takes against a matmul per expert; then the tiny MoE llama trains in bf16 (grouped
+    GEMM) with its router metrics logged."""
     from megatrain.model import GPTConfig
     from megatrain.model.moe import MoE
 
@@ -325,6 +326,20 @@ def test_moe_layer_on_the_gpu_matches_the_cpu_and_trains_in_bf16(tmp_path, small
             grads.append(layer.experts.fc.grad.double().cpu())
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-3)
+    # In bf16 the experts take torch's grouped GEMM: against a matmul per expert on the GPU.
+    from megatrain.model import moe as moe_module
+
+    experts = moe_module.Experts(4, 64, 128, gated=True).to(CUDA, torch.bfloat16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    rows = torch.randn(37, 64, device=CUDA, dtype=torch.bfloat16)
+    counts = torch.tensor([10, 0, 20, 7], device=CUDA)
+    assert moe_module.uses_grouped_mm(rows, experts.fc)
+    with torch.no_grad():
+        grouped = experts(rows, counts).float()
+        loop = torch.cat([moe_module.expert_mlp(r, experts.fc[i], experts.proj[i], True)
+                          for i, r in enumerate(rows.split([10, 0, 20, 7])) if len(r)]).float()  # fmt: skip
+    torch.testing.assert_close(grouped, loop, rtol=2e-2, atol=2e-2)
     run = tmp_path / "run"
     moe = ["model.moe.experts=4", "model.moe.ffn_hidden=64", "model.moe.capacity_factor=1.25"]
     pretrain(run, small_data, "model.arch=llama", *moe, "train.precision=bf16", "train.max_steps=10", nproc=0)
