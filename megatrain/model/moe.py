@@ -140,13 +140,8 @@ class Experts(nn.Module):
     def forward(self, rows: torch.Tensor, counts: torch.Tensor, first: int = 0) -> torch.Tensor:
         """rows [M, d] sorted by expert, counts[i] of them (a tensor on rows' device) for
         expert first + i."""
-        fc, proj = self.fc, self.proj
-        if fc.dtype != rows.dtype and not torch.is_autocast_enabled(rows.device.type):
-            # fp32 shards in a bf16 model: the compute dtype's copy of this rank's experts, as
-            # DeepSpeed's bf16 weights are of its fp32 masters.
-            fc, proj = fc.to(rows.dtype), proj.to(rows.dtype)
         first -= self.offset
-        fc, proj = fc[first : first + len(counts)], proj[first : first + len(counts)]
+        fc, proj = self.fc[first : first + len(counts)], self.proj[first : first + len(counts)]
         if uses_grouped_mm(rows, fc):
             return grouped_experts(rows, counts, fc, proj, self.gated)
         sizes = counts.tolist()  # host sync: the split sizes

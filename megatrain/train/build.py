@@ -118,9 +118,7 @@ def build_model(
         whole = initial_value_drawn_in_turn(name, whole_shapes[name], model_cfg, device)
         local = whole.shape[0] // layout.expert_parallel
         lo = layout.ep_rank * local
-        # fp32, as DeepSpeed's masters are made: from the weights in the training dtype
-        rows = whole[lo : lo + local].to(DTYPES.get(cfg.train.precision, torch.float32)).float()
-        setattr(layer.experts, key, rows.clone().requires_grad_())
+        setattr(layer.experts, key, whole[lo : lo + local].clone())  # ExpertShards takes them in
         layer.experts.offset = lo
     if autotp is not None:
         finish_tensor_parallel(model, autotp)

@@ -45,7 +45,7 @@ class ExpertShards:
     def __init__(
         self, model: torch.nn.Module, layout: Layout, optim, parallel: ExpertParallel, dtype: torch.dtype
     ):
-        """The experts build_model left in `model`'s MoE layers (this rank's rows, fp32), its
+        """The experts build_model left in `model`'s MoE layers (this rank's rows), its
         expert-parallel group, and the training dtype the layers compute in; collective (it
         makes the groups of replicas)."""
         places = [
