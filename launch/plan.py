@@ -92,10 +92,10 @@ def show(p: dict) -> None:
         f"{'on' if lay['activation_checkpointing'] else 'off'}"
     )
     if p["active_params"] != p["params"]:
-        E, split = lay["expert_parallel"], lay["expert_parallel"] > 1 and lay["zero_stage"] < 3
         held = (
-            f"each rank keeps 1/{E} of them and 1/{lay['data_parallel']} of their optimizer state"
-            if split
+            f"each rank keeps 1/{lay['expert_parallel']} of them and 1/{lay['data_parallel']} of their "
+            "optimizer state"
+            if Layout(**lay).experts_split
             else "held like the rest"
         )
         print(

@@ -137,14 +137,17 @@ class Experts(nn.Module):
         self.proj = nn.Parameter(torch.empty(count, d_model, hidden))
         self.offset = 0
 
-    def forward(self, rows: torch.Tensor, counts: torch.Tensor, first: int = 0) -> torch.Tensor:
+    def forward(
+        self, rows: torch.Tensor, counts: torch.Tensor, first: int = 0, sizes: list[int] | None = None
+    ) -> torch.Tensor:
         """rows [M, d] sorted by expert, counts[i] of them (a tensor on rows' device) for
-        expert first + i."""
+        expert first + i; `sizes`: the counts on the host, when the caller already has them."""
         first -= self.offset
         fc, proj = self.fc[first : first + len(counts)], self.proj[first : first + len(counts)]
         if uses_grouped_mm(rows, fc):
             return grouped_experts(rows, counts, fc, proj, self.gated)
-        sizes = counts.tolist()  # host sync: the split sizes
+        if sizes is None:
+            sizes = counts.tolist()  # host sync: the split sizes
         parts = rows.split(sizes)
         outs = [expert_mlp(part, fc[i], proj[i], self.gated) for i, part in enumerate(parts) if sizes[i]]
         if outs:
@@ -177,8 +180,9 @@ class ExpertParallel:
         dist.all_to_all_single(received, counts, group=self.group)
         by_source = received.view(self.size, local)
         # The split sizes on the host: the one sync of the exchange.
-        sizes = torch.cat([counts.view(self.size, local).sum(1), by_source.sum(1)]).tolist()
-        sent, came = sizes[: self.size], sizes[self.size :]
+        per_expert = by_source.sum(0)
+        sizes = torch.cat([counts.view(self.size, local).sum(1), by_source.sum(1), per_expert]).tolist()
+        sent, came, mine = sizes[: self.size], sizes[self.size : 2 * self.size], sizes[2 * self.size :]
         inbound = all_to_all_single(rows.new_empty(sum(came), rows.shape[1]), rows, came, sent, self.group)
         # Arrived by source, then by expert: regrouped by expert (a stable sort on expert x sources
         # + source) for one matmul each, and put back before the return trip.
@@ -190,7 +194,7 @@ class ExpertParallel:
             torch.repeat_interleave(key.reshape(-1), by_source.reshape(-1), output_size=sum(came)),
             stable=True,
         )
-        out = experts(inbound[regroup], by_source.sum(0), first=self.place * local)
+        out = experts(inbound[regroup], per_expert, first=self.place * local, sizes=mine)
         back = torch.empty_like(out).index_copy(0, regroup, out)
         return all_to_all_single(rows.new_empty(sum(sent), out.shape[1]), back, sent, came, self.group)
 

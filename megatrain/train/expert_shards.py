@@ -2,7 +2,7 @@
 it computes and nothing of the others, and their optimizer state is sharded over the ranks
 keeping the same experts, as ZeRO-1 shards the rest (docs/moe.md).
 
-    shards = ExpertShards(model, layout, cfg.optim, parallel, dtype)   # after build_model split them
+    shards = ExpertShards(model, layout, cfg.optim, dtype)   # after build_model split them
     ... backward passes ...
     shards.reduce_gradients()          # before DeepSpeed's step: reduce-scattered over the replicas
     engine.step()                      # FusedAdamWClip's norm adds shards.squared_norm()
@@ -27,12 +27,12 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable
 
 import torch
 
+from megatrain.files import Deferred
 from megatrain.layout import Layout
-from megatrain.model.moe import ExpertParallel, MoE
+from megatrain.model.moe import MoE
 from megatrain.optim import FusedAdamWClip
 from megatrain.train import distributed as dist
 from megatrain.train.optimizer import CONSTRUCTION_LR
@@ -42,12 +42,9 @@ WEIGHTS = ("fc", "proj")  # moe.Experts' tensors
 
 
 class ExpertShards:
-    def __init__(
-        self, model: torch.nn.Module, layout: Layout, optim, parallel: ExpertParallel, dtype: torch.dtype
-    ):
-        """The experts build_model left in `model`'s MoE layers (this rank's rows), its
-        expert-parallel group, and the training dtype the layers compute in; collective (it
-        makes the groups of replicas)."""
+    def __init__(self, model: torch.nn.Module, layout: Layout, optim, dtype: torch.dtype):
+        """The experts build_model left in `model`'s MoE layers (this rank's rows), and the
+        training dtype the layers compute in; collective (it makes the groups of replicas)."""
         places = [
             (f"{prefix}.experts.{key}", layer.experts, key)
             for prefix, layer in model.named_modules()
@@ -61,7 +58,6 @@ class ExpertShards:
         self.replicas = layout.data_parallel // self.size
         self.replica = layout.dp_rank // self.size  # which slice this rank owns
         self.replica_group = dist.expert_replicas(layout)
-        self.parallel = parallel.group  # one rank per place: every expert once
         self.numel = sum(getattr(experts, key).numel() for _, experts, key in places)
         self.slice_numel = -(-self.numel // self.replicas)
         device = getattr(places[0][1], places[0][2]).device
@@ -210,9 +206,9 @@ def _add_into(total: torch.Tensor, p: torch.Tensor) -> None:
     p.grad = None
 
 
-def whole_experts(states: list[list[dict]], kinds) -> dict[str, tuple[tuple, Callable]]:
+def whole_experts(states: list[list[dict]], kinds) -> dict[str, Deferred]:
     """The whole experts of a checkpoint from its ranks' states (ExpertShards.state_dict),
-    states[place][replica]: {"KIND/NAME": (shape, make)}, each made from the slices it spans."""
+    states[place][replica]: {"KIND/NAME": fp32 tensor}, each made from the slices it spans."""
     first = states[0][0]
     shapes = [tuple(s) for s in first["shapes"]]
     sizes = [math.prod(s) for s in shapes]
@@ -236,5 +232,5 @@ def whole_experts(states: list[list[dict]], kinds) -> dict[str, tuple[tuple, Cal
             def make(kind=kind, shape=shape, start=start, n=n):
                 return torch.cat([span(place, kind, start, n).view(shape) for place in states])
 
-            out[f"{kind}/{name}"] = ((shape[0] * len(states), *shape[1:]), make)
+            out[f"{kind}/{name}"] = Deferred((shape[0] * len(states), *shape[1:]), torch.float32, make)
     return out

@@ -121,8 +121,7 @@ def _expert_shards(ckpt: Path, size: int, replicas: int, kinds, step: int | None
                     f"{found}, expected {(place, replica, step)}: the checkpoint is inconsistent"
                 )
             states[-1].append(mine)
-    whole = whole_experts(states, kinds)
-    return {key: Deferred(shape, torch.float32, make) for key, (shape, make) in whole.items()}
+    return whole_experts(states, kinds)
 
 
 def _fp32(d: Deferred) -> Deferred:

@@ -84,7 +84,7 @@ class TrainModule:
         self.experts = None
         if layout.experts_split:
             dtype = DTYPES.get(t.precision, torch.float32)
-            self.experts = ExpertShards(model, layout, cfg.optim, experts, dtype)
+            self.experts = ExpertShards(model, layout, cfg.optim, dtype)
         groups, self.client_optimizer = build_optimizer(cfg.optim, model, self.norm)
         names = {id(p): n for n, p in model.named_parameters()}
         # The optimizer's parameters by name in its own order: a ZeRO-0 checkpoint keeps its
